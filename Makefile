@@ -1,0 +1,47 @@
+# fastmlm — every entry point. `make test` and `make demo` build their environment from scratch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU machines use the CPU build of torch; GPU machines bring their own torch (see gpu-check).
+TORCH_SPEC ?= torch==2.13.0
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+
+.PHONY: venv test test-cpu compile-cuda demo bench gpu-check clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	FASTMLM_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The CPU tier: references, dispatch, model, data, training, and the Triton kernels
+# under the interpreter; plus a compile of every csrc/*.cu where nvcc exists.
+test: venv compile-cuda
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider
+
+compile-cuda: venv
+	@if [ -n "$(NVCC)" ] && ls csrc/*.cu >/dev/null 2>&1; then \
+		$(PY) -m fastmlm.tools.compile_cuda --arch 80 90a; \
+	else echo "compile-cuda: no nvcc or no csrc/*.cu, skipping the CUDA compile check"; fi
+
+# The main job on its embedded default: train a small MLM on the bundled corpus, then
+# report validation accuracy / perplexity and fill a mask. Uses the GPU when present.
+demo: venv
+	$(PY) -m fastmlm demo
+
+# CPU benchmarks: markdown tables under benchmarks/results/ (GPU figures come from gpu-check).
+bench: venv
+	$(PY) -m benchmarks --cpu
+
+# The one entry point on a GPU machine: build the extension in place, run the GPU tier and
+# the benchmarks, write a report to $$GPU_CHECK_OUT (default benchmarks/results/). Uses the
+# machine's own Python and torch and installs nothing.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out "$${GPU_CHECK_OUT:-benchmarks/results}"
+
+clean:
+	rm -rf $(VENV) build *.egg-info fastmlm/_C*.so

@@ -1,0 +1,219 @@
+"""Bidirectional (non-causal) softmax attention: contract, reference, dispatcher.
+
+Two layouts, one semantics (every query attends to every real key of its own
+sequence, with no causal mask):
+
+  padded  q, k, v: (B, S, H, D)   attention_mask: (B, S), True/1 = real token
+  packed  q, k, v: (T, H, D)      cu_seqlens: (B+1,) int32, max_seqlen: int
+
+      keys ->   k0 k1 k2 k3 [pad]
+    q0          x  x  x  x   .        x: scored, softmax-normalised
+    q1          x  x  x  x   .        .: never contributes
+    q2          x  x  x  x   .
+    q3          x  x  x  x   .
+    [pad row]   x  x  x  x   .        (padded query rows are computed but meaningless)
+
+Returns ``out`` shaped like ``q`` in q's dtype and, with ``return_lse``, the fp32
+log-sum-exp of each query row's scaled scores, shaped ``q.shape[:-1]``.
+A row with no real key (an all-padding sequence, a zero-length packed
+sequence) outputs zeros with lse = -inf, and gets zero gradients.
+
+Backends: ``reference`` (below, fp32/fp64 math, plain autograd), ``torch``
+(CPU flash attention through ATen), ``triton`` (kernels/attention.py),
+``cuda`` (csrc/). The non-reference ones run as the ``fastmlm::attention_fwd``
+/ ``fastmlm::attention_bwd`` custom ops, so torch.compile traces through them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .dispatch import Registry
+
+REGISTRY = Registry(
+    "attention",
+    {
+        "torch": "fastmlm.ops.torch_impl.attention",
+        "triton": "fastmlm_kernels.attention",
+        "cuda": "fastmlm.ops.cuda_impl.attention",
+    },
+)
+
+
+# --------------------------------------------------------------------------- reference
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    token_mask: Optional[Tensor] = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Obviously-correct attention; returns (out, lse).
+
+    Computes in fp32 (fp64 for fp64 inputs); ``upcast=False`` keeps the input
+    dtype throughout, the low-precision baseline of the error-ratio tests.
+    ``token_mask`` ((H or 1, S, S) bool, True = may attend) restricts which
+    keys each query sees; block-sparse attention is defined through it.
+    The packed layout loops over sequences on the host: this is an oracle.
+    """
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if cu_seqlens is not None:
+        outs, lses = [q.new_zeros((0,) + q.shape[1:])], [q.new_zeros((0, q.shape[1]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)]
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            tm = None if token_mask is None else token_mask[:, : end - start, : end - start]
+            o, l = attention_reference(q[None, start:end], k[None, start:end], v[None, start:end],
+                                       None, None, scale, tm, upcast)
+            outs.append(o[0])
+            lses.append(l[0].to(lses[0].dtype))
+        return torch.cat(outs), torch.cat(lses)
+
+    compute = q.dtype if not upcast else (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    qc, kc, vc = (t.to(compute) for t in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale  # (B, H, S, S)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    if token_mask is not None:
+        keep = keep & token_mask[None]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores.float() if compute != torch.float64 else scores, dim=-1)  # (B, H, S)
+    has_key = keep.any(dim=-1)
+    probs = torch.where(has_key[..., None], torch.softmax(scores, dim=-1), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, vc)
+    lse = lse.masked_fill(~has_key, float("-inf")).transpose(1, 2)  # (B, S, H)
+    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+# --------------------------------------------------------------------------- validation
+def validate(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> int:
+    """Check the attention inputs of either layout; return max_seqlen (S when padded)."""
+    checks.check_tensor(op, "q", q, ndim=(3, 4), dtypes=checks.FLOAT_DTYPES)
+    for name, t in (("k", k), ("v", v)):
+        checks.check_tensor(op, name, t, dtypes=(q.dtype,), device=q.device)
+        if t.shape != q.shape:
+            checks.fail(op, f"{name} has shape {tuple(t.shape)} but q has {tuple(q.shape)} (self-attention: q, k, v share one shape)")
+    if q.shape[-1] == 0 or q.shape[-2] == 0:
+        checks.fail(op, f"heads and head_dim must be positive, got q shape {tuple(q.shape)}")
+    if q.dim() == 4:
+        if cu_seqlens is not None:
+            checks.fail(op, "cu_seqlens is for the packed (T, H, D) layout, but q is padded (B, S, H, D)")
+        if attention_mask is not None:
+            checks.check_tensor(op, "attention_mask", attention_mask, ndim=2, device=q.device)
+            if attention_mask.dtype.is_floating_point:
+                checks.fail(op, "attention_mask must be bool or integer (True/1 = real token), not a float additive bias")
+            if tuple(attention_mask.shape) != tuple(q.shape[:2]):
+                checks.fail(op, f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, seqlen) = {tuple(q.shape[:2])}")
+        return q.shape[1]
+    if attention_mask is not None:
+        checks.fail(op, "attention_mask is for the padded (B, S, H, D) layout; packed inputs use cu_seqlens")
+    if cu_seqlens is None or max_seqlen is None:
+        checks.fail(op, "packed (T, H, D) inputs need cu_seqlens and max_seqlen")
+    checks.check_tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if cu_seqlens.numel() < 1:
+        checks.fail(op, "cu_seqlens needs at least one entry (0)")
+    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+        checks.fail(op, f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    checks.assert_async(
+        op,
+        (cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lengths >= 0).all() & (lengths <= max_seqlen).all(),
+        f"cu_seqlens must start at 0, be non-decreasing, end at total_tokens={q.shape[0]}, "
+        f"and no sequence may exceed max_seqlen={max_seqlen}",
+    )
+    return max_seqlen
+
+
+def validate_options(op: str, backend: str, softmax_scale, head_dim: int) -> float:
+    """Check backend/scale options; return the softmax scale."""
+    if not isinstance(backend, str):
+        checks.fail(op, f"backend must be a string, got {type(backend).__name__}")
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        checks.fail(op, f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastmlm::attention_fwd", mutates_args=())
+def _attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
+    max_seqlen: int, scale: float, backend: str,
+) -> tuple[Tensor, Tensor]:
+    return REGISTRY.module(backend).forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastmlm::attention_bwd", mutates_args=())
+def _attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int, scale: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return REGISTRY.module(backend).backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale)
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, attention_mask, cu_seqlens)
+    ctx.max_seqlen, ctx.scale, ctx.backend = max_seqlen, scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attention_mask, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd(dout.contiguous(), q, k, v, out, lse, attention_mask, cu_seqlens,
+                                ctx.max_seqlen, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public op
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attention_mask: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    max_seqlen: Optional[int] = None,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Bidirectional attention over a padded or packed batch (see the module docstring).
+
+    q, k, v: (B, S, H, D) with optional attention_mask (B, S), or (T, H, D) with
+    cu_seqlens (B+1,) int32 and max_seqlen. Returns out (same shape/dtype as q),
+    or (out, lse) with lse (q.shape[:-1], fp32) when return_lse is set.
+    """
+    max_seqlen = validate("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
+    scale = validate_options("attention", backend, softmax_scale, q.shape[-1])
+    inputs = dict(q=q, k=k, v=v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    name = REGISTRY.select(backend, q.device.type, inputs)
+    if name == "reference" or q.numel() == 0:  # nothing to launch for an empty batch
+        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, scale)
+    else:
+        if attention_mask is not None:
+            attention_mask = attention_mask.bool()
+        out, lse = _attention_fwd(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, name)
+    return (out, lse) if return_lse else out

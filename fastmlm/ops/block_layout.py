@@ -1,0 +1,186 @@
+"""Block-sparse attention layouts: which (query block, key block) tiles to visit.
+
+A layout splits a sequence of ``seqlen`` tokens into blocks of ``block_size``
+(the last one may be short) and gives each head a state per tile:
+
+    0 = skip     the kernel never loads this key block
+    1 = full     every (query, key) pair in the tile attends, no per-element mask
+    2 = partial  pairs attend where the token rule says so:
+                 |i - j| <= window  or  i < num_global  or  j < num_global  or  token_mask[h, i, j]
+
+    sliding window (window=1, block=2, S=8)     + 1 global token
+      kb: 0 1 2 3                                 kb: 0 1 2 3
+    qb0   2 2 . .                               qb0   2 2 2 2
+    qb1   2 2 2 .                               qb1   2 2 2 .
+    qb2   . 2 2 2                               qb2   2 2 2 2
+    qb3   . . 2 2                               qb3   2 . 2 2
+
+Layouts combine with ``|`` (a pair attends if it does in either). A layout is
+built once, on the host, and reused across layers and steps; ``kv_blocks`` gives
+kernels the per-query-block list of key blocks to visit. Positions are relative
+to the start of each sequence, so one layout serves padded and packed batches
+whose sequences are at most ``seqlen`` long.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SKIP, FULL, PARTIAL = 0, 1, 2
+
+
+def _block_bounds(seqlen: int, block_size: int) -> tuple[Tensor, Tensor]:
+    """First and last token of every block, (nb,) int64 each."""
+    first = torch.arange(0, seqlen, block_size)
+    return first, torch.clamp(first + block_size - 1, max=seqlen - 1)
+
+
+def _classify(full: Tensor, some: Tensor) -> Tensor:
+    return torch.where(full, FULL, torch.where(some, PARTIAL, SKIP)).to(torch.int8)
+
+
+def token_keep(blocks: Tensor, block_size: int, seqlen: int, window: int, num_global: int,
+               token_mask: Optional[Tensor]) -> Tensor:
+    """Dense (H, S, S) bool mask of the layout: True where query i may attend key j."""
+    idx = torch.arange(seqlen, device=blocks.device)
+    tile = blocks.long()[:, idx // block_size][:, :, idx // block_size]  # (H, S, S)
+    rule = torch.zeros(seqlen, seqlen, dtype=torch.bool, device=blocks.device)
+    if window >= 0:
+        rule |= (idx[:, None] - idx[None, :]).abs() <= window
+    if num_global > 0:
+        rule |= (idx[:, None] < num_global) | (idx[None, :] < num_global)
+    if token_mask is not None:
+        rule = rule | token_mask[:, :seqlen, :seqlen]
+    return (tile == FULL) | ((tile == PARTIAL) & rule)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparseLayout:
+    """Per-head tile states plus the token rule of partial tiles (see module docstring).
+
+    blocks: (H or 1, nb, nb) int8 with nb = ceil(seqlen / block_size).
+    window: -1 when the layout has no sliding-window rule.
+    token_mask: (H or 1, seqlen, seqlen) bool, or None.
+    """
+
+    blocks: Tensor
+    block_size: int
+    seqlen: int
+    window: int = -1
+    num_global: int = 0
+    token_mask: Optional[Tensor] = None
+
+    def __post_init__(self):
+        nb = -(-self.seqlen // self.block_size) if self.block_size > 0 else 0
+        if self.block_size <= 0 or self.seqlen <= 0:
+            raise ValueError(f"block_size and seqlen must be positive, got {self.block_size}, {self.seqlen}")
+        if self.blocks.dim() != 3 or tuple(self.blocks.shape[1:]) != (nb, nb):
+            raise ValueError(f"blocks must be (heads, {nb}, {nb}) for seqlen {self.seqlen} and block {self.block_size}, "
+                             f"got {tuple(self.blocks.shape)}")
+        if self.token_mask is not None and tuple(self.token_mask.shape[1:]) != (self.seqlen, self.seqlen):
+            raise ValueError(f"token_mask must be (heads, {self.seqlen}, {self.seqlen}), got {tuple(self.token_mask.shape)}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of tiles visited (full or partial), averaged over heads."""
+        return float((self.blocks != SKIP).float().mean())
+
+    def to_dense(self) -> Tensor:
+        """(H or 1, seqlen, seqlen) bool: the token-level mask this layout means."""
+        return token_keep(self.blocks, self.block_size, self.seqlen, self.window, self.num_global, self.token_mask)
+
+    @cached_property
+    def kv_blocks(self) -> tuple[Tensor, Tensor]:
+        """Key blocks to visit per (head, query block): (H, nb, max_count) int32 ascending, padded
+        with -1, and (H, nb) int32 counts. Built once per layout."""
+        keep = self.blocks != SKIP
+        counts = keep.sum(-1, dtype=torch.int32)
+        width = max(int(counts.max()), 1)
+        # Stable sort puts kept block indices first, in ascending order.
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
+        slots = torch.arange(width, device=keep.device)
+        index = torch.where(slots < counts[..., None], order, -1).to(torch.int32)
+        return index.contiguous(), counts.contiguous()
+
+    def to(self, device) -> "BlockSparseLayout":
+        tm = None if self.token_mask is None else self.token_mask.to(device)
+        return replace(self, blocks=self.blocks.to(device), token_mask=tm)
+
+    def __or__(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        if (self.block_size, self.seqlen) != (other.block_size, other.seqlen):
+            raise ValueError("only layouts with the same block_size and seqlen combine")
+        a, b = self.blocks, other.blocks
+        if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+            raise ValueError(f"layouts with {a.shape[0]} and {b.shape[0]} heads do not combine")
+        state = _classify((a == FULL) | (b == FULL), (a != SKIP) | (b != SKIP))
+        masks = [m for m in (self.token_mask, other.token_mask) if m is not None]
+        token_mask = None if not masks else (masks[0] if len(masks) == 1 else masks[0] | masks[1])
+        return BlockSparseLayout(state, self.block_size, self.seqlen, max(self.window, other.window),
+                                 max(self.num_global, other.num_global), token_mask)
+
+
+# --------------------------------------------------------------------------- constructors
+def sliding_window(seqlen: int, window: int, block_size: int = 64) -> BlockSparseLayout:
+    """Each token attends to tokens at most ``window`` positions away (symmetric)."""
+    if window < 0:
+        raise ValueError(f"window must be >= 0, got {window}")
+    first, last = _block_bounds(seqlen, block_size)
+    q0, q1, k0, k1 = first[:, None], last[:, None], first[None, :], last[None, :]
+    nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)
+    farthest = torch.maximum((k1 - q0).abs(), (q1 - k0).abs())
+    return BlockSparseLayout(_classify(farthest <= window, nearest <= window)[None], block_size, seqlen, window=window)
+
+
+def global_tokens(seqlen: int, num_global: int, block_size: int = 64) -> BlockSparseLayout:
+    """The first ``num_global`` tokens (e.g. [CLS]) attend to and are attended by everything."""
+    if num_global < 0:
+        raise ValueError(f"num_global must be >= 0, got {num_global}")
+    first, last = _block_bounds(seqlen, block_size)
+    full = (last[:, None] < num_global) | (last[None, :] < num_global)
+    some = (first[:, None] < num_global) | (first[None, :] < num_global)
+    return BlockSparseLayout(_classify(full, some)[None], block_size, seqlen, num_global=num_global)
+
+
+def random_blocks(seqlen: int, blocks_per_row: int, block_size: int = 64, num_heads: int = 1,
+                  seed: int = 0) -> BlockSparseLayout:
+    """BigBird-style: each query block attends ``blocks_per_row`` random key blocks, drawn per head."""
+    nb = -(-seqlen // block_size)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_heads, nb, nb, generator=gen)
+    chosen = scores.argsort(dim=-1)[..., : min(blocks_per_row, nb)]
+    keep = torch.zeros(num_heads, nb, nb, dtype=torch.bool).scatter_(-1, chosen, True)
+    return BlockSparseLayout(_classify(keep, keep), block_size, seqlen)
+
+
+def dilated(seqlen: int, num_blocks: int, dilation: int, block_size: int = 64) -> BlockSparseLayout:
+    """Key blocks at block distance 0, d, 2d, ... up to ``num_blocks * d`` on each side."""
+    if dilation < 1 or num_blocks < 0:
+        raise ValueError(f"need dilation >= 1 and num_blocks >= 0, got {dilation}, {num_blocks}")
+    nb = -(-seqlen // block_size)
+    dist = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).abs()
+    keep = (dist % dilation == 0) & (dist <= num_blocks * dilation)
+    return BlockSparseLayout(_classify(keep, keep)[None], block_size, seqlen)
+
+
+def from_dense_mask(mask: Tensor, block_size: int = 64) -> BlockSparseLayout:
+    """Any token-level (H or 1, S, S) or (S, S) boolean mask; tiles it touches become partial or full."""
+    if mask.dim() == 2:
+        mask = mask[None]
+    if mask.dim() != 3 or mask.shape[1] != mask.shape[2] or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool (H, S, S) or (S, S) tensor, got {mask.dtype} {tuple(mask.shape)}")
+    heads, seqlen = mask.shape[0], mask.shape[1]
+    nb = -(-seqlen // block_size)
+    pad = nb * block_size - seqlen
+    # Pad with True for "all" and False for "any" so the short last block is judged on real tokens.
+    tiles = lambda m: m.reshape(heads, nb, block_size, nb, block_size).transpose(2, 3).flatten(-2)
+    full = tiles(torch.nn.functional.pad(mask, (0, pad, 0, pad), value=True)).all(-1)
+    some = tiles(torch.nn.functional.pad(mask, (0, pad, 0, pad), value=False)).any(-1)
+    return BlockSparseLayout(_classify(full, some), block_size, seqlen, token_mask=mask.clone())

@@ -1,0 +1,217 @@
+"""Masked-LM loss: gather masked rows, project to the vocabulary, cross-entropy.
+
+    hidden (T, H) --gather rows--> (R, H) --(· Wᵀ + b)--> logits (R, V) --> CE vs labels
+                      ^ only the masked positions; fast backends never hold (R, V)
+
+Inputs
+  hidden    (..., H) fp16/bf16/fp32/fp64, flattened to (T, H)
+  weight    (V, H) same dtype (the tied word-embedding matrix)
+  bias      (V,) or None
+  labels    (...) int64, same leading shape as hidden: the target token id of
+            each masked position, ``ignore_index`` elsewhere
+  positions optional (R,) int index into the T tokens, padded with -1: a
+            static-length list of the masked positions (R does not change from
+            step to step); without it every token is a row (R = T)
+
+A row counts when its position is >= 0 and its label is not ``ignore_index``.
+Per counted row, with z the logits, lse = logsumexp(z), t the target, eps the
+label smoothing and zl the z-loss weight:
+
+    loss = (1 - eps) * (lse - z[t]) + eps * (lse - mean(z)) + zl * lse²
+
+``reduction``: "mean" (over counted rows; 0 when none count), "sum", or "none"
+(per row, shaped like ``positions`` or ``labels``, 0 at rows that do not count).
+The loss is fp32. ``return_accuracy`` also returns the number of counted rows
+whose argmax (first index among ties) is the target, an int64 0-d tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import checks
+from .dispatch import Registry
+
+REGISTRY = Registry(
+    "masked_lm_loss",
+    {
+        "torch": "fastmlm.ops.torch_impl.masked_ce",
+        "triton": "fastmlm_kernels.masked_ce",
+        "cuda": "fastmlm.ops.cuda_impl.masked_ce",
+    },
+)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def row_index(labels: Tensor, positions: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(R,) int64 token index of each row (clamped to be safe to gather) and (R,) bool "row counts"."""
+    if positions is None:
+        index = torch.arange(labels.shape[0], device=labels.device)
+        return index, labels != ignore_index
+    index = positions.long().clamp(0, max(labels.shape[0] - 1, 0))
+    if labels.numel() == 0:  # an empty batch: every position is -1
+        return index, torch.zeros_like(positions, dtype=torch.bool)
+    return index, (positions >= 0) & (labels[index] != ignore_index)
+
+
+def per_row_terms(logits: Tensor, targets: Tensor, label_smoothing: float, z_loss: float):
+    """Row losses, lse and argmax-correct flags of (R, V) logits; targets must be valid ids."""
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - logits.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    return loss, lse, logits.argmax(dim=-1) == targets
+
+
+# --------------------------------------------------------------------------- reference
+def masked_lm_loss_reference(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor] = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, z_loss: float = 0.0, upcast: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Project every row at once; return per-row (loss, lse, correct), zero where a row does not count.
+
+    hidden (T, H), labels (T,). Computes in fp32 (fp64 for fp64 inputs), or in
+    the input dtype with ``upcast=False``. Differentiable by plain autograd.
+    """
+    compute = hidden.dtype if not upcast else (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    index, counts = row_index(labels, positions, ignore_index)
+    rows = hidden[index].to(compute)
+    logits = rows @ weight.to(compute).t()
+    if bias is not None:
+        logits = logits + bias.to(compute)
+    targets = torch.where(counts, labels[index], 0)
+    loss, lse, correct = per_row_terms(logits.to(torch.float64 if compute == torch.float64 else torch.float32),
+                                       targets, label_smoothing, z_loss)
+    return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastmlm::masked_lm_loss_fwd", mutates_args=())
+def _masked_lm_loss_fwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return REGISTRY.module(backend).forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+
+
+@_masked_lm_loss_fwd.register_fake
+def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, backend):
+    rows = labels.shape[0] if positions is None else positions.shape[0]
+    f32 = hidden.new_empty(rows, dtype=torch.float32)
+    return f32, torch.empty_like(f32), hidden.new_empty(rows, dtype=torch.bool)
+
+
+@torch.library.custom_op("fastmlm::masked_lm_loss_bwd", mutates_args=())
+def _masked_lm_loss_bwd(
+    grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
+    positions: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return REGISTRY.module(backend).backward(grad_rows, hidden, weight, bias, labels, positions, lse,
+                                             ignore_index, label_smoothing, z_loss)
+
+
+@_masked_lm_loss_bwd.register_fake
+def _(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss, backend):
+    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, backend = inputs
+    _, lse, correct = output
+    ctx.mark_non_differentiable(lse, correct)
+    ctx.save_for_backward(hidden, weight, bias, labels, positions, lse)
+    ctx.options = (ignore_index, label_smoothing, z_loss, backend)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_rows, _dlse, _dcorrect):
+    hidden, weight, bias, labels, positions, lse = ctx.saved_tensors
+    d_hidden, d_weight, d_bias = _masked_lm_loss_bwd(grad_rows.contiguous(), hidden, weight, bias, labels,
+                                                     positions, lse, *ctx.options)
+    return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, None, None, None, None
+
+
+_masked_lm_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public op
+def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction):
+    op = "masked_lm_loss"
+    checks.check_tensor(op, "hidden", hidden, dtypes=checks.FLOAT_DTYPES)
+    if hidden.dim() < 2:
+        checks.fail(op, f"hidden must be (..., hidden_size), got shape {tuple(hidden.shape)}")
+    checks.check_tensor(op, "weight", weight, ndim=2, dtypes=(hidden.dtype,), device=hidden.device)
+    if weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        checks.fail(op, f"weight must be (vocab_size > 0, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None:
+        checks.check_tensor(op, "bias", bias, ndim=1, dtypes=(hidden.dtype,), device=hidden.device)
+        if bias.shape[0] != weight.shape[0]:
+            checks.fail(op, f"bias has {bias.shape[0]} entries but the vocabulary has {weight.shape[0]}")
+    checks.check_tensor(op, "labels", labels, dtypes=checks.INDEX_DTYPES, device=hidden.device)
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        checks.fail(op, f"labels shape {tuple(labels.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}")
+    if positions is not None:
+        checks.check_tensor(op, "positions", positions, ndim=1, dtypes=checks.INDEX_DTYPES, device=hidden.device)
+    if not 0.0 <= label_smoothing < 1.0:
+        checks.fail(op, f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if z_loss < 0.0:
+        checks.fail(op, f"z_loss must be >= 0, got {z_loss}")
+    if reduction not in REDUCTIONS:
+        checks.fail(op, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if ignore_index >= 0:
+        checks.fail(op, f"ignore_index must be negative so it cannot be a token id, got {ignore_index}")
+
+
+def masked_lm_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    *,
+    positions: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    reduction: str = "mean",
+    return_accuracy: bool = False,
+    backend: str = "auto",
+):
+    """Masked-LM cross-entropy over the masked rows only (see the module docstring).
+
+    Returns the fp32 loss, or (loss, n_correct) with ``return_accuracy``.
+    """
+    _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction)
+    out_shape = labels.shape if positions is None else positions.shape
+    hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    vocab, tokens = weight.shape[0], labels1d.shape[0]
+    if positions is not None:
+        checks.assert_async("masked_lm_loss", ((positions >= -1) & (positions < tokens)).all(),
+                            f"positions must lie in [-1, {tokens})")
+    checks.assert_async("masked_lm_loss", ((labels1d == ignore_index) | ((labels1d >= 0) & (labels1d < vocab))).all(),
+                        f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})")
+    index, counts = row_index(labels1d, positions, ignore_index)
+
+    inputs = dict(hidden=hidden2d, weight=weight, bias=bias, labels=labels1d, positions=positions)
+    name = REGISTRY.select(backend, hidden.device.type, inputs)
+    if tokens == 0 or index.numel() == 0:  # nothing to project: zero loss, still differentiable
+        rows = (hidden2d.sum() * 0).float().expand(index.shape[0])
+        correct = counts
+    elif name == "reference":
+        rows, _, correct = masked_lm_loss_reference(hidden2d, weight, bias, labels1d, positions,
+                                                    ignore_index, label_smoothing, z_loss)
+    else:
+        rows, _, correct = _masked_lm_loss_fwd(hidden2d, weight, bias, labels1d, positions,
+                                               ignore_index, float(label_smoothing), float(z_loss), name)
+    rows = rows.float()
+    if reduction == "none":
+        loss = rows.reshape(out_shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / counts.sum().clamp(min=1)
+    return (loss, correct.sum()) if return_accuracy else loss

@@ -1,0 +1,50 @@
+"""Move tokens between the padded (B, S, ...) and packed (T, ...) layouts.
+
+Everything here stays on the device: the packed -> padded direction needs only
+``cu_seqlens`` and a static ``max_seqlen``, so no value is read back to the host.
+
+    cu_seqlens = [0, 3, 5]          padded (B=2, S=3)      packed (T=5)
+                                    [a b c]                 [a b c d e]
+                                    [d e .]
+"""
+from __future__ import annotations
+
+import torch
+
+
+def seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """(B+1,) cumulative offsets -> (B,) lengths."""
+    return cu_seqlens[1:] - cu_seqlens[:-1]
+
+
+def packed_coords(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch index and position of each packed token: two (T,) int64 tensors."""
+    tokens = torch.arange(total, device=cu_seqlens.device)
+    batch = torch.searchsorted(cu_seqlens[1:].long(), tokens, right=True)
+    return batch, tokens - cu_seqlens.long()[batch]
+
+
+def pad(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, ...) packed -> ((B, max_seqlen, ...) zero-padded, (B, max_seqlen) bool mask of real tokens)."""
+    batch, pos = packed_coords(cu_seqlens, x.shape[0])
+    out = x.new_zeros((cu_seqlens.numel() - 1, max_seqlen) + tuple(x.shape[1:]))
+    out[batch, pos] = x
+    mask = torch.arange(max_seqlen, device=x.device)[None, :] < seqlens(cu_seqlens)[:, None]
+    return out, mask
+
+
+def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, S, ...) padded -> (T, ...) packed, the inverse of :func:`pad`."""
+    batch, pos = packed_coords(cu_seqlens, total)
+    return padded[batch, pos]
+
+
+def cu_seqlens_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Right-padded (B, S) mask -> ((B+1,) int32 cu_seqlens, max_seqlen).
+
+    Reads the lengths back to the host once (call it where the data is made,
+    not inside a training step).
+    """
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    return cu, int(lengths.max()) if lengths.numel() else 0

@@ -1,0 +1,1 @@
+"""The ``torch`` backends: fast paths built from PyTorch's own kernels."""

@@ -1,0 +1,65 @@
+"""``torch`` backend of masked_lm_loss: chunked over rows, never the whole (R, V) logits.
+
+Forward and backward walk the rows in chunks sized so one chunk's fp32 logits
+stay near 32 MiB; the backward recomputes each chunk's logits from the saved
+log-sum-exp instead of keeping them. Runs on any device; the chunk loop has a
+static trip count (R is a shape), so there is no host synchronisation.
+
+Gradient of one row's loss with respect to its logits z (p = softmax(z)):
+
+    dz = g * (p * (1 + 2·zl·lse) - (1 - eps) * onehot(t) - eps / V)
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..masked_ce import per_row_terms, row_index
+
+CHUNK_ELEMENTS = 1 << 23
+
+
+def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
+    return None
+
+
+def _chunks(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+def _logits(h, weight, bias):
+    logits = (h @ weight.t()).float()
+    return logits if bias is None else logits + bias.float()
+
+
+def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
+    index, counts = row_index(labels, positions, ignore_index)
+    targets = torch.where(counts, labels[index], 0)
+    loss, lse, correct = (torch.empty(index.shape[0], device=hidden.device, dtype=dt)
+                          for dt in (torch.float32, torch.float32, torch.bool))
+    for a, b in _chunks(index.shape[0], weight.shape[0]):
+        logits = _logits(hidden[index[a:b]], weight, bias)
+        loss[a:b], lse[a:b], correct[a:b] = per_row_terms(logits, targets[a:b], label_smoothing, z_loss)
+    return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
+
+
+def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
+    index, counts = row_index(labels, positions, ignore_index)
+    targets = torch.where(counts, labels[index], 0)
+    g = torch.where(counts, grad_rows.float(), 0.0)
+    vocab = weight.shape[0]
+    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+    d_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32)
+    for a, b in _chunks(index.shape[0], vocab):
+        h = hidden[index[a:b]]
+        probs = torch.exp(_logits(h, weight, bias) - lse[a:b, None])
+        dz = probs * (1.0 + 2.0 * z_loss * lse[a:b, None]) - label_smoothing / vocab
+        dz.scatter_add_(1, targets[a:b, None], torch.full_like(dz[:, :1], label_smoothing - 1.0))
+        dz = (dz * g[a:b, None]).to(weight.dtype)
+        d_hidden.index_add_(0, index[a:b], (dz @ weight).float())
+        d_weight += (dz.t() @ h).float()
+        d_bias += dz.float().sum(0)
+    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype)

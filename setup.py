@@ -1,0 +1,56 @@
+"""Build script: the Python packages, plus the CUDA extension ``fastmlm._C`` when it can be built.
+
+FASTMLM_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be
+built), =0 skips it; unset, it is built when torch is a CUDA build and nvcc is
+found. TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") and MAX_JOBS are honoured.
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+
+def cuda_extension():
+    """Return ([extension], cmdclass) or ([], {}) with one line saying why not."""
+    wanted = os.environ.get("FASTMLM_BUILD_CUDA", "auto")
+    sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
+    reason = None
+    try:
+        import torch
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension, CUDA_HOME
+    except ImportError:
+        torch, reason = None, "torch is not installed in the build environment"
+    if reason is None and wanted == "0":
+        reason = "FASTMLM_BUILD_CUDA=0"
+    elif reason is None and not torch.version.cuda:
+        reason = f"torch {torch.__version__} is not a CUDA build"
+    elif reason is None and not (CUDA_HOME or shutil.which("nvcc")):
+        reason = "nvcc was not found"
+    elif reason is None and not sources:
+        reason = "csrc/ has no sources"
+    if reason is not None:
+        if wanted == "1":
+            sys.exit(f"FASTMLM_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        print(f"fastmlm: building without the CUDA extension ({reason})", file=sys.stderr)
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    extra_include = [p for p in glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu1*", "include"))]
+    ext = CUDAExtension(
+        "fastmlm._C",
+        sources,
+        include_dirs=[os.path.abspath("csrc")] + extra_include,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = cuda_extension()
+setup(
+    packages=["fastmlm", "fastmlm.ops", "fastmlm.ops.torch_impl", "fastmlm.ops.cuda_impl", "fastmlm_kernels"],
+    package_dir={"fastmlm_kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

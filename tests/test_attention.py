@@ -1,0 +1,184 @@
+"""fastmlm.ops.attention: reference vs independent math, layouts, backends, bad inputs."""
+import math
+
+import pytest
+import torch
+
+from fastmlm.ops import BackendUnavailable, attention, attention_reference
+from helpers import assert_error_ratio, cu_seqlens_of, random_mask
+
+# Backends checked against the reference. Kernel issues append theirs with the right marker.
+FAST_BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def naive_attention(q, k, v, mask, scale):
+    """Row by row, in Python floats: an oracle that shares no code with the library."""
+    b_, s_, h_, d_ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    for b in range(b_):
+        keys = [j for j in range(s_) if mask is None or mask[b, j]]
+        for h in range(h_):
+            for i in range(s_):
+                if not keys:
+                    continue
+                scores = [float(q[b, i, h].double() @ k[b, j, h].double()) * scale for j in keys]
+                top = max(scores)
+                weights = [math.exp(s - top) for s in scores]
+                total = sum(weights)
+                for w, j in zip(weights, keys):
+                    out[b, i, h] += (w / total) * v[b, j, h].double()
+    return out
+
+
+@pytest.mark.parametrize("seqlen", [1, 5])
+def test_reference_matches_naive_math(seqlen):
+    q, k, v = (torch.randn(2, seqlen, 2, 8) for _ in range(3))
+    mask = random_mask(2, seqlen, min_len=0)
+    out = attention(q, k, v, attention_mask=mask, backend="reference")
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, mask, 8**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_lse_matches_logsumexp():
+    q, k, v = (torch.randn(1, 7, 3, 16, dtype=torch.float64) for _ in range(3))
+    _, lse = attention(q, k, v, softmax_scale=0.3, return_lse=True, backend="reference")
+    expected = torch.logsumexp(torch.einsum("bqhd,bkhd->bqhk", q, k) * 0.3, dim=-1)
+    torch.testing.assert_close(lse, expected)
+
+
+def test_packed_equals_padded():
+    lengths = [5, 1, 0, 9]
+    q, k, v = (torch.randn(sum(lengths), 3, 16, dtype=torch.float64) for _ in range(3))
+    cu = cu_seqlens_of(lengths)
+    packed, packed_lse = attention(q, k, v, cu_seqlens=cu, max_seqlen=9, return_lse=True, backend="reference")
+    for i, n in enumerate(lengths):
+        a, b = cu[i].item(), cu[i + 1].item()
+        pad = torch.zeros(1, 9, 3, 16, dtype=torch.float64)
+        qp, kp, vp = (pad.clone().index_copy_(1, torch.arange(n), t[None, a:b]) for t in (q, k, v))
+        mask = torch.arange(9)[None] < n
+        out, lse = attention(qp, kp, vp, attention_mask=mask, return_lse=True, backend="reference")
+        torch.testing.assert_close(packed[a:b], out[0, :n])
+        torch.testing.assert_close(packed_lse[a:b], lse[0, :n])
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen,head_dim", [(1, 32), (17, 64), (113, 40)])
+def test_padded_backend_error_ratio(backend, dtype, seqlen, head_dim):
+    batch, heads = 3, 2
+    exact_in = [torch.randn(batch, seqlen, heads, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
+    mask = random_mask(batch, seqlen, min_len=1)
+    dout = torch.randn(batch, seqlen, heads, head_dim, dtype=torch.float64)
+
+    exact, exact_lse = attention_reference(*exact_in, attention_mask=mask)
+    lowp, _ = attention_reference(*low_in, attention_mask=mask, upcast=False)
+    fast, fast_lse = attention(*low_in, attention_mask=mask, return_lse=True, backend=backend)
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    valid = mask[:, :, None, None].expand_as(exact)  # padded query rows are unspecified
+    assert_error_ratio(fast[valid], exact[valid], lowp[valid], 2.0, floor)
+    assert_error_ratio(fast_lse[valid[..., 0]], exact_lse[valid[..., 0]], exact_lse[valid[..., 0]], 1.0,
+                       1e-4 if dtype == torch.float32 else 0.05, "lse")
+    dout = dout * valid
+    for name, f, e, l in zip("qkv", _grads(fast, low_in, dout.to(dtype)), _grads(exact, exact_in, dout),
+                             _grads(lowp, low_in, dout.to(dtype))):
+        assert_error_ratio(f, e, l, 3.0, floor, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_packed_backend_matches_reference(backend):
+    lengths = [17, 0, 1, 33]
+    q, k, v = (torch.randn(sum(lengths), 2, 32, requires_grad=True) for _ in range(3))
+    cu = cu_seqlens_of(lengths)
+    ref, ref_lse = attention(q, k, v, cu_seqlens=cu, max_seqlen=33, return_lse=True, backend="reference")
+    out, lse = attention(q, k, v, cu_seqlens=cu, max_seqlen=33, return_lse=True, backend=backend)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-5, rtol=1e-4)
+    dout = torch.randn_like(out)
+    for g, r in zip(_grads(out, (q, k, v), dout), _grads(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_all_padding_row_outputs_zeros_and_zero_grads(backend):
+    q, k, v = (torch.randn(2, 6, 2, 16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1] = False
+    out, lse = attention(q, k, v, attention_mask=mask, return_lse=True, backend=backend)
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() and (g[1] == 0).all() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_empty_batch(backend):
+    q = torch.randn(0, 4, 2, 8)
+    assert attention(q, q, q, backend=backend).shape == q.shape
+    packed = torch.randn(0, 2, 8)
+    out = attention(packed, packed, packed, cu_seqlens=torch.zeros(1, dtype=torch.int32), max_seqlen=0, backend=backend)
+    assert out.shape == packed.shape
+
+
+def test_softmax_scale_is_used():
+    q, k, v = (torch.randn(1, 4, 1, 8) for _ in range(3))
+    a = attention(q, k, v, softmax_scale=0.1, backend="reference")
+    b = attention(q * 0.1 / 8**-0.5, k, v, backend="reference")
+    torch.testing.assert_close(a, b)
+
+
+def _call(q=None, k=None, v=None, **kwargs):
+    q = torch.randn(1, 4, 2, 8) if q is None else q
+    return attention(q, q.clone() if k is None else k, q.clone() if v is None else v, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=torch.randn(2, 3, 4)), "packed .* need cu_seqlens"),
+        (dict(q=torch.randn(2, 3)), "dimensions"),
+        (dict(q=torch.randint(0, 3, (1, 4, 2, 8))), "dtype"),
+        (dict(k=torch.randn(1, 4, 2, 8, dtype=torch.float64)), "dtype"),
+        (dict(k=torch.randn(1, 5, 2, 8)), "shape"),
+        (dict(attention_mask=torch.ones(1, 5, dtype=torch.bool)), "attention_mask shape"),
+        (dict(attention_mask=torch.zeros(1, 4)), "not a float"),
+        (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), "cu_seqlens is for the packed"),
+        (dict(softmax_scale=-1.0), "softmax_scale"),
+        (dict(backend="fast"), "backend must be"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_bad_inputs_have_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _call(**kwargs)
+
+
+def test_bad_cu_seqlens_is_caught():
+    q = torch.randn(5, 2, 8)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+        attention(q, q, q, cu_seqlens=torch.tensor([0, 3, 4], dtype=torch.int32), max_seqlen=3)
+    with pytest.raises(RuntimeError, match="max_seqlen"):
+        attention(q, q, q, cu_seqlens=torch.tensor([0, 5], dtype=torch.int32), max_seqlen=3)
+
+
+def test_explicit_backend_that_cannot_run_lists_reasons():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(BackendUnavailable, match="cuda: "):
+        attention(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_opcheck_torch_backend(layout):
+    if layout == "padded":
+        q, k, v = (torch.randn(2, 5, 2, 8, requires_grad=True) for _ in range(3))
+        args = (q, k, v, random_mask(2, 5, 1), None, 5, 0.35, "torch")
+    else:
+        q, k, v = (torch.randn(6, 2, 8, requires_grad=True) for _ in range(3))
+        args = (q, k, v, None, cu_seqlens_of([4, 2]), 4, 0.35, "torch")
+    torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)

@@ -1,0 +1,127 @@
+"""fastmlm.ops.block_sparse_attention and its layouts."""
+import pytest
+import torch
+
+from fastmlm.ops import attention, block_sparse_attention
+from fastmlm.ops import block_layout as L
+from helpers import assert_error_ratio, cu_seqlens_of, random_mask
+
+FAST_BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def dense_rule(seqlen, window=-1, num_global=0):
+    i = torch.arange(seqlen)
+    keep = torch.zeros(seqlen, seqlen, dtype=torch.bool)
+    if window >= 0:
+        keep |= (i[:, None] - i[None, :]).abs() <= window
+    return keep | (i[:, None] < num_global) | (i[None, :] < num_global)
+
+
+@pytest.mark.parametrize("seqlen,block", [(17, 4), (64, 16), (5, 8)])
+@pytest.mark.parametrize("window,num_global", [(0, 0), (3, 0), (6, 2), (-1, 5)])
+def test_window_and_global_layouts_mean_their_token_rule(seqlen, block, window, num_global):
+    layout = L.global_tokens(seqlen, num_global, block)
+    if window >= 0:
+        layout = L.sliding_window(seqlen, window, block) | layout
+    assert torch.equal(layout.to_dense()[0], dense_rule(seqlen, window, num_global))
+    # Skipped tiles hold nothing and full tiles need no mask; a union may leave a
+    # tile it could call full as partial (still exact, only a little slower).
+    tight = L.from_dense_mask(layout.to_dense(), block).blocks
+    assert torch.equal(tight == L.SKIP, layout.blocks == L.SKIP)
+    assert (tight[layout.blocks == L.FULL] == L.FULL).all()
+    if window < 0 or num_global == 0:
+        assert torch.equal(tight, layout.blocks)
+
+
+def test_kv_blocks_lists_kept_tiles_in_order():
+    layout = L.random_blocks(40, 3, block_size=8, num_heads=2, seed=1)
+    index, counts = layout.kv_blocks
+    assert (counts == 3).all()
+    for h in range(2):
+        for qb in range(5):
+            kept = (layout.blocks[h, qb] != L.SKIP).nonzero()[:, 0].int()
+            assert torch.equal(index[h, qb, : counts[h, qb]], kept)
+
+
+def test_dilated_and_random_are_block_level():
+    layout = L.dilated(64, num_blocks=2, dilation=2, block_size=8)
+    assert set(layout.blocks.unique().tolist()) <= {L.SKIP, L.FULL}
+    assert layout.blocks[0, 4].tolist() == [1, 0, 1, 0, 1, 0, 1, 0]
+    assert 0 < layout.density < 1
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_full_density_equals_dense_attention(backend):
+    q, k, v = (torch.randn(2, 19, 2, 16) for _ in range(3))
+    mask = random_mask(2, 19, 1)
+    layout = L.from_dense_mask(torch.ones(19, 19, dtype=torch.bool), 8)
+    assert layout.density == 1.0
+    torch.testing.assert_close(block_sparse_attention(q, k, v, layout, attention_mask=mask, backend=backend),
+                               attention(q, k, v, attention_mask=mask, backend="reference"), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_error_ratio_per_head_layouts(backend, dtype):
+    heads, seqlen = 3, 37
+    layout = L.sliding_window(seqlen, 5, 8) | L.global_tokens(seqlen, 1, 8) | L.random_blocks(seqlen, 1, 8, heads)
+    exact_in = [torch.randn(2, seqlen, heads, 32, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
+    mask = random_mask(2, seqlen, 1)
+    exact = block_sparse_attention(*exact_in, layout, attention_mask=mask, backend="reference")
+    lowp = reference_lowp(low_in, layout, mask)
+    fast = block_sparse_attention(*low_in, layout, attention_mask=mask, backend=backend)
+    valid = mask[:, :, None, None].expand_as(exact)
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    assert_error_ratio(fast[valid], exact[valid], lowp[valid], 2.0, floor)
+    dout = torch.randn_like(exact) * valid
+    for f, e, l in zip(torch.autograd.grad(fast, low_in, dout.to(dtype)), torch.autograd.grad(exact, exact_in, dout),
+                       torch.autograd.grad(lowp, low_in, dout.to(dtype))):
+        assert_error_ratio(f, e, l, 3.0, floor, "grad")
+
+
+def reference_lowp(inputs, layout, mask):
+    from fastmlm.ops import block_sparse_attention_reference
+    return block_sparse_attention_reference(*inputs, layout, attention_mask=mask, upcast=False)[0]
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_packed_layout_and_empty_rows(backend):
+    lengths = [9, 0, 20]
+    q, k, v = (torch.randn(sum(lengths), 2, 16, requires_grad=True) for _ in range(3))
+    # Query 3 of every sequence sees no key at all.
+    token_mask = torch.ones(24, 24, dtype=torch.bool)
+    token_mask[3] = False
+    layout = L.from_dense_mask(token_mask, 8)
+    cu = cu_seqlens_of(lengths)
+    out, lse = block_sparse_attention(q, k, v, layout, cu_seqlens=cu, max_seqlen=20, return_lse=True, backend=backend)
+    ref, _ = block_sparse_attention(q, k, v, layout, cu_seqlens=cu, max_seqlen=20, return_lse=True, backend="reference")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert (out[3] == 0).all() and torch.isneginf(lse[3]).all() and (out[9 + 3] == 0).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads) and (grads[0][3] == 0).all()
+
+
+def test_layout_errors():
+    q = torch.randn(1, 20, 2, 8)
+    with pytest.raises(ValueError, match="covers 16 tokens"):
+        block_sparse_attention(q, q, q, L.sliding_window(16, 2, 8))
+    with pytest.raises(ValueError, match="3 heads"):
+        block_sparse_attention(q, q, q, L.random_blocks(20, 1, 8, num_heads=3))
+    with pytest.raises(ValueError, match="BlockSparseLayout"):
+        block_sparse_attention(q, q, q, torch.ones(20, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same block_size"):
+        L.sliding_window(20, 2, 8) | L.sliding_window(20, 2, 4)
+    with pytest.raises(ValueError, match="window must be"):
+        L.sliding_window(20, -2, 8)
+
+
+def test_opcheck_torch_backend():
+    q, k, v = (torch.randn(1, 12, 2, 8, requires_grad=True) for _ in range(3))
+    layout = L.sliding_window(12, 2, 4) | L.global_tokens(12, 1, 4)
+    index, counts = layout.kv_blocks
+    args = (q, k, v, None, None, 12, 0.35, layout.blocks, index, counts, None, 4, layout.window, layout.num_global, "torch")
+    torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)

@@ -1,0 +1,163 @@
+"""fastmlm.ops.masked_lm_loss: reference vs torch's cross_entropy, backends, edge cases, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
+from helpers import assert_error_ratio
+
+FAST_BACKENDS = [
+    pytest.param("torch", id="torch"),
+    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def make_batch(tokens, hidden, vocab, rate=0.15, dtype=torch.float32, scale=1.0):
+    h = torch.randn(tokens, hidden, dtype=dtype) * scale
+    w = torch.randn(vocab, hidden, dtype=dtype) / hidden**0.5
+    b = torch.randn(vocab, dtype=dtype) * 0.1
+    labels = torch.randint(0, vocab, (tokens,))
+    labels[torch.rand(tokens) >= rate] = -100
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_reference_matches_torch_cross_entropy(label_smoothing):
+    h, w, b, labels = make_batch(50, 12, 23, rate=0.3, dtype=torch.float64)
+    loss = masked_lm_loss(h, w, b, labels, label_smoothing=label_smoothing, backend="reference")
+    expected = F.cross_entropy(h @ w.t() + b, labels, ignore_index=-100, label_smoothing=label_smoothing)
+    torch.testing.assert_close(loss.double(), expected)
+
+
+def test_z_loss_and_accuracy_by_hand():
+    h, w, b, labels = make_batch(40, 8, 11, rate=0.5, dtype=torch.float64)
+    loss, correct = masked_lm_loss(h, w, b, labels, z_loss=1e-2, reduction="sum", return_accuracy=True,
+                                   backend="reference")
+    logits = (h @ w.t() + b)[labels != -100]
+    target = labels[labels != -100]
+    lse = torch.logsumexp(logits, -1)
+    expected = (lse - logits[torch.arange(len(target)), target] + 1e-2 * lse**2).sum()
+    torch.testing.assert_close(loss.double(), expected)
+    assert correct.item() == (logits.argmax(-1) == target).sum().item()
+
+
+def test_positions_select_rows_and_none_reduction_shape():
+    h, w, b, labels = make_batch(30, 8, 13, rate=0.2, dtype=torch.float64)
+    masked = (labels != -100).nonzero()[:, 0]
+    positions = torch.cat([masked, torch.full((5,), -1)])
+    per_row = masked_lm_loss(h, w, b, labels, positions=positions, reduction="none", backend="reference")
+    assert per_row.shape == positions.shape and (per_row[-5:] == 0).all()
+    full = masked_lm_loss(h, w, b, labels, reduction="none", backend="reference")
+    torch.testing.assert_close(per_row[: len(masked)], full[masked])
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,hidden,vocab", [(1, 8, 123), (97, 24, 123), (64, 40, 3001)])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)], ids=["plain", "smooth+z"])
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+def test_backend_error_ratio(backend, dtype, tokens, hidden, vocab, options, use_positions):
+    h, w, b, labels = make_batch(tokens, hidden, vocab, dtype=torch.float64)
+    labels[0] = 3  # at least one counted row
+    positions = None
+    if use_positions:
+        masked = (labels != -100).nonzero()[:, 0]
+        positions = torch.cat([torch.full((2,), -1), masked.flip(0)])
+    exact_in = [t.requires_grad_() for t in (h, w, b)]
+    low_in = [t.detach().to(dtype).requires_grad_() for t in (h, w, b)]
+    kw = dict(positions=positions, **options)
+    grad = torch.rand(()) + 0.5  # a grad_output other than 1
+
+    exact = masked_lm_loss(*exact_in, labels, backend="reference", **kw)
+    lowp_rows = masked_lm_loss_reference(*low_in, labels, positions, -100, options.get("label_smoothing", 0.0),
+                                         options.get("z_loss", 0.0), upcast=False)[0]
+    lowp = lowp_rows.sum() / (lowp_rows != 0).sum()
+    fast, correct = masked_lm_loss(*low_in, labels, backend=backend, return_accuracy=True, **kw)
+    _, exact_correct = masked_lm_loss(*exact_in, labels, backend="reference", return_accuracy=True, **kw)
+    assert fast.dtype == torch.float32
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    # One scalar: allow its own rounding (one ulp of the input dtype) on top of the rule.
+    assert_error_ratio(fast, exact, lowp, 2.0, floor + torch.finfo(dtype).eps * exact.abs().item(), "loss")
+    if dtype == torch.float32:
+        assert correct.item() == exact_correct.item()
+    names = ("d_hidden", "d_weight", "d_bias")
+    for name, f, e, l in zip(names, torch.autograd.grad(fast * grad, low_in), torch.autograd.grad(exact * grad, exact_in),
+                             torch.autograd.grad(lowp * grad, low_in)):
+        assert_error_ratio(f, e, l, 3.0, floor, name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_masked_tokens_give_zero_loss_and_grads(backend, reduction):
+    h, w, b, labels = make_batch(20, 8, 17)
+    labels[:] = -100
+    inputs = [t.requires_grad_() for t in (h, w, b)]
+    loss, correct = masked_lm_loss(*inputs, labels, reduction=reduction, return_accuracy=True, backend=backend)
+    assert (loss == 0).all() and correct.item() == 0
+    for g in torch.autograd.grad(loss.sum(), inputs):
+        assert torch.isfinite(g).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_large_logits_stay_finite(backend):
+    h, w, b, labels = make_batch(16, 8, 50, rate=1.0, scale=3000.0)  # logits in the tens of thousands
+    inputs = [t.requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, backend=backend)
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_no_bias_and_3d_hidden(backend):
+    h, w, _, labels = make_batch(24, 8, 19, rate=0.5)
+    loss = masked_lm_loss(h.reshape(2, 12, 8), w, None, labels.reshape(2, 12), backend=backend)
+    expected = F.cross_entropy(h @ w.t(), labels)
+    torch.testing.assert_close(loss, expected)
+
+
+def _call(**overrides):
+    h, w, b, labels = make_batch(10, 8, 7)
+    args = dict(hidden=h, weight=w, bias=b, labels=labels)
+    args.update(overrides)
+    return masked_lm_loss(args.pop("hidden"), args.pop("weight"), args.pop("bias"), args.pop("labels"), **args)
+
+
+@pytest.mark.parametrize(
+    "overrides,error,match",
+    [
+        (dict(hidden=torch.randn(10)), ValueError, "hidden must be"),
+        (dict(weight=torch.randn(7, 9)), ValueError, "weight must be"),
+        (dict(weight=torch.randn(7, 8, dtype=torch.float64)), ValueError, "dtype"),
+        (dict(bias=torch.randn(6)), ValueError, "bias has 6"),
+        (dict(labels=torch.zeros(9, dtype=torch.long)), ValueError, "labels shape"),
+        (dict(labels=torch.zeros(10)), ValueError, "dtype"),
+        (dict(reduction="avg"), ValueError, "reduction"),
+        (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+        (dict(ignore_index=0), ValueError, "ignore_index"),
+        (dict(labels=torch.full((10,), 7)), RuntimeError, "labels must be ignore_index"),
+        (dict(positions=torch.tensor([3, 10])), RuntimeError, "positions must lie"),
+        (dict(positions=torch.tensor([-2])), RuntimeError, "positions must lie"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else None,
+)
+def test_bad_inputs_have_clear_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+@pytest.mark.parametrize("use_positions", [False, True])
+def test_opcheck_torch_backend(use_positions):
+    h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
+    labels[1] = 2
+    positions = torch.tensor([1, -1, 5]) if use_positions else None
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 0.0, "torch")
+    torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("positions", [None, torch.full((3,), -1)], ids=["labels", "positions"])
+def test_empty_batch(backend, positions):
+    h, w, b, _ = make_batch(0, 8, 7)
+    loss, correct = masked_lm_loss(h, w, b, torch.zeros(0, dtype=torch.long), positions=positions,
+                                   return_accuracy=True, backend=backend)
+    assert loss.item() == 0 and correct.item() == 0
