@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def cuda_extension():
@@ -49,8 +49,9 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 setup(
-    packages=["fastmlm", "fastmlm.ops", "fastmlm.ops.torch_impl", "fastmlm.ops.cuda_impl", "fastmlm_kernels"],
+    packages=find_packages(include=["fastmlm", "fastmlm.*"]) + ["fastmlm_kernels"],
     package_dir={"fastmlm_kernels": "kernels"},
+    package_data={"fastmlm": ["corpus/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
