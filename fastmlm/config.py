@@ -1,0 +1,195 @@
+"""Model configuration: one dataclass, validated, with named presets.
+
+    cfg = preset("mini", vocab_size=8000)   # a ModelConfig, already validated
+    cfg.validate()                          # ValueError with a readable message if a field is wrong
+
+Attention patterns (issue 9). ``attention_pattern`` is a tuple of pattern strings
+applied to the layers in turn and repeated (layer i uses ``pattern[i % len]``):
+
+    "dense"                 full bidirectional attention (fastmlm.ops.attention)
+    "window:W"              token i sees tokens j with |i - j| <= W (block-sparse op)
+    "global:G"              the first G tokens see and are seen by every token
+    "window:W+global:G"     both rules (a pair attends if either rule allows it)
+
+ModernBERT's recipe ("a sliding window of 128 tokens, global attention every third
+layer") is ``("dense", "window:64", "window:64")``: 64 tokens on each side, and
+layers 0, 3, 6, ... attend densely, as in ModernBERT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from .ops.dispatch import BACKENDS
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+NORM_POSITIONS = ("post", "pre")
+BACKEND_CHOICES = ("auto",) + BACKENDS
+_PATTERN_PART = re.compile(r"^(window|global):(\d+)$")
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """One layer's attention pattern, parsed: dense when ``window < 0`` and ``num_global == 0``."""
+
+    window: int = -1
+    num_global: int = 0
+
+    @property
+    def dense(self) -> bool:
+        return self.window < 0 and self.num_global == 0
+
+
+def parse_pattern(text: str) -> AttentionPattern:
+    """Parse one pattern string (see the module docstring); ValueError on anything else."""
+    if not isinstance(text, str):
+        raise ValueError(f"attention pattern entries must be strings, got {type(text).__name__} {text!r}")
+    if text == "dense":
+        return AttentionPattern()
+    window, num_global = -1, 0
+    for part in text.split("+"):
+        match = _PATTERN_PART.match(part.strip())
+        if match is None:
+            raise ValueError(f"cannot parse attention pattern {text!r}: expected 'dense', 'window:W', "
+                             f"'global:G' or 'window:W+global:G' with integer W >= 0, G >= 1")
+        kind, value = match.group(1), int(match.group(2))
+        if kind == "window":
+            if window >= 0:
+                raise ValueError(f"attention pattern {text!r} names a window twice")
+            window = value
+        else:
+            if num_global > 0 or value < 1:
+                raise ValueError(f"attention pattern {text!r}: give 'global:G' once, with G >= 1")
+            num_global = value
+    return AttentionPattern(window, num_global)
+
+
+@dataclass
+class ModelConfig:
+    """A BERT-style encoder with an MLM head. Defaults are BERT-base."""
+
+    # sizes
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    # regularisation: dropout on embeddings and on both residual branches. The fused
+    # attention ops have no dropout on the attention probabilities, so that rate must be 0.
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0
+    # numerics and architecture
+    layer_norm_eps: float = 1e-12
+    activation: str = "gelu"  # "gelu" (erf, as BERT), "gelu_tanh", "relu"
+    norm_position: str = "post"  # "post": LayerNorm after each residual add (BERT); "pre": before each branch
+    initializer_range: float = 0.02
+    # which kernels run: passed as backend= to fastmlm.ops
+    attention_backend: str = "auto"
+    loss_backend: str = "auto"
+    # per-layer attention pattern, repeated over the layers (module docstring)
+    attention_pattern: tuple = ("dense",)
+    block_size: int = 64  # tile size of the block-sparse layouts
+
+    def __post_init__(self):
+        if isinstance(self.attention_pattern, (list, str)):  # from JSON, or a single string
+            self.attention_pattern = (self.attention_pattern,) if isinstance(self.attention_pattern, str) \
+                else tuple(self.attention_pattern)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layer_patterns(self) -> tuple[AttentionPattern, ...]:
+        """The parsed pattern of every layer, ``num_layers`` long."""
+        parsed = [parse_pattern(p) for p in self.attention_pattern]
+        return tuple(parsed[i % len(parsed)] for i in range(self.num_layers))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> "ModelConfig":
+        """Raise ValueError naming the first wrong field; return self when all is well."""
+
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"ModelConfig: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size", "block_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"{name} must be a positive int, got {value!r}")
+        need(self.hidden_size % self.num_heads == 0,
+             f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
+        need(isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size,
+             f"pad_token_id={self.pad_token_id!r} must be a token id in [0, vocab_size={self.vocab_size})")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and 0.0 <= value < 1.0, f"{name} must be in [0, 1), got {value!r}")
+        need(self.attention_dropout == 0.0,
+             f"attention_dropout={self.attention_dropout}: the fused attention ops have no dropout on the "
+             f"attention probabilities; set it to 0.0 (hidden_dropout still applies)")
+        need(isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+             f"layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
+        need(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0
+             and math.isfinite(self.initializer_range), f"initializer_range must be > 0, got {self.initializer_range!r}")
+        need(self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        need(self.norm_position in NORM_POSITIONS,
+             f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
+        for name in ("attention_backend", "loss_backend"):
+            need(getattr(self, name) in BACKEND_CHOICES,
+                 f"{name} must be one of {BACKEND_CHOICES}, got {getattr(self, name)!r}")
+        need(isinstance(self.attention_pattern, tuple) and len(self.attention_pattern) > 0,
+             f"attention_pattern must be a non-empty tuple of pattern strings, got {self.attention_pattern!r}")
+        try:
+            self.layer_patterns()
+        except ValueError as exc:
+            raise ValueError(f"ModelConfig: attention_pattern: {exc}") from None
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["attention_pattern"] = list(self.attention_pattern)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data).validate()
+
+
+# ---------------------------------------------------------------------- presets
+# tiny is for tests; mini and small are Google's BERT miniatures (L4/H256, L4/H512);
+# base and large are BERT's. The modern-* presets add the ModernBERT-style pattern.
+_MODERN = dict(attention_pattern=("dense", "window:64", "window:64"), norm_position="pre",
+               max_position_embeddings=1024)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                 max_position_embeddings=128),
+    "mini": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "small": dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+    "modern-small": dict(hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048, **_MODERN),
+    "modern-base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, **_MODERN),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A validated config from a named preset, with any field overridden."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"preset({name!r}): unknown fields {unknown}; known fields are {sorted(known)}")
+    return ModelConfig(**{**PRESETS[name], **overrides}).validate()
