@@ -1,0 +1,540 @@
+"""Data for MLM training: corpus files, WordPiece tokenizer, packing, dynamic masking.
+
+    text files ──read_documents──► documents ──tokenize──► segments [CLS] … [SEP]
+        ──pack_segments──► rows of <= seq_len tokens ──MaskingCollator──► Batch
+
+* **Corpus.** ``.txt`` files hold documents separated by blank lines (the lines
+  of one document are joined); ``.jsonl`` files hold one ``{"text": ...}``
+  object per line; ``.gz`` versions of both work, and folders are searched
+  recursively. Files are streamed, so a corpus larger than memory is fine.
+  The bundled corpus (``fastmlm/corpus/{train,valid}.txt.gz``) is the default.
+* **Tokenizer.** A ``tokenizers`` WordPiece model with the BERT normaliser and
+  pre-tokeniser, trained on the corpus or loaded from ``tokenizer.json`` /
+  ``vocab.txt``. Special tokens: ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
+* **Packing.** Each document is cut into segments of at most ``seq_len - 2``
+  tokens and wrapped as ``[CLS] … [SEP]``; segments are packed first-fit
+  decreasing into rows of ``seq_len`` tokens. In the padded layout a row is one
+  attention context (its segments see each other, RoBERTa style); in the
+  packed layout every segment is its own sequence in ``cu_seqlens``.
+* **Masking.** A fixed share (``mask_rate``) of the maskable tokens (every
+  token but the special ones) is chosen per batch, by token or by whole word;
+  80% become ``[MASK]``, 10% a random token, 10% stay. The chosen positions go
+  to the model as ``masked_positions``, a static-length ``(R,)`` index padded
+  with -1 (R depends only on batch size, sequence length and rate), so tensor
+  shapes never change from step to step.
+
+Randomness is derived from ``(seed, epoch)`` for shuffling and ``(seed,
+batch index)`` for masking, so a stream restarted at a saved position yields
+exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+IGNORE_INDEX = -100
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
+
+
+# --------------------------------------------------------------------------- corpus files
+def bundled_corpus(split: str) -> Path:
+    """Path of the bundled corpus split, ``"train"`` or ``"valid"``."""
+    if split not in ("train", "valid"):
+        raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
+    path = CORPUS_DIR / f"{split}.txt.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"the bundled corpus file {path} is missing (see fastmlm/corpus/README.md)")
+    return path
+
+
+def corpus_files(paths: Sequence[os.PathLike | str]) -> list[Path]:
+    """Expand files and folders (recursively) into a sorted list of text/JSONL files."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(TEXT_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"{path} holds no {'/'.join(TEXT_SUFFIXES)} files")
+            files.extend(found)
+        elif path.is_file():
+            if not path.name.endswith(TEXT_SUFFIXES):
+                raise ValueError(f"{path}: unsupported file type; expected one of {TEXT_SUFFIXES}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+    return files
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    if path.name.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, "rt", encoding="utf-8", errors="replace")
+
+
+def _documents_of(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise ValueError(f'{path}:{number}: each JSONL line must be an object with a "text" string')
+                if text.strip():
+                    yield text
+        else:
+            lines: list[str] = []
+            for line in f:
+                if line.strip():
+                    lines.append(line.strip())
+                elif lines:
+                    yield "\n".join(lines)
+                    lines = []
+            if lines:
+                yield "\n".join(lines)
+
+
+def read_documents(paths: Sequence[os.PathLike | str], rank: int = 0, world_size: int = 1) -> Iterator[str]:
+    """Stream the documents of ``paths``; with ``world_size > 1`` only every world_size-th one, from ``rank``."""
+    index = 0
+    for path in corpus_files(paths):
+        for doc in _documents_of(path):
+            if index % world_size == rank:
+                yield doc
+            index += 1
+
+
+# --------------------------------------------------------------------------- tokenizer
+def _bert_pipeline(model, lowercase: bool):
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=None, lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, lowercase: bool = True,
+                    min_frequency: int = 2):
+    """Train a WordPiece tokenizer (``tokenizers.Tokenizer``) on an iterable of documents."""
+    from tokenizers import models, trainers
+
+    if vocab_size < len(SPECIAL_TOKENS) + 100:
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
+    tokenizer = _bert_pipeline(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100), lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
+                                        show_progress=False)
+    tokenizer.train_from_iterator(documents, trainer=trainer)
+    special_ids(tokenizer)  # the trainer put them first; check anyway
+    return tokenizer
+
+
+def load_tokenizer(path: os.PathLike | str, lowercase: Optional[bool] = None):
+    """Load ``tokenizer.json`` or a BERT ``vocab.txt`` (a folder holding either works too).
+
+    For ``vocab.txt`` the BERT normaliser lowercases unless the vocabulary holds
+    upper-case word pieces (a cased model) or ``lowercase`` says otherwise.
+    """
+    from tokenizers import Tokenizer, models
+
+    path = Path(path)
+    if path.is_dir():
+        for name in ("tokenizer.json", "vocab.txt"):
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"{path} holds neither tokenizer.json nor vocab.txt")
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    if path.suffix == ".json":
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise ValueError(f"{path} is not a valid tokenizers JSON file: {exc}") from None
+    else:
+        vocab = path.read_text(encoding="utf-8").splitlines()
+        if lowercase is None:
+            lowercase = not any(t != t.lower() for t in vocab if t not in SPECIAL_TOKENS and not t.startswith("[unused"))
+        tokenizer = _bert_pipeline(models.WordPiece.from_file(str(path), unk_token="[UNK]"), lowercase)
+    special_ids(tokenizer)
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    @property
+    def all(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+
+def special_ids(tokenizer) -> SpecialIds:
+    """Ids of the five special tokens; a clear error when the vocabulary lacks one."""
+    ids = {}
+    for token in SPECIAL_TOKENS:
+        ids[token] = tokenizer.token_to_id(token)
+        if ids[token] is None:
+            raise ValueError(f"the tokenizer has no {token} token; fastmlm needs {' '.join(SPECIAL_TOKENS)}")
+    # Make "[MASK]" typed in text (fill-mask) map to the token, whatever the normaliser does.
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return SpecialIds(*(ids[t] for t in SPECIAL_TOKENS))
+
+
+def continuation_flags(tokenizer) -> np.ndarray:
+    """(V,) bool: True for word pieces that continue a word (``##…``), for whole-word masking."""
+    flags = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=bool)
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        flags[index] = token.startswith("##")
+    return flags
+
+
+# --------------------------------------------------------------------------- segments and packing
+def document_segments(ids: Sequence[int], seq_len: int, cls: int, sep: int) -> list[np.ndarray]:
+    """Cut one tokenised document into ``[CLS] piece [SEP]`` segments of at most ``seq_len`` tokens."""
+    if seq_len < 3:
+        raise ValueError(f"seq_len must be at least 3 ([CLS] x [SEP]), got {seq_len}")
+    ids = np.asarray(ids, dtype=np.int64)
+    body = seq_len - 2
+    return [np.concatenate(([cls], ids[start:start + body], [sep])) for start in range(0, len(ids), body)]
+
+
+def pack_segments(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bin packing: lists of segment indices whose lengths sum to <= capacity."""
+    if any(length > capacity or length <= 0 for length in lengths):
+        raise ValueError(f"every segment length must lie in [1, {capacity}]")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+@dataclass
+class Row:
+    """One packed row: the segments that share it, each ``[CLS] … [SEP]``."""
+    segments: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+def iter_rows(documents: Iterable[str], tokenizer, seq_len: int, pack_window: int = 512) -> Iterator[Row]:
+    """Tokenise documents in batches and pack their segments into rows of at most ``seq_len`` tokens.
+
+    Packing works on windows of ``pack_window`` segments, so memory stays bounded.
+    """
+    special = special_ids(tokenizer)
+    pending: list[np.ndarray] = []
+
+    def flush() -> Iterator[Row]:
+        for bin_ in pack_segments([len(s) for s in pending], seq_len):
+            yield Row([pending[i] for i in bin_])
+        pending.clear()
+
+    chunk: list[str] = []
+    for doc in documents:
+        chunk.append(doc)
+        if len(chunk) == 64:
+            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+                pending.extend(document_segments(enc.ids, seq_len, special.cls, special.sep))
+            chunk.clear()
+            if len(pending) >= pack_window:
+                yield from flush()
+    if chunk:
+        for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+            pending.extend(document_segments(enc.ids, seq_len, special.cls, special.sep))
+    if pending:
+        yield from flush()
+
+
+# --------------------------------------------------------------------------- masking collator
+@dataclass
+class Batch:
+    """One model input. Padded layout: (B, S) tensors; packed layout: (T = B*S,) tensors + cu_seqlens.
+
+    ``masked_positions`` (R,) int64 flat indices into the B*S (or T) tokens, sorted, padded with -1;
+    ``labels`` the original token at masked positions, -100 elsewhere. ``n_masked`` and
+    ``n_tokens`` (real, non-padding tokens) are host integers known without reading the device.
+    """
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    masked_positions: torch.Tensor
+    attention_mask: Optional[torch.Tensor] = None
+    cu_seqlens: Optional[torch.Tensor] = None
+    max_seqlen: Optional[int] = None
+    n_masked: int = 0
+    n_tokens: int = 0
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.masked_positions), move(self.attention_mask),
+                     move(self.cu_seqlens), self.max_seqlen, self.n_masked, self.n_tokens)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for ``FastMLMForMaskedLM.__call__``."""
+        inputs = dict(input_ids=self.input_ids, labels=self.labels, masked_positions=self.masked_positions)
+        if self.cu_seqlens is not None:
+            inputs.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
+        else:
+            inputs.update(attention_mask=self.attention_mask)
+        return inputs
+
+
+def masked_slots(batch_size: int, seq_len: int, mask_rate: float) -> int:
+    """The static length R of ``masked_positions``: enough for ``mask_rate`` of a full batch."""
+    return max(1, math.ceil(mask_rate * batch_size * seq_len))
+
+
+class MaskingCollator:
+    """Rows -> a masked :class:`Batch` of static shape (see the module docstring).
+
+    ``mask_rate`` of the maskable tokens of the batch (rounded stochastically)
+    are chosen; with ``whole_word`` whole words are chosen until that budget is
+    reached. Of the chosen ones, ``mask_prob`` become [MASK], ``random_prob`` a
+    random non-special token, and the rest stay as they are.
+    """
+
+    def __init__(self, tokenizer, seq_len: int, batch_size: int, mask_rate: float = 0.15,
+                 whole_word: bool = False, layout: str = "padded", mask_prob: float = 0.8, random_prob: float = 0.1):
+        if not 0.0 < mask_rate < 1.0:
+            raise ValueError(f"mask_rate must lie in (0, 1), got {mask_rate}")
+        if layout not in ("padded", "packed"):
+            raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
+        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
+            raise ValueError("mask_prob and random_prob must be >= 0 and sum to at most 1")
+        self.special = special_ids(tokenizer)
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.seq_len, self.batch_size, self.mask_rate = seq_len, batch_size, mask_rate
+        self.whole_word, self.layout = whole_word, layout
+        self.mask_prob, self.random_prob = mask_prob, random_prob
+        self.slots = masked_slots(batch_size, seq_len, mask_rate)
+        is_special = np.zeros(self.vocab_size, dtype=bool)
+        is_special[list(self.special.all)] = True
+        self.is_special = is_special
+        self.random_ids = np.flatnonzero(~is_special)  # replacement tokens: never a special one
+        self.is_continuation = continuation_flags(tokenizer) if whole_word else None
+
+    def __call__(self, rows: Sequence[Row], rng: np.random.Generator) -> Batch:
+        if len(rows) > self.batch_size:
+            raise ValueError(f"got {len(rows)} rows for a batch of {self.batch_size}")
+        B, S = self.batch_size, self.seq_len
+        ids = np.full((B, S), self.special.pad, dtype=np.int64)
+        seg_lens: list[int] = []
+        for r, row in enumerate(rows):
+            if len(row) > S:
+                raise ValueError(f"a row of {len(row)} tokens does not fit seq_len={S}")
+            flat = np.concatenate(row.segments) if row.segments else np.zeros(0, dtype=np.int64)
+            ids[r, :len(flat)] = flat
+            seg_lens.extend(len(s) for s in row.segments)
+            if len(flat) < S:  # the row's padding is a sequence of its own in the packed layout
+                seg_lens.append(S - len(flat))
+        seg_lens.extend([S] * (B - len(rows)))  # missing rows (end of data): all padding
+        real = ids != self.special.pad
+        flat_ids = ids.reshape(-1)
+        chosen = self._choose(flat_ids, rng)                     # sorted flat positions
+        labels = np.full(B * S, IGNORE_INDEX, dtype=np.int64)
+        labels[chosen] = flat_ids[chosen]
+        inputs = flat_ids.copy()
+        action = rng.random(len(chosen))
+        to_mask = chosen[action < self.mask_prob]
+        to_random = chosen[(action >= self.mask_prob) & (action < self.mask_prob + self.random_prob)]
+        inputs[to_mask] = self.special.mask
+        inputs[to_random] = self.random_ids[rng.integers(0, len(self.random_ids), len(to_random))]
+        positions = np.full(self.slots, -1, dtype=np.int64)
+        positions[:len(chosen)] = chosen
+
+        batch = Batch(input_ids=torch.from_numpy(inputs), labels=torch.from_numpy(labels),
+                      masked_positions=torch.from_numpy(positions), n_masked=len(chosen), n_tokens=int(real.sum()))
+        if self.layout == "padded":
+            batch.input_ids, batch.labels = batch.input_ids.view(B, S), batch.labels.view(B, S)
+            batch.attention_mask = torch.from_numpy(real)
+        else:
+            batch.cu_seqlens = torch.from_numpy(np.concatenate(([0], np.cumsum(seg_lens))).astype(np.int32))
+            batch.max_seqlen = max(seg_lens)
+        return batch
+
+    def _choose(self, flat_ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sorted flat positions to predict: ``mask_rate`` of the maskable tokens, never special ones."""
+        maskable = np.flatnonzero(~self.is_special[flat_ids])
+        budget = min(int(math.floor(self.mask_rate * len(maskable) + rng.random())), self.slots)
+        if budget == 0:
+            return np.zeros(0, dtype=np.int64)
+        if not self.whole_word:
+            return np.sort(rng.choice(maskable, size=budget, replace=False))
+        # Whole words: a word starts at a maskable token that is not a "##" piece (or that
+        # follows a non-maskable token); its pieces are the run of "##" tokens after it.
+        starts = ~self.is_continuation[flat_ids[maskable]]
+        starts[1:] |= np.diff(maskable) != 1
+        word_of = np.cumsum(starts) - 1
+        word_starts = np.flatnonzero(starts)
+        word_sizes = np.diff(np.append(word_starts, len(maskable)))
+        picked, total = [], 0
+        for w in rng.permutation(len(word_starts)):
+            if total + word_sizes[w] <= budget:
+                picked.append(w)
+                total += word_sizes[w]
+                if total == budget:
+                    break
+        keep = np.isin(word_of, np.asarray(picked, dtype=np.int64))
+        return maskable[keep]
+
+
+# --------------------------------------------------------------------------- batch streams
+class BatchStream:
+    """An endless, resumable stream of masked training batches.
+
+    Epoch after epoch: documents are read (this rank's share), tokenised and
+    packed, rows are shuffled through a buffer of ``shuffle_rows`` rows (seeded
+    by ``(seed, epoch)``) and grouped into batches; batch ``i`` is masked with
+    ``(seed, i)``. ``position`` counts the batches yielded; a new stream made
+    with ``start=position`` replays the data up to there (tokenising it again,
+    but not masking it) and continues with exactly the batches that follow.
+    Packing efficiency (real tokens / batch slots) is kept in ``efficiency``.
+    """
+
+    def __init__(self, paths, tokenizer, collator: MaskingCollator, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle_rows: int = 2048, start: int = 0):
+        self.paths, self.tokenizer, self.collator = paths, tokenizer, collator
+        self.seed, self.rank, self.world_size, self.shuffle_rows = seed, rank, world_size, shuffle_rows
+        self.position = start
+        self.real_tokens = 0
+        self.slots = 0
+
+    @property
+    def efficiency(self) -> float:
+        return self.real_tokens / self.slots if self.slots else 0.0
+
+    def _row_batches(self) -> Iterator[list[Row]]:
+        B, S = self.collator.batch_size, self.collator.seq_len
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            buffer: list[Row] = []
+            batch: list[Row] = []
+            produced = False
+
+            def take(row: Row):
+                batch.append(row)
+                if len(batch) == B:
+                    out = list(batch)
+                    batch.clear()
+                    return out
+                return None
+
+            docs = read_documents(self.paths, self.rank, self.world_size)
+            for row in iter_rows(docs, self.tokenizer, S):
+                if len(buffer) < self.shuffle_rows:
+                    buffer.append(row)
+                    continue
+                slot = int(rng.integers(len(buffer)))
+                row, buffer[slot] = buffer[slot], row
+                full = take(row)
+                if full:
+                    produced = True
+                    yield full
+            rng.shuffle(buffer)
+            for row in buffer:
+                full = take(row)
+                if full:
+                    produced = True
+                    yield full
+            if batch and not produced:  # a corpus smaller than one batch: use partial batches
+                yield list(batch)
+                produced = True
+            if not produced:
+                raise ValueError(f"the training data ({self.paths}) holds no text for rank {self.rank}")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        index = 0
+        for rows in self._row_batches():
+            if index >= self.position:
+                batch = self.collator(rows, np.random.default_rng([self.seed, index, 2]))
+                self.position = index + 1
+                self.real_tokens += batch.n_tokens
+                self.slots += self.collator.batch_size * self.collator.seq_len
+                yield batch
+            index += 1
+
+
+def eval_batches(paths, tokenizer, collator: MaskingCollator, seed: int = 1234,
+                 max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1) -> list[Batch]:
+    """The validation set as a fixed list of masked batches (same masks on every call)."""
+    rows = list(iter_rows(read_documents(paths, rank, world_size), tokenizer, collator.seq_len))
+    batches = []
+    for start in range(0, len(rows), collator.batch_size):
+        if max_batches is not None and len(batches) >= max_batches:
+            break
+        batches.append(collator(rows[start:start + collator.batch_size], np.random.default_rng([seed, start])))
+    return batches
+
+
+def unigram_counts(paths, tokenizer, max_documents: Optional[int] = None) -> np.ndarray:
+    """(V,) int64 counts of every token id in the documents (no special tokens)."""
+    counts = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=np.int64)
+    chunk: list[str] = []
+    for n, doc in enumerate(read_documents(paths)):
+        if max_documents is not None and n >= max_documents:
+            break
+        chunk.append(doc)
+        if len(chunk) == 256:
+            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+                counts += np.bincount(enc.ids, minlength=len(counts))
+            chunk.clear()
+    for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+        counts += np.bincount(enc.ids, minlength=len(counts))
+    return counts
+
+
+def unigram_baseline(counts: np.ndarray, batches: Iterable[Batch]) -> dict:
+    """Masked-token accuracy and perplexity of predicting from token frequencies alone.
+
+    Accuracy: always guess the most frequent token. Perplexity: the add-one
+    smoothed unigram distribution's, over the same masked targets.
+    """
+    probs = (counts + 1) / (counts + 1).sum()
+    top = int(np.argmax(counts))
+    hits, nll, n = 0, 0.0, 0
+    for batch in batches:
+        targets = batch.labels.reshape(-1).numpy()
+        targets = targets[targets != IGNORE_INDEX]
+        hits += int((targets == top).sum())
+        nll += float(-np.log(probs[targets]).sum())
+        n += len(targets)
+    return {"accuracy": hits / max(n, 1), "perplexity": math.exp(nll / n) if n else float("nan"), "n_masked": n}

@@ -1,0 +1,248 @@
+"""Corpus reading, tokenizer, packing, dynamic masking and resumable batch streams (fastmlm/data.py)."""
+import gzip
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fastmlm import data
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    docs = itertools.islice(data.read_documents([data.bundled_corpus("train")]), 300)
+    return data.train_tokenizer(docs, vocab_size=600)
+
+
+def _rows(tokenizer, n_docs=40, seq_len=64):
+    docs = itertools.islice(data.read_documents([data.bundled_corpus("train")]), n_docs)
+    return list(data.iter_rows(docs, tokenizer, seq_len))
+
+
+# --------------------------------------------------------------------------- corpus
+def test_bundled_corpus_is_real_text_of_a_few_megabytes():
+    train = list(data.read_documents([data.bundled_corpus("train")]))
+    valid = list(data.read_documents([data.bundled_corpus("valid")]))
+    assert sum(len(d) for d in train) > 5_000_000 and len(valid) > 20
+    assert not set(valid[:20]) & set(train)  # the splits are disjoint pages
+    assert "Python" in " ".join(train[:200])
+
+
+def test_read_documents_txt_jsonl_gz_and_folders(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc line one\nline two\n\n\nsecond doc\n")
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "third doc"}) + "\n\n" + json.dumps({"text": "fourth", "id": 3}) + "\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt.gz").write_bytes(gzip.compress(b"fifth doc"))
+    (tmp_path / "ignored.bin").write_bytes(b"\x00")
+    docs = list(data.read_documents([tmp_path]))
+    assert docs == ["first doc line one\nline two", "second doc", "third doc", "fourth", "fifth doc"]
+    # sharding for data-parallel ranks: disjoint, and together everything
+    shards = [list(data.read_documents([tmp_path], rank=r, world_size=2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(docs) and not set(shards[0]) & set(shards[1])
+
+
+def test_read_documents_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        list(data.read_documents([tmp_path / "missing.txt"]))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        list(data.read_documents([tmp_path / "x.csv"]))
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        list(data.read_documents([tmp_path / "bad.jsonl"]))
+    (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match='"text" string'):
+        list(data.read_documents([tmp_path / "notext.jsonl"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        list(data.read_documents([tmp_path / "empty"]))
+
+
+# --------------------------------------------------------------------------- tokenizer
+def test_tokenizer_special_tokens_unknown_chars_and_round_trip(tokenizer, tmp_path):
+    special = data.special_ids(tokenizer)
+    assert special.all == (0, 1, 2, 3, 4) and tokenizer.get_vocab_size() == 600
+    enc = tokenizer.encode("The list [MASK] sorted \u2603.", add_special_tokens=False)
+    assert special.mask in enc.ids and special.unk in enc.ids  # snowman: never seen -> [UNK]
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    tokenizer.model.save(str(tmp_path))  # vocab.txt
+    for path in (tmp_path / "tokenizer.json", tmp_path / "vocab.txt"):
+        other = data.load_tokenizer(path)
+        assert other.encode("Lists are mutable sequences.").ids == tokenizer.encode("Lists are mutable sequences.").ids
+    assert data.load_tokenizer(tmp_path).get_vocab_size() == 600  # a folder: tokenizer.json first
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        data.load_tokenizer(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        data.load_tokenizer(tmp_path)
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    with pytest.raises(ValueError, match=r"no \[CLS\] token"):
+        data.load_tokenizer(tmp_path / "vocab.txt")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
+        data.load_tokenizer(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match="vocab_size"):
+        data.train_tokenizer(["a b c"], vocab_size=10)
+
+
+# --------------------------------------------------------------------------- segments and packing
+def test_document_segments_wrap_and_cut():
+    segs = data.document_segments(list(range(10, 23)), seq_len=7, cls=2, sep=3)  # 13 tokens, 5 per segment
+    assert [s.tolist() for s in segs] == [[2, 10, 11, 12, 13, 14, 3], [2, 15, 16, 17, 18, 19, 3], [2, 20, 21, 22, 3]]
+    assert data.document_segments([], 7, 2, 3) == []
+
+
+def test_pack_segments_fills_bins_without_overflow():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 65, size=500).tolist()
+    bins = data.pack_segments(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    lower_bound = -(-sum(lengths) // 64)
+    assert len(bins) <= 11 / 9 * lower_bound + 1  # the first-fit-decreasing guarantee
+    assert data.pack_segments([30, 34, 40, 24, 64], 64) == [[4], [2, 3], [1, 0]]
+    with pytest.raises(ValueError):
+        data.pack_segments([65], 64)
+
+
+def test_iter_rows_packs_short_documents(tokenizer):
+    docs = ["short text number %d about lists" % i for i in range(200)]
+    rows = list(data.iter_rows(docs, tokenizer, 64))
+    tokens = sum(len(r) for r in rows)
+    assert all(len(r) <= 64 for r in rows) and len(rows) < 200 / 3  # several documents per row
+    assert tokens / (64 * len(rows)) > 0.9
+    special = data.special_ids(tokenizer)
+    for row in rows:
+        for seg in row.segments:
+            assert seg[0] == special.cls and seg[-1] == special.sep
+
+
+# --------------------------------------------------------------------------- masking
+def _big_batch(tokenizer, rate=0.15, whole_word=False, layout="padded", seed=0, batch_size=48, seq_len=64):
+    rows = _rows(tokenizer, n_docs=80, seq_len=seq_len)[:batch_size]
+    collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate=rate, whole_word=whole_word,
+                                    layout=layout)
+    batch = collator(rows, np.random.default_rng(seed))
+    return collator, rows, batch
+
+
+@pytest.mark.parametrize("rate", [0.15, 0.3])
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_masking_statistics(tokenizer, rate, whole_word):
+    collator, rows, batch = _big_batch(tokenizer, rate=rate, whole_word=whole_word)
+    special = collator.special
+    original = np.full((48, 64), special.pad)
+    for r, row in enumerate(rows):
+        flat = np.concatenate(row.segments)
+        original[r, :len(flat)] = flat
+    original = original.reshape(-1)
+    labels, inputs = batch.labels.reshape(-1).numpy(), batch.input_ids.reshape(-1).numpy()
+    pos = batch.masked_positions.numpy()
+    chosen = pos[pos >= 0]
+    # static, sorted, -1-padded index; labels are the original tokens exactly there
+    assert pos.shape == (data.masked_slots(48, 64, rate),) and (pos[len(chosen):] == -1).all()
+    assert (np.diff(chosen) > 0).all() and batch.n_masked == len(chosen)
+    assert (np.flatnonzero(labels != -100) == chosen).all() and (labels[chosen] == original[chosen]).all()
+    # no special token is ever chosen, and unchosen tokens are untouched
+    assert not np.isin(original[chosen], special.all).any()
+    rest = np.setdiff1d(np.arange(len(original)), chosen)
+    assert (inputs[rest] == original[rest]).all()
+    # the rate, of the maskable tokens (whole words round down to fit the budget)
+    maskable = (~np.isin(original, special.all)).sum()
+    assert rate * maskable - (20 if whole_word else 1) <= len(chosen) <= rate * maskable + 1
+    # 80/10/10, within 4 standard deviations of a binomial draw
+    n = len(chosen)
+    masked = (inputs[chosen] == special.mask).sum()
+    kept = (inputs[chosen] == original[chosen]).sum()
+    for observed, p in ((masked, 0.8), (kept, 0.1 + 0.1 / len(collator.random_ids))):
+        assert abs(observed - p * n) <= 4 * np.sqrt(n * p * (1 - p)) + 1, (observed, p, n)
+    replaced = inputs[chosen][(inputs[chosen] != special.mask) & (inputs[chosen] != original[chosen])]
+    assert not np.isin(replaced, special.all).any()
+
+
+def test_whole_word_masking_takes_every_piece_of_a_word(tokenizer):
+    collator, rows, batch = _big_batch(tokenizer, whole_word=True)
+    chosen = batch.labels.reshape(-1).numpy() != -100
+    cont = collator.is_continuation
+    # a "##" piece is chosen exactly when the token before it is (unless a segment cut the word)
+    full = np.full((48, 64), collator.special.pad)
+    for r, row in enumerate(rows):
+        f = np.concatenate(row.segments)
+        full[r, :len(f)] = f
+    full = full.reshape(-1)
+    pieces = np.flatnonzero(cont[full])
+    pieces = pieces[~np.isin(full[pieces - 1], collator.special.all)]
+    assert len(pieces) > 50
+    assert (chosen[pieces] == chosen[pieces - 1]).all() and chosen[pieces].any()
+
+
+def test_packed_layout_has_static_shapes_and_segment_boundaries(tokenizer):
+    collator, rows, batch = _big_batch(tokenizer, layout="packed")
+    assert batch.input_ids.shape == (48 * 64,) and batch.attention_mask is None
+    cu = batch.cu_seqlens
+    assert cu.dtype == torch.int32 and cu[0] == 0 and cu[-1] == 48 * 64
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    assert max(lengths) == batch.max_seqlen <= 64 and min(lengths) > 0
+    # every segment starts with [CLS] unless it is a row's padding
+    starts = batch.input_ids[cu[:-1].long()]
+    assert set(starts.tolist()) <= {collator.special.cls, collator.special.pad}
+    n_segments = sum(len(r.segments) for r in rows)
+    assert (starts == collator.special.cls).sum() == n_segments
+
+
+def test_batch_without_maskable_tokens(tokenizer):
+    collator = data.MaskingCollator(tokenizer, 16, 4)
+    special = collator.special
+    batch = collator([data.Row([np.array([special.cls, special.sep])])], np.random.default_rng(0))
+    assert batch.n_masked == 0 and (batch.masked_positions == -1).all() and (batch.labels == -100).all()
+    assert batch.input_ids.shape == (4, 16) and batch.n_tokens == 2
+    with pytest.raises(ValueError, match="mask_rate"):
+        data.MaskingCollator(tokenizer, 16, 4, mask_rate=0.0)
+    with pytest.raises(ValueError, match="does not fit"):
+        collator([data.Row([np.arange(5, 25)])], np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- streams
+def test_stream_restarted_at_a_position_continues_identically(tokenizer, tmp_path):
+    path = tmp_path / "corpus.txt"
+    docs = list(itertools.islice(data.read_documents([data.bundled_corpus("train")]), 60))
+    path.write_text("\n\n".join(docs))
+    collator = data.MaskingCollator(tokenizer, 32, 8)
+    make = lambda start: data.BatchStream([path], tokenizer, collator, seed=3, shuffle_rows=16, start=start)  # noqa
+    first = list(itertools.islice(make(0), 30))  # runs past an epoch boundary
+    stream = make(17)
+    resumed = list(itertools.islice(stream, 13))
+    assert stream.position == 30
+    for a, b in zip(first[17:], resumed):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.masked_positions, b.masked_positions)
+    # different epochs shuffle differently; batches differ
+    assert not torch.equal(first[0].input_ids, first[1].input_ids)
+
+
+def test_stream_efficiency_and_sharding(tokenizer, tmp_path):
+    path = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    path.write_text("\n\n".join(f"doc {i} " + " ".join(["lists hold items"] * rng.integers(1, 6)) for i in range(400)))
+    collator = data.MaskingCollator(tokenizer, 32, 4)
+    stream = data.BatchStream([path], tokenizer, collator, shuffle_rows=8)
+    batches = list(itertools.islice(stream, 10))
+    assert stream.efficiency > 0.85
+    assert stream.efficiency == pytest.approx(sum(b.n_tokens for b in batches) / (10 * 4 * 32))
+    r0 = next(iter(data.BatchStream([path], tokenizer, collator, rank=0, world_size=2, shuffle_rows=8)))
+    r1 = next(iter(data.BatchStream([path], tokenizer, collator, rank=1, world_size=2, shuffle_rows=8)))
+    assert not torch.equal(r0.input_ids, r1.input_ids)
+
+
+def test_unigram_baseline_by_hand():
+    counts = np.array([0, 0, 0, 0, 0, 6, 2, 0])  # token 5 most frequent
+    batch = data.Batch(input_ids=torch.zeros(4, dtype=torch.long), labels=torch.tensor([5, -100, 6, 5]),
+                       masked_positions=torch.tensor([0, 2, 3]))
+    out = data.unigram_baseline(counts, [batch])
+    probs = (counts + 1) / (counts + 1).sum()
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["n_masked"] == 3
+    assert out["perplexity"] == pytest.approx(np.exp(-(2 * np.log(probs[5]) + np.log(probs[6])) / 3))
