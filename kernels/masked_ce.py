@@ -1,0 +1,433 @@
+"""``triton`` backend of masked_lm_loss: gather masked rows, project, cross-entropy, fused.
+
+    hidden (T, H) ─ rows j < n of the compact list ─► (BLOCK_M, H) ─ · Wᵀ tile by tile ─► online lse
+                                                                         never (n, V) in memory
+
+Row list.  Every row of the op (R = len(positions), or R = T without positions)
+either counts or not.  The launcher sorts the R rows so that the n counting ones
+come first (a stable device-side sort: no host synchronisation, R stays the
+static length) and passes n as a one-element device tensor.  Programs whose
+row block starts at or after n return at once, so the work follows the number
+of masked tokens, not T.  Results are written back at each row's own slot;
+rows that do not count keep the zeros they were allocated with.
+
+Forward (``_forward_kernel``, grid = row blocks x vocabulary splits).  A program
+owns BLOCK_M rows and one contiguous split of the vocabulary.  For each BLOCK_V
+tile of its split it computes z = h · Wᵀ + b as a (BLOCK_M x H)·(H x BLOCK_V)
+``tl.dot`` in fp32 (looping over H in BLOCK_K steps) and folds the tile into
+running statistics:
+
+    m   running max        s = s·exp(m_old - m) + Σ exp(z - m)   (online log-sum-exp)
+    zt  target logit       zs = Σ z (for label smoothing)
+    best, arg              running max / argmax, first index among ties
+
+Splitting the vocabulary gives enough programs to fill the GPU when few rows
+are masked; the per-split statistics (S, R) are merged in a few torch ops:
+
+    lse  = M + log Σ_s s_s·exp(m_s - M),   M = max_s m_s
+    loss = (1 - eps)(lse - zt) + eps(lse - zs / V) + zl·lse²
+
+Backward.  With p = softmax(z) = exp(z - lse) and g the incoming row gradient,
+
+    dz = g · (p·(1 + 2·zl·lse) - (1 - eps)·onehot(t) - eps / V)
+    d_hidden[token] = dz · W        d_weight = dzᵀ · h        d_bias = Σ_rows dz
+
+Keeping a (BLOCK_M x H) accumulator for d_hidden in registers is impossible at
+H = 768, and recomputing z once per H block would multiply the work.  So the
+backward walks the vocabulary in chunks of ``vocab_chunk`` columns (sized so the
+workspace holds about 32M elements) and, per chunk,
+
+  1. ``_dlogits_kernel``  recomputes z for the chunk, writes dz (rows x chunk) to a
+                          workspace in the input dtype;
+  2. ``_dhidden_kernel``  d_rows[j, :] += dz[j, :] · W[chunk, :]   (fp32, one owner per tile);
+  3. ``_dweight_kernel``  d_weight[chunk, :] = dzᵀ · h, d_bias[chunk] = Σ_j dz[j, :]
+                          (loops over the n counted rows, a bound read on the device).
+
+Every output tile has exactly one writer: the result is deterministic, with no
+atomics.  d_rows (compact, fp32) is finally added into (T, H) at the row tokens
+(``index_add_``, so duplicated positions sum their gradients).
+
+Limits: fp16 / bf16 / fp32 inputs (fp32 uses IEEE ``tl.dot``, not TF32, so it
+matches an fp32 reference); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+(where bf16 is refused: the interpreter's ``tl.dot`` is wrong for bf16).  The
+CUDA backend (csrc/masked_ce.cu) follows the same math.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastmlm.ops.dispatch import triton_interpret
+from fastmlm.ops.masked_ce import row_index
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# dz workspace of the backward: about this many elements (64 MiB in bf16).
+WORKSPACE_ELEMENTS = 1 << 25
+# Vocabulary columns per forward split: enough tiles per program to amortise the merge.
+VOCAB_PER_SPLIT = 2048
+
+
+def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
+    if hidden.dtype not in SUPPORTED_DTYPES:
+        return f"takes fp16/bf16/fp32 inputs, got {hidden.dtype}"
+    if hidden.device.type == "cuda":
+        return None
+    if hidden.device.type != "cpu" or not triton_interpret():
+        return f"needs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {hidden.device.type}"
+    if hidden.dtype == torch.bfloat16:
+        return "the Triton interpreter's tl.dot is wrong for bf16 (bf16 runs on the GPU)"
+    return None
+
+
+# --------------------------------------------------------------------------- configuration
+def _blocks(dtype: torch.dtype) -> dict:
+    """Tile sizes. 16-bit inputs take tensor-core sized tiles; fp32 (IEEE dot) smaller ones."""
+    if triton_interpret():  # numpy per program: large tiles, few programs
+        return dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=64, BLOCK_H=64, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, num_warps=8, num_stages=3)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored by 16-bit dots
+
+
+# --------------------------------------------------------------------------- shared tile code
+@triton.jit
+def _logits_tile(
+    hidden_ptr, weight_ptr, bias_ptr,
+    tokens, row_ok, cols, col_ok,
+    H,
+    stride_ht, stride_hh, stride_wv, stride_wh,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """z[i, c] = h[tokens[i]] · W[cols[c]] (+ b[cols[c]]) as a (BLOCK_M, BLOCK_V) fp32 tile."""
+    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    h_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_ht
+    w_cols = weight_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < H
+        h = tl.load(h_rows + k[None, :] * stride_hh, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_wh, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+# --------------------------------------------------------------------------- forward
+@triton.jit
+def _forward_kernel(
+    # pointers: inputs
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, targets_ptr, n_rows_ptr,
+    # pointers: per-split statistics, each (SPLITS, R)
+    max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, best_ptr, argbest_ptr,
+    # sizes
+    R, H, V, vocab_per_split,
+    # strides
+    stride_ht, stride_hh, stride_wv, stride_wh,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    if pid_m * BLOCK_M >= n_rows:  # only rows j < n count; the rest of the grid is idle
+        return
+
+    # ---- this program's rows (compact order) and their targets
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+
+    # ---- running statistics over this split's vocabulary tiles
+    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    run_sumexp = tl.zeros((BLOCK_M,), tl.float32)
+    target_logit = tl.zeros((BLOCK_M,), tl.float32)
+    logit_sum = tl.zeros((BLOCK_M,), tl.float32)
+    best = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    argbest = tl.zeros((BLOCK_M,), tl.int32)
+
+    v_begin = split * vocab_per_split
+    v_end = tl.minimum(v_begin + vocab_per_split, V)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
+                         stride_ht, stride_hh, stride_wv, stride_wh,
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        z_live = tl.where(col_ok[None, :], z, float("-inf"))
+
+        # online log-sum-exp: rescale the old sum to the new max, then add the tile
+        tile_max = tl.max(z_live, axis=1)
+        new_max = tl.maximum(run_max, tile_max)
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_live - new_max[:, None]), axis=1)
+        run_max = new_max
+
+        is_target = cols[None, :] == targets[:, None]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
+
+        # argmax, first index among ties: within a tile by tie_break_left, across tiles by ">"
+        tile_arg = tl.argmax(z_live, axis=1, tie_break_left=True)
+        better = tile_max > best
+        best = tl.where(better, tile_max, best)
+        argbest = tl.where(better, v0 + tile_arg, argbest)
+
+    # ---- store this split's statistics
+    out = split.to(tl.int64) * R + rows
+    tl.store(max_ptr + out, run_max, mask=row_ok)
+    tl.store(sumexp_ptr + out, run_sumexp, mask=row_ok)
+    tl.store(target_logit_ptr + out, target_logit, mask=row_ok)
+    tl.store(logit_sum_ptr + out, logit_sum, mask=row_ok)
+    tl.store(best_ptr + out, best, mask=row_ok)
+    tl.store(argbest_ptr + out, argbest, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- backward
+@triton.jit
+def _dlogits_kernel(
+    # pointers
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, targets_ptr, n_rows_ptr, lse_ptr, grad_ptr, dz_ptr,
+    # sizes: the chunk is vocabulary columns [v_begin, v_end)
+    H, V, v_begin, v_end,
+    # strides
+    stride_ht, stride_hh, stride_wv, stride_wh, stride_dz,
+    # loss options
+    label_smoothing, z_loss,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dz[j, c - v_begin] = g·(p·(1 + 2·zl·lse) - (1 - eps)·[c == t] - eps/V) for the chunk's columns."""
+    pid_m = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    if pid_m * BLOCK_M >= n_rows:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    cols = v_begin + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < v_end
+    tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+    targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
+
+    # ---- recompute the logits and turn them into the softmax gradient
+    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
+                     stride_ht, stride_hh, stride_wv, stride_wh,
+                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    probs = tl.exp(z - lse[:, None])
+    dz = probs * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
+    dz = tl.where(cols[None, :] == targets[:, None], dz - (1.0 - label_smoothing), dz)
+    dz = dz * grad[:, None]
+
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + (cols - v_begin)[None, :]
+    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dhidden_kernel(
+    # pointers
+    dz_ptr, weight_ptr, n_rows_ptr, drows_ptr,
+    # sizes
+    H, v_begin, chunk,
+    # strides
+    stride_dz, stride_wv, stride_wh, stride_dr,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """d_rows[j, h] += Σ_c dz[j, c] · W[v_begin + c, h] over one vocabulary chunk (fp32)."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    if pid_m * BLOCK_M >= n_rows:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for c0 in range(0, chunk, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K)
+        c_ok = c < chunk
+        dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + c[None, :],
+                     mask=row_ok[:, None] & c_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + (v_begin + c).to(tl.int64)[:, None] * stride_wv + hs[None, :] * stride_wh,
+                    mask=c_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
+
+    # one program owns this tile across all chunks (launched one chunk after another): no race
+    ptrs = drows_ptr + rows.to(tl.int64)[:, None] * stride_dr + hs[None, :]
+    tile_ok = row_ok[:, None] & h_ok[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=tile_ok, other=0.0) + acc, mask=tile_ok)
+
+
+@triton.jit
+def _dweight_kernel(
+    # pointers
+    dz_ptr, hidden_ptr, tokens_ptr, n_rows_ptr, dweight_ptr, dbias_ptr,
+    # sizes
+    H, v_begin, chunk,
+    # strides
+    stride_dz, stride_ht, stride_hh, stride_dwv, stride_dwh,
+    # meta-parameters
+    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """d_weight[v, h] = Σ_j dz[j, v] · h[tokens[j], h] and d_bias[v] = Σ_j dz[j, v] for one chunk."""
+    pid_v = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    n_rows = tl.load(n_rows_ptr)
+    c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    c_ok = c < chunk
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = hs < H
+
+    acc = tl.zeros((BLOCK_V, BLOCK_H), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for j0 in range(0, n_rows, BLOCK_M):  # the counted rows only: a bound read on the device
+        rows = j0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
+        dz_t = tl.load(dz_ptr + rows.to(tl.int64)[None, :] * stride_dz + c[:, None],  # (BLOCK_V, BLOCK_M)
+                       mask=c_ok[:, None] & row_ok[None, :], other=0.0)
+        h = tl.load(hidden_ptr + tokens.to(tl.int64)[:, None] * stride_ht + hs[None, :] * stride_hh,
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
+        bias_acc += tl.sum(dz_t.to(tl.float32), axis=1)
+
+    v = (v_begin + c).to(tl.int64)
+    tl.store(dweight_ptr + v[:, None] * stride_dwv + hs[None, :] * stride_dwh,
+             acc.to(dweight_ptr.dtype.element_ty), mask=c_ok[:, None] & h_ok[None, :])
+    if pid_h == 0:
+        tl.store(dbias_ptr + v, bias_acc.to(dbias_ptr.dtype.element_ty), mask=c_ok)
+
+
+# --------------------------------------------------------------------------- launchers
+def _compact_rows(labels, positions, ignore_index):
+    """Put the rows that count first, without reading anything back to the host.
+
+    Returns order (R,) int64, the slot of each compact row (a permutation of
+    range(R)); tokens and targets (R,) int64 of each compact row; n_rows (1,)
+    int32, how many rows count; and counts (R,) bool by slot.
+    """
+    index, counts = row_index(labels, positions, ignore_index)
+    order = torch.argsort((~counts).to(torch.uint8), stable=True)
+    targets = torch.where(counts, labels[index], 0)
+    n_rows = counts.sum(dtype=torch.int32).reshape(1)
+    return order, index[order], targets[order], n_rows, counts
+
+
+def _strides(hidden, weight):
+    return (*hidden.stride(), *weight.stride())
+
+
+def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
+    """(T, H) hidden -> per-row (loss fp32 (R,), lse fp32 (R,), correct bool (R,)); zeros where a row does not count."""
+    rows_total, vocab = (labels.shape[0] if positions is None else positions.shape[0]), weight.shape[0]
+    device = hidden.device
+    loss = torch.zeros(rows_total, device=device, dtype=torch.float32)
+    lse = torch.zeros(rows_total, device=device, dtype=torch.float32)
+    correct = torch.zeros(rows_total, device=device, dtype=torch.bool)
+    if rows_total == 0 or hidden.shape[0] == 0:
+        return loss, lse, correct
+    order, tokens, targets, n_rows, counts = _compact_rows(labels, positions, ignore_index)
+    cfg = _blocks(hidden.dtype)
+    per_split = triton.cdiv(VOCAB_PER_SPLIT, cfg["BLOCK_V"]) * cfg["BLOCK_V"]
+    splits = triton.cdiv(vocab, per_split)
+
+    # ---- per-split statistics of each compact row (rows j >= n stay unwritten)
+    stats = torch.empty(5, splits, rows_total, device=device, dtype=torch.float32)
+    argbest = torch.empty(splits, rows_total, device=device, dtype=torch.int32)
+    grid = (triton.cdiv(rows_total, cfg["BLOCK_M"]), splits)
+    _forward_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows,
+        *stats, argbest,
+        rows_total, hidden.shape[1], vocab, per_split,
+        *_strides(hidden, weight),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+    # ---- merge the splits (see the module docstring), then put each row back at its slot
+    split_max, split_sumexp, target_logit, logit_sum, best = stats
+    top = split_max.max(dim=0).values
+    row_lse = top + torch.log((split_sumexp * torch.exp(split_max - top)).sum(dim=0))
+    target_logit, logit_sum = target_logit.sum(dim=0), logit_sum.sum(dim=0)
+    row_loss = (1.0 - label_smoothing) * (row_lse - target_logit)
+    if label_smoothing:
+        row_loss = row_loss + label_smoothing * (row_lse - logit_sum / vocab)
+    if z_loss:
+        row_loss = row_loss + z_loss * row_lse.square()
+    winner = best.argmax(dim=0, keepdim=True)  # first split among ties = lowest vocabulary index
+    row_correct = argbest.gather(0, winner)[0] == targets
+    live = torch.arange(rows_total, device=device) < n_rows
+    loss[order] = torch.where(live, row_loss, 0.0)
+    lse[order] = torch.where(live, row_lse, 0.0)
+    correct[order] = live & row_correct
+    return loss, lse, correct
+
+
+def _vocab_chunk(rows_total: int, vocab: int, block: int) -> int:
+    """Vocabulary columns per backward chunk: the dz workspace stays near WORKSPACE_ELEMENTS."""
+    chunk = max(block, (WORKSPACE_ELEMENTS // max(rows_total, 1)) // block * block)
+    return min(chunk, triton.cdiv(vocab, block) * block)
+
+
+def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
+    """Gradients of Σ grad_rows · loss_rows: d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
+    rows_total, (vocab, width) = grad_rows.shape[0], weight.shape
+    device = hidden.device
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    d_bias = torch.empty(vocab, device=device, dtype=weight.dtype)
+    if rows_total == 0 or hidden.shape[0] == 0:
+        return torch.zeros_like(hidden), d_weight.zero_(), d_bias.zero_()
+    order, tokens, targets, n_rows, _ = _compact_rows(labels, positions, ignore_index)
+    live = torch.arange(rows_total, device=device) < n_rows
+    row_lse = lse[order].contiguous()
+    row_grad = torch.where(live, grad_rows[order].float(), 0.0)
+    cfg = _blocks(hidden.dtype)
+    precision = _dot_precision(hidden.dtype)
+    block_m, block_v, block_h = cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_H"]
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    chunk_cols = _vocab_chunk(rows_total, vocab, block_v)
+    dz = torch.empty(rows_total, chunk_cols, device=device, dtype=hidden.dtype)
+    d_rows = torch.zeros(rows_total, width, device=device, dtype=torch.float32)
+    row_blocks = triton.cdiv(rows_total, block_m)
+    for v_begin in range(0, vocab, chunk_cols):  # a static loop: vocab is a shape
+        chunk = min(chunk_cols, vocab - v_begin)
+        _dlogits_kernel[(row_blocks, triton.cdiv(chunk, block_v))](
+            hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows, row_lse, row_grad, dz,
+            width, vocab, v_begin, v_begin + chunk,
+            *_strides(hidden, weight), dz.stride(0),
+            float(label_smoothing), float(z_loss),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=cfg["BLOCK_K"],
+            DOT_PRECISION=precision, **launch,
+        )
+        _dhidden_kernel[(row_blocks, triton.cdiv(width, block_h))](
+            dz, weight, n_rows, d_rows,
+            width, v_begin, chunk,
+            dz.stride(0), *weight.stride(), d_rows.stride(0),
+            BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=precision, **launch,
+        )
+        _dweight_kernel[(triton.cdiv(chunk, block_v), triton.cdiv(width, block_h))](
+            dz, hidden, tokens, n_rows, d_weight, d_bias,
+            width, v_begin, chunk,
+            dz.stride(0), *hidden.stride(), *d_weight.stride(),
+            BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_M=block_m, DOT_PRECISION=precision, **launch,
+        )
+
+    # Compact rows j >= n hold zeros, so adding all R rows is exact; duplicated positions sum.
+    d_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32).index_add_(0, tokens, d_rows)
+    return d_hidden.to(hidden.dtype), d_weight, d_bias
