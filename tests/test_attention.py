@@ -10,6 +10,7 @@ from helpers import assert_error_ratio, cu_seqlens_of, random_mask
 # Backends checked against the reference. Kernel issues append theirs with the right marker.
 FAST_BACKENDS = [
     pytest.param("torch", id="torch"),
+    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
 
@@ -71,6 +72,8 @@ def _grads(out, inputs, dout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqlen,head_dim", [(1, 32), (17, 64), (113, 40)])
 def test_padded_backend_error_ratio(backend, dtype, seqlen, head_dim):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's bf16 dot is wrong; bf16 runs on the GPU tier")
     batch, heads = 3, 2
     exact_in = [torch.randn(batch, seqlen, heads, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3)]
     low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]

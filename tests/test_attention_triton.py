@@ -1,0 +1,206 @@
+"""The Triton attention kernels (kernels/attention.py) beyond the shared backend tests.
+
+Interpreter tier: small fp32/fp16 shapes on the CPU under TRITON_INTERPRET=1 (or on a
+GPU). GPU tier: bf16, BERT shapes, long sequences.
+"""
+import pytest
+import torch
+
+from fastmlm.ops import BackendUnavailable, attention, attention_reference
+from helpers import assert_error_ratio, cu_seqlens_of
+
+interpreter = pytest.mark.interpreter
+gpu = pytest.mark.gpu
+
+
+def _random_key_mask(batch, seqlen, generator=None):
+    """(B, S) bool: row 0 all real, row 1 right-padded, the rest arbitrary (holes anywhere)."""
+    mask = torch.rand(batch, seqlen, generator=generator) > 0.4
+    mask[0] = True
+    if batch > 1:
+        mask[1] = torch.arange(seqlen) < max(1, seqlen // 2)
+    return mask
+
+
+def _check_against_reference(inputs, dtype, device, ratio_floor, **layout):
+    """Error-ratio rule for out, lse, dq, dk, dv against fp64 and the same-dtype reference.
+
+    The fp32 floor is ``ratio_floor``; fp16/bf16 get 1e-6, a thousandth of their resolution
+    near 1, for degenerate rows where the reference's error is exactly 0 (seqlen 1: dq is 0
+    and the reference cancels exactly, the kernel's fp32 delta leaves ~1e-7)."""
+    exact_in = [t.double().requires_grad_() for t in inputs]
+    low_in = [t.to(dtype).requires_grad_() for t in inputs]
+    fast_in = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
+    dev_layout = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in layout.items()}
+    ref_layout = {k: v for k, v in layout.items() if k != "max_seqlen"}
+
+    exact, exact_lse = attention_reference(*exact_in, **ref_layout)
+    lowp, _ = attention_reference(*low_in, **ref_layout, upcast=False)
+    fast, fast_lse = attention(*fast_in, **dev_layout, return_lse=True, backend="triton")
+    fast, fast_lse = fast.cpu(), fast_lse.cpu()
+    assert fast.dtype == dtype and fast_lse.dtype == torch.float32
+    floor = ratio_floor if dtype == torch.float32 else 1e-6
+    assert_error_ratio(fast, exact, lowp, 2.0, floor)
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isneginf(fast_lse), ~finite), "lse = -inf exactly for rows without keys"
+    assert_error_ratio(fast_lse[finite], exact_lse[finite], exact_lse[finite], 1.0, 1e-3, "lse")
+
+    dout = torch.randn(exact.shape, dtype=torch.float64)
+    fast_grads = torch.autograd.grad(fast, fast_in, dout.to(device=device, dtype=dtype))
+    exact_grads = torch.autograd.grad(exact, exact_in, dout)
+    low_grads = torch.autograd.grad(lowp, low_in, dout.to(dtype))
+    for name, f, e, l in zip("qkv", fast_grads, exact_grads, low_grads):
+        assert_error_ratio(f.cpu(), e, l, 3.0, floor, f"d{name}")
+
+
+# --------------------------------------------------------------------------- interpreter tier
+@interpreter
+@pytest.mark.parametrize(
+    "dtype,seqlen,head_dim",
+    [
+        (torch.float16, 1, 32),
+        (torch.float16, 17, 64),
+        (torch.float32, 17, 128),
+        (torch.float16, 113, 32),
+        (torch.float16, 33, 72),  # odd multiple of 8: padded to 128 lanes with masked loads
+    ],
+)
+def test_padded_arbitrary_key_mask(device, dtype, seqlen, head_dim):
+    batch, heads = 3, 2
+    inputs = [torch.randn(batch, seqlen, heads, head_dim) for _ in range(3)]
+    _check_against_reference(inputs, dtype, device, 1e-5, attention_mask=_random_key_mask(batch, seqlen))
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padded_without_mask(device, dtype):
+    inputs = [torch.randn(2, 45, 2, 32) for _ in range(3)]
+    _check_against_reference(inputs, dtype, device, 1e-5)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_with_zero_length_sequences(device, dtype):
+    lengths = [0, 17, 1, 0, 40, 0]
+    inputs = [torch.randn(sum(lengths), 2, 32) for _ in range(3)]
+    _check_against_reference(inputs, dtype, device, 1e-5, cu_seqlens=cu_seqlens_of(lengths), max_seqlen=40)
+
+
+@interpreter
+def test_backward_is_deterministic(device):
+    lengths = [37, 5, 64]
+    q, k, v = (torch.randn(sum(lengths), 2, 32, device=device, dtype=torch.float16, requires_grad=True)
+               for _ in range(3))
+    cu = cu_seqlens_of(lengths).to(device)
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = attention(q, k, v, cu_seqlens=cu, max_seqlen=64, backend="triton")
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@interpreter
+def test_every_output_element_is_written(device, monkeypatch):
+    """Poison the kernels' output buffers: an element a kernel forgets stays NaN."""
+    real_empty_like, real_empty = torch.empty_like, torch.empty
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: real_empty_like(*a, **kw).fill_(float("nan")))
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
+    mask = torch.ones(3, 21, dtype=torch.bool, device=device)
+    mask[1, 9:] = False
+    mask[2] = False  # an all-padding sequence: zeros, lse = -inf, zero gradients
+    q, k, v = (torch.randn(3, 21, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    out, lse = attention(q, k, v, attention_mask=mask, return_lse=True, backend="triton")
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (out[2] == 0).all() and torch.isneginf(lse[2]).all()
+    assert all(not g.isnan().any() for g in grads)
+    assert (grads[1][1, 9:] == 0).all() and (grads[2][1, 9:] == 0).all(), "padding keys get zero dk, dv"
+    assert all((g[2] == 0).all() for g in grads)
+
+
+@interpreter
+def test_softmax_scale_and_large_logits(device):
+    """A large scale makes every row's softmax nearly one-hot: no overflow, matches the reference."""
+    q, k, v = (torch.randn(1, 19, 1, 16) for _ in range(3))
+    ref = attention_reference(q.double(), k.double(), v.double(), softmax_scale=30.0)[0]
+    out = attention(q.to(device), k.to(device), v.to(device), softmax_scale=30.0, backend="triton").cpu()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [12, 136, 256])
+def test_unsupported_head_dim_is_a_clear_error(head_dim):
+    q = torch.randn(1, 4, 1, head_dim, device="cpu")
+    with pytest.raises(BackendUnavailable, match=f"head_dim {head_dim} is not supported: use a multiple of 8"):
+        attention(q, q, q, backend="triton")
+
+
+def test_bf16_under_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 4, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailable, match="bf16 is not supported under the Triton interpreter"):
+        attention(q, q, q, backend="triton")
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET=1"):
+        attention(q, q, q, backend="triton")
+
+
+@interpreter
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_opcheck_triton_backend(device, layout):
+    if layout == "padded":
+        q, k, v = (torch.randn(2, 5, 2, 16, device=device, requires_grad=True) for _ in range(3))
+        mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool, device=device)
+        args = (q, k, v, mask, None, 5, 0.35, "triton")
+    else:
+        q, k, v = (torch.randn(6, 2, 16, device=device, requires_grad=True) for _ in range(3))
+        args = (q, k, v, None, cu_seqlens_of([4, 0, 2]).to(device), 4, 0.35, "triton")
+    torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
+
+
+# --------------------------------------------------------------------------- GPU tier
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+def test_gpu_bert_shapes(dtype, head_dim):
+    """BERT-base-like batch (8 x 512, 12 heads) with right padding, every supported tuned head dim."""
+    batch, seqlen = 8, 512
+    inputs = [torch.randn(batch, seqlen, 12, head_dim) for _ in range(3)]
+    lengths = torch.randint(1, seqlen + 1, (batch,))
+    lengths[0] = seqlen
+    mask = torch.arange(seqlen)[None] < lengths[:, None]
+    _check_against_reference(inputs, dtype, "cuda", 1e-5, attention_mask=mask)
+
+
+@gpu
+@pytest.mark.parametrize("seqlen", [1023, 4096])
+def test_gpu_long_sequences(seqlen):
+    inputs = [torch.randn(1, seqlen, 2, 64) for _ in range(3)]
+    _check_against_reference(inputs, torch.bfloat16, "cuda", 1e-5, attention_mask=_random_key_mask(1, seqlen))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_packed(dtype):
+    lengths = [0, 1023, 17, 512, 0, 113]
+    inputs = [torch.randn(sum(lengths), 4, 64) for _ in range(3)]
+    _check_against_reference(inputs, dtype, "cuda", 1e-5, cu_seqlens=cu_seqlens_of(lengths), max_seqlen=1023)
+
+
+@gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v = (torch.randn(4, 1024, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    mask = torch.arange(1024, device="cuda")[None] < torch.tensor([[1024], [700], [1], [513]], device="cuda")
+    dout = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = attention(q, k, v, attention_mask=mask, backend="triton")
+        runs.append(torch.autograd.grad(out, (q, k, v), dout))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
