@@ -292,9 +292,9 @@ class FastMLMForMaskedLM(nn.Module):
             return hidden
         b, s = batch.padded_shape
         if batch.token_index is None:
-            return hidden.view(b, s, -1)  # (B*S, H) -> (B, S, H)
+            return hidden.view(b, s, hidden.shape[-1])  # (B*S, H) -> (B, S, H)
         out = hidden.new_zeros(b * s, hidden.shape[-1]).index_copy(0, batch.token_index, hidden)  # (B*S, H)
-        return out.view(b, s, -1)
+        return out.view(b, s, hidden.shape[-1])
 
     def _rows(self, positions: Tensor, batch: PackedBatch) -> Tensor:
         """Caller-layout flat positions (R,) -> packed row index (R,), -1 where padded or not a real token."""

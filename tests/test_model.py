@@ -1,0 +1,344 @@
+"""fastmlm.model: layouts (padded / packed / masked_positions), the MLM loss, backends,
+block-sparse patterns, bad inputs, save / load. Hugging Face equivalence is in test_hf.py."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastmlm.config import preset
+from fastmlm.model import FastMLMForMaskedLM, MLMOutput
+from helpers import cu_seqlens_of
+
+# Small enough for the Triton interpreter: 2 layers, hidden 32, 2 heads, vocab 123 (not a multiple of 8).
+SMALL = dict(vocab_size=123, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+             max_position_embeddings=64, hidden_dropout=0.0)
+
+
+def make_model(dtype=torch.float32, **overrides):
+    model = FastMLMForMaskedLM(preset("tiny", **{**SMALL, **overrides})).to(dtype).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine parameters and biases
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def make_batch(lengths, seqlen, vocab=123, mask_prob=0.3):
+    """Right-padded ids, mask and labels; every real row gets at least one masked token."""
+    lengths = torch.tensor(lengths)
+    mask = torch.arange(seqlen)[None, :] < lengths[:, None]
+    ids = torch.randint(1, vocab, (len(lengths), seqlen)) * mask
+    masked = (torch.rand(ids.shape) < mask_prob) & mask
+    masked[lengths > 0, 0] = True
+    return ids, mask, torch.where(masked, ids, -100)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def run(model, *args, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = model(*args, **kwargs)
+    out.loss.backward()
+    return out, grads(model)
+
+
+# --------------------------------------------------------------------------- the loss
+def test_loss_equals_cross_entropy_of_masked_logits():
+    model = make_model()
+    ids, mask, labels = make_batch([13, 4, 9], 13)
+    out = model(ids, attention_mask=mask, labels=labels)
+    assert isinstance(out, MLMOutput) and out.loss.dtype == torch.float32 and out.loss.dim() == 0
+    positions = (labels.reshape(-1) != -100).nonzero()[:, 0]
+    logits = model.masked_logits(ids, attention_mask=mask, positions=positions)
+    targets = labels.reshape(-1)[positions]
+    torch.testing.assert_close(out.loss.double(), F.cross_entropy(logits.double(), targets), atol=1e-6, rtol=1e-6)
+    assert out.n_masked.item() == positions.numel() and out.n_masked.dtype == torch.int64
+    assert out.n_correct.item() == (logits.argmax(-1) == targets).sum().item()
+    summed = model(ids, attention_mask=mask, labels=labels, loss_reduction="sum").loss
+    torch.testing.assert_close(summed, out.loss * positions.numel())
+
+
+def test_hidden_states_are_zero_at_padding_and_independent_of_it():
+    model = make_model()
+    ids, mask, _ = make_batch([11, 5], 11)
+    hidden = model(ids, attention_mask=mask).hidden_states
+    assert hidden.shape == (2, 11, 32) and (hidden[~mask] == 0).all()
+    other = ids.clone()
+    other[~mask] = 77  # what sits under the padding must not matter
+    torch.testing.assert_close(model(other, attention_mask=mask).hidden_states, hidden)
+    alone = model(ids[1:2, :5]).hidden_states  # the short row, without padding
+    torch.testing.assert_close(hidden[1:2, :5], alone)
+
+
+def test_packed_input_equals_padded_input():
+    model = make_model()
+    lengths = [9, 3, 0, 7]
+    ids, mask, labels = make_batch(lengths, 9)
+    padded = model(ids, attention_mask=mask, labels=labels)
+    cu = cu_seqlens_of(lengths)
+    packed = model(ids[mask], labels=labels[mask], cu_seqlens=cu, max_seqlen=9)
+    assert packed.hidden_states.shape == (sum(lengths), 32)
+    torch.testing.assert_close(packed.hidden_states, padded.hidden_states[mask])
+    torch.testing.assert_close(packed.loss, padded.loss)
+    assert packed.n_masked.item() == padded.n_masked.item()
+
+
+def test_masked_positions_equal_labels_only_and_ignore_pads():
+    model = make_model()
+    ids, mask, labels = make_batch([10, 6, 8], 10)
+    reference, ref_grads = run(model, ids, attention_mask=mask, labels=labels)
+    found = (labels.reshape(-1) != -100).nonzero()[:, 0]
+    # a static-length list: -1 pads and one real token whose label is -100 (not counted)
+    unmasked = (labels.reshape(-1) == -100).nonzero()[0]
+    positions = torch.cat([found, unmasked, torch.full((5,), -1)])[torch.randperm(found.numel() + 6)]
+    out, out_grads = run(model, ids, attention_mask=mask, labels=labels, masked_positions=positions)
+    torch.testing.assert_close(out.loss, reference.loss)
+    assert out.n_masked.item() == found.numel() and out.n_correct.item() == reference.n_correct.item()
+    for name in ref_grads:
+        torch.testing.assert_close(out_grads[name], ref_grads[name], msg=name)
+    # packed input with positions into the packed tokens: no host synchronisation needed
+    rows = torch.full((labels.numel(),), -1)
+    rows[mask.reshape(-1)] = torch.arange(int(mask.sum()))
+    packed = model(ids[mask], labels=labels[mask], cu_seqlens=cu_seqlens_of([10, 6, 8]), max_seqlen=10,
+                   masked_positions=torch.where(positions >= 0, rows[positions.clamp(min=0)], -1))
+    torch.testing.assert_close(packed.loss, reference.loss)
+
+
+def test_left_padding_and_token_types():
+    model = make_model()
+    ids, mask, labels = make_batch([8, 8], 8)
+    types = torch.randint(0, 2, ids.shape)
+    right = model(ids[:, :5], token_type_ids=types[:, :5], labels=labels[:, :5]).hidden_states
+    shifted = torch.zeros_like(ids)
+    shifted[:, 3:] = ids[:, :5]
+    left_mask = (torch.arange(8)[None] >= 3).expand(2, 8)
+    left_types = torch.zeros_like(types)
+    left_types[:, 3:] = types[:, :5]
+    # left padding keeps Hugging Face's convention: positions are the padded columns, so
+    # the result differs from right padding only through the position embeddings
+    left = model(shifted, attention_mask=left_mask, token_type_ids=left_types).hidden_states[:, 3:]
+    assert left.shape == right.shape and not torch.allclose(left, right)
+    with torch.no_grad():
+        model.embeddings.position.weight.zero_()
+    torch.testing.assert_close(model(shifted, attention_mask=left_mask, token_type_ids=left_types).hidden_states[:, 3:],
+                               model(ids[:, :5], token_type_ids=types[:, :5]).hidden_states)
+    assert not torch.allclose(model(ids[:, :5]).hidden_states, model(ids[:, :5], token_type_ids=types[:, :5]).hidden_states)
+
+
+# --------------------------------------------------------------------------- edge cases
+def test_no_masked_tokens_gives_zero_loss_and_zero_grads():
+    model = make_model()
+    ids, mask, labels = make_batch([7, 4], 7)
+    for kwargs in (dict(), dict(masked_positions=torch.full((4,), -1))):
+        out, g = run(model, ids, attention_mask=mask, labels=torch.full_like(labels, -100), **kwargs)
+        assert out.loss.item() == 0.0 and out.n_masked.item() == 0 and out.n_correct.item() == 0
+        assert all(torch.isfinite(t).all() and (t == 0).all() for t in g.values())
+
+
+@pytest.mark.parametrize("shape", [(3, 6), (0, 6)])
+def test_all_padding_batch(shape):
+    model = make_model()
+    ids = torch.zeros(shape, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    out, g = run(model, ids, attention_mask=mask, labels=torch.full(shape, -100))
+    assert out.loss.item() == 0.0 and out.hidden_states.shape == shape + (32,) and (out.hidden_states == 0).all()
+    assert all(torch.isfinite(t).all() for t in g.values())
+
+
+def test_a_sequence_of_length_one_and_an_empty_one_in_a_batch():
+    model = make_model()
+    ids, mask, labels = make_batch([5, 1, 0], 5)
+    out, g = run(model, ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(out.loss) and out.loss > 0 and (out.hidden_states[2] == 0).all()
+    torch.testing.assert_close(out.hidden_states[1, :1], model(ids[1:2, :1]).hidden_states[0])
+    assert all(torch.isfinite(t).all() for t in g.values())
+
+
+def test_dropout_only_in_training():
+    model = make_model(hidden_dropout=0.5)
+    ids, mask, _ = make_batch([6, 6], 6)
+    first, second = model(ids, attention_mask=mask).hidden_states, model(ids, attention_mask=mask).hidden_states
+    torch.testing.assert_close(first, second)
+    model.train()
+    assert not torch.allclose(model(ids, attention_mask=mask).hidden_states, first)
+
+
+def test_pre_norm_runs_and_learns():
+    model = make_model(torch.float32, norm_position="pre", attention_backend="torch")
+    assert model.final_norm is not None
+    ids, mask, labels = make_batch([12, 7, 10], 12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        out = model(ids, attention_mask=mask, labels=labels)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+# --------------------------------------------------------------------------- backends
+FAST_BACKENDS = [
+    pytest.param("torch", "cpu", id="torch"),
+    pytest.param("triton", None, id="triton", marks=pytest.mark.interpreter),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.gpu),
+]
+
+
+def _require(backend, sparse):
+    """Skip (with the reason) when a kernel backend is not built yet; its own tests cover why."""
+    from fastmlm.ops.attention import REGISTRY as ATTENTION
+    from fastmlm.ops.block_sparse import REGISTRY as BLOCK_SPARSE
+    from fastmlm.ops.masked_ce import REGISTRY as LOSS
+    for registry in (ATTENTION, LOSS) + ((BLOCK_SPARSE,) if sparse else ()):
+        try:
+            registry.module(backend)
+        except (ImportError, AttributeError) as exc:
+            pytest.skip(f"{registry.op} has no importable {backend} backend ({exc})")
+
+
+@pytest.mark.parametrize("pattern", [("dense",), ("window:3+global:1", "dense")])
+@pytest.mark.parametrize("backend,device", FAST_BACKENDS)
+def test_same_result_under_every_backend(backend, device, pattern):
+    _require(backend, sparse=pattern != ("dense",))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reference = make_model(torch.float32, attention_backend="reference", loss_backend="reference",
+                           attention_pattern=pattern, block_size=4).to(device)
+    fast = make_model(torch.float32, attention_backend=backend, loss_backend=backend,
+                      attention_pattern=pattern, block_size=4).to(device)
+    fast.load_state_dict(reference.state_dict())
+    ids, mask, labels = (t.to(device) for t in make_batch([13, 6, 9], 13))
+    exp, exp_grads = run(reference, ids, attention_mask=mask, labels=labels)
+    got, got_grads = run(fast, ids, attention_mask=mask, labels=labels)
+    # the same fp32 math in another order: a few fp32 ulps of the values involved
+    torch.testing.assert_close(got.hidden_states, exp.hidden_states, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got.loss, exp.loss, atol=2e-5, rtol=1e-5)
+    assert got.n_correct.item() == exp.n_correct.item()
+    for name, g in exp_grads.items():
+        torch.testing.assert_close(got_grads[name], g, atol=1e-5, rtol=1e-3, msg=name)
+
+
+# --------------------------------------------------------------------------- block-sparse patterns
+def window_attention(x, layer, cu, window):
+    """Independent oracle: per sequence, softmax over keys with |i - j| <= window, in plain torch."""
+    heads, head_dim = layer.cfg.num_heads, layer.cfg.head_dim
+    q, k, v = F.linear(x, layer.qkv.weight, layer.qkv.bias).view(-1, 3, heads, head_dim).unbind(1)
+    out = torch.zeros_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        scores = torch.einsum("ihd,jhd->hij", q[a:b], k[a:b]) / math.sqrt(head_dim)
+        idx = torch.arange(b - a)
+        scores = scores.masked_fill((idx[:, None] - idx[None, :]).abs() > window, float("-inf"))
+        out[a:b] = torch.einsum("hij,jhd->ihd", scores.softmax(-1), v[a:b])
+    return layer.attn_out(out.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_window_layer_equals_dense_attention_under_the_window_mask(backend):
+    model = make_model(attention_pattern=("window:3",), block_size=4, attention_backend=backend)
+    ids, mask, _ = make_batch([13, 6, 11], 13)
+    batch, _ = model.pack(ids, mask)
+    x = torch.randn(batch.num_tokens, 32)
+    layer = model.layers[0]
+    got = layer.attention(x, batch, model.layout(layer.pattern, batch.max_seqlen, x.device))
+    torch.testing.assert_close(got, window_attention(x, layer, batch.cu_seqlens, 3))
+    # and the window really restricts: dense attention differs
+    assert not torch.allclose(got, layer.attention(x, batch, None))
+
+
+def test_window_wider_than_the_sequence_equals_dense():
+    dense = make_model()
+    wide = make_model(attention_pattern=("window:20",), block_size=4)
+    wide.load_state_dict(dense.state_dict())
+    ids, mask, labels = make_batch([13, 6], 13)
+    torch.testing.assert_close(wide(ids, attention_mask=mask, labels=labels).loss,
+                               dense(ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_pattern_model_trains_and_builds_each_layout_once():
+    model = make_model(torch.float32, attention_pattern=("dense", "window:2+global:1"), block_size=4,
+                       attention_backend="torch", num_layers=4)
+    ids, mask, labels = make_batch([12, 5, 9], 12)
+    out, g = run(model, ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(out.loss) and all(torch.isfinite(t).all() for t in g.values())
+    assert g["layers.1.qkv.weight"].abs().sum() > 0
+    assert len(model._layouts) == 1  # one sparse pattern at one max_seqlen, shared by layers 1 and 3
+    layout = next(iter(model._layouts.values()))
+    run(model, ids, attention_mask=mask, labels=labels)
+    assert len(model._layouts) == 1 and next(iter(model._layouts.values())) is layout
+    run(model, ids[:, :7], attention_mask=mask[:, :7], labels=labels[:, :7])  # a new max_seqlen: one more
+    assert len(model._layouts) == 2
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_get_clear_errors():
+    model = make_model()
+    ids, mask, labels = make_batch([6, 3], 6)
+    cases = [
+        (dict(input_ids=ids.float()), ValueError, "input_ids must be an int32/int64 tensor"),
+        (dict(input_ids=ids[None]), ValueError, r"must be \(B, S\) padded or \(T,\) packed"),
+        (dict(input_ids=ids, attention_mask=mask.float()), ValueError, "not a float additive bias"),
+        (dict(input_ids=ids, attention_mask=mask[:, :5]), ValueError, r"attention_mask has shape \(2, 5\)"),
+        (dict(input_ids=ids, labels=labels[:, :5]), ValueError, r"labels has shape \(2, 5\)"),
+        (dict(input_ids=ids, token_type_ids=ids[:1]), ValueError, "token_type_ids has shape"),
+        (dict(input_ids=ids[mask]), ValueError, "packed .* need cu_seqlens"),
+        (dict(input_ids=ids, cu_seqlens=cu_seqlens_of([6, 3]), max_seqlen=6), ValueError, "are for packed"),
+        (dict(input_ids=ids, labels=labels, loss_reduction="none"), ValueError, "loss_reduction must be"),
+        (dict(input_ids=ids, masked_positions=torch.tensor([0])), ValueError, "masked_positions needs labels"),
+        (dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), ValueError, "exceeds max_position_embeddings=64"),
+        (dict(input_ids=ids + 200), RuntimeError, r"input_ids must lie in \[0, 123\)"),
+        (dict(input_ids=ids, token_type_ids=ids), RuntimeError, r"token_type_ids must lie in \[0, 2\)"),
+        (dict(input_ids=ids, labels=torch.full_like(ids, 500)), RuntimeError, "labels must be -100 or a token id"),
+        (dict(input_ids=ids, attention_mask=mask, labels=torch.where(mask, -100, 5)), RuntimeError,
+         "labels must be -100 at padding"),
+        (dict(input_ids=ids, labels=labels, masked_positions=torch.tensor([12])), RuntimeError,
+         r"masked_positions must lie in \[-1, 12\)"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            model(**kwargs)
+    with pytest.raises(ValueError, match="masked_logits needs positions"):
+        model.masked_logits(ids)
+    with pytest.raises(ValueError, match="expected a ModelConfig"):
+        FastMLMForMaskedLM({"hidden_size": 8})
+
+
+# --------------------------------------------------------------------------- save / load
+def test_save_and_load_round_trip(tmp_path):
+    model = make_model(torch.float32, attention_pattern=("dense", "window:4"))
+    model.save_pretrained(tmp_path)
+    loaded = FastMLMForMaskedLM.from_pretrained(tmp_path, attention_backend="reference")
+    assert loaded.config.attention_backend == "reference" and loaded.config.attention_pattern == ("dense", "window:4")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    ids, mask, labels = make_batch([9, 4], 9)
+    torch.testing.assert_close(loaded.eval()(ids, attention_mask=mask, labels=labels).loss,
+                               model(ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="config.json not found"):
+        FastMLMForMaskedLM.from_pretrained(tmp_path)
+    model = make_model(torch.float32)
+    model.save_pretrained(tmp_path / "ok")
+    weights = (tmp_path / "ok" / "model.safetensors").read_bytes()
+
+    corrupt = model.save_pretrained(tmp_path / "corrupt")
+    (corrupt / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        FastMLMForMaskedLM.from_pretrained(corrupt)
+
+    other = make_model(torch.float32, num_layers=3, intermediate_size=40).save_pretrained(tmp_path / "other")
+    (other / "config.json").write_text((tmp_path / "ok" / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"(?s)unexpected keys: \['layers\.2\..*shape mismatches: \['layers\.0\.mlp_in"):
+        FastMLMForMaskedLM.from_pretrained(other)
+
+    (tmp_path / "ok" / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
+    with pytest.raises(ValueError, match="fastmlm.hf.load_hf"):
+        FastMLMForMaskedLM.from_pretrained(tmp_path / "ok")
+    (tmp_path / "ok" / "config.json").write_text('{"model_type": "fastmlm", "hidden_size": 32')
+    with pytest.raises(ValueError, match="not valid JSON"):
+        FastMLMForMaskedLM.from_pretrained(tmp_path / "ok")
