@@ -84,12 +84,18 @@ def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
 
 # --------------------------------------------------------------------------- configuration
 def _blocks(dtype: torch.dtype) -> dict:
-    """Tile sizes. 16-bit inputs take tensor-core sized tiles; fp32 (IEEE dot) smaller ones."""
+    """Tile sizes (untuned first guesses). 16-bit inputs take tensor-core sized tiles, fp32 (IEEE
+    dot) smaller ones. BLOCK_M x BLOCK_V logits tiles reduce over H in BLOCK_K steps; d_hidden
+    tiles are BLOCK_M x BLOCK_H; d_weight tiles DW_BLOCK_V x DW_BLOCK_H, stepping DW_BLOCK_M rows
+    (smaller, so that a narrow vocabulary chunk still gives enough programs)."""
     if triton_interpret():  # numpy per program: large tiles, few programs
-        return dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=64, BLOCK_H=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=64, BLOCK_H=64, DW_BLOCK_V=64, DW_BLOCK_H=64, DW_BLOCK_M=32,
+                    num_warps=4, num_stages=1)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, DW_BLOCK_V=64, DW_BLOCK_H=64, DW_BLOCK_M=32,
+                    num_warps=4, num_stages=2)
+    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, DW_BLOCK_V=64, DW_BLOCK_H=128, DW_BLOCK_M=64,
+                num_warps=8, num_stages=3)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -421,13 +427,15 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
             dz.stride(0), *weight.stride(), d_rows.stride(0),
             BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=precision, **launch,
         )
-        _dweight_kernel[(triton.cdiv(chunk, block_v), triton.cdiv(width, block_h))](
+        _dweight_kernel[(triton.cdiv(chunk, cfg["DW_BLOCK_V"]), triton.cdiv(width, cfg["DW_BLOCK_H"]))](
             dz, hidden, tokens, n_rows, d_weight, d_bias,
             width, v_begin, chunk,
             dz.stride(0), *hidden.stride(), *d_weight.stride(),
-            BLOCK_V=block_v, BLOCK_H=block_h, BLOCK_M=block_m, DOT_PRECISION=precision, **launch,
+            BLOCK_V=cfg["DW_BLOCK_V"], BLOCK_H=cfg["DW_BLOCK_H"], BLOCK_M=cfg["DW_BLOCK_M"],
+            DOT_PRECISION=precision, **launch,
         )
 
-    # Compact rows j >= n hold zeros, so adding all R rows is exact; duplicated positions sum.
-    d_hidden = torch.zeros(hidden.shape, device=device, dtype=torch.float32).index_add_(0, tokens, d_rows)
-    return d_hidden.to(hidden.dtype), d_weight, d_bias
+    # Compact rows j >= n hold zeros, so adding all R rows is exact; duplicated positions sum
+    # (in the input dtype: exact for distinct tokens, and it keeps no (T, H) fp32 copy).
+    d_hidden = torch.zeros(hidden.shape, device=device, dtype=hidden.dtype)
+    return d_hidden.index_add_(0, tokens, d_rows.to(hidden.dtype)), d_weight, d_bias
