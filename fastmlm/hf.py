@@ -1,0 +1,254 @@
+"""Hugging Face BERT checkpoints in and out of fastmlm, by key mapping.
+
+    model = load_hf("path/to/bert")     # config.json + model.safetensors (or pytorch_model.bin)
+    save_hf(model, "out/")              # transformers.BertForMaskedLM.from_pretrained("out/") loads it
+
+Key map (Hugging Face keys carry a ``bert.`` prefix in BertForMaskedLM, none in BertModel):
+
+    embeddings.word_embeddings.weight              embeddings.word.weight
+    embeddings.position_embeddings.weight          embeddings.position.weight
+    embeddings.token_type_embeddings.weight        embeddings.token_type.weight
+    embeddings.LayerNorm.*                         embeddings.norm.*
+    encoder.layer.i.attention.self.{query,key,value}.*   layers.i.qkv.*  (stacked q; k; v on dim 0)
+    encoder.layer.i.attention.output.dense.*       layers.i.attn_out.*
+    encoder.layer.i.attention.output.LayerNorm.*   layers.i.attn_norm.*
+    encoder.layer.i.intermediate.dense.*           layers.i.mlp_in.*
+    encoder.layer.i.output.dense.*                 layers.i.mlp_out.*
+    encoder.layer.i.output.LayerNorm.*             layers.i.mlp_norm.*
+    cls.predictions.transform.dense.*              head.dense.*
+    cls.predictions.transform.LayerNorm.*          head.norm.*
+    cls.predictions.bias                           head.bias
+    cls.predictions.decoder.{weight,bias}          tied copies of the word embeddings and head.bias:
+                                                   checked equal when present, never stored twice
+    pooler.*, cls.seq_relationship.*, embeddings.position_ids      not used by an MLM: skipped
+
+A BertModel checkpoint has no ``cls.*`` keys: the MLM head then keeps its fresh
+initialisation. Any other unknown or missing key is an error that lists them all.
+Old TF-converted checkpoints name LayerNorm parameters gamma/beta; both spellings load.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .model import CONFIG_NAME, WEIGHTS_NAME, FastMLMForMaskedLM, read_safetensors
+
+BIN_NAME = "pytorch_model.bin"
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_LAYER_MAP = {  # fastmlm name inside layers.i -> Hugging Face name inside encoder.layer.i
+    "attn_out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "mlp_in": "intermediate.dense",
+    "mlp_out": "output.dense",
+    "mlp_norm": "output.LayerNorm",
+}
+_TOP_MAP = {  # fastmlm module -> Hugging Face module (without the bert. prefix for the encoder part)
+    "embeddings.word": "embeddings.word_embeddings",
+    "embeddings.position": "embeddings.position_embeddings",
+    "embeddings.token_type": "embeddings.token_type_embeddings",
+    "embeddings.norm": "embeddings.LayerNorm",
+}
+_HEAD_MAP = {"head.dense": "cls.predictions.transform.dense", "head.norm": "cls.predictions.transform.LayerNorm"}
+_SKIPPED = re.compile(r"^(bert\.)?(pooler\.|embeddings\.position_ids$)|^cls\.seq_relationship\.")
+_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that fastmlm cannot load as it is (the message says why)."""
+
+
+# --------------------------------------------------------------------------- configs
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """A Hugging Face BertConfig dict -> ModelConfig; CheckpointError for features fastmlm lacks."""
+    model_type = hf.get("model_type", "bert")
+    problems = []
+    if model_type != "bert":
+        problems.append(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        problems.append(f"position_embedding_type={hf['position_embedding_type']!r}; only 'absolute' is supported")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        problems.append("is_decoder/add_cross_attention are set; fastmlm is a bidirectional encoder")
+    if not hf.get("tie_word_embeddings", True):
+        problems.append("tie_word_embeddings is false; fastmlm's decoder is always the word-embedding matrix")
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ACT_FROM_HF:
+        problems.append(f"hidden_act={act!r}; supported: {sorted(_ACT_FROM_HF)}")
+    if problems:
+        raise CheckpointError("cannot load this Hugging Face config:\n  " + "\n  ".join(problems))
+    if hf.get("attention_probs_dropout_prob", 0.0):
+        warnings.warn(f"attention_probs_dropout_prob={hf['attention_probs_dropout_prob']} is dropped: fastmlm's "
+                      "fused attention has no dropout (hidden dropout is kept)", stacklevel=2)
+    fields = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+        pad_token_id=hf.get("pad_token_id") or 0, hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=0.0, layer_norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_ACT_FROM_HF[act],
+        initializer_range=hf.get("initializer_range", 0.02), norm_position="post",
+    )
+    return ModelConfig(**{**fields, **overrides}).validate()
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """ModelConfig -> a BertConfig dict; CheckpointError when BERT cannot express the model."""
+    problems = []
+    if cfg.norm_position != "post":
+        problems.append("norm_position='pre' (BERT is post-norm)")
+    if any(not p.dense for p in cfg.layer_patterns()):
+        problems.append(f"attention_pattern={cfg.attention_pattern} (BERT attends densely)")
+    if problems:
+        raise CheckpointError("cannot export as a Hugging Face BERT: " + "; ".join(problems))
+    return {
+        "architectures": ["BertForMaskedLM"], "model_type": "bert",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+        "hidden_act": _ACT_TO_HF[cfg.activation], "hidden_dropout_prob": cfg.hidden_dropout,
+        "attention_probs_dropout_prob": cfg.attention_dropout, "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size, "initializer_range": cfg.initializer_range,
+        "layer_norm_eps": cfg.layer_norm_eps, "pad_token_id": cfg.pad_token_id,
+        "position_embedding_type": "absolute", "tie_word_embeddings": True, "is_decoder": False,
+    }
+
+
+# --------------------------------------------------------------------------- state dicts
+def _hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
+    """fastmlm parameter name -> Hugging Face name, for every tensor except the fused QKV."""
+    names = {}
+    for ours, theirs in _TOP_MAP.items():
+        for p in ("weight", "bias") if ours.endswith("norm") else ("weight",):
+            names[f"{ours}.{p}"] = f"{prefix}{theirs}.{p}"
+    for i in range(cfg.num_layers):
+        for ours, theirs in _LAYER_MAP.items():
+            for p in ("weight", "bias"):
+                names[f"layers.{i}.{ours}.{p}"] = f"{prefix}encoder.layer.{i}.{theirs}.{p}"
+    for ours, theirs in _HEAD_MAP.items():
+        for p in ("weight", "bias"):
+            names[f"{ours}.{p}"] = f"{theirs}.{p}"
+    names["head.bias"] = "cls.predictions.bias"
+    return names
+
+
+def _qkv_names(prefix: str, i: int, p: str) -> list[str]:
+    return [f"{prefix}encoder.layer.{i}.attention.self.{part}.{p}" for part in ("query", "key", "value")]
+
+
+def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], bool]:
+    """Hugging Face tensors -> (fastmlm state dict, whether it includes the MLM head).
+
+    CheckpointError lists every unknown and missing key, and untied decoder weights.
+    """
+    tensors = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
+               for k, v in tensors.items()}
+    prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
+    has_head = any(k.startswith("cls.predictions.") for k in tensors)
+    names = _hf_names(cfg, prefix)
+    wanted = {ours: theirs for ours, theirs in names.items() if has_head or not ours.startswith("head.")}
+    qkv = {(i, p): _qkv_names(prefix, i, p) for i in range(cfg.num_layers) for p in ("weight", "bias")}
+    expected = set(wanted.values()) | {n for parts in qkv.values() for n in parts}
+    unknown = sorted(k for k in tensors if k not in expected and k not in _TIED and not _SKIPPED.match(k))
+    missing = sorted(expected - set(tensors))
+    if unknown or missing:
+        raise CheckpointError("the checkpoint does not match a BERT with this config "
+                              f"({cfg.num_layers} layers, key prefix {prefix!r}):"
+                              + (f"\n  unknown keys: {unknown}" if unknown else "")
+                              + (f"\n  missing keys: {missing}" if missing else ""))
+    out = {ours: tensors[theirs] for ours, theirs in wanted.items()}
+    for (i, p), parts in qkv.items():
+        out[f"layers.{i}.qkv.{p}"] = torch.cat([tensors[n] for n in parts], dim=0)  # 3 x (H, ...) -> (3H, ...)
+    # Tied copies must really be copies: an untied decoder would silently change the model.
+    for tied, source in zip(_TIED, (out["embeddings.word.weight"], out.get("head.bias"))):
+        if tied in tensors and source is not None and not torch.equal(tensors[tied].to(source.dtype), source):
+            raise CheckpointError(f"{tied} differs from the tensor it should be tied to; "
+                                  "fastmlm cannot load an untied MLM decoder")
+    return out, has_head
+
+
+def state_dict_to_hf(model: FastMLMForMaskedLM) -> dict[str, Tensor]:
+    """fastmlm model -> the tensors transformers.BertForMaskedLM.save_pretrained would write."""
+    cfg, ours = model.config, model.state_dict()
+    out = {theirs: ours[name] for name, theirs in _hf_names(cfg, "bert.").items()}
+    for i in range(cfg.num_layers):
+        for p in ("weight", "bias"):
+            for name, part in zip(_qkv_names("bert.", i, p), ours[f"layers.{i}.qkv.{p}"].chunk(3, dim=0)):
+                out[name] = part  # (3H, ...) -> query, key, value (H, ...)
+    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- files
+def _read_tensors(file: Path) -> dict[str, Tensor]:
+    if file.suffix == ".safetensors":
+        return read_safetensors(file)
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated zip, non-tensor objects refused by weights_only
+        raise CheckpointError(f"cannot read {file} with torch.load(weights_only=True) "
+                              f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, Tensor) for v in data.values()):
+        raise CheckpointError(f"{file} does not hold a flat dict of tensors")
+    return data
+
+
+def read_hf_config(directory) -> dict:
+    """The config.json of a Hugging Face checkpoint directory, as a dict."""
+    cfg_file = Path(directory) / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} not found: a Hugging Face checkpoint directory holds {CONFIG_NAME}")
+    try:
+        return json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({exc})") from None
+
+
+def read_hf_weights(directory) -> dict[str, Tensor]:
+    """The tensors of a Hugging Face checkpoint directory.
+
+    Prefers model.safetensors, then pytorch_model.bin; sharded checkpoints (``*.index.json``) too.
+    """
+    path = Path(directory)
+    for name in (WEIGHTS_NAME, BIN_NAME):
+        if (path / name).is_file():
+            return _read_tensors(path / name)
+        index = path / f"{name}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                raise CheckpointError(f"{index} is not a valid shard index ({exc})") from None
+            tensors = {}
+            for shard in shards:
+                tensors.update(_read_tensors(path / shard))
+            return tensors
+    raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {BIN_NAME} (or a sharded index)")
+
+
+def load_hf(directory, **config_overrides) -> FastMLMForMaskedLM:
+    """A fastmlm model holding the weights of a Hugging Face BertForMaskedLM / BertModel checkpoint.
+
+    ``config_overrides`` set fastmlm-only fields such as ``attention_backend``.
+    The config is checked before any weights are read.
+    """
+    model = FastMLMForMaskedLM(config_from_hf(read_hf_config(directory), **config_overrides))
+    state, has_head = state_dict_from_hf(read_hf_weights(directory), model.config)
+    if not has_head:  # a BertModel: keep the freshly initialised head
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    model.load_weights(state)
+    return model
+
+
+def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
+    """Write config.json + model.safetensors that transformers loads as BertForMaskedLM."""
+    from safetensors.torch import save_file
+
+    hf_config = config_to_hf(model.config)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
+    save_file(state_dict_to_hf(model), str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,199 @@
+"""fastmlm.hf: a Hugging Face BertForMaskedLM and the fastmlm model holding its weights agree
+(hidden states, masked logits, loss, gradients); export / import round trips are exact; bad
+checkpoints get clear errors. Everything is built locally from random weights (no hub)."""
+import json
+import pathlib
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForMaskedLM, BertModel  # noqa: E402
+
+from fastmlm.hf import CheckpointError, load_hf, save_hf, state_dict_from_hf  # noqa: E402
+from fastmlm.model import FastMLMForMaskedLM  # noqa: E402
+from fastmlm.config import preset  # noqa: E402
+
+VOCAB = 123  # not a multiple of 8
+
+
+def hf_config(**overrides):
+    fields = dict(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=70,
+                  max_position_embeddings=40, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.1)
+    return BertConfig(**{**fields, **overrides})
+
+
+def hf_mlm(**overrides):
+    """A random BertForMaskedLM in eval mode, with non-trivial LayerNorm parameters and biases."""
+    model = BertForMaskedLM(hf_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def batch(padding: str, seqlen: int = 17, size: int = 3):
+    """ids, mask (None without padding) and labels (-100 = not masked; never at padding)."""
+    lengths = torch.tensor([seqlen, 5, 11][:size]) if padding != "none" else torch.full((size,), seqlen)
+    cols = torch.arange(seqlen)[None, :]
+    mask = cols < lengths[:, None] if padding != "left" else cols >= seqlen - lengths[:, None]
+    ids = torch.randint(1, VOCAB, (size, seqlen)) * mask
+    masked = (torch.rand(ids.shape) < 0.25) & mask
+    masked[torch.arange(size), mask.float().argmax(1)] = True  # at least one per row
+    return ids, (None if padding == "none" else mask), torch.where(masked, ids, -100)
+
+
+def exported(model, tmp_path, name="hf"):
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_matches_transformers_outputs(tmp_path, padding, act):
+    hf = hf_mlm(hidden_act=act)
+    ours = load_hf(exported(hf, tmp_path)).eval()
+    ids, mask, labels = batch(padding)
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=None if mask is None else mask.long(), labels=labels,
+                      output_hidden_states=True)
+        got = ours(ids, attention_mask=mask, labels=labels)
+        positions = (labels.reshape(-1) != -100).nonzero()[:, 0]
+        logits = ours.masked_logits(ids, attention_mask=mask, positions=positions)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
+    # within fp32 rounding: the same math, summed in a different order
+    torch.testing.assert_close(got.hidden_states[real], expected.hidden_states[-1][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, expected.logits.reshape(-1, VOCAB)[positions], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-6, rtol=1e-6)
+
+
+def _hf_grads(model):
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+# fp64 is not exact either: the loss is fp32 by contract, so its gradient carries fp32 rounding.
+@pytest.mark.parametrize("dtype,backend,tol", [(torch.float64, "reference", 1e-6), (torch.float32, "torch", 1e-4)])
+def test_gradients_match_transformers(tmp_path, dtype, backend, tol):
+    hf = hf_mlm()
+    ours = load_hf(exported(hf, tmp_path), attention_backend=backend, loss_backend=backend).eval().to(dtype)
+    hf = hf.to(dtype)
+    ids, mask, labels = batch("right")
+    hf(ids, attention_mask=mask.long(), labels=labels).loss.backward()
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    expected, _ = state_dict_from_hf(_hf_grads(hf), ours.config)  # HF names -> ours, q/k/v fused
+    got = {n: p.grad for n, p in ours.named_parameters()}
+    assert set(got) == set(expected)
+    for name, g in expected.items():
+        scale = g.abs().max().item()
+        torch.testing.assert_close(got[name], g, atol=tol * max(scale, 1e-3), rtol=tol, msg=name)
+
+
+def test_round_trip_export_transformers_import_is_exact(tmp_path):
+    ours = FastMLMForMaskedLM(preset("tiny", vocab_size=VOCAB, hidden_size=48, num_heads=3, intermediate_size=70,
+                                     max_position_embeddings=40, activation="gelu_tanh"))
+    save_hf(ours, tmp_path / "out")
+    hf, info = BertForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values()), info  # no missing / unexpected / mismatched keys
+    assert hf.config.hidden_act == "gelu_pytorch_tanh" and hf.config.num_hidden_layers == 2
+    assert torch.equal(hf.cls.predictions.decoder.weight, ours.embeddings.word.weight.detach())
+    hf.save_pretrained(tmp_path / "back")
+    back = load_hf(tmp_path / "back")
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
+    ids, mask, labels = batch("right")
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids, attention_mask=mask.long(), labels=labels).loss,
+                                   ours.eval()(ids, attention_mask=mask, labels=labels).loss, atol=1e-6, rtol=1e-6)
+
+
+def test_pytorch_model_bin_and_bert_model_checkpoints(tmp_path):
+    hf = hf_mlm()
+    reference = load_hf(exported(hf, tmp_path))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config.json").write_text(hf.config.to_json_string())
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")  # includes the tied decoder copies
+    from_bin = load_hf(bin_dir)
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(from_bin.state_dict()[name], tensor), name
+
+    encoder = BertModel(hf_config()).eval()  # no MLM head, a pooler, no "bert." prefix
+    encoder.save_pretrained(tmp_path / "encoder")
+    ours = load_hf(tmp_path / "encoder").eval()
+    ids, mask, _ = batch("right")
+    with torch.no_grad():
+        expected = encoder(ids, attention_mask=mask.long()).last_hidden_state
+        torch.testing.assert_close(ours(ids, attention_mask=mask).hidden_states[mask], expected[mask],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_missing_and_untied_keys_are_listed(tmp_path):
+    hf = hf_mlm()
+    state = hf.state_dict()
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(hf.config.to_json_string())
+
+    def save(tensors):
+        torch.save(tensors, folder / "pytorch_model.bin")
+
+    broken = dict(state)
+    broken["bert.encoder.layer.0.attention.self.rotary.inv_freq"] = torch.zeros(4)
+    del broken["bert.encoder.layer.1.output.dense.bias"], broken["cls.predictions.transform.dense.weight"]
+    save(broken)
+    with pytest.raises(CheckpointError, match=r"(?s)unknown keys: \['bert\.encoder\.layer\.0\.attention\.self\.rotary"
+                                              r".*missing keys: \['bert\.encoder\.layer\.1\.output\.dense\.bias', "
+                                              r"'cls\.predictions\.transform\.dense\.weight'\]"):
+        load_hf(folder)
+
+    untied = dict(state)
+    untied["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1
+    save(untied)
+    with pytest.raises(CheckpointError, match="cannot load an untied MLM decoder"):
+        load_hf(folder)
+
+    save({"bert.embeddings.word_embeddings.weight": [1, 2]})
+    with pytest.raises(CheckpointError, match="does not hold a flat dict of tensors"):
+        load_hf(folder)
+    save({"bert.embeddings.word_embeddings.weight": pathlib.PurePosixPath("a")})  # a pickle weights_only refuses
+    with pytest.raises(CheckpointError, match=r"weights_only=True"):
+        load_hf(folder)
+
+
+def test_bad_files_and_configs(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_hf(tmp_path)
+    folder = exported(hf_mlm(), tmp_path)
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[:100])
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_hf(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no weights in"):
+        load_hf(folder)
+
+    config = json.loads((folder / "config.json").read_text())
+    for change, message in [
+        (dict(position_embedding_type="relative_key"), "only 'absolute' is supported"),
+        (dict(model_type="roberta"), "only 'bert' checkpoints"),
+        (dict(hidden_act="swish"), "hidden_act='swish'"),
+        (dict(tie_word_embeddings=False), "tie_word_embeddings is false"),
+    ]:
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(CheckpointError, match=message):
+            load_hf(folder)
+
+
+def test_attention_dropout_is_dropped_with_a_warning(tmp_path):
+    folder = exported(hf_mlm(attention_probs_dropout_prob=0.1), tmp_path)
+    with pytest.warns(UserWarning, match="attention_probs_dropout_prob=0.1 is dropped"):
+        model = load_hf(folder)
+    assert model.config.attention_dropout == 0.0 and model.config.hidden_dropout == 0.1
+
+
+def test_export_refuses_what_bert_cannot_express(tmp_path):
+    for overrides, message in [(dict(norm_position="pre"), "post-norm"),
+                               (dict(attention_pattern=("dense", "window:8")), "attends densely")]:
+        with pytest.raises(CheckpointError, match=message):
+            save_hf(FastMLMForMaskedLM(preset("tiny", **overrides)), tmp_path)
