@@ -83,23 +83,30 @@ def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- configuration
-def _blocks(dtype: torch.dtype) -> dict:
-    """Tile sizes (untuned first guesses). 16-bit inputs take tensor-core sized tiles, fp32 (IEEE
-    dot) smaller ones. BLOCK_M x BLOCK_V logits tiles reduce over H in BLOCK_K steps; d_hidden
-    tiles are BLOCK_M x BLOCK_H; d_weight tiles DW_BLOCK_V x DW_BLOCK_H, stepping DW_BLOCK_M rows
-    (smaller, so that a narrow vocabulary chunk still gives enough programs)."""
-    if triton_interpret():  # numpy per program: large tiles, few programs
-        return dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=64, BLOCK_H=64, DW_BLOCK_V=64, DW_BLOCK_H=64, DW_BLOCK_M=32,
-                    num_warps=4, num_stages=1)
+def _configs(dtype: torch.dtype) -> dict:
+    """Meta-parameters per kernel: tile sizes, warps, pipeline stages, dot precision.
+
+    First guesses, not tuned on a GPU yet; checked only to compile for sm_90 without
+    register spills. 16-bit inputs take tensor-core tiles; fp32 (IEEE dot, as exact as the
+    reference) smaller ones; the interpreter large ones (numpy per program: few programs).
+    """
+    precision = dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32")  # tf32: ignored by 16-bit dots
+    if triton_interpret():
+        tile = dict(BLOCK_M=32, BLOCK_V=128, BLOCK_K=64, num_warps=4, num_stages=1)
+        return dict(forward=tile, dlogits=tile,
+                    dhidden=dict(BLOCK_M=32, BLOCK_H=64, BLOCK_K=64, num_warps=4, num_stages=1),
+                    dweight=dict(BLOCK_V=64, BLOCK_H=64, BLOCK_M=32, num_warps=4, num_stages=1), **precision)
     if dtype == torch.float32:
-        return dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, BLOCK_H=64, DW_BLOCK_V=64, DW_BLOCK_H=64, DW_BLOCK_M=32,
-                    num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, BLOCK_H=128, DW_BLOCK_V=64, DW_BLOCK_H=128, DW_BLOCK_M=64,
-                num_warps=8, num_stages=3)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored by 16-bit dots
+        tile = dict(BLOCK_M=64, BLOCK_V=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        return dict(forward=tile, dlogits=tile,
+                    dhidden=dict(BLOCK_M=64, BLOCK_H=64, BLOCK_K=32, num_warps=4, num_stages=2),
+                    dweight=dict(BLOCK_V=64, BLOCK_H=64, BLOCK_M=32, num_warps=4, num_stages=2), **precision)
+    # The forward keeps six running statistics besides its tile: a narrower tile avoids spills.
+    # d_weight tiles are small so that a narrow vocabulary chunk still gives enough programs.
+    return dict(forward=dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=4, num_stages=3),
+                dlogits=dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                dhidden=dict(BLOCK_M=128, BLOCK_H=128, BLOCK_K=64, num_warps=8, num_stages=3),
+                dweight=dict(BLOCK_V=64, BLOCK_H=128, BLOCK_M=64, num_warps=8, num_stages=3), **precision)
 
 
 # --------------------------------------------------------------------------- shared tile code
@@ -170,23 +177,23 @@ def _forward_kernel(
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
                          stride_ht, stride_hh, stride_wv, stride_wh,
                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
-        z_live = tl.where(col_ok[None, :], z, float("-inf"))
+        z = tl.where(col_ok[None, :], z, float("-inf"))  # padding columns: exp() = 0, never the max
 
         # online log-sum-exp: rescale the old sum to the new max, then add the tile
-        tile_max = tl.max(z_live, axis=1)
+        tile_max = tl.max(z, axis=1)
         new_max = tl.maximum(run_max, tile_max)
-        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z_live - new_max[:, None]), axis=1)
+        run_sumexp = run_sumexp * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
         run_max = new_max
 
-        is_target = cols[None, :] == targets[:, None]
-        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
         logit_sum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
 
-        # argmax, first index among ties: within a tile by tie_break_left, across tiles by ">"
-        tile_arg = tl.argmax(z_live, axis=1, tie_break_left=True)
+        # argmax, first index among ties: the smallest column holding the tile max; across tiles
+        # a later tile must be strictly greater
+        tile_arg = tl.min(tl.where(z == tile_max[:, None], cols[None, :], V), axis=1)
         better = tile_max > best
         best = tl.where(better, tile_max, best)
-        argbest = tl.where(better, v0 + tile_arg, argbest)
+        argbest = tl.where(better, tile_arg, argbest)
 
     # ---- store this split's statistics
     out = split.to(tl.int64) * R + rows
@@ -348,21 +355,20 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
     if rows_total == 0 or hidden.shape[0] == 0:
         return loss, lse, correct
     order, tokens, targets, n_rows, counts = _compact_rows(labels, positions, ignore_index)
-    cfg = _blocks(hidden.dtype)
+    configs = _configs(hidden.dtype)
+    cfg = configs["forward"]
     per_split = triton.cdiv(VOCAB_PER_SPLIT, cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(vocab, per_split)
 
     # ---- per-split statistics of each compact row (rows j >= n stay unwritten)
     stats = torch.empty(5, splits, rows_total, device=device, dtype=torch.float32)
     argbest = torch.empty(splits, rows_total, device=device, dtype=torch.int32)
-    grid = (triton.cdiv(rows_total, cfg["BLOCK_M"]), splits)
-    _forward_kernel[grid](
+    _forward_kernel[(triton.cdiv(rows_total, cfg["BLOCK_M"]), splits)](
         hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows,
         *stats, argbest,
         rows_total, hidden.shape[1], vocab, per_split,
         *_strides(hidden, weight),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"],
-        DOT_PRECISION=_dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_BIAS=bias is not None, DOT_PRECISION=configs["DOT_PRECISION"], **cfg,
     )
 
     # ---- merge the splits (see the module docstring), then put each row back at its slot
@@ -384,10 +390,10 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
     return loss, lse, correct
 
 
-def _vocab_chunk(rows_total: int, vocab: int, block: int) -> int:
-    """Vocabulary columns per backward chunk: the dz workspace stays near WORKSPACE_ELEMENTS."""
-    chunk = max(block, (WORKSPACE_ELEMENTS // max(rows_total, 1)) // block * block)
-    return min(chunk, triton.cdiv(vocab, block) * block)
+def _vocab_chunk(rows_total: int, vocab: int) -> int:
+    """Vocabulary columns per backward chunk (a multiple of 128): the dz workspace stays near WORKSPACE_ELEMENTS."""
+    chunk = max(128, (WORKSPACE_ELEMENTS // max(rows_total, 1)) // 128 * 128)
+    return min(chunk, triton.cdiv(vocab, 128) * 128)
 
 
 def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
@@ -402,37 +408,33 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
     live = torch.arange(rows_total, device=device) < n_rows
     row_lse = lse[order].contiguous()
     row_grad = torch.where(live, grad_rows[order].float(), 0.0)
-    cfg = _blocks(hidden.dtype)
-    precision = _dot_precision(hidden.dtype)
-    block_m, block_v, block_h = cfg["BLOCK_M"], cfg["BLOCK_V"], cfg["BLOCK_H"]
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    configs = _configs(hidden.dtype)
+    precision = configs["DOT_PRECISION"]
+    dlogits, dhidden, dweight = configs["dlogits"], configs["dhidden"], configs["dweight"]
 
-    chunk_cols = _vocab_chunk(rows_total, vocab, block_v)
+    chunk_cols = _vocab_chunk(rows_total, vocab)
     dz = torch.empty(rows_total, chunk_cols, device=device, dtype=hidden.dtype)
     d_rows = torch.zeros(rows_total, width, device=device, dtype=torch.float32)
-    row_blocks = triton.cdiv(rows_total, block_m)
     for v_begin in range(0, vocab, chunk_cols):  # a static loop: vocab is a shape
         chunk = min(chunk_cols, vocab - v_begin)
-        _dlogits_kernel[(row_blocks, triton.cdiv(chunk, block_v))](
+        _dlogits_kernel[(triton.cdiv(rows_total, dlogits["BLOCK_M"]), triton.cdiv(chunk, dlogits["BLOCK_V"]))](
             hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows, row_lse, row_grad, dz,
             width, vocab, v_begin, v_begin + chunk,
             *_strides(hidden, weight), dz.stride(0),
             float(label_smoothing), float(z_loss),
-            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_V=block_v, BLOCK_K=cfg["BLOCK_K"],
-            DOT_PRECISION=precision, **launch,
+            HAS_BIAS=bias is not None, DOT_PRECISION=precision, **dlogits,
         )
-        _dhidden_kernel[(row_blocks, triton.cdiv(width, block_h))](
+        _dhidden_kernel[(triton.cdiv(rows_total, dhidden["BLOCK_M"]), triton.cdiv(width, dhidden["BLOCK_H"]))](
             dz, weight, n_rows, d_rows,
             width, v_begin, chunk,
             dz.stride(0), *weight.stride(), d_rows.stride(0),
-            BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=precision, **launch,
+            DOT_PRECISION=precision, **dhidden,
         )
-        _dweight_kernel[(triton.cdiv(chunk, cfg["DW_BLOCK_V"]), triton.cdiv(width, cfg["DW_BLOCK_H"]))](
+        _dweight_kernel[(triton.cdiv(chunk, dweight["BLOCK_V"]), triton.cdiv(width, dweight["BLOCK_H"]))](
             dz, hidden, tokens, n_rows, d_weight, d_bias,
             width, v_begin, chunk,
             dz.stride(0), *hidden.stride(), *d_weight.stride(),
-            BLOCK_V=cfg["DW_BLOCK_V"], BLOCK_H=cfg["DW_BLOCK_H"], BLOCK_M=cfg["DW_BLOCK_M"],
-            DOT_PRECISION=precision, **launch,
+            DOT_PRECISION=precision, **dweight,
         )
 
     # Compact rows j >= n hold zeros, so adding all R rows is exact; duplicated positions sum
