@@ -1,0 +1,104 @@
+"""``python -m benchmarks``: run the benchmark suite, print a markdown table per op, write rows and plots.
+
+    python -m benchmarks --cpu                     # CPU figures (make bench)
+    python -m benchmarks --preset gpu              # the kernel issues' GPU figures
+    python -m benchmarks --ops masked_ce --preset smoke --out /tmp/rows.jsonl
+
+Rows are appended to ``--out`` (JSONL, one row per metric; see benchmarks/harness.py);
+the tables and plots use the rows of this run only.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import tables
+from .harness import RESULTS, Settings, environment, run_bench
+
+OPS = {"attention": "bench_attention", "masked_ce": "bench_masked_ce", "block_sparse": "bench_block_sparse",
+       "train_step": "bench_train_step"}
+PRESETS = ("smoke", "cpu", "gpu-check", "gpu")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--preset", choices=PRESETS, help="shape set (default: cpu on the CPU, gpu on a GPU)")
+    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--out", type=Path, help="results file to append to (default benchmarks/results/<device>-rows.jsonl)")
+    p.add_argument("--summary", type=Path, help="markdown summary to write (default beside --out)")
+    p.add_argument("--plots", type=Path, help="folder for PNG plots (default beside --out; 'none' to skip)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this long")
+    p.add_argument("--cpu-time-s", type=float, default=2.0, help="timing budget per provider on the CPU")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def device_tag(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    short = next((w for w in name.replace("-", " ").split() if any(c.isdigit() for c in w)), name.split()[-1])
+    return time.strftime("%Y-%m-%d", time.gmtime()) + "-" + short
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    preset = args.preset or ("cpu" if device == "cpu" else "gpu")
+    unknown = [op for op in args.ops.split(",") if op not in OPS]
+    if unknown:
+        sys.exit(f"unknown ops {unknown}; choose from {list(OPS)}")
+    tag = device_tag(device)
+    out = args.out or RESULTS / f"{tag}-rows.jsonl"
+    stem = out.name[: -len("rows.jsonl")] if out.name.endswith("rows.jsonl") else out.stem + "-"
+    summary = args.summary or out.with_name(f"{stem}summary.md")
+    settings = Settings(cpu_budget_s=args.cpu_time_s, memory=not args.no_memory)
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
+
+    rows = []
+    for op in args.ops.split(","):
+        bench = importlib.import_module(f"benchmarks.{OPS[op]}")
+        rows += run_bench(bench, preset, device, settings, out, deadline, echo=lambda line: print(line, flush=True))
+
+    env = environment(device)
+    command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    lines = [f"# Benchmarks: {tag}, preset {preset}", "",
+             f"Command: `{command}`  ", f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+             f"CUDA {env['cuda']}; commit {env['commit']}; {env['date']}  ",
+             f"Torch CPU threads: {torch.get_num_threads()}; load average after the run: "
+             f"{'/'.join(f'{x:.1f}' for x in load) if load else 'n/a'}  ",
+             f"Rows: `{out}` (run {settings.run_id})", "",
+             "Speed-ups are other time / this time (> 1: this provider is faster); memory ratios are other "
+             "peak / this peak (> 1: this provider uses less). CPU peak memory is the peak resident set "
+             "during one call above the resident set before it, in a fresh process; GPU peak memory is "
+             "torch.cuda.max_memory_allocated above the memory allocated before the call.", "",
+             "## Headline", "", tables.headline(rows), "", "## Per op", tables.op_tables(rows)]
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    summary.write_text("\n".join(lines) + "\n")
+    if str(args.plots) != "none":
+        from . import plot
+        try:
+            made = plot.plot_rows(rows, args.plots or out.parent, prefix=f"{tag}-")
+            print("plots:", ", ".join(str(p) for p in made) or "none (no plottable rows)")
+        except plot.MissingMatplotlib as exc:
+            print(f"plots skipped: {exc}")
+    print(tables.op_tables(rows))
+    print("\n## Headline\n\n" + tables.headline(rows))
+    print(f"\nrows appended to {out}; summary in {summary}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Benchmark of fastmlm.ops.block_sparse_attention: time against the kept fraction of tiles.
+
+Layouts are BigBird-style random blocks (``block_layout.random_blocks``), the same
+for every head, with ``round(density * nb)`` key blocks per query block, so the
+kept fraction is exact up to rounding (the label shows the real one).
+
+Providers:
+  reference               the dense fp32 oracle under the layout's token mask
+  fastmlm-torch / -triton / -cuda   block_sparse_attention
+  dense-torch / -triton / -cuda     fastmlm's *dense* attention on the same q, k, v:
+                          the baseline a sparse kernel must beat ("ideal" = dense x density)
+  flex                    compiled FlexAttention with a BlockMask of the same tiles
+                          (block size 128, FlexAttention's own tile size)
+
+FLOPs count the kept tiles only: forward = 4 * B * H * D * (kept tiles * block²),
+fwd+bwd = 3.5 x forward; the dense baselines are charged the same useful work.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastmlm.ops import attention, block_sparse_attention, block_sparse_attention_reference
+from fastmlm.ops.block_layout import random_blocks
+
+from . import bench_attention
+from .common import fastmlm_backend, generator, randn, require_backend_device, zero_grads
+from .harness import Skip, Workload, compare
+
+OP = "block_sparse_attention"
+MAX_DENSE_SCORES = 1 << 31
+
+
+def _shape(seqlen, heads, density, batch=1, head_dim=64, block=128):
+    return {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim, "density": density,
+            "block": block, "pass": "fwd+bwd"}
+
+
+def shapes(preset: str) -> list[dict]:
+    if preset == "smoke":
+        return [_shape(64, 2, d, head_dim=16, block=16) for d in (0.5, 1.0)]
+    if preset == "cpu":
+        return [_shape(2048, 4, d) for d in (0.1, 0.25, 0.5, 1.0)]
+    if preset == "gpu-check":
+        return [_shape(8192, 12, d) for d in (0.1, 0.5, 1.0)]
+    if preset == "gpu":  # issue 9
+        return [_shape(s, 12, d) for s in (8192, 16384) for d in (0.1, 0.25, 0.5, 0.75, 1.0)]
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def dtypes(preset: str) -> list[torch.dtype]:
+    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+
+
+def layout_of(shape: dict):
+    nb = -(-shape["seqlen"] // shape["block"])
+    per_row = max(1, round(shape["density"] * nb))
+    return random_blocks(shape["seqlen"], per_row, shape["block"], num_heads=1, seed=0)
+
+
+def label(shape: dict) -> str:
+    return (f"b={shape['batch']} s={shape['seqlen']} h={shape['heads']} d={shape['head_dim']} "
+            f"block={shape['block']} density={layout_of(shape).density:.3f}")
+
+
+def providers(shape: dict, device: str) -> list[str]:
+    return (["reference"] + [f"fastmlm-{b}" for b in ("torch", "triton", "cuda")]
+            + [f"dense-{b}" for b in ("torch", "triton", "cuda")] + ["flex"])
+
+
+def _flex(layout, shape, device):
+    flex_attention, create_block_mask = bench_attention._compiled_flex()
+    blocks = layout.blocks.to(device)
+    bs, s = layout.block_size, shape["seqlen"]
+    block_mask = create_block_mask(lambda b, h, qi, ki: blocks[0, qi // bs, ki // bs] != 0, 1, None, s, s,
+                                   device=device, BLOCK_SIZE=bs)
+    return lambda q, k, v: flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          block_mask=block_mask).transpose(1, 2)
+
+
+def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+    b, s, h, d = (shape[k] for k in ("batch", "seqlen", "heads", "head_dim"))
+    layout = layout_of(shape)
+    gen = generator(0)
+    q, k, v, dout = (randn((b, s, h, d), dtype, device, gen) for _ in range(4))
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+
+    if provider.startswith("dense-"):
+        backend = provider[len("dense-"):]
+        require_backend_device(backend, device)
+        fn = lambda q, k, v: attention(q, k, v, backend=backend)
+    elif provider == "reference":
+        if b * h * s * s > MAX_DENSE_SCORES:
+            raise Skip(f"the reference materialises {b * h * s * s / 2**30:.0f} Gi scores; too large to time")
+        fn = lambda q, k, v: block_sparse_attention(q, k, v, layout, backend="reference")
+    elif fastmlm_backend(provider) is not None:
+        backend = fastmlm_backend(provider)
+        require_backend_device(backend, device)
+        fn = lambda q, k, v: block_sparse_attention(q, k, v, layout, backend=backend)
+    elif provider == "flex":
+        if device == "cpu":
+            raise Skip("FlexAttention has no backward on the CPU")
+        fn = _flex(layout, shape, device)
+    else:
+        raise ValueError(f"unknown block_sparse_attention provider {provider!r}")
+
+    def step():
+        zero_grads(q, k, v)
+        fn(q, k, v).backward(dout)
+
+    kept_pairs = float((layout.blocks != 0).sum()) * layout.block_size ** 2
+    flops = 3.5 * 4.0 * b * h * d * min(kept_pairs, float(s * s))
+    dense = provider.startswith("dense-")
+    return Workload(step=step, check=lambda: _check(fn, q, k, v, dout, layout, dense, device), flops=flops)
+
+
+def _check(fn, q, k, v, dout, layout, dense: bool, device) -> str:
+    """Against the reference of what the provider computes (dense attention for the dense-* baselines),
+    on the first sequence and as many heads as a dense oracle affords."""
+    zero_grads(q, k, v)
+    out = fn(q, k, v)
+    out.backward(dout)
+    s = q.shape[1]
+    n_head = max(1, min(q.shape[2], (1 << 24) // (s * s)))
+    pick = lambda t: t[:1, :, :n_head]
+    fast = {"out": pick(out.detach()), "dq": pick(q.grad), "dk": pick(k.grad), "dv": pick(v.grad)}
+    zero_grads(q, k, v)
+
+    def oracle(dtype, upcast):
+        leaves = [pick(t.detach()).to(dtype).requires_grad_() for t in (q, k, v)]
+        if dense:
+            from fastmlm.ops import attention_reference
+            o, _ = attention_reference(*leaves, upcast=upcast)
+        else:
+            o, _ = block_sparse_attention_reference(*leaves, layout, upcast=upcast)
+        o.backward(pick(dout).to(dtype))
+        return {"out": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+
+    exact = oracle(torch.float64 if device == "cpu" else torch.float32, True)
+    return compare(fast, exact, oracle(q.dtype, False), {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0})

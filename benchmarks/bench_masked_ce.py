@@ -1,0 +1,164 @@
+"""Benchmark of fastmlm.ops.masked_lm_loss (gather + vocab projection + cross-entropy).
+
+One step is loss forward + backward (gradients for hidden, weight and bias).
+A fraction ``rate`` of the T tokens is masked; their positions (R of them) are
+computed once, outside the timed call, as a data collator would.
+
+Providers:
+  reference       fastmlm's oracle over *all* T tokens (what BertForMaskedLM does:
+                  project every token, cross-entropy with ignore_index), fp32 logits
+  torch-gathered  the plain-PyTorch user fix: gather the R masked rows, F.linear in
+                  the input dtype, F.cross_entropy on fp32 logits
+  fastmlm-torch / -triton / -cuda   masked_lm_loss(..., positions=positions)
+  liger           Liger Kernel's fused linear cross-entropy on the gathered rows
+  cce             Cut Cross-Entropy's linear_cross_entropy on the gathered rows
+
+FLOPs are the useful work on the R masked rows: 2*R*H*V forward, 4*R*H*V backward.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
+
+from .common import fastmlm_backend, generator, randn, require_backend_device, require_module, zero_grads
+from .harness import Skip, Workload, compare
+
+OP = "masked_lm_loss"
+
+
+def _shape(tokens, hidden, vocab, rate=0.15):
+    return {"tokens": tokens, "hidden": hidden, "vocab": vocab, "rate": rate, "pass": "fwd+bwd"}
+
+
+def shapes(preset: str) -> list[dict]:
+    if preset == "smoke":
+        return [_shape(64, 16, 123)]
+    if preset == "cpu":  # BERT-base head; memory against masked tokens up to issue 4's 32k tokens
+        return [_shape(t, 768, 30522) for t in (4096, 16384, 32768)]
+    if preset == "gpu-check":
+        return [_shape(t, 768, 30522) for t in (8192, 32768)]
+    if preset == "gpu":
+        return [_shape(t, 768, 30522) for t in (4096, 8192, 16384, 32768, 65536)]
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def dtypes(preset: str) -> list[torch.dtype]:
+    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+
+
+def label(shape: dict) -> str:
+    return f"T={shape['tokens']} H={shape['hidden']} V={shape['vocab']} masked={shape['rate']:.0%}"
+
+
+def providers(shape: dict, device: str) -> list[str]:
+    return ["reference", "torch-gathered", "fastmlm-torch", "fastmlm-triton", "fastmlm-cuda", "liger", "cce"]
+
+
+# --------------------------------------------------------------------------- inputs
+def _inputs(shape: dict, dtype, device):
+    t, hsz, vocab = shape["tokens"], shape["hidden"], shape["vocab"]
+    gen = generator(0)
+    hidden = randn((t, hsz), dtype, device, gen)
+    weight = randn((vocab, hsz), dtype, device, gen, scale=hsz ** -0.5)
+    bias = randn((vocab,), dtype, device, gen, scale=0.1)
+    masked = torch.rand(t, generator=gen) < shape["rate"]
+    masked[0] = True  # at least one counted row
+    labels = torch.where(masked, torch.randint(0, vocab, (t,), generator=gen), -100)
+    positions = masked.nonzero()[:, 0]
+    leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
+    return leaves, labels.to(device), positions.to(device)
+
+
+def _available_bytes() -> int:
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def _liger():
+    module = require_module("liger_kernel.transformers", "Liger Kernel")
+    loss_fn = module.LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+    def run(h, w, b, labels, positions):
+        out = loss_fn(w, h[positions], labels[positions], b)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _cce():
+    module = require_module("cut_cross_entropy", "Cut Cross-Entropy")
+    return lambda h, w, b, labels, positions: module.linear_cross_entropy(h[positions], w, labels[positions], bias=b)
+
+
+def _provider_fn(provider: str, device: str):
+    backend = fastmlm_backend(provider)
+    if provider == "reference":
+        return lambda h, w, b, labels, positions: masked_lm_loss(h, w, b, labels, backend="reference")
+    if backend is not None:
+        require_backend_device(backend, device)
+        return lambda h, w, b, labels, positions: masked_lm_loss(h, w, b, labels, positions=positions,
+                                                                 backend=backend)
+    if provider == "torch-gathered":
+        return lambda h, w, b, labels, positions: F.cross_entropy(F.linear(h[positions], w, b).float(),
+                                                                  labels[positions])
+    if provider in ("liger", "cce"):
+        if not device.startswith("cuda"):
+            raise Skip(f"{provider} is a set of Triton GPU kernels")
+        return _liger() if provider == "liger" else _cce()
+    raise ValueError(f"unknown masked_lm_loss provider {provider!r}")
+
+
+# --------------------------------------------------------------------------- workload
+def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+    t, vocab = shape["tokens"], shape["vocab"]
+    if provider == "reference" and device == "cpu":
+        # fp32 logits, their softmax and their gradient are alive together in autograd.
+        need = 4 * t * vocab * 4
+        if need > 0.6 * _available_bytes():
+            raise Skip(f"the all-tokens reference needs about {need / 2**30:.0f} GiB; "
+                       f"{_available_bytes() / 2**30:.0f} GiB available")
+    fn = _provider_fn(provider, device)
+    (h, w, b), labels, positions = _inputs(shape, dtype, device)
+
+    def step():
+        zero_grads(h, w, b)
+        fn(h, w, b, labels, positions).backward()
+
+    def check() -> str:
+        zero_grads(h, w, b)
+        loss = fn(h, w, b, labels, positions)
+        loss.backward()
+        fast = {"loss": loss.detach().float(), "dh": h.grad, "dw": w.grad, "db": b.grad}
+        zero_grads(h, w, b)
+        exact, lowp = _oracle(shape_key(shape), dtype, device)
+        return compare(fast, exact, lowp, {"loss": 2.0, "dh": 3.0, "dw": 3.0, "db": 3.0})
+
+    rows = positions.numel()
+    return Workload(step=step, check=check, flops=6.0 * rows * shape["hidden"] * vocab)
+
+
+def shape_key(shape: dict) -> tuple:
+    return tuple(sorted(shape.items()))
+
+
+@functools.lru_cache(maxsize=1)
+def _oracle(key: tuple, dtype, device):
+    """(exact, low-precision) loss and gradients of the reference on the gathered rows; cached per shape."""
+    shape = dict(key)
+    results = []
+    exact_dtype = torch.float64 if device == "cpu" else torch.float32
+    for compute, upcast in ((exact_dtype, True), (dtype, False)):
+        (h, w, b), labels, positions = _inputs(shape, dtype, device)
+        h, w, b = (x.detach().to(compute).requires_grad_() for x in (h, w, b))
+        rows, _, _ = masked_lm_loss_reference(h, w, b, labels, positions, upcast=upcast)
+        loss = rows.sum() / positions.numel()
+        loss.backward()
+        results.append({"loss": loss.detach().float(), "dh": h.grad, "dw": w.grad, "db": b.grad})
+    return results[0], results[1]

@@ -1,0 +1,178 @@
+"""PNG plots from a benchmark results file (JSONL rows written by benchmarks/harness.py).
+
+    python benchmarks/plot.py benchmarks/results/cpu-rows.jsonl --out benchmarks/results [--all-runs]
+
+Draws, from the newest run in the file (or every run with --all-runs):
+  <prefix>attention-tflops.png       attention TFLOP/s against sequence length, one panel per
+                                     layout / heads / pass / dtype, one line per provider
+  <prefix>masked_ce-memory.png       masked-LM loss peak memory against masked tokens
+  <prefix>block_sparse-time.png      block-sparse time against kept density per sequence length,
+                                     beside the ideal line (fastest dense baseline x density)
+Needs matplotlib (pip install -e ".[bench]").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+class MissingMatplotlib(RuntimeError):
+    pass
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingMatplotlib("matplotlib is not installed; install the bench extra: "
+                                "pip install -e \".[bench]\" (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _ok(rows, op, metric):
+    return [r for r in rows if r["op"] == op and r["metric"] == metric and r["status"] == "ok"
+            and r["median"] is not None and isinstance(r.get("params"), dict)]
+
+
+def _panels(plt, groups: dict, title: str):
+    n = len(groups)
+    cols = min(3, n)
+    rows_n = -(-n // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, list(axes.flat[:n])
+
+
+def _line(ax, points, name, **style):
+    points = sorted(points)
+    xs, med = [p[0] for p in points], [p[1] for p in points]
+    lo = [p[1] - p[2] for p in points]
+    hi = [p[3] - p[1] for p in points]
+    ax.errorbar(xs, med, yerr=[[max(0, v) for v in lo], [max(0, v) for v in hi]], marker="o", ms=3, capsize=2,
+                label=name, **style)
+
+
+def plot_attention(plt, rows, path: Path) -> bool:
+    data = _ok(rows, "attention", "TFLOP/s")
+    if not data:
+        return False
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in data:
+        p = r["params"]
+        panel = f"{p['layout']}, h={p['heads']}, d={p['head_dim']}, {p['pass']}, {r['dtype']}"
+        groups[panel][r["provider"]].append((p["seqlen"], r["median"], r["p20"], r["p80"]))
+    fig, axes = _panels(plt, groups, "attention: TFLOP/s (useful FLOPs) vs sequence length")
+    for ax, (panel, lines) in zip(axes, groups.items()):
+        for name, points in sorted(lines.items()):
+            _line(ax, points, name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_masked_ce(plt, rows, path: Path) -> bool:
+    data = _ok(rows, "masked_lm_loss", "peak memory")
+    if not data:
+        return False
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in data:
+        p = r["params"]
+        panel = f"H={p['hidden']}, V={p['vocab']}, {p['rate']:.0%} masked, {r['dtype']}"
+        groups[panel][r["provider"]].append((round(p["tokens"] * p["rate"]), r["median"], r["p20"], r["p80"]))
+    fig, axes = _panels(plt, groups, "masked-LM loss forward+backward: peak memory vs masked tokens")
+    for ax, (panel, lines) in zip(axes, groups.items()):
+        for name, points in sorted(lines.items()):
+            _line(ax, points, name)
+        ax.set_xlabel("masked tokens (≈ tokens x rate)")
+        ax.set_ylabel("peak MiB above inputs")
+        ax.set_yscale("log")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _kept_density(label: str) -> float:
+    return float(label.rsplit("density=", 1)[1])
+
+
+def plot_block_sparse(plt, rows, path: Path) -> bool:
+    data = _ok(rows, "block_sparse_attention", "time")
+    if not data:
+        return False
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in data:
+        p = r["params"]
+        panel = f"s={p['seqlen']}, h={p['heads']}, d={p['head_dim']}, block={p['block']}, {r['dtype']}"
+        groups[panel][r["provider"]].append((_kept_density(r["shape"]), r["median"], r["p20"], r["p80"]))
+    fig, axes = _panels(plt, groups, "block-sparse attention forward+backward: time vs kept density")
+    for ax, (panel, lines) in zip(axes, groups.items()):
+        for name, points in sorted(lines.items()):
+            _line(ax, points, name, linestyle="--" if name.startswith("dense-") else "-")
+        dense = [min(v for _, v, _, _ in pts) for n, pts in lines.items() if n.startswith("dense-")]
+        if dense:
+            xs = sorted({x for pts in lines.values() for x, *_ in pts})
+            ax.plot(xs, [min(dense) * x for x in xs], color="black", linewidth=1, label="ideal: dense x density")
+        ax.set_xlabel("kept fraction of tiles")
+        ax.set_ylabel("ms")
+        ax.set_title(panel, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_rows(rows: list[dict], folder: Path, prefix: str = "") -> list[Path]:
+    """Draw every plot the rows allow; return the files written."""
+    plt = _pyplot()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, draw in (("attention-tflops", plot_attention), ("masked_ce-memory", plot_masked_ce),
+                       ("block_sparse-time", plot_block_sparse)):
+        path = folder / f"{prefix}{name}.png"
+        if draw(plt, rows, path):
+            made.append(path)
+    return made
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="PNG plots from a benchmark results file")
+    p.add_argument("results", type=Path, help="JSONL rows (benchmarks/results/*-rows.jsonl)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the PNGs (default: beside the results)")
+    p.add_argument("--prefix", default=None, help="file name prefix (default: the results file's name stem)")
+    p.add_argument("--all-runs", action="store_true", help="plot every run in the file, not only the newest")
+    args = p.parse_args(argv)
+    with open(args.results) as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    if rows and not args.all_runs:
+        newest = max(r["run"] for r in rows)
+        rows = [r for r in rows if r["run"] == newest]
+    prefix = args.prefix if args.prefix is not None else args.results.name.replace("rows.jsonl", "")
+    try:
+        made = plot_rows(rows, args.out or args.results.parent, prefix)
+    except MissingMatplotlib as exc:
+        print(f"plot.py: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(str(m) for m in made) or "no plottable rows")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
