@@ -4,6 +4,11 @@ grad_output, odd sizes, positions with padding and duplicates, argmax ties, opch
 Every case runs each backend of ``FAST_BACKENDS`` and applies the error-ratio rule of
 ARCHITECTURE.md to the loss and to all three gradients.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -228,3 +233,18 @@ def test_triton_forward_backward_never_sync_and_are_deterministic():
         torch.cuda.set_sync_debug_mode("default")
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+# --------------------------------------------------------------------------- compiles for a GPU, on any machine
+@pytest.mark.interpreter
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter accepts code the compiler rejects: compile every kernel for an H100 with the
+    GPU configurations, on any machine (a subprocess, since TRITON_INTERPRET=1 replaces @triton.jit)."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("from fastmlm.ops.dispatch import import_backend; "
+            "import_backend('fastmlm_kernels._masked_ce_compile').main()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok") == 8, done.stdout  # 4 kernels x (bf16, fp32)

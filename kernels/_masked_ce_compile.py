@@ -1,0 +1,68 @@
+"""Compile the masked-CE Triton kernels for sm_90 (H100) on any machine, no GPU needed.
+
+The Triton interpreter runs code the compiler rejects (and the reverse), so the CPU test tier
+also compiles every kernel of kernels/masked_ce.py with its GPU configuration and reports the
+shared memory each needs. Run it without TRITON_INTERPRET=1:
+
+    python -c "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._masked_ce_compile').main()"
+
+Arguments are typed by name, and integers divisible by 16 and unit strides are specialised as
+Triton does at launch for BERT-base shapes (H = 768; the vocabulary 30522 is not a multiple of 16).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import masked_ce
+
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
+TYPES = {"tokens_ptr": "*i64", "targets_ptr": "*i64", "n_rows_ptr": "*i32", "argbest_ptr": "*i32",
+         "label_smoothing": "fp32", "z_loss": "fp32"}
+FP32_POINTERS = ("max_ptr", "sumexp_ptr", "target_logit_ptr", "logit_sum_ptr", "best_ptr", "lse_ptr", "grad_ptr",
+                 "drows_ptr")
+UNIT_STRIDES = {"forward": ("stride_hh", "stride_wh"), "dlogits": ("stride_hh", "stride_wh"),
+                "dhidden": ("stride_wh",), "dweight": ("stride_hh", "stride_dwh")}
+
+
+def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 32)):
+    """Compile ``_<name>_kernel`` for ``target`` with the GPU configuration for ``dtype``."""
+    fn = getattr(masked_ce, f"_{name}_kernel")
+    configs = masked_ce._configs(dtype)
+    meta = dict(configs[name])
+    options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
+    meta["DOT_PRECISION"] = configs["DOT_PRECISION"]
+    meta.update({stride: 1 for stride in UNIT_STRIDES[name]})
+    params = list(inspect.signature(fn.fn).parameters)
+    if "HAS_BIAS" in params:
+        meta["HAS_BIAS"] = True
+    element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    signature, attrs = {}, {}
+    for i, param in enumerate(params):
+        if param in meta:
+            signature[param] = "constexpr"
+            continue
+        signature[param] = TYPES.get(param, "*fp32" if param in FP32_POINTERS else
+                                     f"*{element}" if param.endswith("_ptr") else "i32")
+        if signature[param] != "fp32" and param != "V":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs={(params.index(p),): v for p, v in meta.items()}, attrs=attrs)
+    return triton.compile(source, target=target, options=options)
+
+
+def main() -> None:
+    if masked_ce.triton_interpret():
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
+    for dtype in (torch.bfloat16, torch.float32):
+        for name in UNIT_STRIDES:
+            shared = compile_kernel(name, dtype).metadata.shared
+            verdict = "ok" if shared <= SHARED_LIMIT else "TOO MUCH SHARED MEMORY"
+            print(f"{name:8s} {str(dtype):15s} shared {shared:7d} B  {verdict}")
+
+
+if __name__ == "__main__":
+    main()
