@@ -8,6 +8,7 @@ from helpers import assert_error_ratio, cu_seqlens_of, random_mask
 
 FAST_BACKENDS = [
     pytest.param("torch", id="torch"),
+    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
 
@@ -66,6 +67,8 @@ def test_full_density_equals_dense_attention(backend):
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_error_ratio_per_head_layouts(backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's bf16 dot is wrong; bf16 runs on the GPU tier")
     heads, seqlen = 3, 37
     layout = L.sliding_window(seqlen, 5, 8) | L.global_tokens(seqlen, 1, 8) | L.random_blocks(seqlen, 1, 8, heads)
     exact_in = [torch.randn(2, seqlen, heads, 32, dtype=torch.float64, requires_grad=True) for _ in range(3)]
