@@ -5,11 +5,25 @@ built), =0 skips it; unset, it is built when torch is a CUDA build and nvcc is
 found. TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") and MAX_JOBS are honoured.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import sys
 
 from setuptools import find_packages, setup
+
+
+def compile_flags():
+    """The nvcc / C++ flags, shared with the CPU compile check (fastmlm/tools/compile_cuda.py).
+
+    Loaded by path: that module imports only the standard library, and importing the
+    fastmlm package here would need its dependencies at build time.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastmlm", "tools", "compile_cuda.py")
+    spec = importlib.util.spec_from_file_location("_fastmlm_compile_cuda", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cuda_extension():
@@ -36,13 +50,13 @@ def cuda_extension():
         print(f"fastmlm: building without the CUDA extension ({reason})", file=sys.stderr)
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    flags = compile_flags()
     extra_include = [p for p in glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu1*", "include"))]
     ext = CUDAExtension(
         "fastmlm._C",
         sources,
         include_dirs=[os.path.abspath("csrc")] + extra_include,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": flags.CXX_FLAGS, "nvcc": flags.NVCC_FLAGS},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -1,0 +1,522 @@
+// Fused bidirectional attention, forward and deterministic backward, on tensor cores.
+//
+// Algorithm (FlashAttention-2 style; the same math as kernels/attention.py):
+//   forward   one block per (64-query tile, head, sequence), 4 warps x 16 query rows.
+//             Walk the key tiles of the sequence: S = Q Kᵀ (mma.sync m16n8k16, fp32
+//             accumulators), online softmax in fp32 and log2 units (running max m, running
+//             sum l, rescale O by 2^(m_old - m_new)), O += P V with P re-packed from the
+//             accumulator registers into A fragments. Finally O /= l, lse = ln2·(m + log2 l).
+//   backward  three kernels, no atomics, so the result is bit-for-bit reproducible:
+//             delta = rowsum(dO ∘ O);
+//             dK/dV: one block per 64-key tile, walking the query tiles:
+//                    Pᵀ = exp(scale·K Qᵀ - lse),  dV += Pᵀ dO,
+//                    dPᵀ = V dOᵀ,  dSᵀ = Pᵀ ∘ (dPᵀ - delta),  dK += scale · dSᵀ Q;
+//             dQ:    one block per 64-query tile, walking the key tiles, recomputing P:
+//                    dS = P ∘ (dO Vᵀ - delta),  dQ += scale · dS K.
+//             (Recomputing P twice costs one extra Q Kᵀ product; it buys determinism.)
+//
+// Layouts: packed (T, H, D) with cu_seqlens, or padded (B, S, H, D) with an optional
+// (B, S) key mask applied element-wise, so left-padding or holes work too. Padded query
+// rows are computed like the reference does (they attend to the real keys).
+// A row with no real key outputs 0 with lse = -inf, and contributes no gradient.
+//
+// Limits: fp16 / bf16 (sm_80+), head_dim a multiple of 8 up to 128; the kernels are
+// instantiated for head dims 32, 64 and 128 and zero-pad smaller ones to the next.
+// Shared memory stays under the 48 KiB default (no opt-in needed): the key tile shrinks
+// to 32 for head dim 128. Operands reach shared memory with plain 16-byte loads (no
+// cp.async pipelining, no ldmatrix) and fragments are read with 32-bit shared loads:
+// simple and correct first; the Triton kernel's software pipelining is not replicated.
+#pragma once
+
+#include <cmath>
+
+#include "device.cuh"
+#include "launchers.h"
+
+namespace fastmlm {
+namespace attention {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * kWarpSize;
+constexpr int kRowsPerWarp = 16;                    // the m of m16n8k16
+constexpr int kBlockRows = kWarps * kRowsPerWarp;   // rows owned by one block
+constexpr int kPad = 8;                             // shared-memory row padding (elements)
+
+// Tile sizes for one head-dim bucket. LD* are shared-memory row strides in elements.
+template <int HEAD_DIM>
+struct Tiles {
+  static constexpr int kInner = HEAD_DIM >= 128 ? 32 : 64;  // keys (fwd, dQ) or queries (dK/dV) per step
+  static constexpr int kLd = HEAD_DIM + kPad;               // row-major tile: rows x head dim
+  static constexpr int kLdT = kInner + kPad;                // transposed tile: head dim x inner rows
+};
+
+// Where one sequence's tokens live.
+struct Sequence {
+  int64_t start;
+  int len;
+};
+
+FASTMLM_DEVICE Sequence sequence(const AttentionParams& p, int b) {
+  if (p.cu_seqlens != nullptr) {
+    const int start = p.cu_seqlens[b];
+    return {start, p.cu_seqlens[b + 1] - start};
+  }
+  return {static_cast<int64_t>(b) * p.max_seqlen, p.max_seqlen};
+}
+
+// Element offset of (token, head, 0) in a contiguous (tokens, heads, head_dim) tensor.
+FASTMLM_DEVICE int64_t row_offset(const AttentionParams& p, int64_t token, int head) {
+  return (token * p.heads + head) * p.head_dim;
+}
+
+FASTMLM_DEVICE bool key_is_real(const AttentionParams& p, Sequence seq, int b, int key) {
+  if (key >= seq.len) return false;
+  return p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * p.max_seqlen + key];
+}
+
+// Copy ROWS rows (tokens row0.. of one head of one sequence) into shared memory, row-major
+// into dst (ROWS x ld) and/or transposed into dst_t (HEAD_DIM x ld_t). Rows past the end of
+// the sequence and columns past head_dim read as zero, so they add nothing to any product.
+template <class T, int ROWS, int HEAD_DIM>
+FASTMLM_DEVICE void copy_tile(T* dst, int ld, T* dst_t, int ld_t, const T* src, const AttentionParams& p,
+                              Sequence seq, int head, int row0) {
+  constexpr int kVecsPerRow = HEAD_DIM / 8;
+  for (int i = thread_x(); i < ROWS * kVecsPerRow; i += kThreads) {
+    const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
+    Vec16 v{};
+    if (row0 + r < seq.len && c < p.head_dim)
+      v = *reinterpret_cast<const Vec16*>(src + row_offset(p, seq.start + row0 + r, head) + c);
+    if (dst != nullptr) *reinterpret_cast<Vec16*>(dst + r * ld + c) = v;
+    if (dst_t != nullptr) {
+      T e[8];
+      memcpy(e, &v, sizeof(v));
+      for (int j = 0; j < 8; ++j) dst_t[(c + j) * ld_t + r] = e[j];
+    }
+  }
+}
+
+// A fragment (16 x 16) of a row-major tile: A[m][k] = tile[m * ld + k0 + k].
+template <class T>
+FASTMLM_DEVICE void load_frag_a(uint32_t (&a)[4], const T* tile, int ld, int k0) {
+  const int g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  a[0] = load_pair(tile + g * ld + k0 + 2 * t);
+  a[1] = load_pair(tile + (g + 8) * ld + k0 + 2 * t);
+  a[2] = load_pair(tile + g * ld + k0 + 8 + 2 * t);
+  a[3] = load_pair(tile + (g + 8) * ld + k0 + 8 + 2 * t);
+}
+
+// B fragment (16 x 8) of a tile holding Bᵀ row-major: B[k][n] = tile[(n0 + n) * ld + k0 + k].
+template <class T>
+FASTMLM_DEVICE void load_frag_b(uint32_t (&b)[2], const T* tile, int ld, int n0, int k0) {
+  const int g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  b[0] = load_pair(tile + (n0 + g) * ld + k0 + 2 * t);
+  b[1] = load_pair(tile + (n0 + g) * ld + k0 + 8 + 2 * t);
+}
+
+// Two neighbouring 16x8 accumulator tiles (columns 16j..16j+15) as the A fragment of the
+// next product: the accumulator and A layouts line up, so this is only a pack to 16 bits.
+template <class T>
+FASTMLM_DEVICE void acc_to_frag_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = Pair<T>::pack(lo[0], lo[1]);
+  a[1] = Pair<T>::pack(lo[2], lo[3]);
+  a[2] = Pair<T>::pack(hi[0], hi[1]);
+  a[3] = Pair<T>::pack(hi[2], hi[3]);
+}
+
+// Sum (or max) over the 4 lanes that hold one accumulator row.
+FASTMLM_DEVICE float row_sum4(float x) {
+  x += shuffle_xor(x, 1);
+  return x + shuffle_xor(x, 2);
+}
+FASTMLM_DEVICE float row_max4(float x) {
+  x = fmaxf(x, shuffle_xor(x, 1));
+  return fmaxf(x, shuffle_xor(x, 2));
+}
+
+// Store a 16 x HEAD_DIM accumulator block (rows row0 + g, row0 + g + 8) times `factor[r]`.
+template <class T, int HEAD_DIM>
+FASTMLM_DEVICE void store_rows(T* dst, const AttentionParams& p, Sequence seq, int head, int row0,
+                               const float (&acc)[HEAD_DIM / 8][4], const float (&factor)[2]) {
+  const int g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + g + 8 * r;
+    if (row >= seq.len) continue;
+    T* base = dst + row_offset(p, seq.start + row, head);
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+      const int col = nd * 8 + 2 * t;
+      if (col < p.head_dim)
+        *reinterpret_cast<uint32_t*>(base + col) =
+            Pair<T>::pack(acc[nd][2 * r] * factor[r], acc[nd][2 * r + 1] * factor[r]);
+    }
+  }
+}
+
+// =========================================================================== forward
+template <class T, int HEAD_DIM>
+struct ForwardSmem {
+  using Tl = Tiles<HEAD_DIM>;
+  static constexpr int kQ = kBlockRows * Tl::kLd;    // this block's queries (read once)
+  static constexpr int kK = Tl::kInner * Tl::kLd;    // one key tile, row-major
+  static constexpr int kVt = HEAD_DIM * Tl::kLdT;    // the same tile of V, transposed
+  static constexpr size_t kBytes = (kQ + kK + kVt) * sizeof(T) + Tl::kInner * sizeof(float);
+};
+
+template <class T, int HEAD_DIM>
+FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
+  using Tl = Tiles<HEAD_DIM>;
+  using Smem = ForwardSmem<T, HEAD_DIM>;
+  constexpr int kKeys = Tl::kInner;
+  const int b = block_z(), head = block_y(), row0 = block_x() * kBlockRows;
+  const Sequence seq = sequence(p, b);
+  if (row0 >= seq.len) return;  // the whole block leaves together
+  const int warp = thread_x() / kWarpSize, t = thread_x() % 4;
+  T* q_s = shared_memory<T>();
+  T* k_s = q_s + Smem::kQ;
+  T* vt_s = k_s + Smem::kK;
+  float* key_bias = reinterpret_cast<float*>(vt_s + Smem::kVt);  // 0 for a real key, -inf otherwise
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Stage 1: this warp's 16 query rows as A fragments, kept in registers for the whole loop.
+  copy_tile<T, kBlockRows, HEAD_DIM>(q_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.q), p, seq, head, row0);
+  sync_block();
+  uint32_t q_frag[HEAD_DIM / 16][4];
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], q_s + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+
+  float o[HEAD_DIM / 8][4] = {};
+  float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g+8, log2 units
+  float l[2] = {0.f, 0.f};              // running sum of 2^(s - m), this lane's columns only
+
+  for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
+    // Stage 2: K tile row-major (B operand of Q Kᵀ), V tile transposed (B operand of P V).
+    sync_block();  // every warp is done with the previous tile
+    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(nullptr, 0, vt_s, Tl::kLdT, static_cast<const T*>(p.v), p, seq, head, key0);
+    for (int j = thread_x(); j < kKeys; j += kThreads) key_bias[j] = key_is_real(p, seq, b, key0 + j) ? 0.f : -INFINITY;
+    sync_block();
+
+    // Stage 3: scores in log2 units, s = (q · k) · scale · log2(e), -inf at keys that are not real.
+    float s[kKeys / 8][4] = {};
+    for (int n = 0; n < kKeys / 8; ++n)
+      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint32_t kf[2];
+        load_frag_b(kf, k_s, Tl::kLd, n * 8, kk * 16);
+        mma_16816<T>(s[n], q_frag[kk], kf);
+      }
+    for (int n = 0; n < kKeys / 8; ++n)
+      for (int i = 0; i < 4; ++i) s[n][i] = s[n][i] * scale_log2 + key_bias[n * 8 + 2 * t + (i & 1)];
+
+    // Stage 4: online softmax. Accumulator entries 0,1 belong to row g, entries 2,3 to row g+8.
+    float tile_max[2] = {m[0], m[1]};
+    for (int n = 0; n < kKeys / 8; ++n) {
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(s[n][0], s[n][1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(s[n][2], s[n][3]));
+    }
+    float shift[2], rescale[2];
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = row_max4(tile_max[r]);
+      shift[r] = new_max == -INFINITY ? 0.f : new_max;  // no real key yet: keep exp2 finite (gives 0)
+      rescale[r] = exp2f(m[r] - shift[r]);              // 2^(m_old - m_new); 0 while m_old = -inf
+      m[r] = new_max;
+      l[r] *= rescale[r];
+    }
+    for (int n = 0; n < kKeys / 8; ++n)
+      for (int i = 0; i < 4; ++i) {
+        s[n][i] = exp2f(s[n][i] - shift[i / 2]);
+        l[i / 2] += s[n][i];
+      }
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd)
+      for (int i = 0; i < 4; ++i) o[nd][i] *= rescale[i / 2];
+
+    // Stage 5: O += P V, P straight from the accumulators (rounded to the input dtype).
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t p_frag[4];
+      acc_to_frag_a<T>(p_frag, s[2 * kk], s[2 * kk + 1]);
+      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        uint32_t vf[2];
+        load_frag_b(vf, vt_s, Tl::kLdT, nd * 8, kk * 16);
+        mma_16816<T>(o[nd], p_frag, vf);
+      }
+    }
+  }
+
+  // Stage 6: O / l and lse = ln(2) · (m + log2 l); a row with no real key gets 0 and -inf.
+  float inv_l[2];
+  const int warp_row0 = row0 + warp * kRowsPerWarp;
+  for (int r = 0; r < 2; ++r) {
+    l[r] = row_sum4(l[r]);
+    inv_l[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+  }
+  store_rows<T, HEAD_DIM>(static_cast<T*>(p.out), p, seq, head, warp_row0, o, inv_l);
+  if (t == 0)
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp_row0 + thread_x() % kWarpSize / 4 + 8 * r;
+      if (row < seq.len)
+        p.lse[(seq.start + row) * p.heads + head] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+    }
+}
+
+// =========================================================================== backward
+// delta[row] = Σ_d dO[row, d] · O[row, d], one warp per (token, head) row.
+template <class T>
+FASTMLM_KERNEL void delta_kernel(const AttentionParams p) {
+  const int64_t row = static_cast<int64_t>(block_x()) * kWarps + thread_x() / kWarpSize;
+  if (row >= p.total_rows) return;  // whole warps leave together
+  const T* dout = static_cast<const T*>(p.dout) + row * p.head_dim;
+  const T* out = static_cast<const T*>(p.out) + row * p.head_dim;
+  float acc = 0.f;
+  for (int c = thread_x() % kWarpSize; c < p.head_dim; c += kWarpSize) acc += to_float(dout[c]) * to_float(out[c]);
+  for (int mask = 16; mask > 0; mask /= 2) acc += shuffle_xor(acc, mask);
+  if (thread_x() % kWarpSize == 0) p.delta[row] = acc;
+}
+
+// Per-query softmax statistics of one tile in shared memory: lse in log2 units (+inf for a
+// row without keys or past the end, so exp2(s - lse2) is 0) and delta (0 past the end).
+FASTMLM_DEVICE void load_row_stats(float* lse2_s, float* delta_s, int rows, const AttentionParams& p, Sequence seq,
+                                   int head, int row0) {
+  for (int i = thread_x(); i < rows; i += kThreads) {
+    const bool inside = row0 + i < seq.len;
+    const int64_t at = (seq.start + row0 + i) * p.heads + head;
+    const float lse = inside ? p.lse[at] : -INFINITY;
+    lse2_s[i] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    delta_s[i] = inside ? p.delta[at] : 0.f;
+  }
+}
+
+template <class T, int HEAD_DIM>
+struct DkDvSmem {
+  using Tl = Tiles<HEAD_DIM>;
+  static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // Q or dO tile, queries x head dim
+  static constexpr int kTransposed = HEAD_DIM * Tl::kLdT;  // Qᵀ or dOᵀ tile
+  static constexpr int kTiles = 2 * (kRowMajor + kTransposed);
+  static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // K and V of the block, read once at the start
+  static constexpr size_t kBytes =
+      (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + 2 * Tl::kInner * sizeof(float);
+};
+
+template <class T, int HEAD_DIM>
+FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
+  using Tl = Tiles<HEAD_DIM>;
+  using Smem = DkDvSmem<T, HEAD_DIM>;
+  constexpr int kQueries = Tl::kInner;
+  const int b = block_z(), head = block_y(), key0 = block_x() * kBlockRows;
+  const Sequence seq = sequence(p, b);
+  if (key0 >= seq.len) return;
+  const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  const int warp_key0 = key0 + warp * kRowsPerWarp;
+  T* q_s = shared_memory<T>();
+  T* qt_s = q_s + Smem::kRowMajor;
+  T* do_s = qt_s + Smem::kTransposed;
+  T* dot_s = do_s + Smem::kRowMajor;
+  float* lse2_s = reinterpret_cast<float*>(q_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
+  float* delta_s = lse2_s + kQueries;
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Stage 1: this warp's 16 keys of K and V as A fragments (staged through shared memory).
+  T* k_stage = q_s;
+  T* v_stage = q_s + kBlockRows * Tl::kLd;
+  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.k), p, seq, head, key0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.v), p, seq, head, key0);
+  sync_block();
+  uint32_t k_frag[HEAD_DIM / 16][4], v_frag[HEAD_DIM / 16][4];
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    load_frag_a(k_frag[kk], k_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+    load_frag_a(v_frag[kk], v_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+  }
+  const bool key_real[2] = {key_is_real(p, seq, b, warp_key0 + g), key_is_real(p, seq, b, warp_key0 + g + 8)};
+
+  float dk[HEAD_DIM / 8][4] = {}, dv[HEAD_DIM / 8][4] = {};
+  for (int q0 = 0; q0 < seq.len; q0 += kQueries) {
+    // Stage 2: Q and dO, row-major (B of K Qᵀ and V dOᵀ) and transposed (B of dSᵀ Q and Pᵀ dO).
+    sync_block();  // the staging area / previous tiles are no longer read
+    copy_tile<T, kQueries, HEAD_DIM>(q_s, Tl::kLd, qt_s, Tl::kLdT, static_cast<const T*>(p.q), p, seq, head, q0);
+    copy_tile<T, kQueries, HEAD_DIM>(do_s, Tl::kLd, dot_s, Tl::kLdT, static_cast<const T*>(p.dout), p, seq, head, q0);
+    load_row_stats(lse2_s, delta_s, kQueries, p, seq, head, q0);
+    sync_block();
+
+    // Stage 3: Pᵀ[key][query] = exp2(scale·log2e · k·q - lse2[query]), 0 at keys that are not real.
+    float pt[kQueries / 8][4] = {};
+    for (int n = 0; n < kQueries / 8; ++n)
+      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint32_t qf[2];
+        load_frag_b(qf, q_s, Tl::kLd, n * 8, kk * 16);
+        mma_16816<T>(pt[n], k_frag[kk], qf);
+      }
+    for (int n = 0; n < kQueries / 8; ++n)
+      for (int i = 0; i < 4; ++i)
+        pt[n][i] = key_real[i / 2] ? exp2f(pt[n][i] * scale_log2 - lse2_s[n * 8 + 2 * t + (i & 1)]) : 0.f;
+
+    // Stage 4: dV += Pᵀ dO.
+    for (int kk = 0; kk < kQueries / 16; ++kk) {
+      uint32_t p_frag[4];
+      acc_to_frag_a<T>(p_frag, pt[2 * kk], pt[2 * kk + 1]);
+      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        uint32_t df[2];
+        load_frag_b(df, dot_s, Tl::kLdT, nd * 8, kk * 16);
+        mma_16816<T>(dv[nd], p_frag, df);
+      }
+    }
+
+    // Stage 5: dPᵀ = V dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - delta[query]).
+    float ds[kQueries / 8][4] = {};
+    for (int n = 0; n < kQueries / 8; ++n)
+      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint32_t df[2];
+        load_frag_b(df, do_s, Tl::kLd, n * 8, kk * 16);
+        mma_16816<T>(ds[n], v_frag[kk], df);
+      }
+    for (int n = 0; n < kQueries / 8; ++n)
+      for (int i = 0; i < 4; ++i) ds[n][i] = pt[n][i] * (ds[n][i] - delta_s[n * 8 + 2 * t + (i & 1)]);
+
+    // Stage 6: dK += dSᵀ Q (the softmax scale is applied once, at the store).
+    for (int kk = 0; kk < kQueries / 16; ++kk) {
+      uint32_t ds_frag[4];
+      acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
+      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        uint32_t qf[2];
+        load_frag_b(qf, qt_s, Tl::kLdT, nd * 8, kk * 16);
+        mma_16816<T>(dk[nd], ds_frag, qf);
+      }
+    }
+  }
+
+  // Stage 7: write this warp's 16 rows of dK (× scale) and dV.
+  const float dk_factor[2] = {p.scale, p.scale}, one[2] = {1.f, 1.f};
+  store_rows<T, HEAD_DIM>(static_cast<T*>(p.dk), p, seq, head, warp_key0, dk, dk_factor);
+  store_rows<T, HEAD_DIM>(static_cast<T*>(p.dv), p, seq, head, warp_key0, dv, one);
+}
+
+template <class T, int HEAD_DIM>
+struct DqSmem {
+  using Tl = Tiles<HEAD_DIM>;
+  static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // K or V tile, keys x head dim
+  static constexpr int kTransposed = HEAD_DIM * Tl::kLdT;  // Kᵀ tile
+  static constexpr int kTiles = 2 * kRowMajor + kTransposed;
+  static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // Q and dO of the block, read once
+  static constexpr size_t kBytes = (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + Tl::kInner * sizeof(float);
+};
+
+template <class T, int HEAD_DIM>
+FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
+  using Tl = Tiles<HEAD_DIM>;
+  using Smem = DqSmem<T, HEAD_DIM>;
+  constexpr int kKeys = Tl::kInner;
+  const int b = block_z(), head = block_y(), row0 = block_x() * kBlockRows;
+  const Sequence seq = sequence(p, b);
+  if (row0 >= seq.len) return;
+  const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  const int warp_row0 = row0 + warp * kRowsPerWarp;
+  T* k_s = shared_memory<T>();
+  T* kt_s = k_s + Smem::kRowMajor;
+  T* v_s = kt_s + Smem::kTransposed;
+  float* key_ok = reinterpret_cast<float*>(k_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
+  const float scale_log2 = p.scale * kLog2e;
+
+  // Stage 1: this warp's 16 rows of Q and dO as A fragments, and their lse / delta.
+  T* q_stage = k_s;
+  T* do_stage = k_s + kBlockRows * Tl::kLd;
+  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.q), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.dout), p, seq, head, row0);
+  sync_block();
+  uint32_t q_frag[HEAD_DIM / 16][4], do_frag[HEAD_DIM / 16][4];
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    load_frag_a(q_frag[kk], q_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+    load_frag_a(do_frag[kk], do_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+  }
+  float lse2[2], delta[2];
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_row0 + g + 8 * r;
+    const int64_t at = (seq.start + row) * p.heads + head;
+    const float lse = row < seq.len ? p.lse[at] : -INFINITY;
+    lse2[r] = lse == -INFINITY ? INFINITY : lse * kLog2e;
+    delta[r] = row < seq.len ? p.delta[at] : 0.f;
+  }
+
+  float dq[HEAD_DIM / 8][4] = {};
+  for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
+    // Stage 2: K row-major (B of Q Kᵀ) and transposed (B of dS K), V row-major (B of dO Vᵀ).
+    sync_block();
+    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, kt_s, Tl::kLdT, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.v), p, seq, head, key0);
+    for (int j = thread_x(); j < kKeys; j += kThreads) key_ok[j] = key_is_real(p, seq, b, key0 + j) ? 1.f : 0.f;
+    sync_block();
+
+    // Stage 3: P = exp2(scale·log2e · q·k - lse2[row]) and dP = dO Vᵀ.
+    float pr[kKeys / 8][4] = {}, ds[kKeys / 8][4] = {};
+    for (int n = 0; n < kKeys / 8; ++n)
+      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        uint32_t kf[2], vf[2];
+        load_frag_b(kf, k_s, Tl::kLd, n * 8, kk * 16);
+        mma_16816<T>(pr[n], q_frag[kk], kf);
+        load_frag_b(vf, v_s, Tl::kLd, n * 8, kk * 16);
+        mma_16816<T>(ds[n], do_frag[kk], vf);
+      }
+    // Stage 4: dS = P ∘ (dP - delta[row]).
+    for (int n = 0; n < kKeys / 8; ++n)
+      for (int i = 0; i < 4; ++i) {
+        const int key = n * 8 + 2 * t + (i & 1);
+        const float prob = key_ok[key] != 0.f ? exp2f(pr[n][i] * scale_log2 - lse2[i / 2]) : 0.f;
+        ds[n][i] = prob * (ds[n][i] - delta[i / 2]);
+      }
+    // Stage 5: dQ += dS K.
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t ds_frag[4];
+      acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
+      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+        uint32_t kf[2];
+        load_frag_b(kf, kt_s, Tl::kLdT, nd * 8, kk * 16);
+        mma_16816<T>(dq[nd], ds_frag, kf);
+      }
+    }
+  }
+
+  // Stage 6: write dQ × scale.
+  const float factor[2] = {p.scale, p.scale};
+  store_rows<T, HEAD_DIM>(static_cast<T*>(p.dq), p, seq, head, warp_row0, dq, factor);
+}
+
+// =========================================================================== launchers
+template <class T, int HEAD_DIM>
+cudaError_t launch_forward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.max_seqlen == 0) return cudaSuccess;
+  const dim3 grid(ceil_div(p.max_seqlen, kBlockRows), p.heads, p.batch);
+  auto* kernel = &forward_kernel<T, HEAD_DIM>;
+  constexpr size_t smem = ForwardSmem<T, HEAD_DIM>::kBytes;
+  FASTMLM_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, p);
+  return last_launch_error();
+}
+
+template <class T, int HEAD_DIM>
+cudaError_t launch_backward(const AttentionParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.max_seqlen == 0) return cudaSuccess;
+  if (p.total_rows > 0) {
+    const dim3 rows_grid(static_cast<unsigned>((p.total_rows + kWarps - 1) / kWarps));
+    auto* delta = &delta_kernel<T>;
+    FASTMLM_LAUNCH(delta, rows_grid, dim3(kThreads), 0, stream, p);
+    if (cudaError_t err = last_launch_error(); err != cudaSuccess) return err;
+  }
+  const dim3 grid(ceil_div(p.max_seqlen, kBlockRows), p.heads, p.batch);
+  auto* dkdv = &dkdv_kernel<T, HEAD_DIM>;
+  constexpr size_t dkdv_smem = DkDvSmem<T, HEAD_DIM>::kBytes;
+  FASTMLM_LAUNCH(dkdv, grid, dim3(kThreads), dkdv_smem, stream, p);
+  if (cudaError_t err = last_launch_error(); err != cudaSuccess) return err;
+  auto* dq = &dq_kernel<T, HEAD_DIM>;
+  constexpr size_t dq_smem = DqSmem<T, HEAD_DIM>::kBytes;
+  FASTMLM_LAUNCH(dq, grid, dim3(kThreads), dq_smem, stream, p);
+  return last_launch_error();
+}
+
+}  // namespace attention
+}  // namespace fastmlm
+
+// Defines attention_{forward,backward}_hd<HD> (declared in launchers.h) for fp16 and bf16.
+#define FASTMLM_INSTANTIATE_ATTENTION(HD)                                                              \
+  namespace fastmlm {                                                                                  \
+  cudaError_t attention_forward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) {  \
+    return dtype == DType::kBFloat16 ? attention::launch_forward<__nv_bfloat16, HD>(p, stream)         \
+                                     : attention::launch_forward<__half, HD>(p, stream);               \
+  }                                                                                                    \
+  cudaError_t attention_backward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) { \
+    return dtype == DType::kBFloat16 ? attention::launch_backward<__nv_bfloat16, HD>(p, stream)        \
+                                     : attention::launch_backward<__half, HD>(p, stream);              \
+  }                                                                                                    \
+  }

@@ -1,0 +1,83 @@
+// The fastmlm kernels built for the CPU emulator (emulator.h): a plain shared library with a
+// C interface, loaded through ctypes by fastmlm/ops/cuda_impl/emulate.py so the CPU test
+// tier can run the very kernel templates the GPU runs. Build (what emulate.py does):
+//   g++ -std=c++17 -O1 -shared -fPIC -DFASTMLM_EMULATE -I csrc -I <cuda>/include \
+//       csrc/emulate/emulated_kernels.cpp -o <cache>/libfastmlm_emulated.so
+// Return values are cudaError_t codes (0 = success).
+#include "../attention.cuh"
+#include "../masked_ce.cuh"
+
+using fastmlm::AttentionParams;
+using fastmlm::MaskedCEParams;
+
+namespace {
+template <class T>
+cudaError_t attention_bucket(const AttentionParams& p, bool backward) {
+  namespace a = fastmlm::attention;
+  switch (fastmlm::head_dim_bucket(p.head_dim)) {
+    case 32: return backward ? a::launch_backward<T, 32>(p, nullptr) : a::launch_forward<T, 32>(p, nullptr);
+    case 64: return backward ? a::launch_backward<T, 64>(p, nullptr) : a::launch_forward<T, 64>(p, nullptr);
+    case 128: return backward ? a::launch_backward<T, 128>(p, nullptr) : a::launch_forward<T, 128>(p, nullptr);
+    default: return cudaErrorInvalidValue;
+  }
+}
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = fp16, 1 = bf16, 2 = fp32 (masked CE only).
+int fastmlm_emu_attention(int backward, int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
+                          const bool* key_mask, const int* cu_seqlens, const void* dout, float* delta, void* dq,
+                          void* dk, void* dv, int batch, int heads, int max_seqlen, int head_dim, int64_t total_rows,
+                          float scale) {
+  AttentionParams p;
+  p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse, p.key_mask = key_mask, p.cu_seqlens = cu_seqlens;
+  p.dout = dout, p.delta = delta, p.dq = dq, p.dk = dk, p.dv = dv;
+  p.batch = batch, p.heads = heads, p.max_seqlen = max_seqlen, p.head_dim = head_dim, p.total_rows = total_rows;
+  p.scale = scale;
+  if (dtype == 0) return attention_bucket<__half>(p, backward != 0);
+  if (dtype == 1) return attention_bucket<__nv_bfloat16>(p, backward != 0);
+  return cudaErrorInvalidValue;
+}
+
+int fastmlm_emu_gather_rows(int dtype, const void* hidden, const int64_t* positions, void* rows, int64_t num_rows,
+                            int64_t num_tokens, int64_t hidden_size) {
+  MaskedCEParams p;
+  p.hidden = hidden, p.positions = positions, p.rows = rows;
+  p.num_rows = num_rows, p.num_tokens = num_tokens, p.hidden_size = hidden_size;
+  namespace m = fastmlm::masked_ce;
+  return dtype == 0 ? m::launch_gather<__half>(p, nullptr)
+         : dtype == 1 ? m::launch_gather<__nv_bfloat16>(p, nullptr) : m::launch_gather<float>(p, nullptr);
+}
+
+int fastmlm_emu_chunk_stats(int dtype, const void* logits, const void* bias, const int64_t* targets, int64_t v0,
+                            float* stats, int64_t* best, float* best_logit, int64_t num_rows, int64_t chunk) {
+  MaskedCEParams p;
+  p.logits = logits, p.bias = bias, p.targets = targets, p.stats = stats, p.best = best, p.best_logit = best_logit;
+  p.v0 = v0, p.num_rows = num_rows, p.chunk = chunk;
+  namespace m = fastmlm::masked_ce;
+  return dtype == 0 ? m::launch_chunk_stats<__half>(p, nullptr)
+         : dtype == 1 ? m::launch_chunk_stats<__nv_bfloat16>(p, nullptr) : m::launch_chunk_stats<float>(p, nullptr);
+}
+
+int fastmlm_emu_finish(const float* stats, const int64_t* best, const int64_t* targets, int64_t vocab,
+                       float label_smoothing, float z_loss, float* loss, float* lse, bool* correct, int64_t num_rows) {
+  MaskedCEParams p;
+  p.stats = const_cast<float*>(stats), p.best = const_cast<int64_t*>(best), p.targets = targets, p.vocab = vocab;
+  p.label_smoothing = label_smoothing, p.z_loss = z_loss, p.loss = loss, p.lse_out = lse, p.correct = correct;
+  p.num_rows = num_rows;
+  return fastmlm::masked_ce::launch_finish(p, nullptr);
+}
+
+int fastmlm_emu_chunk_grad(int dtype, const void* logits, const void* bias, const int64_t* targets, const float* lse,
+                           const float* grad, int64_t v0, int64_t vocab, float label_smoothing, float z_loss,
+                           void* dlogits, int64_t num_rows, int64_t chunk) {
+  MaskedCEParams p;
+  p.logits = logits, p.bias = bias, p.targets = targets, p.lse = lse, p.grad = grad, p.v0 = v0, p.vocab = vocab;
+  p.label_smoothing = label_smoothing, p.z_loss = z_loss, p.dlogits = dlogits, p.num_rows = num_rows, p.chunk = chunk;
+  namespace m = fastmlm::masked_ce;
+  return dtype == 0 ? m::launch_chunk_grad<__half>(p, nullptr)
+         : dtype == 1 ? m::launch_chunk_grad<__nv_bfloat16>(p, nullptr) : m::launch_chunk_grad<float>(p, nullptr);
+}
+
+}  // extern "C"

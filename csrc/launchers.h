@@ -1,0 +1,115 @@
+// The interface between the binding (bindings.cpp, which knows torch) and the kernels
+// (*.cu, which do not): plain structs of pointers, sizes and strides, and one launcher per
+// kernel family and instantiation. Keeping torch out of the kernel translation units keeps
+// them fast to compile and lets csrc/emulate run them on the CPU.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace fastmlm {
+
+// ----------------------------------------------------------------- attention
+// Every tensor is contiguous. q, k, v, out, dout, dq, dk, dv share the layout
+//   padded: (B, S, H, D)    packed: (T, H, D)
+// and lse / delta the same without D. Sequence b's tokens start at token
+// cu_seqlens[b] (packed) or b * max_seqlen (padded) and number cu_seqlens[b+1] - cu_seqlens[b]
+// (packed) or max_seqlen (padded). In the padded layout key_mask (B, S) marks real keys.
+struct AttentionParams {
+  // pointers
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  const bool* key_mask = nullptr;   // padded layout, may be null (every key is real)
+  const int* cu_seqlens = nullptr;  // packed layout, else null
+  const void* dout = nullptr;       // backward only
+  float* delta = nullptr;           // backward scratch: rowsum(dout * out), laid out like lse
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  // sizes
+  int batch = 0;
+  int heads = 0;
+  int max_seqlen = 0;
+  int head_dim = 0;       // runtime head dim, a multiple of 8, <= the kernel's HEAD_DIM
+  int64_t total_rows = 0;  // tokens * heads (lse / delta entries)
+  // options
+  float scale = 1.f;
+};
+
+enum class DType { kFloat16, kBFloat16, kFloat32 };
+
+// One instantiation file per head-dim bucket (attention_hd{32,64,128}.cu), both 16-bit dtypes.
+#define FASTMLM_DECLARE_ATTENTION(HD)                                                              \
+  cudaError_t attention_forward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream); \
+  cudaError_t attention_backward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream);
+FASTMLM_DECLARE_ATTENTION(32)
+FASTMLM_DECLARE_ATTENTION(64)
+FASTMLM_DECLARE_ATTENTION(128)
+#undef FASTMLM_DECLARE_ATTENTION
+
+// The smallest instantiated head dim that holds head_dim (the kernel zero-pads the rest), or 0.
+inline int head_dim_bucket(int head_dim) {
+  if (head_dim <= 0 || head_dim % 8 != 0) return 0;
+  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 0;
+}
+
+// Forward: out, lse. Backward: delta (scratch), dq, dk, dv. dtype: kFloat16 or kBFloat16.
+inline cudaError_t attention_forward(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  switch (head_dim_bucket(p.head_dim)) {
+    case 32: return attention_forward_hd32(p, dtype, stream);
+    case 64: return attention_forward_hd64(p, dtype, stream);
+    case 128: return attention_forward_hd128(p, dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+inline cudaError_t attention_backward(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  switch (head_dim_bucket(p.head_dim)) {
+    case 32: return attention_backward_hd32(p, dtype, stream);
+    case 64: return attention_backward_hd64(p, dtype, stream);
+    case 128: return attention_backward_hd128(p, dtype, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// ----------------------------------------------------------------- masked LM loss
+// Rows r in [0, R); vocabulary chunk [v0, v0 + chunk). targets[r] is the target id, or -1
+// when the row does not count. See csrc/masked_ce.cuh for the algorithm.
+struct MaskedCEParams {
+  // pointers
+  const void* hidden = nullptr;  // gather: (T, H) source rows
+  const int64_t* positions = nullptr;
+  void* rows = nullptr;          // gather: (R, H) destination
+  const void* logits = nullptr;  // (R, chunk) one vocabulary chunk of logits, input dtype
+  const void* bias = nullptr;    // (chunk,) or null
+  const int64_t* targets = nullptr;
+  float* stats = nullptr;        // (R, 4) running max, sum of exp, sum of logits, target logit
+  int64_t* best = nullptr;       // (R,) running argmax; its logit is kept in best_logit
+  float* best_logit = nullptr;   // (R,)
+  const float* lse = nullptr;    // (R,) backward input
+  const float* grad = nullptr;   // (R,) upstream gradient per row
+  float* loss = nullptr;         // (R,) finish outputs
+  float* lse_out = nullptr;
+  bool* correct = nullptr;
+  void* dlogits = nullptr;       // (R, chunk) backward output, input dtype
+  // sizes
+  int64_t num_rows = 0;
+  int64_t num_tokens = 0;
+  int64_t hidden_size = 0;
+  int64_t vocab = 0;
+  int64_t v0 = 0;
+  int64_t chunk = 0;
+  // options
+  float label_smoothing = 0.f;
+  float z_loss = 0.f;
+};
+
+cudaError_t gather_rows(const MaskedCEParams& p, DType dtype, cudaStream_t stream);
+cudaError_t masked_ce_chunk_stats(const MaskedCEParams& p, DType dtype, cudaStream_t stream);
+cudaError_t masked_ce_finish(const MaskedCEParams& p, cudaStream_t stream);
+cudaError_t masked_ce_chunk_grad(const MaskedCEParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace fastmlm

@@ -1,0 +1,123 @@
+"""The CUDA kernels on the CPU: csrc/emulate/ built with the host compiler, called through ctypes.
+
+Used by the CPU test tier (tests/test_cuda_kernels.py) through
+``fastmlm.ops.cuda_impl.emulation()``. :class:`EmulatedOps` has the same methods, with
+the same signatures, as the registered ops ``torch.ops.fastmlm_C``, but takes CPU tensors.
+The library is compiled once per source version (about 20 s) into a cache folder
+(``$FASTMLM_EMULATOR_CACHE``, default: the temp dir). Needs g++ and the CUDA headers
+(``cuda_fp16.h`` and friends; no GPU and no CUDA runtime library).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ...tools.compile_cuda import cuda_include_dir
+
+CSRC = Path(__file__).resolve().parents[3] / "csrc"
+_LIB = None
+
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+def unavailable() -> str | None:
+    """Why the emulator cannot be built here (None: it can)."""
+    if not CSRC.joinpath("emulate", "emulated_kernels.cpp").exists():
+        return "csrc/ is not beside this checkout"
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "no C++ compiler (g++)"
+    if cuda_include_dir() is None:
+        return "no CUDA headers (cuda_fp16.h) found"
+    return None
+
+
+def library() -> ctypes.CDLL:
+    """Build (once per source version) and load the emulated kernels."""
+    global _LIB
+    if _LIB is not None:
+        return _LIB
+    why = unavailable()
+    if why:
+        raise RuntimeError(f"the kernel emulator cannot be built: {why}")
+    sources = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("emulate/*"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
+    cache = Path(os.environ.get("FASTMLM_EMULATOR_CACHE", tempfile.gettempdir()))
+    target = cache / f"libfastmlm_emulated_{digest}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [os.environ.get("CXX", "g++"), "-std=c++17", "-O1", "-shared", "-fPIC", "-DFASTMLM_EMULATE",
+               f"-I{CSRC}", f"-I{cuda_include_dir()}", str(CSRC / "emulate" / "emulated_kernels.cpp"),
+               "-o", str(partial)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"building the kernel emulator failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
+        partial.replace(target)  # atomic: parallel test workers never load half a file
+    lib = ctypes.CDLL(str(target))
+    lib.fastmlm_emu_attention.argtypes = [_I, _I] + [_P] * 12 + [_I, _I, _I, _I, _L, _F]
+    lib.fastmlm_emu_gather_rows.argtypes = [_I, _P, _P, _P, _L, _L, _L]
+    lib.fastmlm_emu_chunk_stats.argtypes = [_I, _P, _P, _P, _L, _P, _P, _P, _L, _L]
+    lib.fastmlm_emu_finish.argtypes = [_P, _P, _P, _L, _F, _F, _P, _P, _P, _L]
+    lib.fastmlm_emu_chunk_grad.argtypes = [_I, _P, _P, _P, _P, _P, _L, _L, _F, _F, _P, _L, _L]
+    _LIB = lib
+    return lib
+
+
+def _ptr(t):
+    if t is None:
+        return None
+    assert t.device.type == "cpu" and t.is_contiguous(), "the emulator takes contiguous CPU tensors"
+    return t.data_ptr()
+
+
+def _check(code: int, what: str):
+    if code != 0:
+        raise RuntimeError(f"emulated {what} returned CUDA error code {code}")
+
+
+class EmulatedOps:
+    """Drop-in for ``torch.ops.fastmlm_C`` on CPU tensors (no input checks beyond the kernels' own)."""
+
+    def __init__(self):
+        self.lib = library()
+
+    def _attention(self, backward, q, k, v, out, lse, key_mask, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen, scale):
+        batch = q.shape[0] if q.dim() == 4 else cu_seqlens.numel() - 1
+        code = self.lib.fastmlm_emu_attention(
+            int(backward), _DTYPES[q.dtype], _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), _ptr(key_mask),
+            _ptr(cu_seqlens), _ptr(dout), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch, q.shape[-2],
+            max_seqlen, q.shape[-1], q.numel() // q.shape[-1], scale)
+        _check(code, "attention")
+
+    def attention_fwd(self, q, k, v, key_mask, cu_seqlens, max_seqlen, scale, out, lse):
+        self._attention(False, q, k, v, out, lse, key_mask, cu_seqlens, None, None, None, None, None, max_seqlen, scale)
+
+    def attention_bwd(self, dout, q, k, v, out, lse, key_mask, cu_seqlens, max_seqlen, scale, delta, dq, dk, dv):
+        self._attention(True, q, k, v, out, lse, key_mask, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen, scale)
+
+    def gather_rows(self, hidden, positions, rows):
+        _check(self.lib.fastmlm_emu_gather_rows(_DTYPES[hidden.dtype], _ptr(hidden), _ptr(positions), _ptr(rows),
+                                                positions.numel(), hidden.shape[0], hidden.shape[1]), "gather_rows")
+
+    def masked_ce_chunk_stats(self, logits, bias, targets, v0, stats, best, best_logit):
+        _check(self.lib.fastmlm_emu_chunk_stats(_DTYPES[logits.dtype], _ptr(logits), _ptr(bias), _ptr(targets), v0,
+                                                _ptr(stats), _ptr(best), _ptr(best_logit), logits.shape[0],
+                                                logits.shape[1]), "masked_ce_chunk_stats")
+
+    def masked_ce_finish(self, stats, best, targets, vocab, label_smoothing, z_loss, loss, lse, correct):
+        _check(self.lib.fastmlm_emu_finish(_ptr(stats), _ptr(best), _ptr(targets), vocab, label_smoothing, z_loss,
+                                           _ptr(loss), _ptr(lse), _ptr(correct), targets.numel()), "masked_ce_finish")
+
+    def masked_ce_chunk_grad(self, logits, bias, targets, lse, grad, v0, vocab, label_smoothing, z_loss, dlogits):
+        _check(self.lib.fastmlm_emu_chunk_grad(_DTYPES[logits.dtype], _ptr(logits), _ptr(bias), _ptr(targets),
+                                               _ptr(lse), _ptr(grad), v0, vocab, label_smoothing, z_loss,
+                                               _ptr(dlogits), logits.shape[0], logits.shape[1]),
+               "masked_ce_chunk_grad")

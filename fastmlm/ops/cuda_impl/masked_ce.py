@@ -1,0 +1,103 @@
+"""``cuda`` backend of masked_lm_loss: chunked projection + fused loss kernels (csrc/masked_ce.cuh).
+
+The rows are gathered on the device (``gather_rows``, -1 positions give zero rows), then
+the vocabulary is walked in chunks: cuBLAS (``rows @ W_chunkᵀ``) makes one (R, C) chunk
+of logits at a time, and a kernel folds it into a running online-logsumexp state per row
+(max, sum of exp, sum of logits, target logit, first argmax). A last kernel turns the
+state into loss, lse and "correct". The backward recomputes each chunk's logits, turns
+them into dz with one kernel,
+
+    dz = g · (softmax(z) (1 + 2·zl·lse) - eps / V - (1 - eps) · onehot(t)),
+
+and multiplies dz into d_rows and d_weight with cuBLAS. Never more than one chunk of
+logits in memory; every reduction has a fixed order (deterministic). fp32/fp16/bf16.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..masked_ce import row_index
+from . import kernel_ops, ready, unavailable
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk (R x C): 32 MiB in 16-bit
+CHUNK_ALIGN = 128
+
+
+def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
+    where = unavailable(hidden)
+    if where:
+        return where
+    if hidden.dtype not in DTYPES:
+        return f"takes float32/float16/bfloat16, not {hidden.dtype}"
+    rows = labels.shape[0] if positions is None else positions.shape[0]
+    if rows >= 2**31:
+        return f"at most 2^31 - 1 rows, got {rows}"
+    return None
+
+
+def _chunks(rows: int, vocab: int):
+    step = max(CHUNK_ALIGN, CHUNK_ELEMENTS // max(rows, 1) // CHUNK_ALIGN * CHUNK_ALIGN)
+    return ((v0, min(v0 + step, vocab)) for v0 in range(0, vocab, step))
+
+
+def _rows_and_targets(hidden, labels, positions, ignore_index):
+    """(R, H) gathered rows and (R,) int64 targets, -1 where a row does not count."""
+    index, counts = row_index(labels, positions, ignore_index)
+    targets = torch.where(counts, labels[index], -1).long().contiguous()
+    hidden = ready(hidden)
+    if positions is None:
+        return hidden, targets, index
+    rows = hidden.new_empty((positions.shape[0], hidden.shape[1]))
+    kernel_ops().gather_rows(hidden, positions.long().contiguous(), rows)
+    return rows, targets, index
+
+
+def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
+    ops = kernel_ops()
+    rows, targets, _ = _rows_and_targets(hidden, labels, positions, ignore_index)
+    num_rows, vocab = rows.shape[0], weight.shape[0]
+    device, f32 = hidden.device, torch.float32
+    stats = torch.zeros(num_rows, 4, device=device, dtype=f32)
+    stats[:, 0] = float("-inf")  # running max; sum of exp, sum of logits, target logit start at 0
+    best = torch.zeros(num_rows, device=device, dtype=torch.int64)
+    best_logit = torch.full((num_rows,), float("-inf"), device=device, dtype=f32)
+    weight = weight.contiguous()
+    for v0, v1 in _chunks(num_rows, vocab):
+        logits = (rows @ weight[v0:v1].t()).contiguous()
+        ops.masked_ce_chunk_stats(logits, None if bias is None else bias[v0:v1].contiguous(), targets, v0,
+                                  stats, best, best_logit)
+    loss = torch.empty(num_rows, device=device, dtype=f32)
+    lse = torch.empty_like(loss)
+    correct = torch.empty(num_rows, device=device, dtype=torch.bool)
+    ops.masked_ce_finish(stats, best, targets, vocab, label_smoothing, z_loss, loss, lse, correct)
+    return loss, lse, correct
+
+
+def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
+    ops = kernel_ops()
+    rows, targets, index = _rows_and_targets(hidden, labels, positions, ignore_index)
+    num_rows, vocab = rows.shape[0], weight.shape[0]
+    grad = grad_rows.float().contiguous()
+    lse = lse.float().contiguous()
+    weight = weight.contiguous()
+    d_rows = torch.zeros(rows.shape, device=rows.device, dtype=torch.float32)
+    d_weight = torch.empty_like(weight)
+    d_bias = torch.empty(vocab, device=weight.device, dtype=torch.float32)
+    for v0, v1 in _chunks(num_rows, vocab):
+        w = weight[v0:v1]
+        logits = (rows @ w.t()).contiguous()
+        dlogits = torch.empty_like(logits)
+        ops.masked_ce_chunk_grad(logits, None if bias is None else bias[v0:v1].contiguous(), targets, lse, grad,
+                                 v0, vocab, label_smoothing, z_loss, dlogits)
+        d_rows += (dlogits @ w).float()
+        d_weight[v0:v1] = dlogits.t() @ rows
+        d_bias[v0:v1] = dlogits.float().sum(0)
+    if positions is None:
+        d_hidden = d_rows.to(hidden.dtype)
+    else:  # rows of -1 positions have dz = 0, so adding them at the clamped index 0 is harmless
+        d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+        d_hidden = d_hidden.index_add_(0, index, d_rows).to(hidden.dtype)
+    return d_hidden, d_weight, d_bias.to(weight.dtype)

@@ -1,0 +1,1 @@
+"""Developer tools run through ``python -m fastmlm.tools.<name>`` (see the Makefile)."""
