@@ -3,6 +3,11 @@
 Interpreter tier: small fp32/fp16 shapes on the CPU under TRITON_INTERPRET=1 (or on a
 GPU). GPU tier: bf16, BERT shapes, long sequences.
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -161,6 +166,20 @@ def test_opcheck_triton_backend(device, layout):
         q, k, v = (torch.randn(6, 2, 16, device=device, requires_grad=True) for _ in range(3))
         args = (q, k, v, None, cu_seqlens_of([4, 0, 2]).to(device), 4, 0.35, "triton")
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
+
+
+@interpreter
+def test_kernels_compile_for_sm90():
+    """The interpreter runs code the GPU compiler may reject: compile the dense and block-sparse
+    forward, dK/dV and dQ kernels for an H100, on any machine (in a subprocess, since
+    TRITON_INTERPRET=1 replaces @triton.jit), and check their shared memory fits."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._flash_compile').main()"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count(" ok") == 6, done.stdout  # (fwd, dkdv, dq) x (dense, sparse)
 
 
 # --------------------------------------------------------------------------- GPU tier

@@ -1,0 +1,82 @@
+"""Compile the attention kernels of ``_flash.py`` for sm_90 (H100) on any machine, no GPU needed.
+
+The Triton interpreter accepts code the GPU compiler rejects (and the reverse), so the CPU
+tier also compiles the kernels the way a launch on an H100 would, and reports the shared
+memory each configuration needs. Run it without TRITON_INTERPRET=1:
+
+    python -c "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._flash_compile').main()"
+    ... main(every_config=True)   # every autotune config, fp32 and head dim 128 too (minutes)
+
+Pointers and the token stride are marked 16-divisible, as Triton specialises them at launch
+for contiguous tensors with H * D a multiple of 16.
+"""
+from __future__ import annotations
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import _flash
+
+SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
+KERNELS = {"fwd": _flash._fwd_kernel, "dkdv": _flash._dkdv_kernel, "dq": _flash._dq_kernel}
+DENSE_CONFIGS = {"fwd": _flash._DENSE_FWD, "dkdv": _flash._DENSE_DKDV, "dq": _flash._DENSE_DQ}
+INT_POINTERS = {"CuSeqlens": "*i32", "KvLen": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
+                "QCount": "*i32", "KeyMask": "*u8", "TokenMask": "*u8", "TileState": "*i8", "Blocks": "*i8"}
+FP32_POINTERS = ("Lse", "Delta")
+DIVISIBLE = ("stride_tok",)
+
+
+def compile_kernel(name, dtype, head_dim, config, *, packed=False, key_mask=False, sparse=False,
+                   token_mask=False, target=GPUTarget("cuda", 90, 32)):
+    """Compile one kernel ("fwd", "dkdv", "dq") for ``target``; dtype is "bf16", "fp16" or "fp32";
+    config is (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    fn = KERNELS[name]
+    block_m, block_n, warps, stages = config
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
+                BLOCK_N=block_n, IS_PACKED=packed, HAS_KV_LEN=key_mask, HAS_KEY_MASK=key_mask, SPARSE=sparse,
+                HAS_TOKEN_MASK=token_mask, LAYOUT_BLOCK=block_m if sparse else 1,
+                PRECISION="ieee" if dtype == "fp32" else "tf32")
+    signature, attrs = {}, {}
+    for i, param in enumerate(fn.arg_names):
+        if param in meta:
+            signature[param] = "constexpr"
+            continue
+        if param in INT_POINTERS:
+            signature[param] = INT_POINTERS[param]
+        elif param in FP32_POINTERS:
+            signature[param] = "*fp32"
+        elif param[0].isupper():  # Q, K, V, Out, DOut, DK, DV, DQ
+            signature[param] = f"*{dtype}"
+        else:
+            signature[param] = "fp32" if param in ("scale", "qk_scale") else "i32"
+        if signature[param].startswith("*") or param in DIVISIBLE:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(p),): v for p, v in meta.items()}, attrs=attrs)
+    return triton.compile(source, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+
+def cases(every_config: bool = False):
+    """(name, dtype, head_dim, config, flags) to compile: by default the first tuned config of the
+    dense path (bf16, head dim 64, padding mask) and the block-sparse path (fp16, packed, token mask)."""
+    for name in KERNELS:
+        dense = DENSE_CONFIGS[name] if every_config else DENSE_CONFIGS[name][:1]
+        for dtype, head_dim in ([("bf16", 64), ("bf16", 128), ("fp32", 64)] if every_config else [("bf16", 64)]):
+            for config in dense:
+                yield name, dtype, head_dim, config, dict(key_mask=True)
+        yield name, "fp16", 64, (64, 64, 4, 3), dict(packed=True, sparse=True, token_mask=True)
+
+
+def main(every_config: bool = False) -> None:
+    if _flash.triton_interpret():
+        raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
+    for name, dtype, head_dim, config, flags in cases(every_config):
+        shared = compile_kernel(name, dtype, head_dim, config, **flags).metadata.shared
+        verdict = "ok" if shared <= SHARED_LIMIT else "TOO MUCH SHARED MEMORY (the autotuner will skip it)"
+        kind = "sparse" if flags.get("sparse") else "dense"
+        print(f"{name:5s} {kind:6s} {dtype:5s} d={head_dim:<3d} tile={config} shared {shared:7d} B  {verdict}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
