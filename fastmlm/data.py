@@ -1,7 +1,7 @@
 """Data for MLM training: corpus files, WordPiece tokenizer, packing, dynamic masking.
 
     text files ──read_documents──► documents ──tokenize──► segments [CLS] … [SEP]
-        ──pack_segments──► rows of <= seq_len tokens ──MaskingCollator──► Batch
+        ──RowPacker──► full rows of seq_len tokens ──MaskingCollator──► Batch
 
 * **Corpus.** ``.txt`` files hold documents separated by blank lines (the lines
   of one document are joined); ``.jsonl`` files hold one ``{"text": ...}``
@@ -11,11 +11,13 @@
 * **Tokenizer.** A ``tokenizers`` WordPiece model with the BERT normaliser and
   pre-tokeniser, trained on the corpus or loaded from ``tokenizer.json`` /
   ``vocab.txt``. Special tokens: ``[PAD] [UNK] [CLS] [SEP] [MASK]``.
-* **Packing.** Each document is cut into segments of at most ``seq_len - 2``
-  tokens and wrapped as ``[CLS] … [SEP]``; segments are packed first-fit
-  decreasing into rows of ``seq_len`` tokens. In the padded layout a row is one
-  attention context (its segments see each other, RoBERTa style); in the
-  packed layout every segment is its own sequence in ``cu_seqlens``.
+* **Packing.** Documents are laid end to end in rows of exactly ``seq_len``
+  tokens, as ``[CLS] piece [SEP]`` segments (a document that overflows a row
+  is split and continues in the next), so rows carry no padding. In the padded
+  layout a row is one attention context (its segments see each other, as in
+  RoBERTa's full-sentence packing) and a batch without padding is passed with
+  no attention mask at all; in the packed layout every segment is its own
+  sequence in ``cu_seqlens`` and attends only to itself.
 * **Masking.** A fixed share (``mask_rate``) of the maskable tokens (every
   token but the special ones) is chosen per batch, by token or by whole word;
   80% become ``[MASK]``, 10% a random token, 10% stay. The chosen positions go
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import math
 import os
@@ -216,35 +219,7 @@ def continuation_flags(tokenizer) -> np.ndarray:
     return flags
 
 
-# --------------------------------------------------------------------------- segments and packing
-def document_segments(ids: Sequence[int], seq_len: int, cls: int, sep: int) -> list[np.ndarray]:
-    """Cut one tokenised document into ``[CLS] piece [SEP]`` segments of at most ``seq_len`` tokens."""
-    if seq_len < 3:
-        raise ValueError(f"seq_len must be at least 3 ([CLS] x [SEP]), got {seq_len}")
-    ids = np.asarray(ids, dtype=np.int64)
-    body = seq_len - 2
-    return [np.concatenate(([cls], ids[start:start + body], [sep])) for start in range(0, len(ids), body)]
-
-
-def pack_segments(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit-decreasing bin packing: lists of segment indices whose lengths sum to <= capacity."""
-    if any(length > capacity or length <= 0 for length in lengths):
-        raise ValueError(f"every segment length must lie in [1, {capacity}]")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        for b, free in enumerate(room):
-            if lengths[i] <= free:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return bins
-
-
+# --------------------------------------------------------------------------- packing
 @dataclass
 class Row:
     """One packed row: the segments that share it, each ``[CLS] … [SEP]``."""
@@ -254,39 +229,68 @@ class Row:
         return sum(len(s) for s in self.segments)
 
 
-def iter_rows(documents: Iterable[str], tokenizer, seq_len: int, pack_window: int = 512) -> Iterator[Row]:
-    """Tokenise documents in batches and pack their segments into rows of at most ``seq_len`` tokens.
+class RowPacker:
+    """Fill rows of exactly ``seq_len`` tokens with ``[CLS] piece [SEP]`` segments of documents.
 
-    Packing works on windows of ``pack_window`` segments, so memory stays bounded.
+    Documents are laid end to end; a document that does not fit the rest of a
+    row is split, and its remainder opens the next row, so every row is full
+    (no padding at all) except possibly the last one, given by :meth:`flush`.
+    A segment needs at least 3 tokens; when a document ends 1 or 2 tokens short
+    of the row's end, those slots get extra ``[SEP]`` tokens (never masked).
     """
+
+    def __init__(self, seq_len: int, cls: int, sep: int):
+        if seq_len < 3:
+            raise ValueError(f"seq_len must be at least 3 ([CLS] x [SEP]), got {seq_len}")
+        self.seq_len, self.cls, self.sep = seq_len, cls, sep
+        self.segments: list[np.ndarray] = []
+        self.used = 0
+
+    def add(self, ids: Sequence[int]) -> Iterator[Row]:
+        """Add one tokenised document (no special tokens); yield the rows it completes."""
+        ids = np.asarray(ids, dtype=np.int64)
+        while len(ids):
+            room = self.seq_len - self.used
+            take = min(len(ids), room - 2)
+            piece, ids = ids[:take], ids[take:]
+            left = room - take - 2
+            tail = [self.sep] * (1 + (left if left < 3 else 0))  # 1-2 slots cannot hold a segment
+            self.segments.append(np.concatenate(([self.cls], piece, tail)))
+            self.used += len(self.segments[-1])
+            if self.used == self.seq_len:
+                yield self._close()
+
+    def flush(self) -> Iterator[Row]:
+        """The last, partly filled row, if any."""
+        if self.segments:
+            yield self._close()
+
+    def _close(self) -> Row:
+        row = Row(self.segments)
+        self.segments, self.used = [], 0
+        return row
+
+
+def iter_rows(documents: Iterable[str], tokenizer, seq_len: int) -> Iterator[Row]:
+    """Tokenise documents (64 at a time, in Rust) and pack them into rows of ``seq_len`` tokens."""
     special = special_ids(tokenizer)
-    pending: list[np.ndarray] = []
-
-    def flush() -> Iterator[Row]:
-        for bin_ in pack_segments([len(s) for s in pending], seq_len):
-            yield Row([pending[i] for i in bin_])
-        pending.clear()
-
+    packer = RowPacker(seq_len, special.cls, special.sep)
     chunk: list[str] = []
-    for doc in documents:
-        chunk.append(doc)
-        if len(chunk) == 64:
+    for doc in itertools.chain(documents, [None]):
+        if doc is not None:
+            chunk.append(doc)
+        if len(chunk) == 64 or (doc is None and chunk):
             for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                pending.extend(document_segments(enc.ids, seq_len, special.cls, special.sep))
+                yield from packer.add(enc.ids)
             chunk.clear()
-            if len(pending) >= pack_window:
-                yield from flush()
-    if chunk:
-        for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-            pending.extend(document_segments(enc.ids, seq_len, special.cls, special.sep))
-    if pending:
-        yield from flush()
+    yield from packer.flush()
 
 
 # --------------------------------------------------------------------------- masking collator
 @dataclass
 class Batch:
-    """One model input. Padded layout: (B, S) tensors; packed layout: (T = B*S,) tensors + cu_seqlens.
+    """One model input. Padded layout: (B, S) tensors, ``attention_mask`` None when no row has
+    padding; packed layout: (T = B*S,) tensors + cu_seqlens (row padding is a sequence of its own).
 
     ``masked_positions`` (R,) int64 flat indices into the B*S (or T) tokens, sorted, padded with -1;
     ``labels`` the original token at masked positions, -100 elsewhere. ``n_masked`` and
@@ -311,7 +315,7 @@ class Batch:
         inputs = dict(input_ids=self.input_ids, labels=self.labels, masked_positions=self.masked_positions)
         if self.cu_seqlens is not None:
             inputs.update(cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen)
-        else:
+        elif self.attention_mask is not None:
             inputs.update(attention_mask=self.attention_mask)
         return inputs
 
@@ -383,7 +387,7 @@ class MaskingCollator:
                       masked_positions=torch.from_numpy(positions), n_masked=len(chosen), n_tokens=int(real.sum()))
         if self.layout == "padded":
             batch.input_ids, batch.labels = batch.input_ids.view(B, S), batch.labels.view(B, S)
-            batch.attention_mask = torch.from_numpy(real)
+            batch.attention_mask = None if real.all() else torch.from_numpy(real)  # full rows need no mask
         else:
             batch.cu_seqlens = torch.from_numpy(np.concatenate(([0], np.cumsum(seg_lens))).astype(np.int32))
             batch.max_seqlen = max(seg_lens)

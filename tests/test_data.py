@@ -91,35 +91,32 @@ def test_load_tokenizer_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------- segments and packing
-def test_document_segments_wrap_and_cut():
-    segs = data.document_segments(list(range(10, 23)), seq_len=7, cls=2, sep=3)  # 13 tokens, 5 per segment
-    assert [s.tolist() for s in segs] == [[2, 10, 11, 12, 13, 14, 3], [2, 15, 16, 17, 18, 19, 3], [2, 20, 21, 22, 3]]
-    assert data.document_segments([], 7, 2, 3) == []
-
-
-def test_pack_segments_fills_bins_without_overflow():
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 65, size=500).tolist()
-    bins = data.pack_segments(lengths, 64)
-    assert sorted(i for b in bins for i in b) == list(range(500))
-    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
-    lower_bound = -(-sum(lengths) // 64)
-    assert len(bins) <= 11 / 9 * lower_bound + 1  # the first-fit-decreasing guarantee
-    assert data.pack_segments([30, 34, 40, 24, 64], 64) == [[4], [2, 3], [1, 0]]
-    with pytest.raises(ValueError):
-        data.pack_segments([65], 64)
-
-
-def test_iter_rows_packs_short_documents(tokenizer):
-    docs = ["short text number %d about lists" % i for i in range(200)]
-    rows = list(data.iter_rows(docs, tokenizer, 64))
-    tokens = sum(len(r) for r in rows)
-    assert all(len(r) <= 64 for r in rows) and len(rows) < 200 / 3  # several documents per row
-    assert tokens / (64 * len(rows)) > 0.9
-    special = data.special_ids(tokenizer)
-    for row in rows:
+def test_row_packer_fills_rows_exactly_and_splits_documents():
+    packer = data.RowPacker(8, cls=2, sep=3)
+    rows = list(packer.add([10, 11, 12])) + list(packer.add(list(range(20, 31)))) + list(packer.add([40]))
+    rows += list(packer.flush())
+    flat = [np.concatenate(r.segments).tolist() for r in rows]
+    assert flat == [[2, 10, 11, 12, 3, 2, 20, 3],          # doc 2 split after one token
+                    [2, 21, 22, 23, 24, 25, 26, 3],
+                    [2, 27, 28, 29, 30, 3, 3, 3],          # 2 slots left: extra [SEP]s, no padding
+                    [2, 40, 3]]                            # the last, partial row
+    for row in rows[:-1]:
+        assert len(row) == 8
         for seg in row.segments:
-            assert seg[0] == special.cls and seg[-1] == special.sep
+            assert seg[0] == 2 and seg[-1] == 3 and len(seg) >= 3
+    with pytest.raises(ValueError, match="seq_len"):
+        data.RowPacker(2, cls=2, sep=3)
+
+
+def test_iter_rows_packs_every_token_into_full_rows(tokenizer):
+    rng = np.random.default_rng(0)
+    docs = [" ".join(["lists hold items"] * rng.integers(1, 30)) + f" doc {i}" for i in range(100)]
+    rows = list(data.iter_rows(docs, tokenizer, 64))
+    assert all(len(r) == 64 for r in rows[:-1]) and 0 < len(rows[-1]) <= 64
+    special = data.special_ids(tokenizer)
+    packed = [t for r in rows for s in r.segments for t in s.tolist() if t not in special.all]
+    expected = [t for e in tokenizer.encode_batch(docs, add_special_tokens=False) for t in e.ids]
+    assert packed == expected  # nothing lost, nothing reordered
 
 
 # --------------------------------------------------------------------------- masking
@@ -201,6 +198,7 @@ def test_batch_without_maskable_tokens(tokenizer):
     batch = collator([data.Row([np.array([special.cls, special.sep])])], np.random.default_rng(0))
     assert batch.n_masked == 0 and (batch.masked_positions == -1).all() and (batch.labels == -100).all()
     assert batch.input_ids.shape == (4, 16) and batch.n_tokens == 2
+    assert batch.attention_mask.sum() == 2 and "attention_mask" in batch.model_inputs()
     with pytest.raises(ValueError, match="mask_rate"):
         data.MaskingCollator(tokenizer, 16, 4, mask_rate=0.0)
     with pytest.raises(ValueError, match="does not fit"):

@@ -1,0 +1,93 @@
+"""Using a trained checkpoint: load it, fill masks, evaluate on text, export to Hugging Face."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from . import data
+from .model import FastMLMForMaskedLM
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = ckpt.latest_checkpoint(path / "checkpoints")
+        if latest is None:
+            raise ckpt.CheckpointError(f"{path}/checkpoints holds no complete checkpoint")
+        return latest
+    if not path.is_dir():
+        raise ckpt.CheckpointError(f"no checkpoint folder at {path}")
+    return path
+
+
+def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, object]:
+    """(model in eval mode, tokenizer) from a checkpoint or run folder; training checkpoints are checksum-verified."""
+    path = resolve_checkpoint(path)
+    if (path / ckpt.MANIFEST).exists():
+        ckpt.verify_checkpoint(path)
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (path / name).exists():
+            tokenizer = data.load_tokenizer(path / name)
+            break
+    else:
+        raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt")
+    model = FastMLMForMaskedLM.from_pretrained(path).to(device).eval()
+    return model, tokenizer
+
+
+@torch.no_grad()
+def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """For each ``[MASK]`` in ``text``: the ``top_k`` (token, probability) pairs, most likely first."""
+    special = data.special_ids(tokenizer)
+    ids = [special.cls] + tokenizer.encode(text, add_special_tokens=False).ids + [special.sep]
+    limit = model.config.max_position_embeddings
+    if len(ids) > limit:
+        raise ValueError(f"the text is {len(ids)} tokens long; this model takes at most {limit}")
+    positions = [i for i, t in enumerate(ids) if t == special.mask]
+    if not positions:
+        raise ValueError(f"the text has no [MASK] token: {text!r}")
+    device = next(model.parameters()).device
+    logits = model.masked_logits(torch.tensor([ids], device=device),
+                                 positions=torch.tensor(positions, device=device))  # (masks, V) fp32
+    probs = logits.softmax(dim=-1)
+    probs[:, list(special.all)] = 0.0  # a special token is never a fill
+    top = probs.topk(top_k, dim=-1)
+    return [[(tokenizer.id_to_token(int(i)), float(p)) for p, i in zip(ps.tolist(), ix.tolist())]
+            for ps, ix in zip(top.values, top.indices)]
+
+
+def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int = 32, mask_rate: float = 0.15,
+                  max_batches: Optional[int] = None, seed: int = 1234) -> dict:
+    """Masked-token accuracy and perplexity on text files (fixed masks from ``seed``)."""
+    from .train import evaluate
+
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
+                         f"{model.config.max_position_embeddings}")
+    collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate)
+    batches = data.eval_batches(paths, tokenizer, collator, seed=seed, max_batches=max_batches)
+    if not batches:
+        raise ValueError(f"no text to evaluate in {paths}")
+    return evaluate(model, batches, next(model.parameters()).device)
+
+
+def export_hf(checkpoint, out_dir) -> Path:
+    """Write a Hugging Face ``BertForMaskedLM`` folder (weights, config, vocab.txt, tokenizer files)."""
+    from .hf import save_hf
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    out = save_hf(model, out_dir)
+    tokenizer.save(str(Path(out) / "tokenizer.json"))
+    tokenizer.model.save(str(out))  # vocab.txt, for BertTokenizer
+    lowercase = bool(getattr(tokenizer.normalizer, "lowercase", True))
+    (Path(out) / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+        "model_max_length": model.config.max_position_embeddings,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]"}, indent=2))
+    return Path(out)

@@ -1,0 +1,474 @@
+"""The MLM training loop: one linear function, :func:`train`.
+
+    tokenizer (trained or loaded) ─► model (preset + vocab) ─► AdamW + warm-up/decay schedule
+    for each step:
+        grad_accum micro-batches from the BatchStream (dynamic masking, packed rows)
+        loss = Σ masked-token losses / (masked tokens in all micro-batches, all ranks)
+        backward (DDP syncs on the last micro-batch), clip, step, schedule
+        every log_every: CSV row + progress bar;  every eval_every: validation accuracy/ppl
+        every save_every: atomic checkpoint (fastmlm/checkpoint.py)
+
+``resume`` continues a stopped run exactly: the model, optimizer, scheduler, grad scaler,
+every rank's RNG state and the data position come back from the checkpoint, so the
+remaining steps see the same batches, masks and dropout as an uninterrupted run.
+
+Distributed data parallel: run under ``torchrun``; each rank reads every
+``world_size``-th document, and the loss is normalised by the global masked-token count.
+Gloo on the CPU, NCCL on GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from . import data
+from .config import preset
+from .model import WEIGHTS_NAME, FastMLMForMaskedLM, read_safetensors
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint. Steps count optimizer updates."""
+
+    # model
+    model: str = "mini"                     # a fastmlm.config preset
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    data: Optional[list] = None             # files/folders of .txt/.jsonl(.gz); None = bundled corpus
+    valid_data: Optional[list] = None       # None = the bundled validation split when data is None
+    tokenizer: Optional[str] = None         # tokenizer.json / vocab.txt; None = train one on data
+    vocab_size: int = 8000
+    seq_len: int = 128
+    batch_size: int = 32                    # rows per micro-batch per rank
+    grad_accum: int = 1
+    mask_rate: float = 0.15
+    whole_word: bool = False
+    layout: str = "padded"                  # "padded" (B, S) rows or "packed" (T,) + cu_seqlens
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    schedule: str = "linear"                # decay after warm-up: "linear" or "cosine"
+    min_lr_ratio: float = 0.0
+    clip_norm: float = 1.0
+    precision: str = "auto"                 # "auto" (bf16/fp16 autocast on GPUs, fp32 on the CPU), "fp32", "bf16", "fp16"
+    # bookkeeping
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: Optional[int] = None      # None = the whole validation set
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    stop_after: Optional[int] = None        # stop (and checkpoint) after this step, as if killed;
+                                            # the schedule still runs to max_steps
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
+                     "vocab_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+        need(self.seq_len >= 8, f"seq_len must be at least 8, got {self.seq_len}")
+        need(0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0.0 < self.mask_rate < 1.0, f"mask_rate must lie in (0, 1), got {self.mask_rate}")
+        need(self.lr > 0 and self.weight_decay >= 0 and self.clip_norm >= 0, "lr must be > 0, weight_decay and clip_norm >= 0")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        need(self.layout in ("padded", "packed"), f"layout must be 'padded' or 'packed', got {self.layout!r}")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        need(self.stop_after is None or self.stop_after > 0, "stop_after must be a positive step")
+        return self
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values).validate()
+
+
+# Named starting points; any field can be overridden (CLI flags do that).
+TRAIN_PRESETS = {
+    # a few minutes on a 2-core CPU: L4/H256 model, 8k vocabulary, ~1.3M tokens
+    "demo": dict(model="mini", vocab_size=8000, seq_len=128, batch_size=32, lr=1e-3, warmup_steps=30,
+                 max_steps=300, eval_every=100, save_every=100, log_every=10, out_dir="runs/demo"),
+    # seconds: for tests and smoke runs
+    "tiny": dict(model="tiny", model_overrides={"hidden_dropout": 0.1}, vocab_size=400, seq_len=32, batch_size=8,
+                 lr=2e-3, warmup_steps=2, max_steps=8, eval_every=4, eval_batches=2, save_every=4, log_every=1,
+                 out_dir="runs/tiny"),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides}).validate()
+
+
+# --------------------------------------------------------------------------- pieces
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based): linear warm-up, then decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (decoupled weight decay); biases and LayerNorm weights (1-d parameters) are not decayed."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for fp32."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type != "cuda"):
+        return None
+    if cfg.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join the process group when launched by torchrun; pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    info = Dist()
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if use_cuda:
+        device = torch.device("cuda", info.local_rank) if device_name in ("auto", "cuda") else torch.device(device_name)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu" if device_name == "auto" else device_name)
+    return info, device
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, amp_dtype=None, ranks: Dist = Dist()) -> dict:
+    """Masked-token loss, accuracy and perplexity over ``batches`` (summed over ranks)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, masked
+    for batch in batches:
+        with autocast(device, amp_dtype):
+            out = model(**batch.to(device).model_inputs(), loss_reduction="sum")
+        totals += torch.stack([out.loss.double(), out.n_correct.double(), out.n_masked.double()])
+    loss_sum, correct, masked = ranks.all_sum(totals).tolist()  # the one host sync of an evaluation
+    model.train(was_training)
+    mean = loss_sum / masked if masked else float("nan")
+    return {"loss": mean, "accuracy": correct / masked if masked else float("nan"),
+            "perplexity": math.exp(mean) if masked else float("nan"), "n_masked": int(masked)}
+
+
+def accumulate_gradients(net, micro, device, amp_dtype=None, scaler=None, ranks: Dist = Dist()) -> torch.Tensor:
+    """Forward/backward every micro-batch of one step; return the step's summed loss (fp64, on device).
+
+    The gradient is that of  Σ_micro Σ_masked loss / N  with N the masked tokens of the
+    whole step on all ranks, as if the step were one big batch: each micro-batch's summed
+    loss is divided by N (times world_size, because DDP averages gradients over ranks).
+    N comes from the collator's host-side counts, so no device value is read back.
+    """
+    step_masked = ranks.all_sum(torch.tensor([float(sum(b.n_masked for b in micro))], dtype=torch.float64))
+    scale = (ranks.world_size / step_masked.clamp(min=1.0)).to(device)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    for i, batch in enumerate(micro):
+        last = i == len(micro) - 1
+        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+            with autocast(device, amp_dtype):
+                out = net(**batch.to(device, non_blocking=True).model_inputs(), loss_reduction="sum")
+            loss = out.loss * scale.to(out.loss.dtype)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        step_loss += out.loss.detach().double()
+    return step_loss
+
+
+class Logger:
+    """CSV rows (and TensorBoard scalars when tensorboard is installed), on the main rank only."""
+
+    FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "tokens_per_s", "packing_efficiency",
+              "elapsed_s")
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        self.path = out_dir / "log.csv"
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        if new:
+            self.writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: CSV only
+            self.tb = None
+
+    def log(self, **row):
+        if not self.enabled:
+            return
+        self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "accuracy", "perplexity", "lr", "tokens_per_s"):
+                if isinstance(row.get(key), (int, float)):
+                    self.tb.add_scalar(f"{row['split']}/{key}", row[key], row["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def _say(ranks: Dist, msg: str, bar=None):
+    if ranks.main:
+        (bar.write if bar is not None else print)(msg)
+
+
+def _prepare_tokenizer(cfg: TrainConfig, out_dir: Path, train_files, ranks: Dist):
+    """Load the configured tokenizer, or train one on the training data (main rank) and share it via out_dir.
+
+    A fresh run always trains its own (a leftover tokenizer.json may have another vocabulary size);
+    pass ``tokenizer`` to reuse one.
+    """
+    if cfg.tokenizer:
+        return data.load_tokenizer(cfg.tokenizer)
+    path = out_dir / "tokenizer.json"
+    if ranks.main:
+        tok = data.train_tokenizer(data.read_documents(train_files), vocab_size=cfg.vocab_size)
+        tok.save(str(path))
+    ranks.barrier()
+    return data.load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Train (or, with ``resume`` = a checkpoint folder or "latest", continue) a run; return a summary.
+
+    On resume the saved TrainConfig is used, except ``stop_after``, ``progress`` and
+    ``out_dir``, taken from ``cfg``. A fresh run refuses an ``out_dir`` that already holds
+    checkpoints unless ``overwrite`` (which deletes that run's checkpoints and logs).
+    """
+    ranks, device = setup_distributed(cfg.device)
+    resume_from, state = None, None
+    if resume:
+        root = Path(cfg.out_dir) / "checkpoints"
+        resume_from = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+        if resume_from is None:
+            raise ckpt.CheckpointError(f"--resume: no checkpoint under {root}")
+        state = ckpt.load_trainer_state(resume_from)
+        saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+        cfg = dataclasses.replace(saved, stop_after=cfg.stop_after, progress=cfg.progress, out_dir=cfg.out_dir)
+    cfg.validate()
+    out_dir = Path(cfg.out_dir)
+    if state is None and ckpt.list_checkpoints(out_dir / "checkpoints"):
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
+                             f"or replace it (--overwrite)")
+        ranks.barrier()
+        if ranks.main:
+            for name in ("checkpoints", "tensorboard"):
+                shutil.rmtree(out_dir / name, ignore_errors=True)
+            for name in ("log.csv", "summary.json", "tokenizer.json"):
+                (out_dir / name).unlink(missing_ok=True)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ranks.barrier()
+
+    train_files = cfg.data or [data.bundled_corpus("train")]
+    valid_files = cfg.valid_data or ([data.bundled_corpus("valid")] if cfg.data is None else None)
+    tokenizer = (data.load_tokenizer(resume_from / "tokenizer.json") if resume_from
+                 else _prepare_tokenizer(cfg, out_dir, train_files, ranks))
+    special = data.special_ids(tokenizer)
+
+    # Model: identical initial weights on every rank, then a per-rank dropout stream.
+    torch.manual_seed(cfg.seed)
+    model_cfg = preset(cfg.model, **{"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                                     "pad_token_id": special.pad,
+                                     "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
+    model = FastMLMForMaskedLM(model_cfg).to(device)
+    torch.manual_seed(cfg.seed + 1000 * ranks.rank)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    amp_dtype = autocast_dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step, position = 0, 0
+    if state is not None:
+        model.load_weights(read_safetensors(resume_from / WEIGHTS_NAME))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, position = state["step"], state["data_position"]
+        rng = state["rng_cpu"]
+        if len(rng) == ranks.world_size:
+            torch.set_rng_state(rng[ranks.rank])
+        else:
+            _say(ranks, f"resume: saved with {len(rng)} ranks, now {ranks.world_size}: dropout RNG reseeded")
+        if device.type == "cuda" and len(state.get("rng_cuda", [])) == ranks.world_size:
+            torch.cuda.set_rng_state(state["rng_cuda"][ranks.rank], device)
+    net = model
+    if ranks.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word, cfg.layout)
+    stream = data.BatchStream(train_files, tokenizer, collator, seed=cfg.seed, rank=ranks.rank,
+                              world_size=ranks.world_size, start=position)
+    batches = iter(stream)
+    valid = (data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches, rank=ranks.rank,
+                               world_size=ranks.world_size) if valid_files else [])
+    logger = Logger(out_dir, ranks.main)
+    n_params = sum(p.numel() for p in model.parameters())
+    _say(ranks, f"fastmlm train: {cfg.model} model ({n_params / 1e6:.1f}M parameters, vocab "
+                f"{model_cfg.vocab_size}) on {device}{f' x{ranks.world_size}' if ranks.world_size > 1 else ''}, "
+                f"precision {amp_dtype or torch.float32}, {cfg.max_steps} steps of {cfg.grad_accum} x "
+                f"{cfg.batch_size} x {cfg.seq_len} tokens" + (f", resumed at step {step}" if step else ""))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and ranks.main), unit="step",
+               dynamic_ncols=True)
+    model.train()
+    last_loss = float("nan")
+    run_start = interval_start = time.perf_counter()
+    interval_tokens, run_tokens = 0, 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # since the last log, this rank
+    masked_sum = 0
+    metrics: dict = {}
+    stop = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
+    while step < stop:
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
+        step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)
+        masked_sum += sum(b.n_masked for b in micro)
+        interval_tokens += sum(b.n_tokens for b in micro)
+        if cfg.clip_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum += step_loss
+        step += 1
+        bar.update(1)
+
+        final = step == stop
+        if step % cfg.log_every == 0 or final:
+            totals = ranks.all_sum(torch.stack([loss_sum, torch.tensor(float(masked_sum), dtype=torch.float64,
+                                                                                 device=device)]))
+            loss_total, masked_total = totals.tolist()  # host sync once per log interval
+            last_loss = loss_total / max(masked_total, 1.0)
+            elapsed = time.perf_counter() - interval_start
+            tokens_per_s = interval_tokens * ranks.world_size / max(elapsed, 1e-9)
+            run_tokens += interval_tokens * ranks.world_size
+            lr = scheduler.get_last_lr()[0]
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
+            logger.log(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s,
+                       packing_efficiency=stream.efficiency, elapsed_s=time.perf_counter() - run_start)
+            loss_sum.zero_()
+            masked_sum, interval_tokens, interval_start = 0, 0, time.perf_counter()
+        if valid and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            metrics = evaluate(model, valid, device, amp_dtype, ranks)
+            logger.log(step=step, split="valid", loss=metrics["loss"], accuracy=metrics["accuracy"],
+                       perplexity=metrics["perplexity"], elapsed_s=time.perf_counter() - run_start)
+            _say(ranks, f"step {step}: validation loss {metrics['loss']:.3f}, masked-token accuracy "
+                        f"{metrics['accuracy']:.1%}, perplexity {metrics['perplexity']:.1f}", bar)
+            interval_start = time.perf_counter()  # evaluation time is not training throughput
+        if step % cfg.save_every == 0 or final:
+            rng_cpu = [torch.get_rng_state()]
+            rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+            if ranks.world_size > 1:
+                rng_cpu = [None] * ranks.world_size
+                dist.all_gather_object(rng_cpu, torch.get_rng_state())
+                if device.type == "cuda":
+                    rng_cuda = [None] * ranks.world_size
+                    dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
+            if ranks.main:
+                trainer_state = {"step": step, "data_position": stream.position, "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+                                 "train_config": json.dumps(cfg.to_dict())}
+                where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
+                                             keep=cfg.keep_checkpoints)
+                if final:
+                    _say(ranks, f"checkpoint: {where}", bar)
+            ranks.barrier()
+    bar.close()
+    logger.close()
+    wall = time.perf_counter() - run_start
+    summary = {"step": step, "final_train_loss": last_loss, "valid": metrics, "wall_s": wall,
+               "tokens_per_s": run_tokens / wall if wall > 0 else 0.0, "packing_efficiency": stream.efficiency,
+               "checkpoint": str(ckpt.latest_checkpoint(out_dir / "checkpoints")), "device": str(device),
+               "world_size": ranks.world_size, "rank": ranks.rank}
+    if ranks.main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

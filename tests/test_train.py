@@ -1,0 +1,212 @@
+"""The training loop (fastmlm/train.py) and its checkpoints (fastmlm/checkpoint.py), on tiny configs."""
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastmlm import checkpoint as ckpt
+from fastmlm import data, train
+from fastmlm.config import preset
+from fastmlm.model import FastMLMForMaskedLM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small train/valid corpus cut from the bundled one, and a tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = list(itertools.islice(data.read_documents([data.bundled_corpus("train")]), 400))
+    (root / "train.txt").write_text("\n\n".join(docs[:360]))
+    (root / "valid.txt").write_text("\n\n".join(docs[360:]))
+    data.train_tokenizer(docs[:360], vocab_size=400).save(str(root / "tokenizer.json"))
+    return root
+
+
+def tiny(corpus, out_dir, **overrides):
+    base = dict(data=[str(corpus / "train.txt")], valid_data=[str(corpus / "valid.txt")],
+                tokenizer=str(corpus / "tokenizer.json"), out_dir=str(out_dir), progress=False)
+    return train.train_preset("tiny", **{**base, **overrides})
+
+
+def train_losses(run_dir):
+    with open(Path(run_dir) / "log.csv", newline="") as f:
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"}
+
+
+# --------------------------------------------------------------------------- schedule and optimizer
+def test_lr_schedule_warmup_then_decay():
+    cfg = train.TrainConfig(lr=1.0, warmup_steps=4, max_steps=14, schedule="linear", min_lr_ratio=0.1)
+    factors = [train.lr_factor(s, cfg) for s in range(15)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[9] == pytest.approx(0.1 + 0.9 * 0.5) and factors[14] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))
+    cos = train.TrainConfig(warmup_steps=0, max_steps=10, schedule="cosine")
+    assert train.lr_factor(0, cos) == 1.0 and train.lr_factor(5, cos) == pytest.approx(0.5)
+    assert train.lr_factor(10, cos) == pytest.approx(0.0)
+
+
+def test_adamw_decays_matrices_only():
+    model = FastMLMForMaskedLM(preset("tiny"))
+    opt = train.make_optimizer(model, train.TrainConfig(weight_decay=0.05))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="mask_rate"):
+        train.TrainConfig(mask_rate=1.5).validate()
+    with pytest.raises(ValueError, match="schedule"):
+        train.TrainConfig(schedule="step").validate()
+    with pytest.raises(ValueError, match="unknown training preset"):
+        train.train_preset("huge")
+    with pytest.raises(ValueError, match="unknown fields"):
+        train.TrainConfig.from_dict({"learning_rate": 1})
+
+
+# --------------------------------------------------------------------------- gradient accumulation
+def test_accumulation_normalises_by_all_masked_tokens(corpus):
+    """Two micro-batches with different masked counts give the gradient of their union's mean loss."""
+    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    model = FastMLMForMaskedLM(preset("tiny", vocab_size=400, hidden_dropout=0.0))
+    rows = list(data.iter_rows(data.read_documents([corpus / "train.txt"]), tokenizer, 32))
+    big = data.MaskingCollator(tokenizer, 32, 4, mask_rate=0.3)(rows[:4], np.random.default_rng(0))
+    small = data.MaskingCollator(tokenizer, 32, 4, mask_rate=0.1)(rows[4:8], np.random.default_rng(1))
+    assert big.n_masked > 2 * small.n_masked > 0
+
+    step_loss = train.accumulate_gradients(model, [big, small], torch.device("cpu"))
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    sums = [model(**b.model_inputs(), loss_reduction="sum").loss for b in (big, small)]
+    ((sums[0] + sums[1]) / (big.n_masked + small.n_masked)).backward()
+    for got, want in zip(accumulated, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert step_loss.item() == pytest.approx(float(sums[0].detach() + sums[1].detach()), rel=1e-6)
+    # averaging the two micro-batch means would weight the small batch's tokens more: a different gradient
+    model.zero_grad()
+    sums = [model(**b.model_inputs(), loss_reduction="sum").loss for b in (big, small)]
+    ((sums[0] / big.n_masked + sums[1] / small.n_masked) / 2).backward()
+    assert not torch.allclose(accumulated[0], model.embeddings.word.weight.grad, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_corruption(corpus, tmp_path):
+    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    model = FastMLMForMaskedLM(preset("tiny", vocab_size=400))
+    opt = train.make_optimizer(model, train.TrainConfig())
+    model(torch.randint(5, 400, (2, 8)), labels=torch.randint(5, 400, (2, 8))).loss.backward()
+    opt.step()
+    state = {"step": 3, "data_position": 7, "optimizer": opt.state_dict(), "rng_cpu": [torch.get_rng_state()]}
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3):
+        path = ckpt.save_checkpoint(root, step, model, tokenizer, state, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000003"]
+    assert ckpt.latest_checkpoint(root) == path
+    (root / ".step_00000004.tmp999").mkdir()  # a save killed half way is invisible
+    assert ckpt.latest_checkpoint(root) == path
+
+    loaded = ckpt.load_trainer_state(path)
+    assert loaded["step"] == 3 and loaded["data_position"] == 7
+    assert torch.equal(loaded["rng_cpu"][0], state["rng_cpu"][0])
+    exp_avg = opt.state_dict()["state"][0]["exp_avg"]
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], exp_avg)
+    again = FastMLMForMaskedLM.from_pretrained(path)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    # corruption: one flipped byte, a missing file, no manifest
+    weights = path / "model.safetensors"
+    good = weights.read_bytes()
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: model.safetensors"):
+        ckpt.load_trainer_state(path)
+    weights.write_bytes(good)
+    ckpt.verify_checkpoint(path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer.json is missing"):
+        ckpt.verify_checkpoint(path)
+    (path / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="incomplete checkpoint"):
+        ckpt.verify_checkpoint(path)
+
+
+def test_truncated_weights_are_a_clear_error(corpus, tmp_path):
+    from fastmlm.predict import load_checkpoint
+
+    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    path = ckpt.save_checkpoint(tmp_path, 1, FastMLMForMaskedLM(preset("tiny", vocab_size=400)), tokenizer, {})
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match="does not match its sha256"):
+        load_checkpoint(path)
+    (path / ckpt.MANIFEST).unlink()  # without the manifest, the safetensors header check still catches it
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- runs
+def test_tiny_run_learns_logs_and_resumes_exactly(corpus, tmp_path):
+    """An uninterrupted run vs. one stopped at step 5 and resumed: identical losses after the stop."""
+    full = train.train(tiny(corpus, tmp_path / "full", max_steps=10, eval_every=5, save_every=5))
+    losses = train_losses(tmp_path / "full")
+    assert sorted(losses) == list(range(1, 11)) and all(math.isfinite(v) for v in losses.values())
+    assert np.mean([losses[s] for s in (8, 9, 10)]) < np.mean([losses[s] for s in (1, 2, 3)])  # it learns
+    assert full["valid"]["n_masked"] > 0 and 0 <= full["valid"]["accuracy"] <= 1
+    assert 0.99 <= full["packing_efficiency"] <= 1.0
+
+    stopped = train.train(tiny(corpus, tmp_path / "resumed", max_steps=10, eval_every=5, save_every=5, stop_after=5))
+    assert stopped["step"] == 5 and Path(stopped["checkpoint"]).name == "step_00000005"
+    with pytest.raises(ValueError, match="already holds a run"):
+        train.train(tiny(corpus, tmp_path / "resumed", max_steps=10))
+    resumed = train.train(tiny(corpus, tmp_path / "resumed"), resume="latest")
+    assert resumed["step"] == 10
+    after = train_losses(tmp_path / "resumed")
+    for step in range(1, 11):
+        assert after[step] == pytest.approx(losses[step], abs=1e-6, rel=0), step
+    assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], abs=1e-6, rel=0)
+    assert resumed["valid"]["loss"] == pytest.approx(full["valid"]["loss"], abs=1e-6, rel=0)
+
+    # resuming from a corrupt checkpoint fails loudly
+    latest = ckpt.latest_checkpoint(tmp_path / "resumed" / "checkpoints")
+    (latest / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: trainer_state.pt"):
+        train.train(tiny(corpus, tmp_path / "resumed"), resume="latest")
+
+
+def test_grad_accum_packed_layout_and_whole_word_run(corpus, tmp_path):
+    out = train.train(tiny(corpus, tmp_path / "run", max_steps=3, grad_accum=2, layout="packed", whole_word=True,
+                           mask_rate=0.3, schedule="cosine", eval_every=3, save_every=3))
+    assert out["step"] == 3 and math.isfinite(out["final_train_loss"]) and out["valid"]["n_masked"] > 0
+
+
+def test_bf16_autocast_on_cpu(corpus, tmp_path):
+    out = train.train(tiny(corpus, tmp_path / "run", max_steps=2, precision="bf16", eval_every=2, save_every=2))
+    assert math.isfinite(out["final_train_loss"]) and math.isfinite(out["valid"]["loss"])
+
+
+def test_ddp_two_cpu_processes_gloo(corpus, tmp_path):
+    """torchrun with 2 CPU processes on gloo: both ranks step in lockstep, rank 0 checkpoints."""
+    args = ["--preset", "tiny", "--data", str(corpus / "train.txt"), "--valid-data", str(corpus / "valid.txt"),
+            "--tokenizer", str(corpus / "tokenizer.json"), "--out-dir", str(tmp_path / "ddp"), "--max-steps", "3",
+            "--eval-every", "3", "--save-every", "3", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           "-m", "fastmlm", "train", *args], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["step"] == 3 and math.isfinite(summary["final_train_loss"])
+    state = ckpt.load_trainer_state(Path(summary["checkpoint"]))
+    assert len(state["rng_cpu"]) == 2 and not torch.equal(state["rng_cpu"][0], state["rng_cpu"][1])
