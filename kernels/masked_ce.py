@@ -34,8 +34,8 @@ Backward.  With p = softmax(z) = exp(z - lse) and g the incoming row gradient,
 
 Keeping a (BLOCK_M x H) accumulator for d_hidden in registers is impossible at
 H = 768, and recomputing z once per H block would multiply the work.  So the
-backward walks the vocabulary in chunks of ``vocab_chunk`` columns (sized so the
-workspace holds about 32M elements) and, per chunk,
+backward walks the vocabulary in chunks of columns (as many as keep the dz
+workspace, R x chunk in the input dtype, near 32M elements) and, per chunk,
 
   1. ``_dlogits_kernel``  recomputes z for the chunk, writes dz (rows x chunk) to a
                           workspace in the input dtype;
@@ -44,13 +44,16 @@ workspace holds about 32M elements) and, per chunk,
                           (loops over the n counted rows, a bound read on the device).
 
 Every output tile has exactly one writer: the result is deterministic, with no
-atomics.  d_rows (compact, fp32) is finally added into (T, H) at the row tokens
-(``index_add_``, so duplicated positions sum their gradients).
+atomics.  d_rows (R x H, fp32) is finally added into (T, H) at the row tokens
+(``index_add_``, so duplicated positions sum their gradients).  Cost: z is
+computed twice (forward, backward) plus two more matmuls, 4 x 2·n·H·V flops;
+memory beyond the outputs is the workspace plus R x H fp32.
 
 Limits: fp16 / bf16 / fp32 inputs (fp32 uses IEEE ``tl.dot``, not TF32, so it
 matches an fp32 reference); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
-(where bf16 is refused: the interpreter's ``tl.dot`` is wrong for bf16).  The
-CUDA backend (csrc/masked_ce.cu) follows the same math.
+(where bf16 is refused: the interpreter's ``tl.dot`` is wrong for bf16).  Tile
+sizes are first guesses, compiled for sm_90 (``_masked_ce_compile.py``) but not
+yet tuned on a GPU.  The ``cuda`` backend (csrc/) is written separately.
 """
 from __future__ import annotations
 
@@ -331,14 +334,14 @@ def _compact_rows(labels, positions, ignore_index):
     """Put the rows that count first, without reading anything back to the host.
 
     Returns order (R,) int64, the slot of each compact row (a permutation of
-    range(R)); tokens and targets (R,) int64 of each compact row; n_rows (1,)
-    int32, how many rows count; and counts (R,) bool by slot.
+    range(R)); tokens and targets (R,) of each compact row; and n_rows (1,)
+    int32, how many rows count (the compact rows j < n_rows).
     """
     index, counts = row_index(labels, positions, ignore_index)
     order = torch.argsort((~counts).to(torch.uint8), stable=True)
     targets = torch.where(counts, labels[index], 0)
     n_rows = counts.sum(dtype=torch.int32).reshape(1)
-    return order, index[order], targets[order], n_rows, counts
+    return order, index[order], targets[order], n_rows
 
 
 def _strides(hidden, weight):
@@ -354,7 +357,7 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
     correct = torch.zeros(rows_total, device=device, dtype=torch.bool)
     if rows_total == 0 or hidden.shape[0] == 0:
         return loss, lse, correct
-    order, tokens, targets, n_rows, counts = _compact_rows(labels, positions, ignore_index)
+    order, tokens, targets, n_rows = _compact_rows(labels, positions, ignore_index)
     configs = _configs(hidden.dtype)
     cfg = configs["forward"]
     per_split = triton.cdiv(VOCAB_PER_SPLIT, cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -404,7 +407,7 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
     d_bias = torch.empty(vocab, device=device, dtype=weight.dtype)
     if rows_total == 0 or hidden.shape[0] == 0:
         return torch.zeros_like(hidden), d_weight.zero_(), d_bias.zero_()
-    order, tokens, targets, n_rows, _ = _compact_rows(labels, positions, ignore_index)
+    order, tokens, targets, n_rows = _compact_rows(labels, positions, ignore_index)
     live = torch.arange(rows_total, device=device) < n_rows
     row_lse = lse[order].contiguous()
     row_grad = torch.where(live, grad_rows[order].float(), 0.0)
