@@ -32,8 +32,10 @@ blocks that visit it).
 Layouts. q, k, v, out are flattened to (tokens, H, D) and must be contiguous;
 lse and delta are (tokens, H) fp32. A sequence is (start token, seq_len rows,
 kv_len keys): padded batches have start = b * S, seq_len = S and kv_len = the
-last real key + 1 (padding beyond it is skipped, a key mask handles the rest);
-packed batches read start and seq_len from cu_seqlens. Token offsets are int64.
+last real key + 1 (key tiles past it are skipped). A right-padded key mask needs
+nothing more, so interior tiles run unmasked; a mask with holes before kv_len
+is applied per element on every tile. Packed batches read start and seq_len
+from cu_seqlens. Token offsets are int64.
 
 Limits: head_dim a multiple of 8 up to 128 (padded to a power of two >= 16
 with masked loads); fp16, bf16 and fp32 (fp32 uses IEEE dot products, not TF32).
@@ -55,8 +57,10 @@ SKIP, FULL, PARTIAL = 0, 1, 2  # tile states, as in fastmlm/ops/block_layout.py
 
 # --------------------------------------------------------------------------- small helpers
 @triton.jit
-def _sequence(batch, CuSeqlens, KvLen, padded_len, IS_PACKED: tl.constexpr, HAS_KV_LEN: tl.constexpr):
-    """(first token as int64, rows of this sequence, keys worth visiting) of one batch entry."""
+def _sequence(batch, CuSeqlens, KeyBounds, padded_len, IS_PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr):
+    """(first token as int64, rows of this sequence, keys worth visiting, whether the key mask
+    has holes before kv_len) of one batch entry. Without holes (right padding, the usual
+    case) interior key tiles need no mask at all."""
     if IS_PACKED:
         start = tl.load(CuSeqlens + batch).to(tl.int64)
         seq_len = (tl.load(CuSeqlens + batch + 1) - tl.load(CuSeqlens + batch)).to(tl.int32)
@@ -64,9 +68,11 @@ def _sequence(batch, CuSeqlens, KvLen, padded_len, IS_PACKED: tl.constexpr, HAS_
         start = batch.to(tl.int64) * padded_len
         seq_len = batch * 0 + padded_len  # an int32 tensor, whatever padded_len was specialised to
     kv_len = seq_len
-    if HAS_KV_LEN:
-        kv_len = tl.load(KvLen + batch).to(tl.int32)
-    return start, seq_len, kv_len
+    holes = seq_len < 0  # False
+    if HAS_KEY_MASK:
+        kv_len = tl.load(KeyBounds + 2 * batch).to(tl.int32)
+        holes = tl.load(KeyBounds + 2 * batch + 1) != 0
+    return start, seq_len, kv_len, holes
 
 
 @triton.jit
@@ -152,7 +158,7 @@ def _fwd_kernel(
     # pointers: tensors (tokens, H, D) / (tokens, H)
     Q, K, V, Out, Lse,
     # pointers: sequence bounds and key-padding mask (B, S) uint8
-    CuSeqlens, KvLen, KeyMask,
+    CuSeqlens, KeyBounds, KeyMask,
     # pointers: block-sparse schedule over kernel tiles, and the layout's token rule
     TileState, KvIndex, KvCount, Blocks, TokenMask,
     # sizes
@@ -163,11 +169,11 @@ def _fwd_kernel(
     # meta-parameters
     qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_PACKED: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    IS_PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     SPARSE: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     qb, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, seq_len, kv_len = _sequence(batch, CuSeqlens, KvLen, padded_len, IS_PACKED, HAS_KV_LEN)
+    start, seq_len, kv_len, holes = _sequence(batch, CuSeqlens, KeyBounds, padded_len, IS_PACKED, HAS_KEY_MASK)
     if qb * BLOCK_M >= seq_len:  # this query block lies past a shorter packed sequence
         return
 
@@ -190,9 +196,7 @@ def _fwd_kernel(
         for j in range(0, count):
             kb = tl.load(KvIndex + head * index_head + qb * index_row + j)
             state = tl.load(TileState + head * state_head + qb * state_row + kb)
-            needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len)
-            if HAS_KEY_MASK:
-                needs_mask = kb >= 0
+            needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len) | holes
             if needs_mask:
                 acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
                                            stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
@@ -205,10 +209,8 @@ def _fwd_kernel(
                                            TokenMask_h, tm_row, layout_len, window, num_global, False,
                                            False, False, False, LAYOUT_BLOCK, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     else:
-        # Dense: interior tiles unmasked, then the tail tile (masked). With a key mask every tile is masked.
-        num_unmasked = kv_len // BLOCK_N
-        if HAS_KEY_MASK:
-            num_unmasked = num_unmasked * 0
+        # Dense: interior tiles unmasked, then the tail tile (masked). A key mask with holes masks every tile.
+        num_unmasked = tl.where(holes, 0, kv_len // BLOCK_N)
         for kb in range(0, num_unmasked):
             acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
                                        stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
@@ -279,7 +281,7 @@ def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_h
 def _dkdv_kernel(
     # pointers
     Q, K, V, DOut, Lse, Delta, DK, DV,
-    CuSeqlens, KvLen, KeyMask,
+    CuSeqlens, KeyBounds, KeyMask,
     TileState, QIndex, QCount, Blocks, TokenMask,
     # sizes
     padded_len, num_heads, layout_len, window, num_global, seqlen_key,
@@ -289,11 +291,11 @@ def _dkdv_kernel(
     # meta-parameters
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_PACKED: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    IS_PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     SPARSE: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     kb, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, seq_len, kv_len = _sequence(batch, CuSeqlens, KvLen, padded_len, IS_PACKED, HAS_KV_LEN)
+    start, seq_len, kv_len, holes = _sequence(batch, CuSeqlens, KeyBounds, padded_len, IS_PACKED, HAS_KEY_MASK)
     if kb * BLOCK_N >= seq_len:
         return
 
@@ -377,7 +379,7 @@ def _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_tok, off
 def _dq_kernel(
     # pointers
     Q, K, V, DOut, Lse, Delta, DQ,
-    CuSeqlens, KvLen, KeyMask,
+    CuSeqlens, KeyBounds, KeyMask,
     TileState, KvIndex, KvCount, Blocks, TokenMask,
     # sizes
     padded_len, num_heads, layout_len, window, num_global, seqlen_key,
@@ -387,11 +389,11 @@ def _dq_kernel(
     # meta-parameters
     scale, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_PACKED: tl.constexpr, HAS_KV_LEN: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    IS_PACKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
     SPARSE: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     qb, head, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, seq_len, kv_len = _sequence(batch, CuSeqlens, KvLen, padded_len, IS_PACKED, HAS_KV_LEN)
+    start, seq_len, kv_len, holes = _sequence(batch, CuSeqlens, KeyBounds, padded_len, IS_PACKED, HAS_KEY_MASK)
     if qb * BLOCK_M >= seq_len:
         return
 
@@ -415,9 +417,7 @@ def _dq_kernel(
         for j in range(0, count):
             kb = tl.load(KvIndex + head * index_head + qb * index_row + j)
             state = tl.load(TileState + head * state_head + qb * state_row + kb)
-            needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len)
-            if HAS_KEY_MASK:
-                needs_mask = kb >= 0
+            needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len) | holes
             if needs_mask:
                 dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
                                offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
@@ -429,9 +429,7 @@ def _dq_kernel(
                                window, num_global, False, False, False, False, LAYOUT_BLOCK,
                                HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     else:
-        num_unmasked = kv_len // BLOCK_N
-        if HAS_KEY_MASK:
-            num_unmasked = num_unmasked * 0
+        num_unmasked = tl.where(holes, 0, kv_len // BLOCK_N)
         for kb in range(0, num_unmasked):
             dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
                            offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
@@ -529,22 +527,25 @@ def _common(q, attention_mask, cu_seqlens, max_seqlen):
     heads, head_dim = q.shape[-2], q.shape[-1]
     batch = cu_seqlens.numel() - 1 if packed else q.shape[0]
     padded_len = 0 if packed else q.shape[1]
-    kv_len = key_mask = None
-    if attention_mask is not None:
+    key_bounds = key_mask = None
+    if attention_mask is not None and padded_len:
         mask = attention_mask.bool()
         # Keys past the last real one are never visited: kv_len = last True position + 1 (0 if none).
+        # "holes": some key before kv_len is padding, so every tile needs the per-element mask.
         positions = torch.arange(1, padded_len + 1, device=q.device, dtype=torch.int32)
-        kv_len = torch.where(mask, positions, 0).amax(dim=1).to(torch.int32) if padded_len else None
+        kv_len = torch.where(mask, positions, 0).amax(dim=1)
+        holes = mask.sum(dim=1, dtype=torch.int32) != kv_len
+        key_bounds = torch.stack([kv_len, holes.to(torch.int32)], dim=1).to(torch.int32).contiguous()  # (B, 2)
         key_mask = mask.contiguous().view(torch.uint8)
     return dict(packed=packed, heads=heads, head_dim=head_dim, batch=batch, padded_len=padded_len,
-                kv_len=kv_len, key_mask=key_mask, max_seqlen=max_seqlen)
+                key_bounds=key_bounds, key_mask=key_mask, max_seqlen=max_seqlen)
 
 
 def _meta(info, schedule, dtype):
     head_dim = info["head_dim"]
     return dict(
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IS_PACKED=info["packed"], HAS_KV_LEN=info["kv_len"] is not None, HAS_KEY_MASK=info["key_mask"] is not None,
+        IS_PACKED=info["packed"], HAS_KEY_MASK=info["key_mask"] is not None,
         SPARSE=schedule.sparse, LAYOUT_BLOCK=schedule.layout_block,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
@@ -568,7 +569,7 @@ def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, schedule: Sc
         grid = lambda meta: (triton.cdiv(info["max_seqlen"], meta["BLOCK_M"]), h, info["batch"])
         fn[grid](
             qf, kf, vf, out, lse,
-            dummy if cu_seqlens is None else cu_seqlens, dummy if info["kv_len"] is None else info["kv_len"],
+            dummy if cu_seqlens is None else cu_seqlens, dummy if info["key_bounds"] is None else info["key_bounds"],
             dummy if info["key_mask"] is None else info["key_mask"],
             *sparse["pointers"],
             info["padded_len"], h, *sparse["sizes"], triton.next_power_of_2(info["max_seqlen"]),
@@ -597,7 +598,7 @@ def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, sc
     _delta_kernel[(triton.cdiv(tokens, block_t), h)](of, dof, delta, tokens, h, of.stride(0), of.stride(1),
                                                       HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
 
-    bounds = (lsef if cu_seqlens is None else cu_seqlens, lsef if info["kv_len"] is None else info["kv_len"],
+    bounds = (lsef if cu_seqlens is None else cu_seqlens, lsef if info["key_bounds"] is None else info["key_bounds"],
               lsef if info["key_mask"] is None else info["key_mask"])
     seqlen_key = triton.next_power_of_2(info["max_seqlen"])
 

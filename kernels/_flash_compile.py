@@ -21,7 +21,7 @@ from . import _flash
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 KERNELS = {"fwd": _flash._fwd_kernel, "dkdv": _flash._dkdv_kernel, "dq": _flash._dq_kernel}
 DENSE_CONFIGS = {"fwd": _flash._DENSE_FWD, "dkdv": _flash._DENSE_DKDV, "dq": _flash._DENSE_DQ}
-INT_POINTERS = {"CuSeqlens": "*i32", "KvLen": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
+INT_POINTERS = {"CuSeqlens": "*i32", "KeyBounds": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
                 "QCount": "*i32", "KeyMask": "*u8", "TokenMask": "*u8", "TileState": "*i8", "Blocks": "*i8"}
 FP32_POINTERS = ("Lse", "Delta")
 DIVISIBLE = ("stride_tok",)
@@ -34,7 +34,7 @@ def compile_kernel(name, dtype, head_dim, config, *, packed=False, key_mask=Fals
     fn = KERNELS[name]
     block_m, block_n, warps, stages = config
     meta = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=block_m,
-                BLOCK_N=block_n, IS_PACKED=packed, HAS_KV_LEN=key_mask, HAS_KEY_MASK=key_mask, SPARSE=sparse,
+                BLOCK_N=block_n, IS_PACKED=packed, HAS_KEY_MASK=key_mask, SPARSE=sparse,
                 HAS_TOKEN_MASK=token_mask, LAYOUT_BLOCK=block_m if sparse else 1,
                 PRECISION="ieee" if dtype == "fp32" else "tf32")
     signature, attrs = {}, {}
