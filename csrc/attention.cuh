@@ -23,9 +23,11 @@
 // Limits: fp16 / bf16 (sm_80+), head_dim a multiple of 8 up to 128; the kernels are
 // instantiated for head dims 32, 64 and 128 and zero-pad smaller ones to the next.
 // Shared memory stays under the 48 KiB default (no opt-in needed): the key tile shrinks
-// to 32 for head dim 128. Operands reach shared memory with plain 16-byte loads (no
-// cp.async pipelining, no ldmatrix) and fragments are read with 32-bit shared loads:
-// simple and correct first; the Triton kernel's software pipelining is not replicated.
+// to 32 for head dim 128. Every tile sits row-major in shared memory (rows padded by 8
+// elements: conflict-free fragment reads); an operand needed transposed (V in P V, Q and
+// dO in the dK/dV products, K in dS K) is read with ldmatrix.trans. Tiles reach shared
+// memory with plain 16-byte loads, without cp.async double buffering: simple and correct
+// first; the Triton kernel's software pipelining is not replicated.
 #pragma once
 
 #include <cmath>
@@ -46,8 +48,7 @@ constexpr int kPad = 8;                             // shared-memory row padding
 template <int HEAD_DIM>
 struct Tiles {
   static constexpr int kInner = HEAD_DIM >= 128 ? 32 : 64;  // keys (fwd, dQ) or queries (dK/dV) per step
-  static constexpr int kLd = HEAD_DIM + kPad;               // row-major tile: rows x head dim
-  static constexpr int kLdT = kInner + kPad;                // transposed tile: head dim x inner rows
+  static constexpr int kLd = HEAD_DIM + kPad;               // row stride of every tile (16-byte multiple)
 };
 
 // Where one sequence's tokens live.
@@ -75,23 +76,18 @@ FASTMLM_DEVICE bool key_is_real(const AttentionParams& p, Sequence seq, int b, i
 }
 
 // Copy ROWS rows (tokens row0.. of one head of one sequence) into shared memory, row-major
-// into dst (ROWS x ld) and/or transposed into dst_t (HEAD_DIM x ld_t). Rows past the end of
-// the sequence and columns past head_dim read as zero, so they add nothing to any product.
+// (ROWS x ld). Rows past the end of the sequence and columns past head_dim read as zero, so
+// they add nothing to any product.
 template <class T, int ROWS, int HEAD_DIM>
-FASTMLM_DEVICE void copy_tile(T* dst, int ld, T* dst_t, int ld_t, const T* src, const AttentionParams& p,
-                              Sequence seq, int head, int row0) {
+FASTMLM_DEVICE void copy_tile(T* dst, int ld, const T* src, const AttentionParams& p, Sequence seq, int head,
+                              int row0) {
   constexpr int kVecsPerRow = HEAD_DIM / 8;
   for (int i = thread_x(); i < ROWS * kVecsPerRow; i += kThreads) {
     const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
     Vec16 v{};
     if (row0 + r < seq.len && c < p.head_dim)
       v = *reinterpret_cast<const Vec16*>(src + row_offset(p, seq.start + row0 + r, head) + c);
-    if (dst != nullptr) *reinterpret_cast<Vec16*>(dst + r * ld + c) = v;
-    if (dst_t != nullptr) {
-      T e[8];
-      memcpy(e, &v, sizeof(v));
-      for (int j = 0; j < 8; ++j) dst_t[(c + j) * ld_t + r] = e[j];
-    }
+    *reinterpret_cast<Vec16*>(dst + r * ld + c) = v;
   }
 }
 
@@ -111,6 +107,13 @@ FASTMLM_DEVICE void load_frag_b(uint32_t (&b)[2], const T* tile, int ld, int n0,
   const int g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   b[0] = load_pair(tile + (n0 + g) * ld + k0 + 2 * t);
   b[1] = load_pair(tile + (n0 + g) * ld + k0 + 8 + 2 * t);
+}
+
+// B fragment (16 x 8) of a tile holding B row-major: B[k][n] = tile[(k0 + k) * ld + n0 + n],
+// read transposed by ldmatrix (lanes 0-15 name the 16 rows k0..k0+15; 16-31 repeat them).
+template <class T>
+FASTMLM_DEVICE void load_frag_b_trans(uint32_t (&b)[2], const T* tile, int ld, int k0, int n0) {
+  ldmatrix_x2_trans(b, tile + (k0 + thread_x() % 16) * ld + n0);
 }
 
 // Two neighbouring 16x8 accumulator tiles (columns 16j..16j+15) as the A fragment of the
@@ -156,9 +159,8 @@ template <class T, int HEAD_DIM>
 struct ForwardSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kQ = kBlockRows * Tl::kLd;    // this block's queries (read once)
-  static constexpr int kK = Tl::kInner * Tl::kLd;    // one key tile, row-major
-  static constexpr int kVt = HEAD_DIM * Tl::kLdT;    // the same tile of V, transposed
-  static constexpr size_t kBytes = (kQ + kK + kVt) * sizeof(T) + Tl::kInner * sizeof(float);
+  static constexpr int kK = Tl::kInner * Tl::kLd;    // one key tile of K, and the same of V
+  static constexpr size_t kBytes = (kQ + 2 * kK) * sizeof(T) + Tl::kInner * sizeof(float);
 };
 
 template <class T, int HEAD_DIM>
@@ -172,12 +174,12 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   const int warp = thread_x() / kWarpSize, t = thread_x() % 4;
   T* q_s = shared_memory<T>();
   T* k_s = q_s + Smem::kQ;
-  T* vt_s = k_s + Smem::kK;
-  float* key_bias = reinterpret_cast<float*>(vt_s + Smem::kVt);  // 0 for a real key, -inf otherwise
+  T* v_s = k_s + Smem::kK;
+  float* key_bias = reinterpret_cast<float*>(v_s + Smem::kK);  // 0 for a real key, -inf otherwise
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 query rows as A fragments, kept in registers for the whole loop.
-  copy_tile<T, kBlockRows, HEAD_DIM>(q_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.q), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(q_s, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], q_s + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
@@ -187,10 +189,10 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   float l[2] = {0.f, 0.f};              // running sum of 2^(s - m), this lane's columns only
 
   for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
-    // Stage 2: K tile row-major (B operand of Q Kᵀ), V tile transposed (B operand of P V).
+    // Stage 2: K and V tiles, row-major (Kᵀ is read with plain loads, V with ldmatrix.trans).
     sync_block();  // every warp is done with the previous tile
-    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.k), p, seq, head, key0);
-    copy_tile<T, kKeys, HEAD_DIM>(nullptr, 0, vt_s, Tl::kLdT, static_cast<const T*>(p.v), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
     for (int j = thread_x(); j < kKeys; j += kThreads) key_bias[j] = key_is_real(p, seq, b, key0 + j) ? 0.f : -INFINITY;
     sync_block();
 
@@ -233,7 +235,7 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
       acc_to_frag_a<T>(p_frag, s[2 * kk], s[2 * kk + 1]);
       for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
         uint32_t vf[2];
-        load_frag_b(vf, vt_s, Tl::kLdT, nd * 8, kk * 16);
+        load_frag_b_trans(vf, v_s, Tl::kLd, kk * 16, nd * 8);
         mma_16816<T>(o[nd], p_frag, vf);
       }
     }
@@ -286,8 +288,7 @@ template <class T, int HEAD_DIM>
 struct DkDvSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // Q or dO tile, queries x head dim
-  static constexpr int kTransposed = HEAD_DIM * Tl::kLdT;  // Qᵀ or dOᵀ tile
-  static constexpr int kTiles = 2 * (kRowMajor + kTransposed);
+  static constexpr int kTiles = 2 * kRowMajor;
   static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // K and V of the block, read once at the start
   static constexpr size_t kBytes =
       (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + 2 * Tl::kInner * sizeof(float);
@@ -304,9 +305,7 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_key0 = key0 + warp * kRowsPerWarp;
   T* q_s = shared_memory<T>();
-  T* qt_s = q_s + Smem::kRowMajor;
-  T* do_s = qt_s + Smem::kTransposed;
-  T* dot_s = do_s + Smem::kRowMajor;
+  T* do_s = q_s + Smem::kRowMajor;
   float* lse2_s = reinterpret_cast<float*>(q_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
   float* delta_s = lse2_s + kQueries;
   const float scale_log2 = p.scale * kLog2e;
@@ -314,8 +313,8 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   // Stage 1: this warp's 16 keys of K and V as A fragments (staged through shared memory).
   T* k_stage = q_s;
   T* v_stage = q_s + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.k), p, seq, head, key0);
-  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.v), p, seq, head, key0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
   sync_block();
   uint32_t k_frag[HEAD_DIM / 16][4], v_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
@@ -326,10 +325,10 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
 
   float dk[HEAD_DIM / 8][4] = {}, dv[HEAD_DIM / 8][4] = {};
   for (int q0 = 0; q0 < seq.len; q0 += kQueries) {
-    // Stage 2: Q and dO, row-major (B of K Qᵀ and V dOᵀ) and transposed (B of dSᵀ Q and Pᵀ dO).
+    // Stage 2: Q and dO tiles (B of K Qᵀ and V dOᵀ by plain loads, of dSᵀ Q and Pᵀ dO by ldmatrix.trans).
     sync_block();  // the staging area / previous tiles are no longer read
-    copy_tile<T, kQueries, HEAD_DIM>(q_s, Tl::kLd, qt_s, Tl::kLdT, static_cast<const T*>(p.q), p, seq, head, q0);
-    copy_tile<T, kQueries, HEAD_DIM>(do_s, Tl::kLd, dot_s, Tl::kLdT, static_cast<const T*>(p.dout), p, seq, head, q0);
+    copy_tile<T, kQueries, HEAD_DIM>(q_s, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0);
+    copy_tile<T, kQueries, HEAD_DIM>(do_s, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, q0);
     load_row_stats(lse2_s, delta_s, kQueries, p, seq, head, q0);
     sync_block();
 
@@ -351,7 +350,7 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
       acc_to_frag_a<T>(p_frag, pt[2 * kk], pt[2 * kk + 1]);
       for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
         uint32_t df[2];
-        load_frag_b(df, dot_s, Tl::kLdT, nd * 8, kk * 16);
+        load_frag_b_trans(df, do_s, Tl::kLd, kk * 16, nd * 8);
         mma_16816<T>(dv[nd], p_frag, df);
       }
     }
@@ -373,7 +372,7 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
       acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
       for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
         uint32_t qf[2];
-        load_frag_b(qf, qt_s, Tl::kLdT, nd * 8, kk * 16);
+        load_frag_b_trans(qf, q_s, Tl::kLd, kk * 16, nd * 8);
         mma_16816<T>(dk[nd], ds_frag, qf);
       }
     }
@@ -389,8 +388,7 @@ template <class T, int HEAD_DIM>
 struct DqSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // K or V tile, keys x head dim
-  static constexpr int kTransposed = HEAD_DIM * Tl::kLdT;  // Kᵀ tile
-  static constexpr int kTiles = 2 * kRowMajor + kTransposed;
+  static constexpr int kTiles = 2 * kRowMajor;
   static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // Q and dO of the block, read once
   static constexpr size_t kBytes = (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + Tl::kInner * sizeof(float);
 };
@@ -406,16 +404,15 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_row0 = row0 + warp * kRowsPerWarp;
   T* k_s = shared_memory<T>();
-  T* kt_s = k_s + Smem::kRowMajor;
-  T* v_s = kt_s + Smem::kTransposed;
+  T* v_s = k_s + Smem::kRowMajor;
   float* key_ok = reinterpret_cast<float*>(k_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 rows of Q and dO as A fragments, and their lse / delta.
   T* q_stage = k_s;
   T* do_stage = k_s + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.q), p, seq, head, row0);
-  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, nullptr, 0, static_cast<const T*>(p.dout), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, row0);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4], do_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
@@ -433,10 +430,10 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
 
   float dq[HEAD_DIM / 8][4] = {};
   for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
-    // Stage 2: K row-major (B of Q Kᵀ) and transposed (B of dS K), V row-major (B of dO Vᵀ).
+    // Stage 2: K (B of Q Kᵀ by plain loads, of dS K by ldmatrix.trans) and V (B of dO Vᵀ).
     sync_block();
-    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, kt_s, Tl::kLdT, static_cast<const T*>(p.k), p, seq, head, key0);
-    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, nullptr, 0, static_cast<const T*>(p.v), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
     for (int j = thread_x(); j < kKeys; j += kThreads) key_ok[j] = key_is_real(p, seq, b, key0 + j) ? 1.f : 0.f;
     sync_block();
 
@@ -463,7 +460,7 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
       acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
       for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
         uint32_t kf[2];
-        load_frag_b(kf, kt_s, Tl::kLdT, nd * 8, kk * 16);
+        load_frag_b_trans(kf, k_s, Tl::kLd, kk * 16, nd * 8);
         mma_16816<T>(dq[nd], ds_frag, kf);
       }
     }

@@ -141,6 +141,22 @@ FASTMLM_DEVICE void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint3
 #endif
 }
 
+// ldmatrix .x2 .trans: two 8x8 matrices of 16-bit elements from shared memory, transposed.
+// Lanes 0-7 give the row addresses of matrix 0, lanes 8-15 those of matrix 1 (16-byte aligned
+// rows of 8 elements; the addresses of lanes 16-31 are ignored). Lane (g, t) receives in
+// r[m] the elements (row 2t, column g) and (row 2t+1, column g) of matrix m: exactly an mma
+// B fragment when the rows are the k index, i.e. when B is stored row-major as [k][n].
+FASTMLM_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+#ifdef FASTMLM_EMULATE
+  fastmlm_emu::ldmatrix_x2_trans(r, row);
+#else
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(address));
+#endif
+}
+
 // Two consecutive 16-bit elements as one 32-bit word (the address must be 4-byte aligned).
 template <class T>
 FASTMLM_DEVICE uint32_t load_pair(const T* p) {

@@ -136,6 +136,26 @@ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], Un
   }
 }
 
+// ldmatrix.x2.trans (see device.cuh): lane (g, t) gets rows 2t, 2t+1 of column g of matrix m,
+// whose row j lives at the address lane 8m + j supplied.
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
+  Warp& w = warp();
+  const int me = lane();
+  std::memcpy(w.slots[me], &row, sizeof(row));
+  wait(w.barrier, 32);
+  const int g = me / 4, t = me % 4;
+  for (int m = 0; m < 2; ++m) {
+    const unsigned char* rows[2];
+    std::memcpy(&rows[0], w.slots[8 * m + 2 * t], sizeof(rows[0]));
+    std::memcpy(&rows[1], w.slots[8 * m + 2 * t + 1], sizeof(rows[1]));
+    uint16_t lo, hi;
+    std::memcpy(&lo, rows[0] + 2 * g, 2);
+    std::memcpy(&hi, rows[1] + 2 * g, 2);
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  wait(w.barrier, 32);
+}
+
 inline void fiber_entry() {
   BlockState& b = *g_block;
   (*b.body)();

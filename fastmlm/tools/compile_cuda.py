@@ -25,7 +25,10 @@ from pathlib import Path
 
 # Shared with setup.py: one set of flags for the compile check and the real build.
 NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-std=c++20"]  # recent torch headers need C++20 (concepts, <compare>)
+# What torch.utils.cpp_extension adds to every nvcc call of the real build: the check mirrors it.
+TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                      "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
 
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory(prefix="fastmlm-nvcc-") as tmp:
         scratch = Path(tmp)
-        jobs = [([nvcc, "-c", *NVCC_FLAGS, *gencode(arch), f"-I{args.csrc}", str(src),
+        jobs = [([nvcc, "-c", *NVCC_FLAGS, *TORCH_NVCC_DEFINES, *gencode(arch), f"-I{args.csrc}", str(src),
                   "-o", str(scratch / f"{src.stem}.sm_{arch}.o")], f"{src.name} sm_{arch}")
                 for src in sources for arch in args.arch]
         bindings = args.csrc / "bindings.cpp"
