@@ -178,6 +178,22 @@ def test_accuracy_counts_correct_predictions(backend, device):
     assert expected.item() > 5 and correct.item() == expected.item()
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+def test_triton_many_vocab_chunks_and_splits(dtype, use_positions, device, monkeypatch):
+    """Small shapes fit one backward chunk and one forward split; shrink both so the multi-chunk
+    accumulation and the split merge (what BERT-base shapes use) run here too."""
+    kernel = REGISTRY.module("triton")
+    h, w, b, labels = make_batch(50, 24, 777, rate=0.4, device=device)
+    labels[0] = 776
+    positions = masked_positions(labels, pad=5) if use_positions else None
+    rows = 50 if positions is None else positions.shape[0]
+    monkeypatch.setattr(kernel, "WORKSPACE_ELEMENTS", rows * 256)  # chunks of 256, 256, 256, 9 columns
+    monkeypatch.setattr(kernel, "VOCAB_PER_SPLIT", 128)  # one split per forward tile
+    check_backend("triton", h, w, b, labels, dtype, positions, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+
+
 # --------------------------------------------------------------------------- the custom op itself
 @pytest.mark.interpreter
 @pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
