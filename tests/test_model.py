@@ -342,3 +342,51 @@ def test_load_errors(tmp_path):
     (tmp_path / "ok" / "config.json").write_text('{"model_type": "fastmlm", "hidden_size": 32')
     with pytest.raises(ValueError, match="not valid JSON"):
         FastMLMForMaskedLM.from_pretrained(tmp_path / "ok")
+
+
+# --------------------------------------------------------------------------- GPU tier
+def _gpu_batch(lengths, seqlen, vocab):
+    ids, mask, labels = make_batch(lengths, seqlen, vocab=vocab, mask_prob=0.15)
+    return ids.cuda(), mask.cuda(), labels.cuda()
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_model_error_ratio():
+    """bf16 model on the fast backends vs the same bf16 model on the references, both against fp64."""
+    from helpers import assert_error_ratio
+    sizes = dict(vocab_size=1003, hidden_size=256, num_heads=4, num_layers=2, intermediate_size=1024,
+                 max_position_embeddings=512)
+    exact = make_model(torch.float64, attention_backend="reference", loss_backend="reference", **sizes).cuda()
+    lowp = make_model(torch.bfloat16, attention_backend="reference", loss_backend="reference", **sizes).cuda()
+    fast = make_model(torch.bfloat16, **sizes).cuda()
+    lowp.load_state_dict(exact.state_dict())
+    fast.load_state_dict(exact.state_dict())
+    ids, mask, labels = _gpu_batch([257, 1, 130, 200], 257, 1003)
+    runs = {name: run(m, ids, attention_mask=mask, labels=labels) for name, m in
+            (("exact", exact), ("lowp", lowp), ("fast", fast))}
+    (e, eg), (l, lg), (f, fg) = runs["exact"], runs["lowp"], runs["fast"]
+    assert_error_ratio(f.hidden_states[mask], e.hidden_states[mask], l.hidden_states[mask], 2.0, what="hidden")
+    assert_error_ratio(f.loss, e.loss, l.loss, 2.0, what="loss")
+    for name in ("layers.0.qkv.weight", "embeddings.word.weight", "head.dense.weight"):
+        assert_error_ratio(fg[name], eg[name], lg[name], 3.0, what=f"grad {name}")
+
+
+@pytest.mark.gpu
+def test_gpu_packed_step_has_no_host_sync():
+    """Packed input + masked_positions (what the collator gives): no host synchronisation at all."""
+    model = make_model(torch.bfloat16, vocab_size=1003, hidden_size=128, num_heads=2,
+                       max_position_embeddings=128).cuda().train()
+    lengths = [100, 37, 64, 1]
+    ids, mask, labels = _gpu_batch(lengths, 100, 1003)
+    packed_ids, packed_labels = ids[mask], labels[mask]
+    positions = torch.nn.functional.pad((packed_labels != -100).nonzero()[:, 0], (0, 7), value=-1)
+    cu = cu_seqlens_of(lengths).cuda()
+    run(model, packed_ids, labels=packed_labels, masked_positions=positions, cu_seqlens=cu, max_seqlen=100)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(packed_ids, labels=packed_labels, masked_positions=positions, cu_seqlens=cu, max_seqlen=100)
+        out.loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.loss).item()
