@@ -106,7 +106,7 @@ def _configs(dtype: torch.dtype) -> dict:
                     dweight=dict(BLOCK_V=64, BLOCK_H=64, BLOCK_M=32, num_warps=4, num_stages=2), **precision)
     # The forward keeps six running statistics besides its tile: a narrower tile avoids spills.
     # d_weight tiles are small so that a narrow vocabulary chunk still gives enough programs.
-    return dict(forward=dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    return dict(forward=dict(BLOCK_M=128, BLOCK_V=64, BLOCK_K=64, num_warps=8, num_stages=3),
                 dlogits=dict(BLOCK_M=128, BLOCK_V=128, BLOCK_K=64, num_warps=8, num_stages=3),
                 dhidden=dict(BLOCK_M=128, BLOCK_H=128, BLOCK_K=64, num_warps=8, num_stages=3),
                 dweight=dict(BLOCK_V=64, BLOCK_H=128, BLOCK_M=64, num_warps=8, num_stages=3), **precision)
