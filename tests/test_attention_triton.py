@@ -33,16 +33,16 @@ def _check_against_reference(inputs, dtype, device, ratio_floor, **layout):
     The fp32 floor is ``ratio_floor``; fp16/bf16 get 1e-6, a thousandth of their resolution
     near 1, for degenerate rows where the reference's error is exactly 0 (seqlen 1: dq is 0
     and the reference cancels exactly, the kernel's fp32 delta leaves ~1e-7)."""
+    inputs = [t.to(device) for t in inputs]
     exact_in = [t.double().requires_grad_() for t in inputs]
     low_in = [t.to(dtype).requires_grad_() for t in inputs]
-    fast_in = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
-    dev_layout = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in layout.items()}
+    fast_in = [t.to(dtype).requires_grad_() for t in inputs]
+    layout = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in layout.items()}
     ref_layout = {k: v for k, v in layout.items() if k != "max_seqlen"}
 
     exact, exact_lse = attention_reference(*exact_in, **ref_layout)
     lowp, _ = attention_reference(*low_in, **ref_layout, upcast=False)
-    fast, fast_lse = attention(*fast_in, **dev_layout, return_lse=True, backend="triton")
-    fast, fast_lse = fast.cpu(), fast_lse.cpu()
+    fast, fast_lse = attention(*fast_in, **layout, return_lse=True, backend="triton")
     assert fast.dtype == dtype and fast_lse.dtype == torch.float32
     floor = ratio_floor if dtype == torch.float32 else 1e-6
     assert_error_ratio(fast, exact, lowp, 2.0, floor)
@@ -50,12 +50,12 @@ def _check_against_reference(inputs, dtype, device, ratio_floor, **layout):
     assert torch.equal(torch.isneginf(fast_lse), ~finite), "lse = -inf exactly for rows without keys"
     assert_error_ratio(fast_lse[finite], exact_lse[finite], exact_lse[finite], 1.0, 1e-3, "lse")
 
-    dout = torch.randn(exact.shape, dtype=torch.float64)
-    fast_grads = torch.autograd.grad(fast, fast_in, dout.to(device=device, dtype=dtype))
+    dout = torch.randn(exact.shape, dtype=torch.float64).to(device)
+    fast_grads = torch.autograd.grad(fast, fast_in, dout.to(dtype))
     exact_grads = torch.autograd.grad(exact, exact_in, dout)
     low_grads = torch.autograd.grad(lowp, low_in, dout.to(dtype))
     for name, f, e, l in zip("qkv", fast_grads, exact_grads, low_grads):
-        assert_error_ratio(f.cpu(), e, l, 3.0, floor, f"d{name}")
+        assert_error_ratio(f, e, l, 3.0, floor, f"d{name}")
 
 
 # --------------------------------------------------------------------------- interpreter tier
@@ -184,8 +184,8 @@ def test_kernels_compile_for_sm90():
 
 # --------------------------------------------------------------------------- GPU tier
 @gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),
+                                            (torch.float16, 64), (torch.float32, 64)])
 def test_gpu_bert_shapes(dtype, head_dim):
     """BERT-base-like batch (8 x 512, 12 heads) with right padding, every supported tuned head dim."""
     batch, seqlen = 8, 512

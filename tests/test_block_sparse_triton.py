@@ -18,22 +18,22 @@ def _bs():
 
 def _check(inputs, layout, dtype, device, **batch):
     """Error-ratio rule (outputs 2x, gradients 3x) against the dense reference under the layout."""
+    inputs, layout = [t.to(device) for t in inputs], layout.to(device)
     exact_in = [t.double().requires_grad_() for t in inputs]
     low_in = [t.to(dtype).requires_grad_() for t in inputs]
-    fast_in = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
-    dev_batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    fast_in = [t.to(dtype).requires_grad_() for t in inputs]
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     ref_batch = {k: v for k, v in batch.items() if k != "max_seqlen"}
     exact, exact_lse = block_sparse_attention_reference(*exact_in, layout, **ref_batch)
     lowp, _ = block_sparse_attention_reference(*low_in, layout, **ref_batch, upcast=False)
-    fast, lse = block_sparse_attention(*fast_in, layout.to(device), **dev_batch, return_lse=True, backend="triton")
-    fast, lse = fast.cpu(), lse.cpu()
+    fast, lse = block_sparse_attention(*fast_in, layout, **batch, return_lse=True, backend="triton")
     floor = 1e-5 if dtype == torch.float32 else 1e-6  # see test_attention_triton._check_against_reference
     assert_error_ratio(fast, exact, lowp, 2.0, floor)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "lse = -inf exactly for rows without keys"
-    dout = torch.randn(exact.shape, dtype=torch.float64)
-    for name, f, e, l in zip("qkv", torch.autograd.grad(fast, fast_in, dout.to(device=device, dtype=dtype)),
+    dout = torch.randn(exact.shape, dtype=torch.float64).to(device)
+    for name, f, e, l in zip("qkv", torch.autograd.grad(fast, fast_in, dout.to(dtype)),
                              torch.autograd.grad(exact, exact_in, dout), torch.autograd.grad(lowp, low_in, dout.to(dtype))):
-        assert_error_ratio(f.cpu(), e, l, 3.0, floor, f"d{name}")
+        assert_error_ratio(f, e, l, 3.0, floor, f"d{name}")
 
 
 def _random_token_mask(heads, seqlen, density=0.3, seed=0):
