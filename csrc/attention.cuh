@@ -109,6 +109,18 @@ FASTMLM_DEVICE void load_frag_b(uint32_t (&b)[2], const T* tile, int ld, int n0,
   b[1] = load_pair(tile + (n0 + g) * ld + k0 + 8 + 2 * t);
 }
 
+// The same copy with cp.async: issued now, landing by a later cp_async_wait (forward pipeline).
+template <class T, int ROWS, int HEAD_DIM>
+FASTMLM_DEVICE void copy_tile_async(T* dst, int ld, const T* src, const AttentionParams& p, Sequence seq, int head,
+                                    int row0) {
+  constexpr int kVecsPerRow = HEAD_DIM / 8;
+  for (int i = thread_x(); i < ROWS * kVecsPerRow; i += kThreads) {
+    const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
+    const bool inside = row0 + r < seq.len && c < p.head_dim;
+    cp_async_16(dst + r * ld + c, inside ? src + row_offset(p, seq.start + row0 + r, head) + c : src, inside);
+  }
+}
+
 // B fragment (16 x 8) of a tile holding B row-major: B[k][n] = tile[(k0 + k) * ld + n0 + n],
 // read transposed by ldmatrix (lanes 0-15 name the 16 rows k0..k0+15; 16-31 repeat them).
 template <class T>
@@ -155,12 +167,14 @@ FASTMLM_DEVICE void store_rows(T* dst, const AttentionParams& p, Sequence seq, i
 }
 
 // =========================================================================== forward
+// Two K/V buffers (double buffering); the queries are staged through the same space first.
 template <class T, int HEAD_DIM>
 struct ForwardSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kQ = kBlockRows * Tl::kLd;    // this block's queries (read once)
   static constexpr int kK = Tl::kInner * Tl::kLd;    // one key tile of K, and the same of V
-  static constexpr size_t kBytes = (kQ + 2 * kK) * sizeof(T) + Tl::kInner * sizeof(float);
+  static constexpr int kTiles = 4 * kK > kQ ? 4 * kK : kQ;
+  static constexpr size_t kBytes = kTiles * sizeof(T) + 2 * Tl::kInner * sizeof(float);
 };
 
 template <class T, int HEAD_DIM>
@@ -172,29 +186,46 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   const Sequence seq = sequence(p, b);
   if (row0 >= seq.len) return;  // the whole block leaves together
   const int warp = thread_x() / kWarpSize, t = thread_x() % 4;
-  T* q_s = shared_memory<T>();
-  T* k_s = q_s + Smem::kQ;
-  T* v_s = k_s + Smem::kK;
-  float* key_bias = reinterpret_cast<float*>(v_s + Smem::kK);  // 0 for a real key, -inf otherwise
+  T* tiles = shared_memory<T>();  // K0 V0 K1 V1, after the query staging
+  float* key_bias_buffers = reinterpret_cast<float*>(tiles + Smem::kTiles);  // 0 for a real key, -inf otherwise
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 query rows as A fragments, kept in registers for the whole loop.
-  copy_tile<T, kBlockRows, HEAD_DIM>(q_s, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(tiles, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4];
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], q_s + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], tiles + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+  sync_block();  // the staging space becomes the K/V buffers
+
+  // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math: while the
+  // warps work on tile i, tile i + 1 is in flight. The key mask of the tile goes with it.
+  auto issue_tile = [&](int key0, int buffer) {
+    T* k_dst = tiles + buffer * 2 * Smem::kK;
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kK, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
+    cp_async_commit();
+    for (int j = thread_x(); j < kKeys; j += kThreads)
+      key_bias_buffers[buffer * kKeys + j] = key_is_real(p, seq, b, key0 + j) ? 0.f : -INFINITY;
+  };
 
   float o[HEAD_DIM / 8][4] = {};
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g+8, log2 units
   float l[2] = {0.f, 0.f};              // running sum of 2^(s - m), this lane's columns only
 
-  for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
-    // Stage 2: K and V tiles, row-major (Kᵀ is read with plain loads, V with ldmatrix.trans).
-    sync_block();  // every warp is done with the previous tile
-    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
-    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
-    for (int j = thread_x(); j < kKeys; j += kThreads) key_bias[j] = key_is_real(p, seq, b, key0 + j) ? 0.f : -INFINITY;
-    sync_block();
+  issue_tile(0, 0);
+  for (int key0 = 0, tile = 0; key0 < seq.len; key0 += kKeys, ++tile) {
+    // Stage 2: prefetch the next K/V tile into the other buffer, wait for this one.
+    // (That buffer was last read in the previous iteration, which ended with a barrier.)
+    if (key0 + kKeys < seq.len) {
+      issue_tile(key0 + kKeys, (tile + 1) % 2);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    sync_block();  // this tile's copies (from every thread) are visible
+    const T* k_s = tiles + (tile % 2) * 2 * Smem::kK;
+    const T* v_s = k_s + Smem::kK;
+    const float* key_bias = key_bias_buffers + (tile % 2) * kKeys;
 
     // Stage 3: scores in log2 units, s = (q · k) · scale · log2(e), -inf at keys that are not real.
     float s[kKeys / 8][4] = {};
@@ -239,6 +270,7 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
         mma_16816<T>(o[nd], p_frag, vf);
       }
     }
+    sync_block();  // every warp is done with this buffer before it is refilled
   }
 
   // Stage 6: O / l and lse = ln(2) · (m + log2 l); a row with no real key gets 0 and -inf.

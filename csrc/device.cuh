@@ -157,6 +157,37 @@ FASTMLM_DEVICE void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
 #endif
 }
 
+// Asynchronous 16-byte copies global -> shared (sm_80 cp.async, bypassing L1). A copy with
+// valid = false reads nothing and writes 16 zero bytes. Copies are grouped by
+// cp_async_commit(); cp_async_wait<N>() returns once all but the newest N groups of this
+// thread have landed. Other threads see the data only after a following sync_block().
+FASTMLM_DEVICE void cp_async_16(void* smem_dst, const void* gmem_src, bool valid) {
+#ifdef FASTMLM_EMULATE
+  fastmlm_emu::cp_async_16(smem_dst, gmem_src, valid);
+#else
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+#endif
+}
+
+FASTMLM_DEVICE void cp_async_commit() {
+#ifdef FASTMLM_EMULATE
+  fastmlm_emu::cp_async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+FASTMLM_DEVICE void cp_async_wait() {
+#ifdef FASTMLM_EMULATE
+  fastmlm_emu::cp_async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // Two consecutive 16-bit elements as one 32-bit word (the address must be 4-byte aligned).
 template <class T>
 FASTMLM_DEVICE uint32_t load_pair(const T* p) {

@@ -30,10 +30,19 @@ struct Barrier {
   uint64_t generation = 0;
 };
 
+// One cp.async copy in flight: its source is read at issue, its destination written only
+// when a wait retires its group, so a kernel that reads before waiting sees stale data.
+struct AsyncCopy {
+  void* dst;
+  unsigned char data[16];
+};
+
 struct Fiber {
   ucontext_t context;
   uint3 thread_idx;
   bool done = false;
+  std::vector<AsyncCopy> open_group;               // issued, not yet committed
+  std::vector<std::vector<AsyncCopy>> committed;   // oldest first
 };
 
 struct Warp {
@@ -154,6 +163,28 @@ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row) {
     r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
   wait(w.barrier, 32);
+}
+
+inline Fiber& fiber() { return g_block->fibers[g_block->current]; }
+
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  AsyncCopy copy{dst, {}};
+  if (valid) std::memcpy(copy.data, src, 16);
+  fiber().open_group.push_back(copy);
+}
+
+inline void cp_async_commit() {
+  Fiber& f = fiber();
+  f.committed.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+inline void cp_async_wait(int newest_pending) {
+  Fiber& f = fiber();
+  while (static_cast<int>(f.committed.size()) > newest_pending) {
+    for (const AsyncCopy& copy : f.committed.front()) std::memcpy(copy.dst, copy.data, 16);
+    f.committed.erase(f.committed.begin());
+  }
 }
 
 inline void fiber_entry() {
