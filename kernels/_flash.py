@@ -44,6 +44,7 @@ Differences from the CUDA version (csrc/) will be listed there.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -466,7 +467,12 @@ def _prune_large_head_dim(configs, named_args, **_):
     return configs
 
 
-@functools.lru_cache(maxsize=None)
+def autotune_enabled() -> bool:
+    """FASTMLM_TRITON_AUTOTUNE=0 runs the first config of each list instead of tuning: every
+    new shape/dtype then costs one compile per kernel rather than one per config (test runs)."""
+    return os.environ.get("FASTMLM_TRITON_AUTOTUNE", "1") != "0"
+
+
 def kernel(name: str, sparse_tile: int = 0):
     """The launchable (autotuned) kernel ``name`` in {"fwd", "dkdv", "dq"}.
 
@@ -474,15 +480,22 @@ def kernel(name: str, sparse_tile: int = 0):
     by the layout (sparse_tile), only warps and stages are tuned. Built on first use,
     so importing this module never touches a GPU.
     """
+    return _build_kernel(name, sparse_tile, triton_interpret(), autotune_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernel(name: str, sparse_tile: int, interpret: bool, tune: bool):
     fn = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
-    if triton_interpret():
+    if interpret:
         tile = sparse_tile or INTERPRETER_TILE
         configs = [_cfg(tile, tile, 4, 1)]
     elif sparse_tile:
-        configs = [_cfg(sparse_tile, sparse_tile, w, s) for w in (4, 8) for s in (2, 3)]
+        configs = [_cfg(sparse_tile, sparse_tile, w, s) for w in (4, 8) for s in (3, 2)]
     else:
         configs = [_cfg(*c) for c in {"fwd": _DENSE_FWD, "dkdv": _DENSE_DKDV, "dq": _DENSE_DQ}[name]]
     prune = None if sparse_tile else {"early_config_prune": _prune_large_head_dim}
+    if not tune:
+        configs, prune = configs[:1], None  # the first config suits every head dim
     return triton.autotune(configs, key=_KEY, prune_configs_by=prune)(fn)
 
 
