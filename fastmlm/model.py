@@ -214,9 +214,11 @@ class FastMLMForMaskedLM(nn.Module):
         return self._layouts[key]
 
     # ------------------------------------------------------------------ input boundary
-    def _check_ids(self, name: str, t, shape, upper: int):
+    def _check_ids(self, name: str, t, shape, upper: Optional[int], device=None):
         if not isinstance(t, Tensor) or t.dtype not in checks.INDEX_DTYPES:
             _fail(f"{name} must be an int32/int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if device is not None and t.device != device:
+            _fail(f"{name} is on {t.device} but input_ids is on {device}")
         if shape is not None and tuple(t.shape) != tuple(shape):
             _fail(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} (the shape of input_ids)")
         if upper is not None and t.numel():
@@ -236,7 +238,7 @@ class FastMLMForMaskedLM(nn.Module):
         device = input_ids.device
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        self._check_ids("token_type_ids", token_type_ids, input_ids.shape, cfg.type_vocab_size)
+        self._check_ids("token_type_ids", token_type_ids, input_ids.shape, cfg.type_vocab_size, device)
         if input_ids.dim() == 1:  # already packed by the data collator
             if attention_mask is not None:
                 _fail("attention_mask is for padded (B, S) input_ids; packed (T,) input_ids use cu_seqlens")
@@ -259,14 +261,15 @@ class FastMLMForMaskedLM(nn.Module):
         positions = torch.arange(s, device=device)
         if attention_mask is None:  # every token is real: packing is a free reshape
             cu = torch.arange(0, (b + 1) * s, s, device=device, dtype=torch.int32)[: b + 1]
-            batch = PackedBatch(input_ids.reshape(-1).long(), token_type_ids.reshape(-1).long(),
-                                positions.repeat(b), cu, s, None, (b, s))  # all (B*S,)
+            batch = PackedBatch(input_ids.reshape(-1).long(), token_type_ids.reshape(-1).long(),  # (B, S) -> (B*S,)
+                                positions.repeat(b), cu, s, None, (b, s))
             return batch, None if count is None else int(count)
         if not isinstance(attention_mask, Tensor) or attention_mask.dtype.is_floating_point:
             _fail("attention_mask must be a bool or integer tensor (1 = real token), not a float additive bias")
-        if tuple(attention_mask.shape) != (b, s):
-            _fail(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, s)}")
-        mask = attention_mask.to(device=device, dtype=torch.bool).reshape(-1)  # (B*S,)
+        if tuple(attention_mask.shape) != (b, s) or attention_mask.device != device:
+            _fail(f"attention_mask is {tuple(attention_mask.shape)} on {attention_mask.device}, "
+                  f"expected {(b, s)} on {device}")
+        mask = attention_mask.bool().reshape(-1)  # (B, S) -> (B*S,)
         lengths = mask.view(b, s).sum(1, dtype=torch.int32)  # (B,)
         cu = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))  # (B+1,)
         wanted = [cu[-1], F.pad(lengths, (0, 1)).max()] + ([] if count is None else [count.reshape(())])
@@ -274,8 +277,8 @@ class FastMLMForMaskedLM(nn.Module):
         # The real tokens, in order: a stable sort puts mask == True first. Positions are the
         # column in the padded row, as in Hugging Face BERT (so left padding also works).
         token_index = torch.sort((~mask).to(torch.int8), stable=True).indices[:total]  # (T,)
-        batch = PackedBatch(input_ids.reshape(-1)[token_index].long(), token_type_ids.reshape(-1)[token_index].long(),
-                            token_index % s, cu, longest, token_index, (b, s))
+        ids, types = (t.reshape(-1)[token_index].long() for t in (input_ids, token_type_ids))  # (B, S) -> (T,)
+        batch = PackedBatch(ids, types, token_index % s, cu, longest, token_index, (b, s))
         return batch, host_count[0] if host_count else None
 
     # ------------------------------------------------------------------ encoder
@@ -294,7 +297,7 @@ class FastMLMForMaskedLM(nn.Module):
         if batch.token_index is None:
             return hidden.view(b, s, hidden.shape[-1])  # (B*S, H) -> (B, S, H)
         out = hidden.new_zeros(b * s, hidden.shape[-1]).index_copy(0, batch.token_index, hidden)  # (B*S, H)
-        return out.view(b, s, hidden.shape[-1])
+        return out.view(b, s, hidden.shape[-1])  # (B*S, H) -> (B, S, H)
 
     def _rows(self, positions: Tensor, batch: PackedBatch) -> Tensor:
         """Caller-layout flat positions (R,) -> packed row index (R,), -1 where padded or not a real token."""
@@ -312,8 +315,8 @@ class FastMLMForMaskedLM(nn.Module):
             return hidden.new_zeros(rows.shape[0], hidden.shape[-1])
         return hidden[rows.clamp(min=0)]
 
-    def _check_positions(self, name: str, positions, tokens: int):
-        checks.check_tensor(_NAME, name, positions, ndim=1, dtypes=checks.INDEX_DTYPES)
+    def _check_positions(self, name: str, positions, tokens: int, device):
+        checks.check_tensor(_NAME, name, positions, ndim=1, dtypes=checks.INDEX_DTYPES, device=device)
         if positions.numel():
             torch._assert_async(((positions >= -1) & (positions < tokens)).all(),
                                 f"{_NAME}: {name} must lie in [-1, {tokens}) (flat indices into input_ids, -1 = pad)")
@@ -337,16 +340,18 @@ class FastMLMForMaskedLM(nn.Module):
             _fail("masked_positions needs labels (the targets at those positions)")
         count = None
         if labels is not None:
-            self._check_ids("labels", labels, input_ids.shape, None)
-            labels = labels.reshape(-1)  # (B*S,) or (T,)
+            self._check_ids("labels", labels, getattr(input_ids, "shape", None), None, getattr(input_ids, "device", None))
+            labels = labels.reshape(-1)  # (B, S) -> (B*S,), or (T,)
             torch._assert_async(((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self.config.vocab_size))).all(),
                                 f"{_NAME}: labels must be -100 or a token id in [0, {self.config.vocab_size})")
-            if attention_mask is not None and labels.numel():
-                torch._assert_async(((labels == IGNORE_INDEX) | attention_mask.reshape(-1).bool()).all(),
-                                    f"{_NAME}: labels must be -100 at padding positions (attention_mask == 0)")
             if masked_positions is None:
                 count = (labels != IGNORE_INDEX).sum()
+            else:
+                self._check_positions("masked_positions", masked_positions, labels.shape[0], labels.device)
         batch, n_rows = self.pack(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, count)
+        if labels is not None and attention_mask is not None and labels.numel():
+            torch._assert_async(((labels == IGNORE_INDEX) | attention_mask.reshape(-1).bool()).all(),
+                                f"{_NAME}: labels must be -100 at padding positions (attention_mask == 0)")
         hidden = self.encode(batch)  # (T, H)
         out = MLMOutput(None, None, None, self.repad(hidden, batch))
         if labels is None:
@@ -354,7 +359,6 @@ class FastMLMForMaskedLM(nn.Module):
 
         if masked_positions is None:  # the masked tokens, in order (n_rows came with pack's sync)
             masked_positions = torch.sort((labels == IGNORE_INDEX).to(torch.int8), stable=True).indices[:n_rows]
-        self._check_positions("masked_positions", masked_positions, labels.shape[0])
         positions = masked_positions.long()  # (R,) into the caller's layout
         rows = self._rows(positions, batch)  # (R,) into the packed tokens
         row_labels = torch.where(rows >= 0, labels[positions.clamp(min=0)] if labels.numel() else -1, IGNORE_INDEX)
@@ -374,8 +378,8 @@ class FastMLMForMaskedLM(nn.Module):
         """
         if positions is None:
             _fail("masked_logits needs positions: (R,) flat indices into input_ids")
-        self._check_positions("positions", positions, input_ids.numel())
         batch, _ = self.pack(input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen)
+        self._check_positions("positions", positions, input_ids.numel(), input_ids.device)
         hidden = self.encode(batch)  # (T, H)
         rows = self._rows(positions.long(), batch)  # (R,)
         transformed = self.head.transform(self._gather_rows(hidden, rows))  # (R, H)
