@@ -25,9 +25,11 @@
 // Shared memory stays under the 48 KiB default (no opt-in needed): the key tile shrinks
 // to 32 for head dim 128. Every tile sits row-major in shared memory (rows padded by 8
 // elements: conflict-free fragment reads); an operand needed transposed (V in P V, Q and
-// dO in the dK/dV products, K in dS K) is read with ldmatrix.trans. Tiles reach shared
-// memory with plain 16-byte loads, without cp.async double buffering: simple and correct
-// first; the Triton kernel's software pipelining is not replicated.
+// dO in the dK/dV products, K in dS K) is read with ldmatrix.trans. Every kernel
+// double-buffers the tiles of its inner loop with cp.async (16-byte copies, zero-fill past
+// the ends): the next tile is in flight while the warps work on the current one. Not done
+// (yet): wgmma / TMA on sm_90a, larger tiles with 8 warps, a split-KV forward for long
+// sequences; no GPU timing has been taken of any variant.
 #pragma once
 
 #include <cmath>
@@ -316,14 +318,15 @@ FASTMLM_DEVICE void load_row_stats(float* lse2_s, float* delta_s, int rows, cons
   }
 }
 
+// Two buffers of (Q, dO) tiles plus their (lse2, delta); K and V are staged through the same space first.
 template <class T, int HEAD_DIM>
 struct DkDvSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // Q or dO tile, queries x head dim
-  static constexpr int kTiles = 2 * kRowMajor;
+  static constexpr int kBuffers = 4 * kRowMajor;
   static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // K and V of the block, read once at the start
-  static constexpr size_t kBytes =
-      (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + 2 * Tl::kInner * sizeof(float);
+  static constexpr int kTiles = kBuffers > kStaging ? kBuffers : kStaging;
+  static constexpr size_t kBytes = kTiles * sizeof(T) + 4 * Tl::kInner * sizeof(float);
 };
 
 template <class T, int HEAD_DIM>
@@ -336,15 +339,13 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   if (key0 >= seq.len) return;
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_key0 = key0 + warp * kRowsPerWarp;
-  T* q_s = shared_memory<T>();
-  T* do_s = q_s + Smem::kRowMajor;
-  float* lse2_s = reinterpret_cast<float*>(q_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
-  float* delta_s = lse2_s + kQueries;
+  T* tiles = shared_memory<T>();  // Q0 dO0 Q1 dO1, after the K/V staging
+  float* stats = reinterpret_cast<float*>(tiles + Smem::kTiles);  // lse2_0 delta_0 lse2_1 delta_1
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 keys of K and V as A fragments (staged through shared memory).
-  T* k_stage = q_s;
-  T* v_stage = q_s + kBlockRows * Tl::kLd;
+  T* k_stage = tiles;
+  T* v_stage = tiles + kBlockRows * Tl::kLd;
   copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
   copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
   sync_block();
@@ -354,15 +355,35 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
     load_frag_a(v_frag[kk], v_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
   }
   const bool key_real[2] = {key_is_real(p, seq, b, warp_key0 + g), key_is_real(p, seq, b, warp_key0 + g + 8)};
+  sync_block();  // the staging space becomes the Q/dO buffers
+
+  // Query tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
+  auto issue_tile = [&](int q0, int buffer) {
+    T* q_dst = tiles + buffer * 2 * Smem::kRowMajor;
+    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0);
+    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.dout), p, seq,
+                                           head, q0);
+    cp_async_commit();
+    float* lse2_dst = stats + buffer * 2 * kQueries;
+    load_row_stats(lse2_dst, lse2_dst + kQueries, kQueries, p, seq, head, q0);
+  };
 
   float dk[HEAD_DIM / 8][4] = {}, dv[HEAD_DIM / 8][4] = {};
-  for (int q0 = 0; q0 < seq.len; q0 += kQueries) {
-    // Stage 2: Q and dO tiles (B of K Qᵀ and V dOᵀ by plain loads, of dSᵀ Q and Pᵀ dO by ldmatrix.trans).
-    sync_block();  // the staging area / previous tiles are no longer read
-    copy_tile<T, kQueries, HEAD_DIM>(q_s, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0);
-    copy_tile<T, kQueries, HEAD_DIM>(do_s, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, q0);
-    load_row_stats(lse2_s, delta_s, kQueries, p, seq, head, q0);
+  issue_tile(0, 0);
+  for (int q0 = 0, tile = 0; q0 < seq.len; q0 += kQueries, ++tile) {
+    // Stage 2: prefetch the next Q/dO tile, wait for this one. Q and dO are the B operands
+    // of K Qᵀ and V dOᵀ (plain loads) and of dSᵀ Q and Pᵀ dO (ldmatrix.trans).
+    if (q0 + kQueries < seq.len) {
+      issue_tile(q0 + kQueries, (tile + 1) % 2);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     sync_block();
+    const T* q_s = tiles + (tile % 2) * 2 * Smem::kRowMajor;
+    const T* do_s = q_s + Smem::kRowMajor;
+    const float* lse2_s = stats + (tile % 2) * 2 * kQueries;
+    const float* delta_s = lse2_s + kQueries;
 
     // Stage 3: Pᵀ[key][query] = exp2(scale·log2e · k·q - lse2[query]), 0 at keys that are not real.
     float pt[kQueries / 8][4] = {};
@@ -408,6 +429,7 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
         mma_16816<T>(dk[nd], ds_frag, qf);
       }
     }
+    sync_block();  // every warp is done with this buffer before it is refilled
   }
 
   // Stage 7: write this warp's 16 rows of dK (× scale) and dV.
@@ -416,13 +438,15 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   store_rows<T, HEAD_DIM>(static_cast<T*>(p.dv), p, seq, head, warp_key0, dv, one);
 }
 
+// Two buffers of (K, V) tiles plus their key flags; Q and dO are staged through the same space first.
 template <class T, int HEAD_DIM>
 struct DqSmem {
   using Tl = Tiles<HEAD_DIM>;
   static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // K or V tile, keys x head dim
-  static constexpr int kTiles = 2 * kRowMajor;
+  static constexpr int kBuffers = 4 * kRowMajor;
   static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // Q and dO of the block, read once
-  static constexpr size_t kBytes = (kTiles > kStaging ? kTiles : kStaging) * sizeof(T) + Tl::kInner * sizeof(float);
+  static constexpr int kTiles = kBuffers > kStaging ? kBuffers : kStaging;
+  static constexpr size_t kBytes = kTiles * sizeof(T) + 2 * Tl::kInner * sizeof(float);
 };
 
 template <class T, int HEAD_DIM>
@@ -435,14 +459,13 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   if (row0 >= seq.len) return;
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_row0 = row0 + warp * kRowsPerWarp;
-  T* k_s = shared_memory<T>();
-  T* v_s = k_s + Smem::kRowMajor;
-  float* key_ok = reinterpret_cast<float*>(k_s + (Smem::kTiles > Smem::kStaging ? Smem::kTiles : Smem::kStaging));
+  T* tiles = shared_memory<T>();  // K0 V0 K1 V1, after the Q/dO staging
+  float* key_ok_buffers = reinterpret_cast<float*>(tiles + Smem::kTiles);  // 1 for a real key, else 0
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 rows of Q and dO as A fragments, and their lse / delta.
-  T* q_stage = k_s;
-  T* do_stage = k_s + kBlockRows * Tl::kLd;
+  T* q_stage = tiles;
+  T* do_stage = tiles + kBlockRows * Tl::kLd;
   copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
   copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, row0);
   sync_block();
@@ -460,14 +483,34 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
     delta[r] = row < seq.len ? p.delta[at] : 0.f;
   }
 
+  sync_block();  // the staging space becomes the K/V buffers
+
+  // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
+  auto issue_tile = [&](int key0, int buffer) {
+    T* k_dst = tiles + buffer * 2 * Smem::kRowMajor;
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.v), p, seq, head,
+                                        key0);
+    cp_async_commit();
+    for (int j = thread_x(); j < kKeys; j += kThreads)
+      key_ok_buffers[buffer * kKeys + j] = key_is_real(p, seq, b, key0 + j) ? 1.f : 0.f;
+  };
+
   float dq[HEAD_DIM / 8][4] = {};
-  for (int key0 = 0; key0 < seq.len; key0 += kKeys) {
-    // Stage 2: K (B of Q Kᵀ by plain loads, of dS K by ldmatrix.trans) and V (B of dO Vᵀ).
+  issue_tile(0, 0);
+  for (int key0 = 0, tile = 0; key0 < seq.len; key0 += kKeys, ++tile) {
+    // Stage 2: prefetch the next K/V tile, wait for this one. K is the B operand of Q Kᵀ
+    // (plain loads) and of dS K (ldmatrix.trans), V of dO Vᵀ.
+    if (key0 + kKeys < seq.len) {
+      issue_tile(key0 + kKeys, (tile + 1) % 2);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
     sync_block();
-    copy_tile<T, kKeys, HEAD_DIM>(k_s, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
-    copy_tile<T, kKeys, HEAD_DIM>(v_s, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
-    for (int j = thread_x(); j < kKeys; j += kThreads) key_ok[j] = key_is_real(p, seq, b, key0 + j) ? 1.f : 0.f;
-    sync_block();
+    const T* k_s = tiles + (tile % 2) * 2 * Smem::kRowMajor;
+    const T* v_s = k_s + Smem::kRowMajor;
+    const float* key_ok = key_ok_buffers + (tile % 2) * kKeys;
 
     // Stage 3: P = exp2(scale·log2e · q·k - lse2[row]) and dP = dO Vᵀ.
     float pr[kKeys / 8][4] = {}, ds[kKeys / 8][4] = {};
@@ -496,6 +539,7 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
         mma_16816<T>(dq[nd], ds_frag, kf);
       }
     }
+    sync_block();  // every warp is done with this buffer before it is refilled
   }
 
   // Stage 6: write dQ × scale.
