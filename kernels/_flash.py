@@ -29,8 +29,10 @@ Backward (recompute, no atomics, so gradients are bit-for-bit deterministic):
 The dK/dV programs walk the *transposed* visit list (per key block, the query
 blocks that visit it).
 
-Layouts. q, k, v, out are flattened to (tokens, H, D) and must be contiguous;
-lse and delta are (tokens, H) fp32. A sequence is (start token, seq_len rows,
+Layouts. q, k, v are read as (tokens, H, D) with any token and head strides
+(slices of a fused QKV projection need no copy; D must have unit stride);
+outputs and output gradients are contiguous (tokens, H, D); lse and delta
+are (tokens, H) fp32. A sequence is (start token, seq_len rows,
 kv_len keys): padded batches have start = b * S, seq_len = S and kv_len = the
 last real key + 1 (key tiles past it are skipped). A right-padded key mask needs
 nothing more, so interior tiles run unmasked; a mask with holes before kv_len
@@ -129,7 +131,7 @@ def _keep(pos_q, pos_k, kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_ro
 
 # --------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_tok, offs_d, qk_scale,
+def _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt, offs_d, qk_scale,
                KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row, layout_len, window, num_global,
                MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, APPLY_RULE: tl.constexpr,
                HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
@@ -137,8 +139,8 @@ def _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_tok, offs_d, 
     """One key block of the online softmax. MASKED=False only for tiles wholly inside
     kv_len with no key mask and no layout rule: no per-element work at all."""
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(Kh, pos_n, kv_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_rows(Vh, pos_n, kv_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    k = _load_rows(Kh, pos_n, kv_len, stride_kt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_rows(Vh, pos_n, kv_len, stride_vt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         keep = _keep(pos_m[:, None], pos_n[None, :], kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row,
@@ -165,7 +167,9 @@ def _fwd_kernel(
     # sizes
     padded_len, num_heads, layout_len, window, num_global, seqlen_key,
     # strides (elements); *_head is 0 when one layout serves every head
-    stride_tok, stride_head, state_head, state_row, index_head, index_row, count_head,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # inputs: any token / head stride
+    stride_tok, stride_head,  # outputs and output gradients: contiguous (tokens, H, D)
+    state_head, state_row, index_head, index_row, count_head,
     blocks_head, blocks_row, tm_head, tm_row,
     # meta-parameters
     qk_scale,
@@ -182,7 +186,9 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     head_off = start * stride_tok + head * stride_head
-    q = _load_rows(Q + head_off, pos_m, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, seq_len, stride_qt, offs_d, True, HEAD_DIM,
+                   BLOCK_D)
+    Kh, Vh = K + start * stride_kt + head * stride_kh, V + start * stride_vt + head * stride_vh
     KeyMaskRow = KeyMask + batch.to(tl.int64) * padded_len
     Blocks_h = Blocks + head * blocks_head
     TokenMask_h = TokenMask + head.to(tl.int64) * tm_head
@@ -199,27 +205,27 @@ def _fwd_kernel(
             state = tl.load(TileState + head * state_head + qb * state_row + kb)
             needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len) | holes
             if needs_mask:
-                acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
-                                           stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
+                acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
+                                           offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
                                            TokenMask_h, tm_row, layout_len, window, num_global, True,
                                            HAS_KEY_MASK, True, HAS_TOKEN_MASK, LAYOUT_BLOCK,
                                            HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
             else:  # fully kept tile: no per-element mask
-                acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
-                                           stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
+                acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
+                                           offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
                                            TokenMask_h, tm_row, layout_len, window, num_global, False,
                                            False, False, False, LAYOUT_BLOCK, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     else:
         # Dense: interior tiles unmasked, then the tail tile (masked). A key mask with holes masks every tile.
         num_unmasked = tl.where(holes, 0, kv_len // BLOCK_N)
         for kb in range(0, num_unmasked):
-            acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
-                                       stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
+            acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
+                                       offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
                                        TokenMask_h, tm_row, layout_len, window, num_global, False,
                                        False, False, False, LAYOUT_BLOCK, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         for kb in range(num_unmasked, tl.cdiv(kv_len, BLOCK_N)):
-            acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, K + head_off, V + head_off, kb, pos_m, kv_len,
-                                       stride_tok, offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
+            acc, m_i, l_i = _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
+                                       offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row,
                                        TokenMask_h, tm_row, layout_len, window, num_global, True,
                                        HAS_KEY_MASK, False, False, LAYOUT_BLOCK, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
@@ -246,7 +252,8 @@ def _delta_kernel(Out, DOut, Delta, num_tokens, num_heads, stride_tok, stride_he
 
 
 @triton.jit
-def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads, stride_tok, offs_d, qk_scale,
+def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads, stride_qt, stride_tok, offs_d,
+                qk_scale,
                 Blocks, blocks_row, TokenMask, tm_row, layout_len, window, num_global,
                 MASKED: tl.constexpr, APPLY_RULE: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
                 LAYOUT_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -255,7 +262,7 @@ def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_h
     (BLOCK_N, BLOCK_M)). Keys need no mask here: invalid keys are zeroed at the store.
     MASKED: the query block may end past seq_len; APPLY_RULE: the layout rule of a partial tile."""
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(Qh, pos_m, seq_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    q = _load_rows(Qh, pos_m, seq_len, stride_qt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     do = _load_rows(DOh, pos_m, seq_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     if MASKED:
         lse = tl.load(Lse_h + pos_m.to(tl.int64) * num_heads, mask=pos_m < seq_len, other=float("inf"))
@@ -287,7 +294,9 @@ def _dkdv_kernel(
     # sizes
     padded_len, num_heads, layout_len, window, num_global, seqlen_key,
     # strides
-    stride_tok, stride_head, state_head, state_row, index_head, index_row, count_head,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # inputs: any token / head stride
+    stride_tok, stride_head,  # outputs and output gradients: contiguous (tokens, H, D)
+    state_head, state_row, index_head, index_row, count_head,
     blocks_head, blocks_row, tm_head, tm_row,
     # meta-parameters
     scale, qk_scale,
@@ -304,11 +313,13 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     head_off = start * stride_tok + head * stride_head
-    k = _load_rows(K + head_off, pos_n, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + head_off, pos_n, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    k = _load_rows(K + start * stride_kt + head * stride_kh, pos_n, seq_len, stride_kt, offs_d, True, HEAD_DIM,
+                   BLOCK_D)
+    v = _load_rows(V + start * stride_vt + head * stride_vh, pos_n, seq_len, stride_vt, offs_d, True, HEAD_DIM,
+                   BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    Qh, DOh = Q + head_off, DOut + head_off
+    Qh, DOh = Q + start * stride_qt + head * stride_qh, DOut + head_off
     Lse_h, Delta_h = Lse + start * num_heads + head, Delta + start * num_heads + head
     Blocks_h = Blocks + head * blocks_head
     TokenMask_h = TokenMask + head.to(tl.int64) * tm_head
@@ -322,25 +333,29 @@ def _dkdv_kernel(
                 state = tl.load(TileState + head * state_head + qb * state_row + kb)
                 if (state != 1) | ((qb + 1) * BLOCK_M > seq_len):
                     dk, dv = _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads,
-                                         stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h, tm_row,
+                                         stride_qt, stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h,
+                                         tm_row,
                                          layout_len, window, num_global, True, True, HAS_TOKEN_MASK, LAYOUT_BLOCK,
                                          HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
                 else:
                     dk, dv = _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads,
-                                         stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h, tm_row,
+                                         stride_qt, stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h,
+                                         tm_row,
                                          layout_len, window, num_global, False, False, False, LAYOUT_BLOCK,
                                          HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
         else:
             num_unmasked = seq_len // BLOCK_M
             for qb in range(0, num_unmasked):
                 dk, dv = _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads,
-                                     stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h, tm_row,
+                                     stride_qt, stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h,
+                                     tm_row,
                                      layout_len, window, num_global, False, False, False, LAYOUT_BLOCK,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
             for qb in range(num_unmasked, tl.cdiv(seq_len, BLOCK_M)):
                 # Rows past seq_len read as zeros with lse = +inf: p = 0. No layout rule in dense mode.
                 dk, dv = _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_heads,
-                                     stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h, tm_row,
+                                     stride_qt, stride_tok, offs_d, qk_scale, Blocks_h, blocks_row, TokenMask_h,
+                                     tm_row,
                                      layout_len, window, num_global, True, False, False, LAYOUT_BLOCK,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
 
@@ -355,15 +370,15 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_tok, offs_d, qk_scale,
+def _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt, offs_d, qk_scale,
               KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row, layout_len, window, num_global,
               MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, APPLY_RULE: tl.constexpr,
               HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Add one key block's contribution to a query block's dQ (masking as in the forward)."""
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(Kh, pos_n, kv_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_rows(Vh, pos_n, kv_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    k = _load_rows(Kh, pos_n, kv_len, stride_kt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    v = _load_rows(Vh, pos_n, kv_len, stride_vt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
         keep = _keep(pos_m[:, None], pos_n[None, :], kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row,
@@ -385,7 +400,9 @@ def _dq_kernel(
     # sizes
     padded_len, num_heads, layout_len, window, num_global, seqlen_key,
     # strides
-    stride_tok, stride_head, state_head, state_row, index_head, index_row, count_head,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,  # inputs: any token / head stride
+    stride_tok, stride_head,  # outputs and output gradients: contiguous (tokens, H, D)
+    state_head, state_row, index_head, index_row, count_head,
     blocks_head, blocks_row, tm_head, tm_row,
     # meta-parameters
     scale, qk_scale,
@@ -402,7 +419,9 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     head_off = start * stride_tok + head * stride_head
-    q = _load_rows(Q + head_off, pos_m, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, seq_len, stride_qt, offs_d, True, HEAD_DIM,
+                   BLOCK_D)
+    Kh, Vh = K + start * stride_kt + head * stride_kh, V + start * stride_vt + head * stride_vh
     do = _load_rows(DOut + head_off, pos_m, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
     lse = tl.load(Lse + (start + pos_m) * num_heads + head, mask=pos_m < seq_len, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
@@ -420,24 +439,24 @@ def _dq_kernel(
             state = tl.load(TileState + head * state_head + qb * state_row + kb)
             needs_mask = (state != 1) | ((kb + 1) * BLOCK_N > kv_len) | holes
             if needs_mask:
-                dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
+                dq = _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
                                offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
                                window, num_global, True, HAS_KEY_MASK, True, HAS_TOKEN_MASK, LAYOUT_BLOCK,
                                HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
             else:
-                dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
+                dq = _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
                                offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
                                window, num_global, False, False, False, False, LAYOUT_BLOCK,
                                HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
     else:
         num_unmasked = tl.where(holes, 0, kv_len // BLOCK_N)
         for kb in range(0, num_unmasked):
-            dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
+            dq = _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
                            offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
                            window, num_global, False, False, False, False, LAYOUT_BLOCK,
                            HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
         for kb in range(num_unmasked, tl.cdiv(kv_len, BLOCK_N)):
-            dq = _dq_visit(dq, q, do, lse2, delta, K + head_off, V + head_off, kb, pos_m, kv_len, stride_tok,
+            dq = _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt,
                            offs_d, qk_scale, KeyMaskRow, Blocks_h, blocks_row, TokenMask_h, tm_row, layout_len,
                            window, num_global, True, HAS_KEY_MASK, False, False, LAYOUT_BLOCK,
                            HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
@@ -564,16 +583,23 @@ def _meta(info, schedule, dtype):
     )
 
 
-def _flat(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    return t.contiguous().view(-1, heads, head_dim)
+def _tokens(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """(tokens, H, D) view with unit stride along D. Inputs sliced from a fused QKV projection
+    keep their token / head strides (no copy); only layouts that cannot be flattened are copied."""
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t.reshape(-1, heads, head_dim)
+
+
+def _input_strides(*tensors):
+    return tuple(stride for t in tensors for stride in (t.stride(0), t.stride(1)))
 
 
 def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, schedule: Schedule):
     """Launch the forward; returns (out shaped like q, lse shaped q.shape[:-1] fp32)."""
     info = _common(q, attention_mask, cu_seqlens, max_seqlen)
     h, d = info["heads"], info["head_dim"]
-    qf, kf, vf = (_flat(t, h, d) for t in (q, k, v))
-    out = torch.empty_like(qf)
+    qf, kf, vf = (_tokens(t, h, d) for t in (q, k, v))
+    out = torch.empty(qf.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(qf.shape[:-1], device=q.device, dtype=torch.float32)
     if qf.shape[0] and info["max_seqlen"] and info["batch"]:
         sparse = schedule.args(lse, transpose=False)
@@ -586,7 +612,7 @@ def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, schedule: Sc
             dummy if info["key_mask"] is None else info["key_mask"],
             *sparse["pointers"],
             info["padded_len"], h, *sparse["sizes"], triton.next_power_of_2(info["max_seqlen"]),
-            qf.stride(0), qf.stride(1), *sparse["strides"],
+            *_input_strides(qf, kf, vf), out.stride(0), out.stride(1), *sparse["strides"],
             scale * LOG2E,
             HAS_TOKEN_MASK=sparse["token_mask"], **_meta(info, schedule, q.dtype),
         )
@@ -597,9 +623,10 @@ def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, sc
     """Launch delta, dK/dV and dQ kernels; returns (dq, dk, dv) shaped like q."""
     info = _common(q, attention_mask, cu_seqlens, max_seqlen)
     h, d = info["heads"], info["head_dim"]
-    qf, kf, vf, of, dof = (_flat(t, h, d) for t in (q, k, v, out, dout))
+    qf, kf, vf = (_tokens(t, h, d) for t in (q, k, v))
+    of, dof = (t.contiguous().view(-1, h, d) for t in (out, dout))  # one (H * D, D) stride pair for both
     lsef = lse.contiguous().view(-1, h)
-    dq, dk, dv = torch.empty_like(qf), torch.empty_like(kf), torch.empty_like(vf)
+    dq, dk, dv = (torch.empty(qf.shape, device=q.device, dtype=q.dtype) for _ in range(3))
     tokens = qf.shape[0]
     if not (tokens and info["max_seqlen"] and info["batch"]):
         return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
@@ -620,7 +647,7 @@ def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, sc
     kernel("dkdv", schedule.tile)[lambda m: (triton.cdiv(info["max_seqlen"], m["BLOCK_N"]), h, info["batch"])](
         qf, kf, vf, dof, lsef, delta, dk, dv, *bounds, *sparse["pointers"],
         info["padded_len"], h, *sparse["sizes"], seqlen_key,
-        qf.stride(0), qf.stride(1), *sparse["strides"],
+        *_input_strides(qf, kf, vf), of.stride(0), of.stride(1), *sparse["strides"],
         scale, scale * LOG2E,
         HAS_TOKEN_MASK=sparse["token_mask"], **meta,
     )
@@ -629,7 +656,7 @@ def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, sc
     kernel("dq", schedule.tile)[lambda m: (triton.cdiv(info["max_seqlen"], m["BLOCK_M"]), h, info["batch"])](
         qf, kf, vf, dof, lsef, delta, dq, *bounds, *sparse["pointers"],
         info["padded_len"], h, *sparse["sizes"], seqlen_key,
-        qf.stride(0), qf.stride(1), *sparse["strides"],
+        *_input_strides(qf, kf, vf), of.stride(0), of.stride(1), *sparse["strides"],
         scale, scale * LOG2E,
         HAS_TOKEN_MASK=sparse["token_mask"], **meta,
     )

@@ -7,8 +7,8 @@ memory each configuration needs. Run it without TRITON_INTERPRET=1:
     python -c "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._flash_compile').main()"
     ... main(every_config=True)   # every autotune config, fp32 and head dim 128 too (minutes)
 
-Pointers and the token stride are marked 16-divisible, as Triton specialises them at launch
-for contiguous tensors with H * D a multiple of 16.
+Pointers and token strides are marked 16-divisible, as Triton specialises them at launch
+for (tokens, H, D) tensors with H * D a multiple of 16.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ DENSE_CONFIGS = {"fwd": _flash._DENSE_FWD, "dkdv": _flash._DENSE_DKDV, "dq": _fl
 INT_POINTERS = {"CuSeqlens": "*i32", "KeyBounds": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
                 "QCount": "*i32", "KeyMask": "*u8", "TokenMask": "*u8", "TileState": "*i8", "Blocks": "*i8"}
 FP32_POINTERS = ("Lse", "Delta")
-DIVISIBLE = ("stride_tok",)
+DIVISIBLE = ("stride_qt", "stride_kt", "stride_vt", "stride_tok")
 
 
 def compile_kernel(name, dtype, head_dim, config, *, packed=False, key_mask=False, sparse=False,

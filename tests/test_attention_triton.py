@@ -92,6 +92,25 @@ def test_packed_with_zero_length_sequences(device, dtype):
 
 
 @interpreter
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_strided_inputs_from_a_fused_qkv_projection(device, layout):
+    """q, k, v sliced from one (..., 3, H, D) tensor are read in place (token stride 3*H*D)."""
+    shape = (2, 21, 3, 2, 16) if layout == "padded" else (30, 3, 2, 16)
+    qkv = torch.randn(shape, device=device, requires_grad=True)
+    q, k, v = qkv.unbind(-3)
+    assert not q.is_contiguous()
+    kwargs = (dict(attention_mask=_random_key_mask(2, 21).to(device)) if layout == "padded" else
+              dict(cu_seqlens=cu_seqlens_of([9, 0, 21]).to(device), max_seqlen=21))
+    out = attention(q, k, v, **kwargs, backend="triton")
+    dout = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, qkv, dout)
+    ref = attention(*(t.contiguous() for t in (q, k, v)), **kwargs, backend="reference")
+    (ref_grad,) = torch.autograd.grad(ref, qkv, dout)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(grad, ref_grad, atol=2e-5, rtol=1e-4)
+
+
+@interpreter
 def test_backward_is_deterministic(device):
     lengths = [37, 5, 64]
     q, k, v = (torch.randn(sum(lengths), 2, 32, device=device, dtype=torch.float16, requires_grad=True)

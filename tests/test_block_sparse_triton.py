@@ -31,8 +31,9 @@ def _check(inputs, layout, dtype, device, **batch):
     assert_error_ratio(fast, exact, lowp, 2.0, floor)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(exact_lse)), "lse = -inf exactly for rows without keys"
     dout = torch.randn(exact.shape, dtype=torch.float64).to(device)
-    for name, f, e, l in zip("qkv", torch.autograd.grad(fast, fast_in, dout.to(dtype)),
-                             torch.autograd.grad(exact, exact_in, dout), torch.autograd.grad(lowp, low_in, dout.to(dtype))):
+    grads = [torch.autograd.grad(fast, fast_in, dout.to(dtype)), torch.autograd.grad(exact, exact_in, dout),
+             torch.autograd.grad(lowp, low_in, dout.to(dtype))]
+    for name, f, e, l in zip("qkv", *grads):
         assert_error_ratio(f, e, l, 3.0, floor, f"d{name}")
 
 
