@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import shlex
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import tables
-from .harness import RESULTS, Settings, environment, run_bench
+from .harness import RESULTS, Settings, environment, latest_run, read_rows, run_bench
 
 OPS = {"attention": "bench_attention", "masked_ce": "bench_masked_ce", "block_sparse": "bench_block_sparse",
        "train_step": "bench_train_step"}
@@ -39,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new measurements after this long")
     p.add_argument("--cpu-time-s", type=float, default=2.0, help="timing budget per provider on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: redraw the summary and plots from the newest run in --out")
     return p.parse_args(argv)
 
 
@@ -67,18 +68,21 @@ def main(argv=None) -> int:
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
 
     rows = []
-    for op in args.ops.split(","):
+    if args.report_only:
+        rows = latest_run(read_rows(out))
+        settings.run_id = rows[0]["run"] if rows else settings.run_id
+    for op in [] if args.report_only else args.ops.split(","):
         bench = importlib.import_module(f"benchmarks.{OPS[op]}")
         rows += run_bench(bench, preset, device, settings, out, deadline, echo=lambda line: print(line, flush=True))
 
-    env = environment(device)
+    env = rows[0] if args.report_only and rows else environment(device)
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    loads = sorted({r.get("load", "n/a") for r in rows}) if rows else ["n/a"]
     lines = [f"# Benchmarks: {tag}, preset {preset}", "",
              f"Command: `{command}`  ", f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
              f"CUDA {env['cuda']}; commit {env['commit']}; {env['date']}  ",
-             f"Torch CPU threads: {torch.get_num_threads()}; load average after the run: "
-             f"{'/'.join(f'{x:.1f}' for x in load) if load else 'n/a'}  ",
+             f"Torch CPU threads: {env.get('threads', 'not recorded')}; host load average (1/5/15 min) when each "
+             f"op started: {', '.join(loads)}  ",
              f"Rows: `{out}` (run {settings.run_id})", "",
              "Speed-ups are other time / this time (> 1: this provider is faster); memory ratios are other "
              "peak / this peak (> 1: this provider uses less). CPU peak memory is the peak resident set "

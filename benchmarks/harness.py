@@ -19,8 +19,9 @@ provider and shape); this module does the rest the same way for every op:
   5. append one row per metric to a JSONL results file.
 
 A row: op, provider, shape (a label), dtype, metric, median, p20, p80, unit, status,
-note, device, torch, triton, cuda, commit, date, run (one id per invocation), pass
-and params (the shape as a dict, for plots). ``status`` is "ok", "skipped",
+note, device, torch, triton, cuda, commit, date, threads, load (the host's load
+average: CPU timings on a shared machine need it), run (one id per invocation),
+pass and params (the shape as a dict, for plots). ``status`` is "ok", "skipped",
 "failed check" or "error"; non-ok rows carry the reason in ``note`` and no numbers.
 """
 from __future__ import annotations
@@ -104,6 +105,7 @@ def cpu_name() -> str:
 def environment(device: str) -> dict:
     """The fields every row carries: device name, versions, git commit, date (UTC)."""
     on_gpu = device.startswith("cuda")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return {
         "device": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
         "torch": torch.__version__,
@@ -111,6 +113,8 @@ def environment(device: str) -> dict:
         "cuda": torch.version.cuda or "none",
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "threads": torch.get_num_threads(),  # CPU threads torch used
+        "load": load,  # the host's 1/5/15-minute load average when the op's run started
     }
 
 
@@ -130,12 +134,22 @@ def summarise(samples_ms: list[float]) -> tuple[float, float, float]:
 
 
 # --------------------------------------------------------------------------- timing
-def time_cpu(step: Callable, budget_s: float = 2.0, min_reps: int = 3, max_reps: int = 50) -> list[float]:
-    """Wall-clock milliseconds of whole calls: one warm-up, then repeat until the budget is spent."""
-    step()
+def time_cpu(step: Callable, budget_s: float = 2.0, min_reps: int = 3, max_reps: int = 50,
+             warm_up: bool = True, cap_s: float = 60.0) -> list[float]:
+    """Wall-clock milliseconds of whole calls.
+
+    A warm-up (unless the caller just ran one), then repeat until ``budget_s`` is spent
+    and at least ``min_reps`` samples exist, but stop starting new calls after
+    ``cap_s``: a call that takes minutes gets one sample, and the row shows p20 = p80.
+    """
+    if warm_up:
+        step()
     samples: list[float] = []
     start = time.perf_counter()
-    while len(samples) < max_reps and (len(samples) < min_reps or time.perf_counter() - start < budget_s):
+    while len(samples) < max_reps:
+        elapsed = time.perf_counter() - start
+        if samples and (elapsed >= cap_s or (len(samples) >= min_reps and elapsed >= budget_s)):
+            break
         t0 = time.perf_counter()
         step()
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -182,14 +196,15 @@ def _status_kib(key: str) -> int:
     return int(match.group(1))
 
 
-def rss_peak_of_call(step: Callable) -> int:
+def rss_peak_of_call(step: Callable, warm_up: bool = True) -> int:
     """In this process: peak RSS during one call minus the RSS just before it, in bytes.
 
     Honest only in a process whose allocator returns freed blocks to the OS
-    (see :func:`cpu_peak_rss`); the call runs once first as a warm-up so lazy
-    initialisation (thread pools, caches) is not counted.
+    (see :func:`cpu_peak_rss`); with ``warm_up`` the call runs once first so lazy
+    initialisation (thread pools, caches: a few MiB) is not counted.
     """
-    step()
+    if warm_up:
+        step()
     gc.collect()
     before = _status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
@@ -202,9 +217,10 @@ def rss_peak_of_call(step: Callable) -> int:
 _WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "TRITON_INTERPRET": "0"}
 
 
-def cpu_peak_rss(module: str, provider: str, shape: dict, dtype: str, timeout_s: float = 900) -> int:
+def cpu_peak_rss(module: str, provider: str, shape: dict, dtype: str, timeout_s: float = 1800,
+                 warm_up: bool = True) -> int:
     """Peak RSS above the inputs for one call, measured in a fresh Python process."""
-    spec = json.dumps({"module": module, "provider": provider, "shape": shape, "dtype": dtype})
+    spec = json.dumps({"module": module, "provider": provider, "shape": shape, "dtype": dtype, "warm_up": warm_up})
     env = {**os.environ, **_WORKER_ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", "--memory-worker", spec], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout_s)
@@ -219,7 +235,7 @@ def _memory_worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     module = importlib.import_module(spec["module"])
     workload = module.make(spec["provider"], spec["shape"], dtype_of(spec["dtype"]), "cpu")
-    print("PEAK_BYTES", rss_peak_of_call(workload.step), flush=True)
+    print("PEAK_BYTES", rss_peak_of_call(workload.step, spec.get("warm_up", True)), flush=True)
 
 
 # --------------------------------------------------------------------------- correctness
@@ -316,7 +332,9 @@ def measure(bench, provider: str, shape: dict, dtype: torch.dtype, device: str, 
         if device.startswith("cuda"):
             median, p20, p80 = time_gpu(workload.step, settings.gpu_warmup_ms, settings.gpu_rep_ms)
         else:
-            median, p20, p80 = summarise(time_cpu(workload.step, settings.cpu_budget_s, settings.cpu_min_reps))
+            # The check just ran the provider once: that was the warm-up.
+            median, p20, p80 = summarise(time_cpu(workload.step, settings.cpu_budget_s, settings.cpu_min_reps,
+                                                  warm_up=False))
     except Exception as exc:  # noqa: BLE001
         return status_row("error", "while timing: " + _reason(exc))
     add("time", "ms", median, p20, p80)
@@ -335,7 +353,8 @@ def measure(bench, provider: str, shape: dict, dtype: torch.dtype, device: str, 
             else:
                 del workload
                 gc.collect()
-                peak = cpu_peak_rss(bench.__name__, provider, shape, dtype_name(dtype))
+                # A call of many seconds dwarfs lazy initialisation: spare it the warm-up call.
+                peak = cpu_peak_rss(bench.__name__, provider, shape, dtype_name(dtype), warm_up=median < 10e3)
                 how = "peak RSS above inputs, fresh process"
             add("peak memory", "MiB", peak / MIB, peak / MIB, peak / MIB, how)
         except Exception as exc:  # noqa: BLE001
