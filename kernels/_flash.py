@@ -478,9 +478,10 @@ INTERPRETER_TILE = 32
 _KEY = ["HEAD_DIM", "seqlen_key", "IS_PACKED", "HAS_KEY_MASK", "SPARSE"]
 
 
-def _prune_large_head_dim(configs, named_args, **_):
-    """Keep register use sane at head_dim 128: drop the 128 x 128 tiles."""
-    if named_args.get("HEAD_DIM", 0) > 64:
+def _prune_large_head_dim(configs, named_args, **kwargs):
+    """Keep register use sane at head_dim 128: drop the 128 x 128 tiles. (Constexprs passed
+    by keyword, like HEAD_DIM, reach the pruner in kwargs, not in named_args.)"""
+    if kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 0)) > 64:
         kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
         return kept or configs
     return configs

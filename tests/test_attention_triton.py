@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from fastmlm.ops import BackendUnavailable, attention, attention_reference
+from fastmlm.ops.dispatch import import_backend
 from helpers import assert_error_ratio, cu_seqlens_of
 
 interpreter = pytest.mark.interpreter
@@ -185,6 +186,14 @@ def test_opcheck_triton_backend(device, layout):
         q, k, v = (torch.randn(6, 2, 16, device=device, requires_grad=True) for _ in range(3))
         args = (q, k, v, None, cu_seqlens_of([4, 0, 2]).to(device), 4, 0.35, "triton")
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
+
+
+def test_autotune_configs_drop_the_largest_tile_at_head_dim_128():
+    flash = import_backend("fastmlm_kernels._flash")
+    configs = [flash._cfg(*c) for c in flash._DENSE_FWD]
+    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs}
+    assert (128, 128) in tiles(flash._prune_large_head_dim(configs, {}, HEAD_DIM=64))
+    assert (128, 128) not in tiles(flash._prune_large_head_dim(configs, {}, HEAD_DIM=128))
 
 
 @interpreter
