@@ -11,13 +11,14 @@
 //               finish_kernel then gives lse = m + ln s and
 //                   loss = (1 - eps)(lse - z_t) + eps (lse - Σz / V) + zl · lse².
 //               Only one (R, C) chunk of logits exists at a time, never (R, V).
-//   backward    per chunk, recompute the logits and turn them in place of a new buffer into
+//   backward    per chunk, recompute the logits and turn them into (a new buffer)
 //                   dz = g · (e^(z - lse) (1 + 2 zl lse) - eps / V - (1 - eps) [v = t])
 //               (chunk_grad_kernel); the driver multiplies dz into d_rows and d_weight.
 //
 // So the "fusion" is of the softmax / loss / gradient arithmetic with the chunked
-// projection; the matrix products themselves are cuBLAS's. Every reduction has a fixed
-// order (one block per row, chunks in order), so results are deterministic.
+// projection; the matrix products themselves are cuBLAS's. The kernels' reductions have a
+// fixed order (one block per row, chunks in order); with positions, d_hidden is scattered
+// by index_add_, whose order is not fixed when a position repeats.
 // Bias is added in fp32 inside the kernels. Types: fp32, fp16, bf16 in; statistics fp32.
 #pragma once
 

@@ -10,7 +10,8 @@ them into dz with one kernel,
     dz = g · (softmax(z) (1 + 2·zl·lse) - eps / V - (1 - eps) · onehot(t)),
 
 and multiplies dz into d_rows and d_weight with cuBLAS. Never more than one chunk of
-logits in memory; every reduction has a fixed order (deterministic). fp32/fp16/bf16.
+logits in memory. fp32/fp16/bf16. The logits chunk is rounded to the input dtype by the
+matmul (as in the torch backend); statistics, loss and the bias add are fp32.
 """
 from __future__ import annotations
 
