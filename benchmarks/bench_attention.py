@@ -173,8 +173,8 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
             with torch.no_grad():
                 fn(q, k, v)
             return
-        zero_grads(q, k, v)
         fn(q, k, v).backward(dout)
+        zero_grads(q, k, v)  # after, not before: the peak-memory baseline then holds no gradients
 
     fwd_flops = 4.0 * float((lengths.double() ** 2).sum()) * h * d
     flops = fwd_flops if shape["pass"] == "fwd" else 3.5 * fwd_flops

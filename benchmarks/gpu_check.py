@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --out DIR        # DIR defaults to benchmarks/results
 
-Steps, each with its own time budget inside an overall budget (default 450 s, to
+Steps, each with its own time budget inside an overall budget (default 420 s, to
 finish within 8 minutes on an H100 with start-up and slack); a step that runs out
 of time is stopped and noted, and the next one still runs:
 
@@ -226,7 +226,7 @@ def write_report(path: Path, machine: list[str], steps: list[Step], groups: dict
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="build + GPU test tier + benchmarks + report, in one run")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="report folder (kept flat)")
-    p.add_argument("--budget-s", type=float, default=450.0, help="overall time budget in seconds")
+    p.add_argument("--budget-s", type=float, default=420.0, help="overall time budget in seconds (8 min with slack)")
     p.add_argument("--no-build", action="store_true", help="use the extension already built")
     p.add_argument("--cpu-smoke", action="store_true", help="without a GPU, still run the benchmark step at tiny "
                                                             "CPU shapes (tries the pipeline; not GPU figures)")

@@ -15,7 +15,9 @@ provider and shape); this module does the rest the same way for every op:
      call, minus what was allocated before it (the inputs); on the CPU the peak
      resident set size (VmHWM, reset through /proc/self/clear_refs) during one
      call minus the resident size just before it, in a fresh subprocess whose
-     malloc returns every large block to the OS on free (see :func:`cpu_peak_rss`);
+     malloc returns every large block to the OS on free (see :func:`cpu_peak_rss`).
+     Steps drop their gradients at the end, so the peak counts the gradients each
+     call produces as well as its temporaries, and the baseline holds only the inputs;
   5. append one row per metric to a JSONL results file.
 
 A row: op, provider, shape (a label), dtype, metric, median, p20, p80, unit, status,
@@ -173,6 +175,13 @@ def time_gpu(step: Callable, warmup_ms: int = 25, rep_ms: int = 100) -> tuple[fl
             end.synchronize()
             samples.append(begin.elapsed_time(end))
         return summarise(samples)
+    # do_bench sizes its repetitions from rep_ms: give slow steps (a training step) at least ~10 samples.
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    step()
+    end.record()
+    end.synchronize()
+    rep_ms = int(min(3000, max(rep_ms, 10 * begin.elapsed_time(end))))
     median, p20, p80 = do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
     return median, p20, p80
 
