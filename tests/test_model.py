@@ -370,7 +370,12 @@ def test_gpu_bf16_model_error_ratio():
             (("exact", exact), ("lowp", lowp), ("fast", fast))}
     (e, eg), (l, lg), (f, fg) = runs["exact"], runs["lowp"], runs["fast"]
     assert_error_ratio(f.hidden_states[mask], e.hidden_states[mask], l.hidden_states[mask], 2.0, what="hidden")
-    assert_error_ratio(f.loss, e.loss, l.loss, 2.0, what="loss")
+    # (R, V) logits rather than the scalar loss: one number can be luckily exact in low precision
+    positions = (labels.reshape(-1) != -100).nonzero()[:, 0]
+    logits = {name: m.masked_logits(ids, attention_mask=mask, positions=positions).detach()
+              for name, m in (("exact", exact), ("lowp", lowp), ("fast", fast))}
+    assert_error_ratio(logits["fast"], logits["exact"], logits["lowp"], 2.0, what="masked logits")
+    assert abs(f.loss.item() - e.loss.item()) < 0.05 * e.loss.item()
     for name in ("layers.0.qkv.weight", "embeddings.word.weight", "head.dense.weight"):
         assert_error_ratio(fg[name], eg[name], lg[name], 3.0, what=f"grad {name}")
 
