@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -157,8 +156,10 @@ def cmd_demo(args) -> int:
     summary = train(cfg, overwrite=True)
     model, tokenizer = load_checkpoint(summary["checkpoint"])
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate)
-    valid = data.eval_batches([data.bundled_corpus("valid")], tokenizer, collator, max_batches=cfg.eval_batches)
-    baseline = data.unigram_baseline(data.unigram_counts([data.bundled_corpus("train")], tokenizer), valid)
+    train_files = cfg.data or [data.bundled_corpus("train")]
+    valid_files = cfg.valid_data or [data.bundled_corpus("valid")]
+    valid = data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches)  # the masks train used
+    baseline = data.unigram_baseline(data.unigram_counts(train_files, tokenizer), valid)
     losses = [float(r["loss"]) for r in _csv_rows(Path(cfg.out_dir) / "log.csv") if r["split"] == "train"]
     ours = summary["valid"]
     print()

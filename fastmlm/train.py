@@ -121,9 +121,12 @@ class TrainConfig:
 
 # Named starting points; any field can be overridden (CLI flags do that).
 TRAIN_PRESETS = {
-    # a few minutes on a 2-core CPU: L4/H256 model, 8k vocabulary, ~1.3M tokens
-    "demo": dict(model="mini", vocab_size=8000, seq_len=128, batch_size=32, lr=1e-3, warmup_steps=30,
-                 max_steps=300, eval_every=100, save_every=100, log_every=10, out_dir="runs/demo"),
+    # a few minutes on a 2-core CPU: a 4-layer, 128-wide BERT (post-LN, so export-hf works),
+    # 4k WordPiece vocabulary, 600 steps of 16 x 64 tokens (~0.6M tokens)
+    "demo": dict(model="mini", model_overrides={"hidden_size": 128, "num_heads": 4, "intermediate_size": 512,
+                                                "hidden_dropout": 0.0},
+                 vocab_size=4000, seq_len=64, batch_size=16, lr=1e-3, warmup_steps=30, max_steps=600,
+                 min_lr_ratio=0.1, eval_every=200, save_every=200, log_every=20, out_dir="runs/demo"),
     # seconds: for tests and smoke runs
     "tiny": dict(model="tiny", model_overrides={"hidden_dropout": 0.1}, vocab_size=400, seq_len=32, batch_size=8,
                  lr=2e-3, warmup_steps=2, max_steps=8, eval_every=4, eval_batches=2, save_every=4, log_every=1,
@@ -146,6 +149,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     decay = 1.0 - progress if cfg.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def model_config(cfg: TrainConfig, tokenizer):
+    """The run's ModelConfig: the preset, sized to the tokenizer, with the run's overrides."""
+    return preset(cfg.model, **{"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+                                "pad_token_id": data.special_ids(tokenizer).pad,
+                                "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -255,11 +265,18 @@ class Logger:
     FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "tokens_per_s", "packing_efficiency",
               "elapsed_s")
 
-    def __init__(self, out_dir: Path, enabled: bool):
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
         self.enabled, self.tb = enabled, None
         if not enabled:
             return
         self.path = out_dir / "log.csv"
+        if resume_step and self.path.exists():  # drop rows a killed run wrote after its checkpoint
+            with open(self.path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            with open(self.path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+                writer.writeheader()
+                writer.writerows(kept)
         new = not self.path.exists()
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
@@ -349,13 +366,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     valid_files = cfg.valid_data or ([data.bundled_corpus("valid")] if cfg.data is None else None)
     tokenizer = (data.load_tokenizer(resume_from / "tokenizer.json") if resume_from
                  else _prepare_tokenizer(cfg, out_dir, train_files, ranks))
-    special = data.special_ids(tokenizer)
 
     # Model: identical initial weights on every rank, then a per-rank dropout stream.
     torch.manual_seed(cfg.seed)
-    model_cfg = preset(cfg.model, **{"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                                     "pad_token_id": special.pad,
-                                     "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
+    model_cfg = model_config(cfg, tokenizer)
     model = FastMLMForMaskedLM(model_cfg).to(device)
     torch.manual_seed(cfg.seed + 1000 * ranks.rank)
     optimizer = make_optimizer(model, cfg)
@@ -386,7 +400,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     batches = iter(stream)
     valid = (data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches, rank=ranks.rank,
                                world_size=ranks.world_size) if valid_files else [])
-    logger = Logger(out_dir, ranks.main)
+    logger = Logger(out_dir, ranks.main, resume_step=step)
     n_params = sum(p.numel() for p in model.parameters())
     _say(ranks, f"fastmlm train: {cfg.model} model ({n_params / 1e6:.1f}M parameters, vocab "
                 f"{model_cfg.vocab_size}) on {device}{f' x{ranks.world_size}' if ranks.world_size > 1 else ''}, "

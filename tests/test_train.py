@@ -1,6 +1,5 @@
 """The training loop (fastmlm/train.py) and its checkpoints (fastmlm/checkpoint.py), on tiny configs."""
 import csv
-import itertools
 import json
 import math
 import os
@@ -16,19 +15,15 @@ from fastmlm import checkpoint as ckpt
 from fastmlm import data, train
 from fastmlm.config import preset
 from fastmlm.model import FastMLMForMaskedLM
+from mlm_corpus import make_small_corpus, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small train/valid corpus cut from the bundled one, and a tokenizer trained on it."""
-    root = tmp_path_factory.mktemp("corpus")
-    docs = list(itertools.islice(data.read_documents([data.bundled_corpus("train")]), 400))
-    (root / "train.txt").write_text("\n\n".join(docs[:360]))
-    (root / "valid.txt").write_text("\n\n".join(docs[360:]))
-    data.train_tokenizer(docs[:360], vocab_size=400).save(str(root / "tokenizer.json"))
-    return root
+    return make_small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny(corpus, out_dir, **overrides):
@@ -38,8 +33,11 @@ def tiny(corpus, out_dir, **overrides):
 
 
 def train_losses(run_dir):
+    """{step: loss} of the train rows of log.csv; fails on a repeated step."""
     with open(Path(run_dir) / "log.csv", newline="") as f:
-        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r["split"] == "train"}
+        rows = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f) if r["split"] == "train"]
+    assert len({step for step, _ in rows}) == len(rows), f"repeated steps in log.csv: {rows}"
+    return dict(rows)
 
 
 # --------------------------------------------------------------------------- schedule and optimizer
@@ -169,11 +167,14 @@ def test_tiny_run_learns_logs_and_resumes_exactly(corpus, tmp_path):
 
     stopped = train.train(tiny(corpus, tmp_path / "resumed", max_steps=10, eval_every=5, save_every=5, stop_after=5))
     assert stopped["step"] == 5 and Path(stopped["checkpoint"]).name == "step_00000005"
+    with open(tmp_path / "resumed" / "log.csv", "a") as f:  # as if killed at step 6, after the checkpoint
+        f.write("6,train,99.0,,,,,,\n")
     with pytest.raises(ValueError, match="already holds a run"):
         train.train(tiny(corpus, tmp_path / "resumed", max_steps=10))
     resumed = train.train(tiny(corpus, tmp_path / "resumed"), resume="latest")
     assert resumed["step"] == 10
     after = train_losses(tmp_path / "resumed")
+    assert sorted(after) == list(range(1, 11))  # the killed run's row 6 was dropped
     for step in range(1, 11):
         assert after[step] == pytest.approx(losses[step], abs=1e-6, rel=0), step
     assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], abs=1e-6, rel=0)
