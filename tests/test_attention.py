@@ -185,3 +185,13 @@ def test_opcheck_torch_backend(layout):
         q, k, v = (torch.randn(6, 2, 8, requires_grad=True) for _ in range(3))
         args = (q, k, v, None, cu_seqlens_of([4, 2]), 4, 0.35, "torch")
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
+
+
+def test_torch_backend_fp64_gradients():
+    q, k, v = (torch.randn(7, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = cu_seqlens_of([4, 3])
+    dout = torch.randn(7, 2, 8, dtype=torch.float64)
+    fast = _grads(attention(q, k, v, cu_seqlens=cu, max_seqlen=4, backend="torch"), (q, k, v), dout)
+    ref = _grads(attention(q, k, v, cu_seqlens=cu, max_seqlen=4, backend="reference"), (q, k, v), dout)
+    for f, r in zip(fast, ref):
+        torch.testing.assert_close(f, r)

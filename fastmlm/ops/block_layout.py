@@ -111,6 +111,8 @@ class BlockSparseLayout:
         return index.contiguous(), counts.contiguous()
 
     def to(self, device) -> "BlockSparseLayout":
+        if self.blocks.device == torch.device(device):  # keep the cached kv_blocks
+            return self
         tm = None if self.token_mask is None else self.token_mask.to(device)
         return replace(self, blocks=self.blocks.to(device), token_mask=tm)
 

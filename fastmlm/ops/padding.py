@@ -24,18 +24,21 @@ def packed_coords(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, t
     return batch, tokens - cu_seqlens.long()[batch]
 
 
-def pad(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T, ...) packed -> ((B, max_seqlen, ...) zero-padded, (B, max_seqlen) bool mask of real tokens)."""
-    batch, pos = packed_coords(cu_seqlens, x.shape[0])
+def pad(x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, coords=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, ...) packed -> ((B, max_seqlen, ...) zero-padded, (B, max_seqlen) bool mask of real tokens).
+
+    ``coords`` (from :func:`packed_coords`) saves recomputing them when padding several tensors.
+    """
+    batch, pos = packed_coords(cu_seqlens, x.shape[0]) if coords is None else coords
     out = x.new_zeros((cu_seqlens.numel() - 1, max_seqlen) + tuple(x.shape[1:]))
     out[batch, pos] = x
     mask = torch.arange(max_seqlen, device=x.device)[None, :] < seqlens(cu_seqlens)[:, None]
     return out, mask
 
 
-def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int, coords=None) -> torch.Tensor:
     """(B, S, ...) padded -> (T, ...) packed, the inverse of :func:`pad`."""
-    batch, pos = packed_coords(cu_seqlens, total)
+    batch, pos = packed_coords(cu_seqlens, total) if coords is None else coords
     return padded[batch, pos]
 
 

@@ -5,7 +5,8 @@ which return and consume the log-sum-exp, so forward and backward are the
 same fused kernels SDPA runs on the CPU. Padding keys get a large negative
 additive bias rather than -inf, so an all-padding row stays finite inside ATen;
 we then zero its output and gradients as the contract says. Packed batches are
-padded to (B, max_seqlen) on the device and unpadded afterwards.
+padded to (B, max_seqlen) on the device and unpadded afterwards; the tensors
+that travel together are stacked so each direction is one gather/scatter.
 """
 from __future__ import annotations
 
@@ -26,15 +27,22 @@ def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, **_) -> Opti
     return None
 
 
-def _padded(q, k, v, attention_mask, cu_seqlens, max_seqlen):
-    """Bring both layouts to (B, H, S, D) plus a (B, S) key mask."""
-    if cu_seqlens is not None:
-        q, mask = padding.pad(q, cu_seqlens, max_seqlen)
-        k, _ = padding.pad(k, cu_seqlens, max_seqlen)
-        v, _ = padding.pad(v, cu_seqlens, max_seqlen)
-    else:
-        mask = attention_mask
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask
+def _to_padded(tensors, attention_mask, cu_seqlens, max_seqlen):
+    """(T, H, D) packed or (B, S, H, D) padded tensors -> their (B, H, S, D) views, the (B, S)
+    key mask, and the packed coordinates (None when padded)."""
+    if cu_seqlens is None:
+        return [t.transpose(1, 2) for t in tensors], attention_mask, None
+    coords = padding.packed_coords(cu_seqlens, tensors[0].shape[0])
+    stacked, mask = padding.pad(torch.stack(tensors, dim=1), cu_seqlens, max_seqlen, coords)  # (B, S, n, H, D)
+    return [t.transpose(1, 2) for t in stacked.unbind(2)], mask, coords
+
+
+def _from_padded(tensors, cu_seqlens, coords):
+    """(B, H, S, ...) -> contiguous (B, S, H, ...) or packed (T, H, ...)."""
+    tensors = [t.transpose(1, 2) for t in tensors]
+    if coords is not None:
+        tensors = [padding.unpad(t, cu_seqlens, coords[0].shape[0], coords) for t in tensors]
+    return [t.contiguous() for t in tensors]
 
 
 def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) -> tuple[Optional[Tensor], Tensor]:
@@ -51,30 +59,22 @@ def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) ->
 
 
 def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
-    total = q.shape[0]
-    qp, kp, vp, mask = _padded(q, k, v, attention_mask, cu_seqlens, max_seqlen)
-    bias, has_key = _bias(mask, extra_mask, q.dtype, (qp.shape[0], qp.shape[1], qp.shape[2]))
+    (qp, kp, vp), mask, coords = _to_padded([q, k, v], attention_mask, cu_seqlens, max_seqlen)
+    bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
     out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
-    out = (out * has_key[..., None]).transpose(1, 2)  # (B, S, H, D)
-    lse = lse.masked_fill(~has_key, float("-inf")).transpose(1, 2)  # (B, S, H)
-    if cu_seqlens is not None:
-        out, lse = padding.unpad(out, cu_seqlens, total), padding.unpad(lse, cu_seqlens, total)
-    return out.contiguous(), lse.float().contiguous()
+    out = out * has_key[..., None]
+    lse = lse.masked_fill(~has_key, float("-inf")).float()  # (B, H, S)
+    out, lse = _from_padded([out, lse], cu_seqlens, coords)
+    return out, lse
 
 
 def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
-    total = q.shape[0]
-    qp, kp, vp, mask = _padded(q, k, v, attention_mask, cu_seqlens, max_seqlen)
-    if cu_seqlens is not None:
-        out, _ = padding.pad(out, cu_seqlens, max_seqlen)
-        dout, _ = padding.pad(dout, cu_seqlens, max_seqlen)
-        lse, _ = padding.pad(lse, cu_seqlens, max_seqlen)
-    bias, has_key = _bias(mask, extra_mask, q.dtype, (qp.shape[0], qp.shape[1], qp.shape[2]))
-    # Rows without keys: zero upstream gradient, finite lse, so ATen yields zeros.
-    dout = (dout.transpose(1, 2) * has_key[..., None]).contiguous()
-    lse = lse.transpose(1, 2).masked_fill(~has_key, 0.0).contiguous()
-    grads = _ATEN_BWD(dout, qp, kp, vp, out.transpose(1, 2), lse, 0.0, False, attn_mask=bias, scale=scale)
-    grads = [g.transpose(1, 2) for g in grads]
-    if cu_seqlens is not None:
-        grads = [padding.unpad(g, cu_seqlens, total) for g in grads]
-    return tuple(g.contiguous() for g in grads)
+    (qp, kp, vp, outp, doutp), mask, coords = _to_padded([q, k, v, out, dout], attention_mask, cu_seqlens, max_seqlen)
+    if coords is not None:
+        lse, _ = padding.pad(lse, cu_seqlens, max_seqlen, coords)
+    bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
+    # Rows without keys: zero upstream gradient and a finite lse, so ATen yields zeros.
+    doutp = (doutp * has_key[..., None]).contiguous()
+    lse = lse.transpose(1, 2).masked_fill(~has_key, 0.0).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    grads = _ATEN_BWD(doutp, qp, kp, vp, outp, lse.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+    return tuple(_from_padded(list(grads), cu_seqlens, coords))
