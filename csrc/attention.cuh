@@ -16,8 +16,9 @@
 //             (Recomputing P twice costs one extra Q Kᵀ product; it buys determinism.)
 //
 // Layouts: packed (T, H, D) with cu_seqlens, or padded (B, S, H, D) with an optional
-// (B, S) key mask applied element-wise, so left-padding or holes work too. Padded query
-// rows are computed like the reference does (they attend to the real keys).
+// (B, S) key mask applied element-wise, so left-padding or holes work too; key tiles past
+// the last real key of a sequence (key_len, computed on the device) are skipped. Padded
+// query rows are computed like the reference does (they attend to the real keys).
 // A row with no real key outputs 0 with lse = -inf, and contributes no gradient.
 //
 // Limits: fp16 / bf16 (sm_80+), head_dim a multiple of 8 up to 128; the kernels are
@@ -53,18 +54,22 @@ struct Tiles {
   static constexpr int kLd = HEAD_DIM + kPad;               // row stride of every tile (16-byte multiple)
 };
 
-// Where one sequence's tokens live.
+// Where one sequence's tokens live, and how many keys are worth visiting: all of them when
+// packed; in the padded layout up to the last real key (keys past it are all padding).
 struct Sequence {
   int64_t start;
-  int len;
+  int len;   // rows: queries, keys, outputs
+  int keys;  // keys [0, keys) may be real; the rest are skipped
 };
 
 FASTMLM_DEVICE Sequence sequence(const AttentionParams& p, int b) {
   if (p.cu_seqlens != nullptr) {
     const int start = p.cu_seqlens[b];
-    return {start, p.cu_seqlens[b + 1] - start};
+    const int len = p.cu_seqlens[b + 1] - start;
+    return {start, len, len};
   }
-  return {static_cast<int64_t>(b) * p.max_seqlen, p.max_seqlen};
+  const int keys = p.key_len != nullptr && p.key_len[b] < p.max_seqlen ? p.key_len[b] : p.max_seqlen;
+  return {static_cast<int64_t>(b) * p.max_seqlen, p.max_seqlen, keys};
 }
 
 // Element offset of (token, head, 0) in a contiguous (tokens, heads, head_dim) tensor.
@@ -73,7 +78,7 @@ FASTMLM_DEVICE int64_t row_offset(const AttentionParams& p, int64_t token, int h
 }
 
 FASTMLM_DEVICE bool key_is_real(const AttentionParams& p, Sequence seq, int b, int key) {
-  if (key >= seq.len) return false;
+  if (key >= seq.keys) return false;
   return p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * p.max_seqlen + key];
 }
 
@@ -214,11 +219,11 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g+8, log2 units
   float l[2] = {0.f, 0.f};              // running sum of 2^(s - m), this lane's columns only
 
-  issue_tile(0, 0);
-  for (int key0 = 0, tile = 0; key0 < seq.len; key0 += kKeys, ++tile) {
+  if (seq.keys > 0) issue_tile(0, 0);
+  for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
     // Stage 2: prefetch the next K/V tile into the other buffer, wait for this one.
     // (That buffer was last read in the previous iteration, which ended with a barrier.)
-    if (key0 + kKeys < seq.len) {
+    if (key0 + kKeys < seq.keys) {
       issue_tile(key0 + kKeys, (tile + 1) % 2);
       cp_async_wait<1>();
     } else {
@@ -368,12 +373,14 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
     load_row_stats(lse2_dst, lse2_dst + kQueries, kQueries, p, seq, head, q0);
   };
 
+  // Keys past the last real one get zero gradients: such a block skips the loop.
+  const int queries = key0 < seq.keys ? seq.len : 0;
   float dk[HEAD_DIM / 8][4] = {}, dv[HEAD_DIM / 8][4] = {};
-  issue_tile(0, 0);
-  for (int q0 = 0, tile = 0; q0 < seq.len; q0 += kQueries, ++tile) {
+  if (queries > 0) issue_tile(0, 0);
+  for (int q0 = 0, tile = 0; q0 < queries; q0 += kQueries, ++tile) {
     // Stage 2: prefetch the next Q/dO tile, wait for this one. Q and dO are the B operands
     // of K Qᵀ and V dOᵀ (plain loads) and of dSᵀ Q and Pᵀ dO (ldmatrix.trans).
-    if (q0 + kQueries < seq.len) {
+    if (q0 + kQueries < queries) {
       issue_tile(q0 + kQueries, (tile + 1) % 2);
       cp_async_wait<1>();
     } else {
@@ -497,11 +504,11 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   };
 
   float dq[HEAD_DIM / 8][4] = {};
-  issue_tile(0, 0);
-  for (int key0 = 0, tile = 0; key0 < seq.len; key0 += kKeys, ++tile) {
+  if (seq.keys > 0) issue_tile(0, 0);
+  for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
     // Stage 2: prefetch the next K/V tile, wait for this one. K is the B operand of Q Kᵀ
     // (plain loads) and of dS K (ldmatrix.trans), V of dO Vᵀ.
-    if (key0 + kKeys < seq.len) {
+    if (key0 + kKeys < seq.keys) {
       issue_tile(key0 + kKeys, (tile + 1) % 2);
       cp_async_wait<1>();
     } else {

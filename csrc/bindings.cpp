@@ -77,7 +77,8 @@ void check_tensor_cores(const Tensor& t) {
 // ----------------------------------------------------------------- attention
 // Fill the sizes of AttentionParams from q and the layout arguments, checking them.
 AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_mask,
-                                 const OptTensor& cu_seqlens, int64_t max_seqlen, double scale) {
+                                 const OptTensor& key_len, const OptTensor& cu_seqlens, int64_t max_seqlen,
+                                 double scale) {
   const c10::Device device = q.device();
   check_on(q, "q", device);
   dtype_of(q, /*allow_fp32=*/false);
@@ -107,9 +108,19 @@ AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor&
       TORCH_CHECK(key_mask->is_contiguous(), "fastmlm._C: attention_mask must be contiguous");
       p.key_mask = key_mask->data_ptr<bool>();
     }
+    if (key_len.has_value()) {
+      check_on(*key_len, "key_len", device);
+      TORCH_CHECK(key_mask.has_value(), "fastmlm._C: key_len comes with attention_mask");
+      TORCH_CHECK(key_len->scalar_type() == at::kInt && key_len->dim() == 1 && key_len->size(0) == q.size(0) &&
+                      key_len->is_contiguous(),
+                  "fastmlm._C: key_len must be a contiguous int32 (B,) tensor, got ", key_len->scalar_type(), " ",
+                  key_len->sizes());
+      p.key_len = key_len->data_ptr<int>();
+    }
   } else {
     TORCH_CHECK(cu_seqlens.has_value(), "fastmlm._C: packed (T, H, D) inputs need cu_seqlens");
-    TORCH_CHECK(!key_mask.has_value(), "fastmlm._C: attention_mask is for the padded layout");
+    TORCH_CHECK(!key_mask.has_value() && !key_len.has_value(),
+                "fastmlm._C: attention_mask and key_len are for the padded layout");
     check_on(*cu_seqlens, "cu_seqlens", device);
     TORCH_CHECK(cu_seqlens->scalar_type() == at::kInt && cu_seqlens->dim() == 1 && cu_seqlens->numel() >= 1,
                 "fastmlm._C: cu_seqlens must be a 1-D int32 tensor with at least one entry");
@@ -127,9 +138,9 @@ AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor&
 }
 
 void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_mask,
-                   const OptTensor& cu_seqlens, int64_t max_seqlen, double scale, const Tensor& out,
-                   const Tensor& lse) {
-  AttentionParams p = attention_params(q, k, v, key_mask, cu_seqlens, max_seqlen, scale);
+                   const OptTensor& key_len, const OptTensor& cu_seqlens, int64_t max_seqlen, double scale,
+                   const Tensor& out, const Tensor& lse) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
   check_like(out, "out", q, "q");
   check_float32(lse, "lse", q.sizes().slice(0, q.dim() - 1), q.device());
   p.out = out.data_ptr();
@@ -139,9 +150,10 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
 }
 
 void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                   const Tensor& lse, const OptTensor& key_mask, const OptTensor& cu_seqlens, int64_t max_seqlen,
-                   double scale, const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
-  AttentionParams p = attention_params(q, k, v, key_mask, cu_seqlens, max_seqlen, scale);
+                   const Tensor& lse, const OptTensor& key_mask, const OptTensor& key_len,
+                   const OptTensor& cu_seqlens, int64_t max_seqlen, double scale, const Tensor& delta,
+                   const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
   const auto rows = q.sizes().slice(0, q.dim() - 1);
   check_like(dout, "dout", q, "q");
   check_like(out, "out", q, "q");
@@ -280,11 +292,11 @@ void masked_ce_chunk_grad_op(const Tensor& logits, const OptTensor& bias, const 
 }  // namespace fastmlm
 
 TORCH_LIBRARY(fastmlm_C, m) {
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? cu_seqlens, int max_seqlen, "
-        "float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? key_len, Tensor? cu_seqlens, "
+        "int max_seqlen, float scale, Tensor(a!) out, Tensor(b!) lse) -> ()");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
-        "Tensor? cu_seqlens, int max_seqlen, float scale, Tensor(a!) delta, Tensor(b!) dq, Tensor(c!) dk, "
-        "Tensor(d!) dv) -> ()");
+        "Tensor? key_len, Tensor? cu_seqlens, int max_seqlen, float scale, Tensor(a!) delta, Tensor(b!) dq, "
+        "Tensor(c!) dk, Tensor(d!) dv) -> ()");
   m.def("gather_rows(Tensor hidden, Tensor positions, Tensor(a!) rows) -> ()");
   m.def("masked_ce_chunk_stats(Tensor logits, Tensor? bias, Tensor targets, int v0, Tensor(a!) stats, "
         "Tensor(b!) best, Tensor(c!) best_logit) -> ()");

@@ -24,6 +24,7 @@ struct AttentionParams {
   void* out = nullptr;
   float* lse = nullptr;
   const bool* key_mask = nullptr;   // padded layout, may be null (every key is real)
+  const int* key_len = nullptr;     // padded layout with key_mask: last real key + 1 per sequence
   const int* cu_seqlens = nullptr;  // packed layout, else null
   const void* dout = nullptr;       // backward only
   float* delta = nullptr;           // backward scratch: rowsum(dout * out), laid out like lse

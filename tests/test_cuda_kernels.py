@@ -74,6 +74,12 @@ def test_emulated_attention_padded(emulated, dtype, batch, seqlen, heads, head_d
     check_attention(emulated, dtype, batch, seqlen, heads, head_dim, mask=random_mask(batch, seqlen, min_len=1))
 
 
+def test_emulated_attention_skips_right_padding(emulated):
+    """Key tiles past the last real key are skipped (forward, dQ) and their dK/dV blocks write zeros."""
+    mask = torch.arange(140)[None, :] < torch.tensor([140, 5, 0])[:, None]
+    check_attention(emulated, torch.float16, 3, 140, 1, 32, mask=mask)
+
+
 def test_emulated_attention_packed_varlen(emulated):
     check_attention(emulated, torch.float16, 0, 51, 2, 32, cu_seqlens=cu_seqlens_of([17, 0, 1, 33]))
 
@@ -227,9 +233,9 @@ def test_gpu_binding_checks_inputs(on_gpu):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device="cuda")
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.fastmlm_C.attention_fwd(q.transpose(1, 2), q, q, None, None, 64, 0.125, out, lse)
+        torch.ops.fastmlm_C.attention_fwd(q.transpose(1, 2), q, q, None, None, None, 64, 0.125, out, lse)
     with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.fastmlm_C.attention_fwd(q, q, q, None, None, 64, 0.125, out, lse.half())
+        torch.ops.fastmlm_C.attention_fwd(q, q, q, None, None, None, 64, 0.125, out, lse.half())
 
 
 @pytest.mark.gpu

@@ -27,11 +27,12 @@ extern "C" {
 
 // dtype: 0 = fp16, 1 = bf16, 2 = fp32 (masked CE only).
 int fastmlm_emu_attention(int backward, int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
-                          const bool* key_mask, const int* cu_seqlens, const void* dout, float* delta, void* dq,
-                          void* dk, void* dv, int batch, int heads, int max_seqlen, int head_dim, int64_t total_rows,
-                          float scale) {
+                          const bool* key_mask, const int* key_len, const int* cu_seqlens, const void* dout,
+                          float* delta, void* dq, void* dk, void* dv, int batch, int heads, int max_seqlen,
+                          int head_dim, int64_t total_rows, float scale) {
   AttentionParams p;
-  p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse, p.key_mask = key_mask, p.cu_seqlens = cu_seqlens;
+  p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse, p.key_mask = key_mask, p.key_len = key_len,
+  p.cu_seqlens = cu_seqlens;
   p.dout = dout, p.delta = delta, p.dq = dq, p.dk = dk, p.dv = dv;
   p.batch = batch, p.heads = heads, p.max_seqlen = max_seqlen, p.head_dim = head_dim, p.total_rows = total_rows;
   p.scale = scale;

@@ -62,7 +62,7 @@ def library() -> ctypes.CDLL:
             raise RuntimeError(f"building the kernel emulator failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
         partial.replace(target)  # atomic: parallel test workers never load half a file
     lib = ctypes.CDLL(str(target))
-    lib.fastmlm_emu_attention.argtypes = [_I, _I] + [_P] * 12 + [_I, _I, _I, _I, _L, _F]
+    lib.fastmlm_emu_attention.argtypes = [_I, _I] + [_P] * 13 + [_I, _I, _I, _I, _L, _F]
     lib.fastmlm_emu_gather_rows.argtypes = [_I, _P, _P, _P, _L, _L, _L]
     lib.fastmlm_emu_chunk_stats.argtypes = [_I, _P, _P, _P, _L, _P, _P, _P, _L, _L]
     lib.fastmlm_emu_finish.argtypes = [_P, _P, _P, _L, _F, _F, _P, _P, _P, _L]
@@ -89,19 +89,23 @@ class EmulatedOps:
     def __init__(self):
         self.lib = library()
 
-    def _attention(self, backward, q, k, v, out, lse, key_mask, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen, scale):
+    def _attention(self, backward, q, k, v, out, lse, key_mask, key_len, cu_seqlens, dout, delta, dq, dk, dv,
+                   max_seqlen, scale):
         batch = q.shape[0] if q.dim() == 4 else cu_seqlens.numel() - 1
         code = self.lib.fastmlm_emu_attention(
             int(backward), _DTYPES[q.dtype], _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), _ptr(key_mask),
-            _ptr(cu_seqlens), _ptr(dout), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch, q.shape[-2],
+            _ptr(key_len), _ptr(cu_seqlens), _ptr(dout), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch, q.shape[-2],
             max_seqlen, q.shape[-1], q.numel() // q.shape[-1], scale)
         _check(code, "attention")
 
-    def attention_fwd(self, q, k, v, key_mask, cu_seqlens, max_seqlen, scale, out, lse):
-        self._attention(False, q, k, v, out, lse, key_mask, cu_seqlens, None, None, None, None, None, max_seqlen, scale)
+    def attention_fwd(self, q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale, out, lse):
+        self._attention(False, q, k, v, out, lse, key_mask, key_len, cu_seqlens, None, None, None, None, None,
+                        max_seqlen, scale)
 
-    def attention_bwd(self, dout, q, k, v, out, lse, key_mask, cu_seqlens, max_seqlen, scale, delta, dq, dk, dv):
-        self._attention(True, q, k, v, out, lse, key_mask, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen, scale)
+    def attention_bwd(self, dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, max_seqlen, scale, delta, dq, dk,
+                      dv):
+        self._attention(True, q, k, v, out, lse, key_mask, key_len, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen,
+                        scale)
 
     def gather_rows(self, hidden, positions, rows):
         _check(self.lib.fastmlm_emu_gather_rows(_DTYPES[hidden.dtype], _ptr(hidden), _ptr(positions), _ptr(rows),
