@@ -469,22 +469,37 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Dense tiles (BLOCK_M, BLOCK_N, warps, stages): a short explicit list, tuned per head dim and
-# power-of-two sequence length. Under the interpreter one small fixed tile keeps tests quick.
-_DENSE_FWD = [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-_DENSE_DKDV = [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 2)]
-_DENSE_DQ = [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 2)]
+# Dense tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel and head-dim class, best guess first.
+# Chosen from sm_90 compiles (kernels/_flash_compile.py + cuobjdump --dump-resource-usage): at
+# head dim <= 64 none of these spills registers; at 128 every candidate spilled a little, these
+# the least. Not yet timed on a GPU: the autotuner picks among them per head dim and power-of-two
+# sequence length. Under the interpreter one small fixed tile keeps tests quick.
+_DENSE_TILES = {
+    "fwd": {"small": [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+            "large": [(64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3)]},
+    "dkdv": {"small": [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+             "large": [(64, 64, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)]},
+    "dq": {"small": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3)],
+           "large": [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3)]},
+}
 INTERPRETER_TILE = 32
 _KEY = ["HEAD_DIM", "seqlen_key", "IS_PACKED", "HAS_KEY_MASK", "SPARSE"]
 
 
-def _prune_large_head_dim(configs, named_args, **kwargs):
-    """Keep register use sane at head_dim 128: drop the 128 x 128 tiles. (Constexprs passed
-    by keyword, like HEAD_DIM, reach the pruner in kwargs, not in named_args.)"""
-    if kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 0)) > 64:
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] < 128 * 128]
-        return kept or configs
-    return configs
+def dense_tiles(name: str, head_dim: int) -> list:
+    return _DENSE_TILES[name]["small" if head_dim <= 64 else "large"]
+
+
+def _as_tuple(config) -> tuple:
+    return (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune_for_head_dim(configs, named_args, *, name: str, first_only: bool, **kwargs):
+    """Keep the tiles listed for this head dim (only the first when not tuning). Constexprs
+    passed by keyword, like HEAD_DIM, reach the pruner in kwargs, not in named_args."""
+    wanted = dense_tiles(name, kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM", 64)))
+    wanted = wanted[:1] if first_only else wanted
+    return [c for c in configs if _as_tuple(c) in wanted] or configs[:1]
 
 
 def autotune_enabled() -> bool:
@@ -506,16 +521,17 @@ def kernel(name: str, sparse_tile: int = 0):
 @functools.lru_cache(maxsize=None)
 def _build_kernel(name: str, sparse_tile: int, interpret: bool, tune: bool):
     fn = {"fwd": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[name]
+    prune = None
     if interpret:
         tile = sparse_tile or INTERPRETER_TILE
         configs = [_cfg(tile, tile, 4, 1)]
     elif sparse_tile:
-        configs = [_cfg(sparse_tile, sparse_tile, w, s) for w in (4, 8) for s in (3, 2)]
+        warps = (4, 8) if sparse_tile <= 32 else (8, 4)  # 64-wide tiles spilled with 4 warps on sm_90
+        configs = [_cfg(sparse_tile, sparse_tile, w, s) for w in warps for s in (3, 2)][: 4 if tune else 1]
     else:
-        configs = [_cfg(*c) for c in {"fwd": _DENSE_FWD, "dkdv": _DENSE_DKDV, "dq": _DENSE_DQ}[name]]
-    prune = None if sparse_tile else {"early_config_prune": _prune_large_head_dim}
-    if not tune:
-        configs, prune = configs[:1], None  # the first config suits every head dim
+        tiles = dict.fromkeys(_DENSE_TILES[name]["small"] + _DENSE_TILES[name]["large"])  # ordered union
+        configs = [_cfg(*t) for t in tiles]
+        prune = {"early_config_prune": functools.partial(_prune_for_head_dim, name=name, first_only=not tune)}
     return triton.autotune(configs, key=_KEY, prune_configs_by=prune)(fn)
 
 

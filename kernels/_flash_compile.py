@@ -20,7 +20,6 @@ from . import _flash
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 KERNELS = {"fwd": _flash._fwd_kernel, "dkdv": _flash._dkdv_kernel, "dq": _flash._dq_kernel}
-DENSE_CONFIGS = {"fwd": _flash._DENSE_FWD, "dkdv": _flash._DENSE_DKDV, "dq": _flash._DENSE_DQ}
 INT_POINTERS = {"CuSeqlens": "*i32", "KeyBounds": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
                 "QCount": "*i32", "KeyMask": "*u8", "TokenMask": "*u8", "TileState": "*i8", "Blocks": "*i8"}
 FP32_POINTERS = ("Lse", "Delta")
@@ -60,11 +59,11 @@ def cases(every_config: bool = False):
     """(name, dtype, head_dim, config, flags) to compile: by default the first tuned config of the
     dense path (bf16, head dim 64, padding mask) and the block-sparse path (fp16, packed, token mask)."""
     for name in KERNELS:
-        dense = DENSE_CONFIGS[name] if every_config else DENSE_CONFIGS[name][:1]
         for dtype, head_dim in ([("bf16", 64), ("bf16", 128), ("fp32", 64)] if every_config else [("bf16", 64)]):
-            for config in dense:
+            tiles = _flash.dense_tiles(name, head_dim)
+            for config in (tiles if every_config else tiles[:1]):
                 yield name, dtype, head_dim, config, dict(key_mask=True)
-        yield name, "fp16", 64, (64, 64, 4, 3), dict(packed=True, sparse=True, token_mask=True)
+        yield name, "fp16", 64, (64, 64, 8, 3), dict(packed=True, sparse=True, token_mask=True)
 
 
 def main(every_config: bool = False) -> None:

@@ -189,12 +189,17 @@ def test_opcheck_triton_backend(device, layout):
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
 
 
-def test_autotune_configs_drop_the_largest_tile_at_head_dim_128():
+@pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
+def test_autotune_keeps_the_tiles_listed_for_the_head_dim(name):
     flash = import_backend("fastmlm_kernels._flash")
-    configs = [flash._cfg(*c) for c in flash._DENSE_FWD]
-    tiles = lambda cs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in cs}
-    assert (128, 128) in tiles(flash._prune_large_head_dim(configs, {}, HEAD_DIM=64))
-    assert (128, 128) not in tiles(flash._prune_large_head_dim(configs, {}, HEAD_DIM=128))
+    tiles = flash._DENSE_TILES[name]
+    configs = [flash._cfg(*t) for t in dict.fromkeys(tiles["small"] + tiles["large"])]
+    for head_dim, cls in ((32, "small"), (64, "small"), (72, "large"), (128, "large")):
+        kept = flash._prune_for_head_dim(configs, {}, name=name, first_only=False, HEAD_DIM=head_dim)
+        assert [flash._as_tuple(c) for c in kept] == [t for t in dict.fromkeys(tiles["small"] + tiles["large"])
+                                                      if t in tiles[cls]]
+        first = flash._prune_for_head_dim(configs, {}, name=name, first_only=True, HEAD_DIM=head_dim)
+        assert [flash._as_tuple(c) for c in first] == tiles[cls][:1]
 
 
 @interpreter
