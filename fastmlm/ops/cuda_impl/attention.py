@@ -3,8 +3,10 @@
 Forward: one fused kernel (online softmax, fp32 statistics) writes out and lse.
 Backward: delta = rowsum(dout * out), then dK/dV and dQ in two kernels without atomics,
 so gradients are deterministic. Both layouts go through the same kernels: packed via
-cu_seqlens, padded with the (B, S) mask applied per key inside the kernel (no host sync,
-any mask pattern) and the key tiles past each sequence's last real key skipped. Takes fp16/bf16 on sm_80+ GPUs, head_dim a multiple of 8 up to 128.
+cu_seqlens; padded with the (B, S) mask applied per key inside the kernel (no host
+sync, any mask pattern), skipping the key tiles past each sequence's last real key.
+Takes fp16/bf16 on sm_80+ GPUs, head_dim a multiple of 8 up to 128 (fp32 goes to the
+triton or torch backend).
 """
 from __future__ import annotations
 
