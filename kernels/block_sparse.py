@@ -9,8 +9,8 @@ layout's per-query-block list of key blocks instead of the full list:
   * partially kept tiles evaluate the layout's token rule per element
     (fine tile state, then |i - j| <= window, global tokens, token_mask).
 
-The kernel tile is the layout's block size clamped to [16, 128] (tl.dot needs
-at least 16): a smaller layout block is pooled (a kernel tile is full only if
+The kernel tile is the layout's block size clamped to [16, 64] (tl.dot needs
+at least 16; wider tiles spilled registers in the sm_90 compile): a smaller layout block is pooled (a kernel tile is full only if
 every layout block in it is, skipped only if every one is, otherwise partial
 and judged per element from the fine states); a larger one is split. The dK/dV
 kernel walks the transposed list (per key block, the query blocks that visit
@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from . import _flash
 from .attention import why_not as _dense_why_not
 
-MIN_TILE, MAX_TILE = 16, 128
+# tl.dot needs 16; 128-wide tiles spilled registers in the sm_90 backward compile, so larger
+# layout blocks are split into 64-wide kernel tiles (exact: a split tile keeps its block's state).
+MIN_TILE, MAX_TILE = 16, 64
 _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 32
 

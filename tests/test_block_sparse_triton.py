@@ -80,7 +80,7 @@ def test_packed_with_layout_longer_than_sequences(device):
 
 @interpreter
 def test_layout_block_larger_than_the_kernel_tile(device):
-    """Layout blocks of 256 tokens are split into 128-token kernel tiles."""
+    """Layout blocks of 256 tokens are split into 64-token kernel tiles."""
     seqlen = 300
     blocks = torch.tensor([[[1, 2], [0, 1]]], dtype=torch.int8)
     layout = L.BlockSparseLayout(blocks, 256, seqlen, window=20)
