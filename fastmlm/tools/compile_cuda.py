@@ -74,7 +74,7 @@ def bindings_command(csrc: Path, nvcc: str, scratch: Path) -> list[str] | None:
         return None
     includes = include_paths() + [sysconfig.get_paths()["include"]]
     cuda_include = cuda_include_dir(nvcc)
-    if cuda_include is None:
+    if cuda_include is None or not Path(sysconfig.get_paths()["include"], "Python.h").exists():
         return None
     includes.append(cuda_include)
     # A CPU build of torch ships c10/cuda/ headers but not the configured cuda_cmake_macros.h.
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         if bindings.exists() and not args.no_bindings:
             cmd = bindings_command(args.csrc, nvcc, scratch)
             if cmd is None:
-                print("compile_cuda: torch or the CUDA headers are missing, skipping the bindings.cpp syntax check")
+                print("compile_cuda: torch, the CUDA headers or Python.h are missing: "
+                      "skipping the bindings.cpp syntax check")
             else:
                 jobs.insert(0, (cmd, "bindings.cpp (syntax, torch headers)"))  # the slowest: start it first
         start = time.perf_counter()
