@@ -122,11 +122,11 @@ class TrainConfig:
 # Named starting points; any field can be overridden (CLI flags do that).
 TRAIN_PRESETS = {
     # a few minutes on a 2-core CPU: a 4-layer, 128-wide BERT (post-LN, so export-hf works),
-    # 4k WordPiece vocabulary, 600 steps of 16 x 64 tokens (~0.6M tokens)
+    # 4k WordPiece vocabulary, 1000 steps of 16 x 64 tokens (~1M tokens, under one epoch)
     "demo": dict(model="mini", model_overrides={"hidden_size": 128, "num_heads": 4, "intermediate_size": 512,
                                                 "hidden_dropout": 0.0},
-                 vocab_size=4000, seq_len=64, batch_size=16, lr=1e-3, warmup_steps=30, max_steps=600,
-                 min_lr_ratio=0.1, eval_every=200, save_every=200, log_every=20, out_dir="runs/demo"),
+                 vocab_size=4000, seq_len=64, batch_size=16, lr=1e-3, warmup_steps=30, max_steps=1000,
+                 min_lr_ratio=0.1, eval_every=250, save_every=250, log_every=20, out_dir="runs/demo"),
     # seconds: for tests and smoke runs
     "tiny": dict(model="tiny", model_overrides={"hidden_dropout": 0.1}, vocab_size=400, seq_len=32, batch_size=8,
                  lr=2e-3, warmup_steps=2, max_steps=8, eval_every=4, eval_batches=2, save_every=4, log_every=1,
