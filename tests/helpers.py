@@ -26,3 +26,9 @@ def random_mask(batch: int, seqlen: int, min_len: int = 0, generator=None) -> to
 
 def cu_seqlens_of(lengths) -> torch.Tensor:
     return torch.nn.functional.pad(torch.tensor(lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def backend_device(backend: str) -> str:
+    """Where a backend's test inputs live: the kernel backends run on the GPU when there is one;
+    the references and the CPU-only torch attention backend stay on the CPU."""
+    return "cuda" if backend in ("triton", "cuda") and torch.cuda.is_available() else "cpu"
