@@ -204,6 +204,9 @@ def _require(backend, sparse):
 @pytest.mark.parametrize("pattern", [("dense",), ("window:3+global:1", "dense")])
 @pytest.mark.parametrize("backend,device", FAST_BACKENDS)
 def test_same_result_under_every_backend(backend, device, pattern):
+    if backend == "cuda":
+        pytest.skip("the cuda attention kernels are fp16/bf16 only and there is no cuda block-sparse kernel; "
+                    "test_gpu_bf16_model_error_ratio checks the model on the GPU backends")
     _require(backend, sparse=pattern != ("dense",))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     reference = make_model(torch.float32, attention_backend="reference", loss_backend="reference",
