@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     loads = sorted({r.get("load", "n/a") for r in rows}) if rows else ["n/a"]
     lines = [f"# Benchmarks: {tag}, preset {preset}", "",
              f"Command: `{command}`  ", f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-             f"CUDA {env['cuda']}; commit {env['commit']}; {env['date']}  ",
+             f"CUDA {env['cuda']}; rows measured at commit(s) {', '.join(sorted({r['commit'] for r in rows}) or [env['commit']])} "
+             f"(plus any uncommitted work in the tree); {env['date']}  ",
              f"Torch CPU threads: {env.get('threads', 'not recorded')}; host load average (1/5/15 min) when each "
              f"op started: {', '.join(loads)}  ",
              f"Rows: `{out}` (run {settings.run_id})", "",

@@ -46,7 +46,7 @@ def _panels(plt, groups: dict, title: str):
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     return fig, list(axes.flat[:n])
 
 
