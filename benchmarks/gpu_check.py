@@ -139,6 +139,9 @@ def step_tests(has_gpu: bool, log: Path, budget: float) -> tuple[Step, dict, lis
     if not has_gpu:
         return step.done("skipped", start, "no CUDA GPU: the gpu tier would only skip"), {}, []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels, not the interpreter
+    # One Triton config per kernel in the tests: tuning every test shape would not fit the budget.
+    # The benchmarks step keeps autotuning on.
+    env["FASTMLM_TRITON_AUTOTUNE"] = "0"
     cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu or interpreter",
            f"--timeout={PER_TEST_TIMEOUT_S}", "-rfE", "tests/"]
     code, output = run_logged(cmd, log, budget, env)

@@ -60,6 +60,9 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
         dz.scatter_add_(1, targets[a:b, None], torch.full_like(dz[:, :1], label_smoothing - 1.0))
         dz = (dz * g[a:b, None]).to(weight.dtype)
         d_hidden.index_add_(0, index[a:b], (dz @ weight).float())
-        d_weight += (dz.t() @ h).float()
+        if dz.dtype == torch.float32:
+            d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk
+        else:
+            d_weight += (dz.t() @ h).float()
         d_bias += dz.float().sum(0)
     return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype)
