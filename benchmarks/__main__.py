@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import tables
-from .harness import RESULTS, Settings, environment, latest_run, read_rows, run_bench
+from .harness import REPO, RESULTS, Settings, environment, latest_run, read_rows, run_bench
 
 OPS = {"attention": "bench_attention", "masked_ce": "bench_masked_ce", "block_sparse": "bench_block_sparse",
        "train_step": "bench_train_step"}
@@ -49,6 +49,13 @@ def device_tag(device: str) -> str:
     name = torch.cuda.get_device_name(device)
     short = next((w for w in name.replace("-", " ").split() if any(c.isdigit() for c in w)), name.split()[-1])
     return time.strftime("%Y-%m-%d", time.gmtime()) + "-" + short
+
+
+
+def _shown(path) -> str:
+    """A path as the reader should see it: relative to the repo when it lies inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def main(argv=None) -> int:
@@ -84,7 +91,7 @@ def main(argv=None) -> int:
              f"(plus any uncommitted work in the tree); {env['date']}  ",
              f"Torch CPU threads: {env.get('threads', 'not recorded')}; host load average (1/5/15 min) when each "
              f"op started: {', '.join(loads)}  ",
-             f"Rows: `{out}` (run {settings.run_id})", "",
+             f"Rows: `{_shown(out)}` (run {settings.run_id})", "",
              "Speed-ups are other time / this time (> 1: this provider is faster); memory ratios are other "
              "peak / this peak (> 1: this provider uses less). CPU peak memory is the peak resident set "
              "during one call above the resident set before it, in a fresh process; GPU peak memory is "
