@@ -51,7 +51,6 @@ def device_tag(device: str) -> str:
     return time.strftime("%Y-%m-%d", time.gmtime()) + "-" + short
 
 
-
 def _shown(path) -> str:
     """A path as the reader should see it: relative to the repo when it lies inside it."""
     path = Path(path).resolve()
