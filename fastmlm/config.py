@@ -30,6 +30,14 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 _PATTERN_PART = re.compile(r"^(window|global):(\d+)$")
 
 
+def check_known_fields(cls, data: dict) -> None:
+    """Refuse keys that are not fields of the dataclass ``cls``, naming them and the known ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
+
+
 @dataclass(frozen=True)
 class AttentionPattern:
     """One layer's attention pattern, parsed: dense when ``window < 0`` and ``num_global == 0``."""
@@ -160,10 +168,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"ModelConfig: unknown fields {unknown}; known fields are {sorted(known)}")
+        check_known_fields(cls, data)
         return cls(**data).validate()
 
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import data
-from .config import preset
+from .config import check_known_fields, preset
 from .model import WEIGHTS_NAME, FastMLMForMaskedLM, read_safetensors
 
 
@@ -109,10 +109,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        check_known_fields(cls, values)
         values = dict(values)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])
