@@ -59,83 +59,70 @@ def _line(ax, points, name, **style):
                 label=name, **style)
 
 
-def plot_attention(plt, rows, path: Path) -> bool:
-    data = _ok(rows, "attention", "TFLOP/s")
-    if not data:
-        return False
+def _grouped(rows, op, metric, panel_of, x_of) -> dict:
+    """{panel title: {provider: [(x, median, p20, p80), ...]}} of the ok rows of one op and metric."""
     groups = defaultdict(lambda: defaultdict(list))
-    for r in data:
+    for r in _ok(rows, op, metric):
         p = r["params"]
-        panel = f"{p['layout']}, h={p['heads']}, d={p['head_dim']}, {p['pass']}, {r['dtype']}"
-        groups[panel][r["provider"]].append((p["seqlen"], r["median"], r["p20"], r["p80"]))
-    fig, axes = _panels(plt, groups, "attention: TFLOP/s (useful FLOPs) vs sequence length")
+        groups[panel_of(r, p)][r["provider"]].append((x_of(r, p), r["median"], r["p20"], r["p80"]))
+    return groups
+
+
+def _draw(plt, groups: dict, path: Path, title: str, xlabel: str, ylabel: str, decorate=None) -> bool:
+    """One panel per group, one line per provider (dense baselines dashed); False when nothing to draw."""
+    if not groups:
+        return False
+    fig, axes = _panels(plt, groups, title)
     for ax, (panel, lines) in zip(axes, groups.items()):
         for name, points in sorted(lines.items()):
-            _line(ax, points, name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s")
+            _line(ax, points, name, linestyle="--" if name.startswith("dense-") else "-")
+        if decorate is not None:
+            decorate(ax, lines)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.set_title(panel, fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def plot_attention(plt, rows, path: Path) -> bool:
+    groups = _grouped(rows, "attention", "TFLOP/s",
+                      lambda r, p: f"{p['layout']}, h={p['heads']}, d={p['head_dim']}, {p['pass']}, {r['dtype']}",
+                      lambda r, p: p["seqlen"])
+    return _draw(plt, groups, path, "attention: TFLOP/s (useful FLOPs) vs sequence length", "sequence length",
+                 "TFLOP/s", lambda ax, lines: ax.set_xscale("log", base=2))
 
 
 def plot_masked_ce(plt, rows, path: Path) -> bool:
-    data = _ok(rows, "masked_lm_loss", "peak memory")
-    if not data:
-        return False
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in data:
-        p = r["params"]
-        panel = f"H={p['hidden']}, V={p['vocab']}, {p['rate']:.0%} masked, {r['dtype']}"
-        groups[panel][r["provider"]].append((round(p["tokens"] * p["rate"]), r["median"], r["p20"], r["p80"]))
-    fig, axes = _panels(plt, groups, "masked-LM loss forward+backward: peak memory vs masked tokens")
-    for ax, (panel, lines) in zip(axes, groups.items()):
-        for name, points in sorted(lines.items()):
-            _line(ax, points, name)
-        ax.set_xlabel("masked tokens (≈ tokens x rate)")
-        ax.set_ylabel("peak MiB above inputs")
-        ax.set_yscale("log")
-        ax.set_title(panel, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    groups = _grouped(rows, "masked_lm_loss", "peak memory",
+                      lambda r, p: f"H={p['hidden']}, V={p['vocab']}, {p['rate']:.0%} masked, {r['dtype']}",
+                      lambda r, p: round(p["tokens"] * p["rate"]))
+    return _draw(plt, groups, path, "masked-LM loss forward+backward: peak memory vs masked tokens",
+                 "masked tokens (≈ tokens x rate)", "peak MiB above inputs", lambda ax, lines: ax.set_yscale("log"))
 
 
 def _kept_density(label: str) -> float:
     return float(label.rsplit("density=", 1)[1])
 
 
+def _ideal_line(ax, lines):
+    """The fastest dense baseline scaled by the kept density: what a perfectly sparse kernel would take."""
+    dense = [min(v for _, v, _, _ in pts) for n, pts in lines.items() if n.startswith("dense-")]
+    if dense:
+        xs = sorted({x for pts in lines.values() for x, *_ in pts})
+        ax.plot(xs, [min(dense) * x for x in xs], color="black", linewidth=1, label="ideal: dense x density")
+
+
 def plot_block_sparse(plt, rows, path: Path) -> bool:
-    data = _ok(rows, "block_sparse_attention", "time")
-    if not data:
-        return False
-    groups = defaultdict(lambda: defaultdict(list))
-    for r in data:
-        p = r["params"]
-        panel = f"s={p['seqlen']}, h={p['heads']}, d={p['head_dim']}, block={p['block']}, {r['dtype']}"
-        groups[panel][r["provider"]].append((_kept_density(r["shape"]), r["median"], r["p20"], r["p80"]))
-    fig, axes = _panels(plt, groups, "block-sparse attention forward+backward: time vs kept density")
-    for ax, (panel, lines) in zip(axes, groups.items()):
-        for name, points in sorted(lines.items()):
-            _line(ax, points, name, linestyle="--" if name.startswith("dense-") else "-")
-        dense = [min(v for _, v, _, _ in pts) for n, pts in lines.items() if n.startswith("dense-")]
-        if dense:
-            xs = sorted({x for pts in lines.values() for x, *_ in pts})
-            ax.plot(xs, [min(dense) * x for x in xs], color="black", linewidth=1, label="ideal: dense x density")
-        ax.set_xlabel("kept fraction of tiles")
-        ax.set_ylabel("ms")
-        ax.set_title(panel, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    groups = _grouped(rows, "block_sparse_attention", "time",
+                      lambda r, p: f"s={p['seqlen']}, h={p['heads']}, d={p['head_dim']}, block={p['block']}, "
+                                   f"{r['dtype']}",
+                      lambda r, p: _kept_density(r["shape"]))
+    return _draw(plt, groups, path, "block-sparse attention forward+backward: time vs kept density",
+                 "kept fraction of tiles", "ms", _ideal_line)
 
 
 def plot_rows(rows: list[dict], folder: Path, prefix: str = "") -> list[Path]:
