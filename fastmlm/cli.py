@@ -9,6 +9,10 @@
 
 Every TrainConfig field is a ``train`` flag (``--seq-len``, ``--lr``, ``--whole-word`` …);
 ``--set key=value`` overrides a model config field (``--set hidden_size=128``).
+
+Errors in what the user asked for (ValueError, fastmlm.checkpoint.CheckpointError and
+fastmlm.hf.CheckpointError, both ValueErrors) print ``fastmlm <command>: error: ...`` and
+exit with 2, as argparse does; Ctrl-C stops with 130 and says where the last checkpoint is.
 """
 from __future__ import annotations
 
@@ -28,15 +32,42 @@ DEMO_SENTENCES = (
 )
 
 
+# --------------------------------------------------------------------------- argument types
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value < 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
 # --------------------------------------------------------------------------- train flags from TrainConfig
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from .train import TRAIN_PRESETS, TrainConfig
+    from .config import RESUMABLE, TRAIN_PRESETS, TrainConfig
 
-    parser.add_argument("--preset", default="demo", choices=sorted(TRAIN_PRESETS),
+    parser.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS),
                         help="starting point; any flag below overrides it (default: demo)")
+    resumable = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="continue the run in --out-dir from its latest checkpoint (or from CHECKPOINT)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out-dir")
+                        help="continue the run in --out-dir from its latest checkpoint (or from CHECKPOINT). "
+                             f"These flags may change on resume and take effect: {resumable}; any other "
+                             "flag given must match the run, or the resume is refused "
+                             "with the list of differences (with --preset, every setting of the preset counts as "
+                             "given). A finished run is left as it is.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out-dir (refused while another process trains there)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a model config field, e.g. --set hidden_size=128 (repeatable)")
     hints = typing.get_type_hints(TrainConfig)
@@ -65,31 +96,75 @@ def _parse_value(text: str):
         return text
 
 
+def _given_fields(args) -> dict:
+    """The TrainConfig fields given as flags (every such flag defaults to None)."""
+    from .config import TrainConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
+def _set_items(args) -> dict:
+    """The ``--set KEY=VALUE`` model overrides."""
+    items = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        items[key.strip()] = _parse_value(value)
+    return items
+
+
 def train_config_from_args(args):
     """A TrainConfig from the preset, the flags given, and ``--set`` model overrides."""
-    from .train import TRAIN_PRESETS, TrainConfig, train_preset
+    from .config import TRAIN_PRESETS, train_preset
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None}
+    preset = args.preset or "demo"
+    overrides = _given_fields(args)
     if args.set:
-        model_overrides = dict(TRAIN_PRESETS[args.preset].get("model_overrides", {}))
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-            model_overrides[key.strip()] = _parse_value(value)
-        overrides["model_overrides"] = model_overrides
-    return train_preset(args.preset, **overrides)
+        overrides["model_overrides"] = {**TRAIN_PRESETS[preset].get("model_overrides", {}), **_set_items(args)}
+    return train_preset(preset, **overrides)
+
+
+def resume_changes(args) -> dict:
+    """What ``--resume`` is asked to change (train's ``changes``): the flags given, or with
+    ``--preset`` every field of that preset and the flags; ``--set`` entries one by one."""
+    if args.preset is not None:
+        return train_config_from_args(args).to_dict()
+    changes = _given_fields(args)
+    if args.set:
+        changes["model_overrides"] = _set_items(args)
+    return changes
 
 
 # --------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .train import train
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it; give one of them")
     cfg = train_config_from_args(args)
-    summary = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    _print_summary(summary)
+    try:
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                        changes=resume_changes(args) if args.resume else None)
+    except KeyboardInterrupt:
+        return _interrupted("train", cfg.out_dir)
+    if "nothing_to_do" not in summary:  # else train said why and changed nothing
+        _print_summary(summary)
     return 0
+
+
+def _interrupted(command: str, out_dir=None) -> int:
+    """After Ctrl-C: say where the run stands; 130 (128 + SIGINT) is what shells expect."""
+    message = f"fastmlm {command}: interrupted"
+    if out_dir is not None:
+        from .checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(Path(out_dir) / "checkpoints")
+        message += (f"; the last checkpoint is {last} (continue with: fastmlm train --out-dir {out_dir} --resume)"
+                    if last else f"; no checkpoint was saved in {out_dir}")
+    print(message, file=sys.stderr)
+    return 130
 
 
 def _print_summary(summary: dict) -> None:
@@ -107,8 +182,9 @@ def _print_summary(summary: dict) -> None:
 def cmd_eval(args) -> int:
     from . import data
     from .predict import evaluate_text, load_checkpoint
+    from .train import resolve_device
 
-    model, tokenizer = load_checkpoint(args.checkpoint, _device(args.device))
+    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
     paths = args.data or [data.bundled_corpus("valid")]
     metrics = evaluate_text(model, tokenizer, paths, args.seq_len, args.batch_size, args.mask_rate, args.max_batches)
     print(json.dumps(metrics) if args.json else
@@ -119,8 +195,9 @@ def cmd_eval(args) -> int:
 
 def cmd_fill_mask(args) -> int:
     from .predict import fill_mask, load_checkpoint
+    from .train import resolve_device
 
-    model, tokenizer = load_checkpoint(args.checkpoint, _device(args.device))
+    model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
     _print_fills(args.text, fill_mask(model, tokenizer, args.text, args.top_k))
     return 0
 
@@ -149,11 +226,14 @@ def cmd_demo(args) -> int:
     from .train import train, train_preset
 
     overrides = {"out_dir": args.out_dir, "progress": not args.no_progress}
-    if args.max_steps:
+    if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
     cfg = train_preset("demo", **overrides)
     start = time.perf_counter()
-    summary = train(cfg, overwrite=True)
+    try:
+        summary = train(cfg, overwrite=True)
+    except KeyboardInterrupt:
+        return _interrupted("demo", cfg.out_dir)
     model, tokenizer = load_checkpoint(summary["checkpoint"])
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate)
     train_files = cfg.data or [data.bundled_corpus("train")]
@@ -193,14 +273,6 @@ def cmd_bench(args) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args])
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 # --------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmlm", description="Masked-language-model training on fused kernels.")
@@ -208,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a small MLM on the bundled corpus, report accuracy/perplexity, fill masks")
     p.add_argument("--out-dir", default="runs/demo")
-    p.add_argument("--max-steps", type=int, default=None, help="override the demo's step count")
+    p.add_argument("--max-steps", type=_positive_int, default=None, help="override the demo's step count")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -219,19 +291,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="masked-token accuracy and perplexity of a checkpoint on text")
     p.add_argument("checkpoint", help="a checkpoint folder or a run folder (its latest checkpoint)")
     p.add_argument("--data", nargs="+", default=None, help="text/JSONL files or folders (default: bundled validation)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--mask-rate", type=float, default=0.15)
-    p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seq-len", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--mask-rate", type=_rate, default=0.15)
+    p.add_argument("--max-batches", type=_positive_int, default=None)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("fill-mask", help="top-k tokens for each [MASK] in a text")
     p.add_argument("checkpoint")
     p.add_argument("text")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="how many tokens to list (at most the vocabulary)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_fill_mask)
 
     p = sub.add_parser("export-hf", help="write a Hugging Face BertForMaskedLM folder")
@@ -251,9 +323,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:  # fastmlm.hf's is a ValueError
         print(f"fastmlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
 
 
 if __name__ == "__main__":

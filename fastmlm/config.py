@@ -1,7 +1,11 @@
-"""Model configuration: one dataclass, validated, with named presets.
+"""Configuration: the model's and the training run's dataclasses, validated, with named presets.
 
     cfg = preset("mini", vocab_size=8000)   # a ModelConfig, already validated
     cfg.validate()                          # ValueError with a readable message if a field is wrong
+    run = train_preset("tiny", lr=1e-3)     # a TrainConfig (fastmlm.train runs it)
+
+A resumed run keeps its saved TrainConfig; only the RESUMABLE fields (how far it goes,
+how it reports) may change then (:func:`resumed_config`).
 
 Attention patterns (issue 9). ``attention_pattern`` is a tuple of pattern strings
 applied to the layers in turn and repeated (layer i uses ``pattern[i % len]``):
@@ -18,9 +22,11 @@ layers 0, 3, 6, ... attend densely, as in ModernBERT.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from .ops.dispatch import BACKENDS
 
@@ -198,3 +204,143 @@ def preset(name: str, **overrides) -> ModelConfig:
     if unknown:
         raise ValueError(f"preset({name!r}): unknown fields {unknown}; known fields are {sorted(known)}")
     return ModelConfig(**{**PRESETS[name], **overrides}).validate()
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Everything a run needs; saved in every checkpoint. Steps count optimizer updates."""
+
+    # model
+    model: str = "mini"                     # a fastmlm.config preset
+    model_overrides: dict = field(default_factory=dict)
+    # data
+    data: Optional[list] = None             # files/folders of .txt/.jsonl(.gz); None = bundled corpus
+    valid_data: Optional[list] = None       # None = the bundled validation split when data is None
+    tokenizer: Optional[str] = None         # tokenizer.json / vocab.txt; None = train one on data
+    vocab_size: int = 8000
+    seq_len: int = 128
+    batch_size: int = 32                    # rows per micro-batch per rank
+    grad_accum: int = 1
+    mask_rate: float = 0.15
+    whole_word: bool = False
+    layout: str = "padded"                  # "padded" (B, S) rows or "packed" (T,) + cu_seqlens
+    # optimisation
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    schedule: str = "linear"                # decay after warm-up: "linear" or "cosine"
+    min_lr_ratio: float = 0.0
+    clip_norm: float = 1.0
+    precision: str = "auto"                 # "auto" (bf16/fp16 autocast on GPUs, fp32 on the CPU), "fp32", "bf16", "fp16"
+    # bookkeeping
+    out_dir: str = "runs/demo"
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: Optional[int] = None      # None = the whole validation set
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    stop_after: Optional[int] = None        # stop (and checkpoint) after this step, as if killed;
+                                            # the schedule still runs to max_steps
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg}")
+
+        def finite(value):
+            return isinstance(value, (int, float)) and math.isfinite(value)
+
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
+                     "vocab_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                 f"{name} must be a positive int, got {getattr(self, name)!r}")
+        need(self.seq_len >= 8, f"seq_len must be at least 8, got {self.seq_len}")
+        need(0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        need(0.0 < self.mask_rate < 1.0, f"mask_rate must lie in (0, 1), got {self.mask_rate}")
+        need(finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("weight_decay", "clip_norm"):
+            need(finite(getattr(self, name)) and getattr(self, name) >= 0,
+                 f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        need(self.layout in ("padded", "packed"), f"layout must be 'padded' or 'packed', got {self.layout!r}")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        need(self.stop_after is None or (isinstance(self.stop_after, int) and self.stop_after > 0),
+             f"stop_after must be None or a positive step, got {self.stop_after!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        check_known_fields(cls, values)
+        values = dict(values)
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(**values).validate()
+
+
+# Named starting points; any field can be overridden (CLI flags do that).
+TRAIN_PRESETS = {
+    # a few minutes on a 2-core CPU: a 4-layer, 128-wide BERT (post-LN, so export-hf works),
+    # 4k WordPiece vocabulary, 1000 steps of 16 x 64 tokens (~1M tokens, under one epoch)
+    "demo": dict(model="mini", model_overrides={"hidden_size": 128, "num_heads": 4, "intermediate_size": 512,
+                                                "hidden_dropout": 0.0},
+                 vocab_size=4000, seq_len=64, batch_size=16, lr=1e-3, warmup_steps=30, max_steps=1000,
+                 min_lr_ratio=0.1, eval_every=250, save_every=250, log_every=20, out_dir="runs/demo"),
+    # seconds: for tests and smoke runs
+    "tiny": dict(model="tiny", model_overrides={"hidden_dropout": 0.1}, vocab_size=400, seq_len=32, batch_size=8,
+                 lr=2e-3, warmup_steps=2, max_steps=8, eval_every=4, eval_batches=2, save_every=4, log_every=1,
+                 out_dir="runs/tiny"),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides}).validate()
+
+
+# Fields a resumed run may change: how far it goes and how it reports, not what it computes.
+# Any other field given on resume must equal the saved run's (resumed_config refuses it).
+RESUMABLE = ("max_steps", "stop_after", "log_every", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+             "progress", "device", "out_dir")
+
+
+def _flag(name: str) -> str:
+    return "--set" if name == "model_overrides" else "--" + name.replace("_", "-")
+
+
+def resumed_config(saved: TrainConfig, cfg: TrainConfig, changes: Optional[dict] = None) -> TrainConfig:
+    """The config of a resumed run: ``saved``, with out_dir, progress and stop_after from ``cfg``, and ``changes``.
+
+    ``changes`` are the fields the caller asks for (the CLI passes the flags given): those in
+    RESUMABLE take effect, any other that differs from the saved run is refused with a
+    ValueError listing every difference. ``model_overrides`` entries are compared one by one
+    (``--set hidden_size=32`` names one model field, not all of them).
+    """
+    run = {**saved.to_dict(), "out_dir": cfg.out_dir, "progress": cfg.progress, "stop_after": cfg.stop_after}
+    changes = dict(changes or {})
+    if "model_overrides" in changes:
+        changes["model_overrides"] = {**run["model_overrides"], **changes["model_overrides"]}
+    # through JSON, as the saved config came: tuples become lists, so only real differences remain
+    run = json.loads(json.dumps(run))
+    asked = json.loads(json.dumps(TrainConfig.from_dict({**run, **changes}).to_dict()))
+    refused = [f"{_flag(name)}: the run has {run[name]!r}, asked {asked[name]!r}"
+               for name in asked if asked[name] != run[name] and name not in RESUMABLE]
+    if refused:
+        raise ValueError("--resume: these settings differ from the run being resumed:\n  " + "\n  ".join(refused) +
+                         "\nonly these may change on resume: " + ", ".join(_flag(n) for n in RESUMABLE) +
+                         "; start a new run (another --out-dir) to change the others")
+    return TrainConfig.from_dict(asked)

@@ -20,11 +20,15 @@ Key map (Hugging Face keys carry a ``bert.`` prefix in BertForMaskedLM, none in 
     cls.predictions.bias                           head.bias
     cls.predictions.decoder.{weight,bias}          tied copies of the word embeddings and head.bias:
                                                    checked equal when present, never stored twice
-    pooler.*, cls.seq_relationship.*, embeddings.position_ids      not used by an MLM: skipped
+    pooler.dense.*                                 pooler.dense.*  (when the checkpoint has a pooler)
+    cls.seq_relationship.*, embeddings.position_ids                not used by an MLM: skipped
 
-A BertModel checkpoint has no ``cls.*`` keys: the MLM head then keeps its fresh
-initialisation. Any other unknown or missing key is an error that lists them all.
-Old TF-converted checkpoints name LayerNorm parameters gamma/beta; both spellings load.
+A BertModel checkpoint has no ``cls.*`` keys: the MLM head then keeps its fresh (random)
+initialisation, with a warning. A checkpoint with a pooler (BertModel, BertForPreTraining)
+gives a model with one, and export writes it back, so BertModel loads it unchanged
+(BertForMaskedLM has no pooler and ignores it). Any other unknown or missing key is an
+error that lists them all. Old TF-converted checkpoints name LayerNorm parameters
+gamma/beta; both spellings load.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ _TOP_MAP = {  # fastmlm module -> Hugging Face module (without the bert. prefix 
     "embeddings.norm": "embeddings.LayerNorm",
 }
 _HEAD_MAP = {"head.dense": "cls.predictions.transform.dense", "head.norm": "cls.predictions.transform.LayerNorm"}
-_SKIPPED = re.compile(r"^(bert\.)?(pooler\.|embeddings\.position_ids$)|^cls\.seq_relationship\.")
+_POOLER = "pooler.dense"  # the same name on both sides (under the encoder's prefix in Hugging Face)
+_SKIPPED = re.compile(r"^(bert\.)?embeddings\.position_ids$|^cls\.seq_relationship\.")
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 
 
@@ -118,7 +123,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # --------------------------------------------------------------------------- state dicts
-def _hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
+def _hf_names(cfg: ModelConfig, prefix: str, head: bool, pooler: bool) -> dict[str, str]:
     """fastmlm parameter name -> Hugging Face name, for every tensor except the fused QKV."""
     names = {}
     for ours, theirs in _TOP_MAP.items():
@@ -128,10 +133,14 @@ def _hf_names(cfg: ModelConfig, prefix: str) -> dict[str, str]:
         for ours, theirs in _LAYER_MAP.items():
             for p in ("weight", "bias"):
                 names[f"layers.{i}.{ours}.{p}"] = f"{prefix}encoder.layer.{i}.{theirs}.{p}"
-    for ours, theirs in _HEAD_MAP.items():
+    if head:
+        for ours, theirs in _HEAD_MAP.items():
+            for p in ("weight", "bias"):
+                names[f"{ours}.{p}"] = f"{theirs}.{p}"
+        names["head.bias"] = "cls.predictions.bias"
+    if pooler:
         for p in ("weight", "bias"):
-            names[f"{ours}.{p}"] = f"{theirs}.{p}"
-    names["head.bias"] = "cls.predictions.bias"
+            names[f"{_POOLER}.{p}"] = f"{prefix}{_POOLER}.{p}"
     return names
 
 
@@ -142,14 +151,15 @@ def _qkv_names(prefix: str, i: int, p: str) -> list[str]:
 def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], bool]:
     """Hugging Face tensors -> (fastmlm state dict, whether it includes the MLM head).
 
+    The state dict holds ``pooler.dense.*`` when the checkpoint has a pooler.
     CheckpointError lists every unknown and missing key, and untied decoder weights.
     """
     tensors = {re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)): v
                for k, v in tensors.items()}
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
     has_head = any(k.startswith("cls.predictions.") for k in tensors)
-    names = _hf_names(cfg, prefix)
-    wanted = {ours: theirs for ours, theirs in names.items() if has_head or not ours.startswith("head.")}
+    has_pooler = any(k.startswith(f"{prefix}{_POOLER}.") for k in tensors)
+    wanted = _hf_names(cfg, prefix, has_head, has_pooler)
     qkv = {(i, p): _qkv_names(prefix, i, p) for i in range(cfg.num_layers) for p in ("weight", "bias")}
     expected = set(wanted.values()) | {n for parts in qkv.values() for n in parts}
     unknown = sorted(k for k in tensors if k not in expected and k not in _TIED and not _SKIPPED.match(k))
@@ -173,7 +183,7 @@ def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> tuple[di
 def state_dict_to_hf(model: FastMLMForMaskedLM) -> dict[str, Tensor]:
     """fastmlm model -> the tensors transformers.BertForMaskedLM.save_pretrained would write."""
     cfg, ours = model.config, model.state_dict()
-    out = {theirs: ours[name] for name, theirs in _hf_names(cfg, "bert.").items()}
+    out = {theirs: ours[name] for name, theirs in _hf_names(cfg, "bert.", True, model.pooler is not None).items()}
     for i in range(cfg.num_layers):
         for p in ("weight", "bias"):
             for name, part in zip(_qkv_names("bert.", i, p), ours[f"layers.{i}.qkv.{p}"].chunk(3, dim=0)):
@@ -232,22 +242,41 @@ def load_hf(directory, **config_overrides) -> FastMLMForMaskedLM:
     """A fastmlm model holding the weights of a Hugging Face BertForMaskedLM / BertModel checkpoint.
 
     ``config_overrides`` set fastmlm-only fields such as ``attention_backend``.
-    The config is checked before any weights are read.
+    The config is checked before any weights are read. A checkpoint without an MLM head
+    (a BertModel) loads with a freshly initialised head and a warning.
     """
-    model = FastMLMForMaskedLM(config_from_hf(read_hf_config(directory), **config_overrides))
-    state, has_head = state_dict_from_hf(read_hf_weights(directory), model.config)
-    if not has_head:  # a BertModel: keep the freshly initialised head
+    cfg = config_from_hf(read_hf_config(directory), **config_overrides)
+    state, has_head = state_dict_from_hf(read_hf_weights(directory), cfg)
+    model = FastMLMForMaskedLM(cfg, pooler=f"{_POOLER}.weight" in state)
+    if not has_head:  # a BertModel: keep the freshly initialised head, and say so
+        warnings.warn(f"{directory} has no MLM head (no cls.predictions.* weights, as in a BertModel "
+                      "checkpoint): the MLM head is randomly initialised, so masked-token predictions are "
+                      "meaningless until it is trained", stacklevel=2)
         state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
     model.load_weights(state)
     return model
 
 
+def check_output_dir(directory) -> Path:
+    """``directory`` as a Path when it is absent or an empty folder; ValueError naming it otherwise.
+
+    Exports never mix their files with what is already there (an older export, a checkpoint).
+    """
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output directory {path} is an existing file; expected a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"output directory {path} is not empty; expected a new or empty folder")
+    return path
+
+
 def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
-    """Write config.json + model.safetensors that transformers loads as BertForMaskedLM."""
+    """Write config.json + model.safetensors that transformers loads as BertForMaskedLM (and as
+    BertModel, with the pooler when the model has one). ``directory`` must be new or empty."""
     from safetensors.torch import save_file
 
     hf_config = config_to_hf(model.config)
-    path = Path(directory)
+    path = check_output_dir(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
     save_file(state_dict_to_hf(model), str(path / WEIGHTS_NAME), metadata={"format": "pt"})

@@ -6,6 +6,7 @@
                                        N x EncoderLayer on (T, H)   attention: fastmlm.ops
                                        masked rows only (R, H) ---> head transform (R, H)
                                        fastmlm.ops.masked_lm_loss(rows, tied word embeddings, bias)
+                                       optional pooler: first token of each sequence ---> dense + tanh (B, H)
 
 Every layer works on the packed (T, hidden) tokens, so padding costs nothing past the
 embeddings; ``hidden_states`` is put back in the caller's layout at the end. The MLM head
@@ -16,6 +17,11 @@ cross-entropy are one fused op that never holds the (R, vocab) logits in the fas
 Layer structure follows BERT (``norm_position="post"``): x = LN(x + Drop(Attn(x))),
 x = LN(x + Drop(MLP(x))). ``"pre"`` gives x = x + Drop(Attn(LN(x))) with a final LayerNorm.
 Parameter names differ from Hugging Face's; fastmlm/hf.py maps between them.
+
+``save_pretrained`` writes config.json, model.safetensors and a manifest.json of their
+sha256 (fastmlm.checkpoint's format), so the folder is verified wherever a checkpoint is
+used (``fastmlm.predict.load_checkpoint`` refuses folders without one). ``from_pretrained``
+itself only checks that the files parse and match the model.
 """
 from __future__ import annotations
 
@@ -48,12 +54,14 @@ def _fail(msg: str):
 @dataclass
 class MLMOutput:
     """loss: fp32 0-d (None without labels); n_correct / n_masked: int64 0-d (None without labels);
-    hidden_states: encoder output in the layout of input_ids plus a hidden dim, zeros at padding."""
+    hidden_states: encoder output in the layout of input_ids plus a hidden dim, zeros at padding;
+    pooler_output: (B, H) from a model built with ``pooler=True``, else None."""
 
     loss: Optional[Tensor]
     n_correct: Optional[Tensor]
     n_masked: Optional[Tensor]
     hidden_states: Tensor
+    pooler_output: Optional[Tensor] = None
 
 
 @dataclass
@@ -167,19 +175,48 @@ class MLMHead(nn.Module):
         return self.norm(self.act(self.dense(rows)))  # (R, H) -> (R, H)
 
 
-# --------------------------------------------------------------------------- the model
-class FastMLMForMaskedLM(nn.Module):
-    """BERT-style encoder + MLM head. See the module docstring and :meth:`forward`."""
+class Pooler(nn.Module):
+    """BERT's pooler: dense + tanh on the first token ([CLS]) of each sequence.
+
+    The MLM loss does not use it; it is kept so that a Hugging Face BertModel's pooler
+    survives import and export (fastmlm/hf.py). The first token is the first *real* token,
+    so a left-padded row pools its [CLS] (Hugging Face pools column 0, a padding token,
+    there); an empty sequence pools nothing and gives zeros.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden: Tensor, cu_seqlens: Tensor) -> Tensor:
+        starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()  # (B,) each
+        if hidden.shape[0] == 0:  # no real token anywhere: every sequence is empty
+            return hidden.new_zeros(starts.shape[0], hidden.shape[-1])
+        first = hidden[starts.clamp(max=hidden.shape[0] - 1)]  # (B, H); an empty sequence reads a neighbour...
+        return torch.where((ends > starts)[:, None], torch.tanh(self.dense(first)), 0.0)  # ...and is zeroed
+
+
+# --------------------------------------------------------------------------- the model
+class FastMLMForMaskedLM(nn.Module):
+    """BERT-style encoder + MLM head. See the module docstring and :meth:`forward`.
+
+    ``pooler=True`` adds BERT's pooler (``pooler_output`` of :meth:`forward`), as Hugging
+    Face's ``add_pooling_layer``; it is a constructor argument, not a config field, and
+    ``from_pretrained`` / ``fastmlm.hf.load_hf`` add it when the weights hold one.
+    """
+
+    def __init__(self, cfg: ModelConfig, pooler: bool = False):
+        super().__init__()
         if not isinstance(cfg, ModelConfig):
             _fail(f"expected a ModelConfig, got {type(cfg).__name__}")
+        if not isinstance(pooler, bool):
+            _fail(f"pooler must be True or False, got {pooler!r}")
         self.config = cfg.validate()
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(EncoderLayer(cfg, p) for p in cfg.layer_patterns())
         self.final_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.norm_position == "pre" else None
         self.head = MLMHead(cfg)
+        self.pooler = Pooler(cfg) if pooler else None  # last: without it, initialisation draws as before
         # Block-sparse layouts, built once per (pattern, seqlen, device) and reused by every step.
         self._layouts: dict[tuple, BlockSparseLayout] = {}
         self.apply(self._init_weights)
@@ -249,6 +286,11 @@ class FastMLMForMaskedLM(nn.Module):
                 _fail(f"max_seqlen must be an int in [0, max_position_embeddings={cfg.max_position_embeddings}], "
                       f"got {max_seqlen!r}")
             _, positions = padding.packed_coords(cu_seqlens, input_ids.shape[0])  # (T,) index in sequence
+            if positions.numel():  # checked here, before the position embedding would index out of range
+                torch._assert_async(((positions >= 0) & (positions < max_seqlen)).all(),
+                                    f"{_NAME}: cu_seqlens must start at 0, and no packed sequence may be "
+                                    f"longer than max_seqlen={max_seqlen} (at most max_position_embeddings="
+                                    f"{cfg.max_position_embeddings})")
             batch = PackedBatch(input_ids.long(), token_type_ids.long(), positions, cu_seqlens, max_seqlen, None, None)
             return batch, None if count is None else int(count)
         if input_ids.dim() != 2:
@@ -260,7 +302,7 @@ class FastMLMForMaskedLM(nn.Module):
             _fail(f"sequence length {s} exceeds max_position_embeddings={cfg.max_position_embeddings}")
         positions = torch.arange(s, device=device)
         if attention_mask is None:  # every token is real: packing is a free reshape
-            cu = torch.arange(0, (b + 1) * s, s, device=device, dtype=torch.int32)[: b + 1]
+            cu = torch.arange(b + 1, device=device, dtype=torch.int32) * s  # (B+1,); s may be 0
             batch = PackedBatch(input_ids.reshape(-1).long(), token_type_ids.reshape(-1).long(),  # (B, S) -> (B*S,)
                                 positions.repeat(b), cu, s, None, (b, s))
             return batch, None if count is None else int(count)
@@ -305,9 +347,10 @@ class FastMLMForMaskedLM(nn.Module):
         if batch.token_index is None:
             return torch.where(valid, positions, -1)
         b, s = batch.padded_shape
-        packed_of = torch.full((b * s,), -1, dtype=torch.long, device=positions.device)  # (B*S,)
+        # (B*S + 1,): one extra -1 at the end, read by invalid positions (there is no other slot when B*S == 0)
+        packed_of = torch.full((b * s + 1,), -1, dtype=torch.long, device=positions.device)
         packed_of[batch.token_index] = torch.arange(batch.num_tokens, device=positions.device)
-        return torch.where(valid, packed_of[positions.clamp(min=0)], -1)
+        return packed_of[torch.where(valid, positions, b * s)]
 
     def _gather_rows(self, hidden: Tensor, rows: Tensor) -> Tensor:
         """(T, H), (R,) -> (R, H); rows of -1 read row 0 (callers mask them out)."""
@@ -353,7 +396,8 @@ class FastMLMForMaskedLM(nn.Module):
             torch._assert_async(((labels == IGNORE_INDEX) | attention_mask.reshape(-1).bool()).all(),
                                 f"{_NAME}: labels must be -100 at padding positions (attention_mask == 0)")
         hidden = self.encode(batch)  # (T, H)
-        out = MLMOutput(None, None, None, self.repad(hidden, batch))
+        pooled = None if self.pooler is None else self.pooler(hidden, batch.cu_seqlens)  # (B, H)
+        out = MLMOutput(None, None, None, self.repad(hidden, batch), pooled)
         if labels is None:
             return out
 
@@ -388,14 +432,21 @@ class FastMLMForMaskedLM(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, directory) -> Path:
-        """Write config.json and model.safetensors into ``directory`` (created if needed)."""
+        """Write config.json, model.safetensors and their manifest.json into ``directory`` (created if needed).
+
+        The manifest (sha256 of the two files) lets ``fastmlm.predict.load_checkpoint`` verify the
+        folder; a tokenizer added beside them later loads but is not covered by it.
+        """
         from safetensors.torch import save_file
+
+        from .checkpoint import write_manifest
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps({"model_type": "fastmlm", **self.config.to_dict()}, indent=2))
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "fastmlm"})
+        write_manifest(path, [CONFIG_NAME, WEIGHTS_NAME])
         return path
 
     @classmethod
@@ -403,7 +454,9 @@ class FastMLMForMaskedLM(nn.Module):
         """Load what :meth:`save_pretrained` wrote (safetensors only); clear errors on bad files.
 
         ``config_overrides`` replace fields that do not change the weights' shapes
-        (e.g. ``attention_backend``, ``hidden_dropout``).
+        (e.g. ``attention_backend``, ``hidden_dropout``). The model has a pooler when the
+        weights hold one. The manifest is not checked here: ``fastmlm.predict.load_checkpoint``
+        and training resume verify it.
         """
         path = Path(directory)
         cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
@@ -419,8 +472,10 @@ class FastMLMForMaskedLM(nn.Module):
             hint = " Load Hugging Face checkpoints with fastmlm.hf.load_hf(directory)." if kind == "bert" else ""
             _fail(f"{cfg_file} is not a fastmlm config (model_type={kind!r}).{hint}")
         data.pop("model_type")
-        model = cls(ModelConfig.from_dict({**data, **config_overrides}))
-        model.load_weights(read_safetensors(weights_file))
+        cfg = ModelConfig.from_dict({**data, **config_overrides})
+        tensors = read_safetensors(weights_file)
+        model = cls(cfg, pooler=any(k.startswith("pooler.") for k in tensors))
+        model.load_weights(tensors)
         return model
 
     def load_weights(self, tensors: dict[str, Tensor]) -> None:

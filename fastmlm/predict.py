@@ -1,4 +1,10 @@
-"""Using a trained checkpoint: load it, fill masks, evaluate on text, export to Hugging Face."""
+"""Using a trained checkpoint: load it, fill masks, evaluate on text, export to Hugging Face.
+
+Every checkpoint loaded here is verified against its manifest.json first, as training resume
+does: a folder without one (or with an edited or corrupt file) is refused. Training
+checkpoints and FastMLMForMaskedLM.save_pretrained folders carry a manifest; a Hugging Face
+folder loads with ``fastmlm.hf.load_hf`` instead.
+"""
 from __future__ import annotations
 
 import json
@@ -10,6 +16,14 @@ import torch
 from . import checkpoint as ckpt
 from . import data
 from .model import FastMLMForMaskedLM
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is an int in [low, high] (no upper bound when high is None)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        wanted = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
 def resolve_checkpoint(path) -> Path:
@@ -26,10 +40,9 @@ def resolve_checkpoint(path) -> Path:
 
 
 def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, object]:
-    """(model in eval mode, tokenizer) from a checkpoint or run folder; training checkpoints are checksum-verified."""
+    """(model in eval mode, tokenizer) from a checkpoint or run folder, verified against its manifest."""
     path = resolve_checkpoint(path)
-    if (path / ckpt.MANIFEST).exists():
-        ckpt.verify_checkpoint(path)
+    ckpt.verify_checkpoint(path)  # refuses a folder without manifest.json, as resume does
     for name in ("tokenizer.json", "vocab.txt"):
         if (path / name).exists():
             tokenizer = data.load_tokenizer(path / name)
@@ -43,6 +56,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
 @torch.no_grad()
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text``: the ``top_k`` (token, probability) pairs, most likely first."""
+    _check_int("top_k", top_k, 1, model.config.vocab_size)  # at most the whole vocabulary
     special = data.special_ids(tokenizer)
     ids = [special.cls] + tokenizer.encode(text, add_special_tokens=False).ids + [special.sep]
     limit = model.config.max_position_embeddings
@@ -66,9 +80,13 @@ def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int =
     """Masked-token accuracy and perplexity on text files (fixed masks from ``seed``)."""
     from .train import evaluate
 
+    _check_int("seq_len", seq_len, 3)  # [CLS], at least one token, [SEP]
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
+    _check_int("batch_size", batch_size, 1)
+    if max_batches is not None:
+        _check_int("max_batches", max_batches, 1)
     collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate)
     batches = data.eval_batches(paths, tokenizer, collator, seed=seed, max_batches=max_batches)
     if not batches:
@@ -77,9 +95,13 @@ def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int =
 
 
 def export_hf(checkpoint, out_dir) -> Path:
-    """Write a Hugging Face ``BertForMaskedLM`` folder (weights, config, vocab.txt, tokenizer files)."""
-    from .hf import save_hf
+    """Write a Hugging Face ``BertForMaskedLM`` folder (weights, config, vocab.txt, tokenizer files).
 
+    ``out_dir`` must be new or an empty folder (ValueError naming it otherwise).
+    """
+    from .hf import check_output_dir, save_hf
+
+    check_output_dir(out_dir)  # before the checkpoint is loaded, so a wrong path fails at once
     model, tokenizer = load_checkpoint(checkpoint)
     out = save_hf(model, out_dir)
     tokenizer.save(str(Path(out) / "tokenizer.json"))

@@ -10,7 +10,13 @@
 
 ``resume`` continues a stopped run exactly: the model, optimizer, scheduler, grad scaler,
 every rank's RNG state and the data position come back from the checkpoint, so the
-remaining steps see the same batches, masks and dropout as an uninterrupted run.
+remaining steps see the same batches, masks and dropout as an uninterrupted run. Only the
+RESUMABLE fields of the config (fastmlm.config) may change on resume; a finished run is left alone.
+
+The run folder is locked while a run trains in it (fastmlm.checkpoint.RunLock). A loss or
+weight that becomes NaN/inf stops the run (TrainingDiverged, naming the step) without
+writing it to a checkpoint; the check reads only what the loop reads anyway (the loss at
+each log step, the weights once before each save).
 
 Distributed data parallel: run under ``torchrun``; each rank reads every
 ``world_size``-th document, and the loss is normalised by the global masked-token count.
@@ -20,13 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
+import io
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,106 +41,10 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import data
-from .config import check_known_fields, preset
+from .config import preset
+# the training config lives in fastmlm.config; these names stay importable from here
+from .config import RESUMABLE, TRAIN_PRESETS, TrainConfig, resumed_config, train_preset  # noqa: F401
 from .model import WEIGHTS_NAME, FastMLMForMaskedLM, read_safetensors
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; saved in every checkpoint. Steps count optimizer updates."""
-
-    # model
-    model: str = "mini"                     # a fastmlm.config preset
-    model_overrides: dict = field(default_factory=dict)
-    # data
-    data: Optional[list] = None             # files/folders of .txt/.jsonl(.gz); None = bundled corpus
-    valid_data: Optional[list] = None       # None = the bundled validation split when data is None
-    tokenizer: Optional[str] = None         # tokenizer.json / vocab.txt; None = train one on data
-    vocab_size: int = 8000
-    seq_len: int = 128
-    batch_size: int = 32                    # rows per micro-batch per rank
-    grad_accum: int = 1
-    mask_rate: float = 0.15
-    whole_word: bool = False
-    layout: str = "padded"                  # "padded" (B, S) rows or "packed" (T,) + cu_seqlens
-    # optimisation
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    max_steps: int = 1000
-    schedule: str = "linear"                # decay after warm-up: "linear" or "cosine"
-    min_lr_ratio: float = 0.0
-    clip_norm: float = 1.0
-    precision: str = "auto"                 # "auto" (bf16/fp16 autocast on GPUs, fp32 on the CPU), "fp32", "bf16", "fp16"
-    # bookkeeping
-    out_dir: str = "runs/demo"
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: Optional[int] = None      # None = the whole validation set
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    stop_after: Optional[int] = None        # stop (and checkpoint) after this step, as if killed;
-                                            # the schedule still runs to max_steps
-    device: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> "TrainConfig":
-        def need(ok, msg):
-            if not ok:
-                raise ValueError(f"TrainConfig: {msg}")
-
-        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "save_every",
-                     "vocab_size"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
-                 f"{name} must be a positive int, got {getattr(self, name)!r}")
-        need(self.seq_len >= 8, f"seq_len must be at least 8, got {self.seq_len}")
-        need(0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        need(0.0 < self.mask_rate < 1.0, f"mask_rate must lie in (0, 1), got {self.mask_rate}")
-        need(self.lr > 0 and self.weight_decay >= 0 and self.clip_norm >= 0, "lr must be > 0, weight_decay and clip_norm >= 0")
-        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
-        need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
-        need(self.layout in ("padded", "packed"), f"layout must be 'padded' or 'packed', got {self.layout!r}")
-        need(self.precision in ("auto", "fp32", "bf16", "fp16"),
-             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        need(self.stop_after is None or self.stop_after > 0, "stop_after must be a positive step")
-        return self
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["betas"] = list(self.betas)
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        check_known_fields(cls, values)
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values).validate()
-
-
-# Named starting points; any field can be overridden (CLI flags do that).
-TRAIN_PRESETS = {
-    # a few minutes on a 2-core CPU: a 4-layer, 128-wide BERT (post-LN, so export-hf works),
-    # 4k WordPiece vocabulary, 1000 steps of 16 x 64 tokens (~1M tokens, under one epoch)
-    "demo": dict(model="mini", model_overrides={"hidden_size": 128, "num_heads": 4, "intermediate_size": 512,
-                                                "hidden_dropout": 0.0},
-                 vocab_size=4000, seq_len=64, batch_size=16, lr=1e-3, warmup_steps=30, max_steps=1000,
-                 min_lr_ratio=0.1, eval_every=250, save_every=250, log_every=20, out_dir="runs/demo"),
-    # seconds: for tests and smoke runs
-    "tiny": dict(model="tiny", model_overrides={"hidden_dropout": 0.1}, vocab_size=400, seq_len=32, batch_size=8,
-                 lr=2e-3, warmup_steps=2, max_steps=8, eval_every=4, eval_batches=2, save_every=4, log_every=1,
-                 out_dir="runs/tiny"),
-}
-
-
-def train_preset(name: str, **overrides) -> TrainConfig:
-    if name not in TRAIN_PRESETS:
-        raise ValueError(f"unknown training preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
-    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides}).validate()
 
 
 # --------------------------------------------------------------------------- pieces
@@ -199,22 +109,56 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def all_min(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device named by a ``--device`` value: "auto" (the GPU when there is one), "cpu", "cuda" or "cuda:N".
+
+    ValueError names the value and what is expected, also when it names a GPU this machine lacks.
+    CUDA is queried here, when a command runs, never at import.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not a device fastmlm runs on; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: no CUDA GPU is available on this machine "
+                         f"(torch.cuda.is_available() is False); use 'cpu' or 'auto'")
+    index = local_rank if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: GPU {index} does not exist; this machine has "
+                         f"{torch.cuda.device_count()} (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return torch.device("cuda", index)
+
 
 def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join the process group when launched by torchrun; pick the device."""
+    """Join the process group when launched by torchrun; pick the device (each rank its own GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name, local_rank)
     info = Dist()
     if world > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        info = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    if use_cuda:
-        device = torch.device("cuda", info.local_rank) if device_name in ("auto", "cuda") else torch.device(device_name)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        info = Dist(dist.get_rank(), dist.get_world_size(), local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu" if device_name == "auto" else device_name)
     return info, device
+
+
+def _launch_rank() -> int:
+    """This process's rank, known before the process group exists (torchrun sets RANK)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 @torch.no_grad()
@@ -231,7 +175,15 @@ def evaluate(model, batches, device, amp_dtype=None, ranks: Dist = Dist()) -> di
     model.train(was_training)
     mean = loss_sum / masked if masked else float("nan")
     return {"loss": mean, "accuracy": correct / masked if masked else float("nan"),
-            "perplexity": math.exp(mean) if masked else float("nan"), "n_masked": int(masked)}
+            "perplexity": _exp(mean) if masked else float("nan"), "n_masked": int(masked)}
+
+
+def _exp(x: float) -> float:
+    """exp(x), inf past the float range (a diverging run's perplexity) instead of OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def accumulate_gradients(net, micro, device, amp_dtype=None, scaler=None, ranks: Dist = Dist()) -> torch.Tensor:
@@ -242,8 +194,10 @@ def accumulate_gradients(net, micro, device, amp_dtype=None, scaler=None, ranks:
     loss is divided by N (times world_size, because DDP averages gradients over ranks).
     N comes from the collator's host-side counts, so no device value is read back.
     """
-    step_masked = ranks.all_sum(torch.tensor([float(sum(b.n_masked for b in micro))], dtype=torch.float64))
-    scale = (ranks.world_size / step_masked.clamp(min=1.0)).to(device)
+    # On the training device: NCCL reduces CUDA tensors only (gloo takes CPU ones).
+    step_masked = ranks.all_sum(torch.tensor([float(sum(b.n_masked for b in micro))], dtype=torch.float64,
+                                             device=device))
+    scale = ranks.world_size / step_masked.clamp(min=1.0)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
@@ -270,10 +224,11 @@ class Logger:
         if resume_step and self.path.exists():  # drop rows a killed run wrote after its checkpoint
             with open(self.path, newline="") as f:
                 kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            with open(self.path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-                writer.writeheader()
-                writer.writerows(kept)
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+            ckpt.write_text_atomic(self.path, text.getvalue())  # a kill now leaves the old log, not an empty one
         new = not self.path.exists()
         self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
@@ -302,6 +257,12 @@ class Logger:
             if self.tb is not None:
                 self.tb.close()
 
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def _say(ranks: Dist, msg: str, bar=None):
     if ranks.main:
@@ -324,39 +285,112 @@ def _prepare_tokenizer(cfg: TrainConfig, out_dir: Path, train_files, ranks: Dist
     return data.load_tokenizer(path)
 
 
-# --------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = False) -> dict:
-    """Train (or, with ``resume`` = a checkpoint folder or "latest", continue) a run; return a summary.
+# --------------------------------------------------------------------------- run folder
+class TrainingDiverged(ValueError):
+    """The loss or the weights became NaN/inf: the run stopped without saving them."""
 
-    On resume the saved TrainConfig is used, except ``stop_after``, ``progress`` and
-    ``out_dir``, taken from ``cfg``. A fresh run refuses an ``out_dir`` that already holds
-    checkpoints unless ``overwrite`` (which deletes that run's checkpoints and logs).
-    """
-    ranks, device = setup_distributed(cfg.device)
-    resume_from, state = None, None
-    if resume:
-        root = Path(cfg.out_dir) / "checkpoints"
-        resume_from = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
-        if resume_from is None:
-            raise ckpt.CheckpointError(f"--resume: no checkpoint under {root}")
-        state = ckpt.load_trainer_state(resume_from)
-        saved = TrainConfig.from_dict(json.loads(state["train_config"]))
-        cfg = dataclasses.replace(saved, stop_after=cfg.stop_after, progress=cfg.progress, out_dir=cfg.out_dir)
-    cfg.validate()
+
+def _diverged(step: int, what: str, out_dir: Path, cfg: TrainConfig) -> TrainingDiverged:
+    last = ckpt.latest_checkpoint(out_dir / "checkpoints")
+    kept = f"the last checkpoint, all finite, is {last}" if last else "no checkpoint was saved"
+    return TrainingDiverged(f"step {step}: {what} became NaN/inf, so the run stopped without saving ({kept}); "
+                            f"start again with a lower --lr (it is {cfg.lr:g}) or more --warmup-steps")
+
+
+def _weights_finite(model) -> bool:
+    """Whether every parameter is finite: one host sync, before each save only."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+def _open_resumed(cfg: TrainConfig, resume: str, changes: Optional[dict]):
+    """(run config, checkpoint folder, trainer state) of the run to resume (see :func:`resumed_config`)."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+    if resume_from is None:
+        raise ckpt.CheckpointError(f"--resume: no checkpoint under {root}")
+    state = ckpt.load_trainer_state(resume_from)
+    saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+    return resumed_config(saved, cfg, changes), resume_from, state
+
+
+def _nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -> dict:
+    """A resumed run already at its last step: say so, touch nothing, return the run's summary."""
     out_dir = Path(cfg.out_dir)
-    if state is None and ckpt.list_checkpoints(out_dir / "checkpoints"):
+    if step >= cfg.max_steps:
+        msg = f"the run in {out_dir} is finished (step {step} of max_steps {cfg.max_steps}); nothing to do: " \
+              f"raise --max-steps to extend it"
+    else:
+        msg = f"the run in {out_dir} is at step {step}, at or past --stop-after {cfg.stop_after}; nothing to do"
+    _say(ranks, f"fastmlm train: {msg}")
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):  # killed between its last checkpoint and the summary
+        summary = {"step": step, "checkpoint": str(resume_from)}
+    return {**summary, "rank": ranks.rank, "nothing_to_do": msg}
+
+
+def _start_fresh(out_dir: Path, overwrite: bool, ranks: Dist) -> None:
+    """Clear what an earlier run left in ``out_dir``: always its logs (a run killed before its
+    first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``."""
+    names = ["log.csv", "summary.json", "tensorboard"]
+    if ckpt.list_checkpoints(out_dir / "checkpoints"):
         if not overwrite:
             raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
                              f"or replace it (--overwrite)")
-        ranks.barrier()
-        if ranks.main:
-            for name in ("checkpoints", "tensorboard"):
-                shutil.rmtree(out_dir / name, ignore_errors=True)
-            for name in ("log.csv", "summary.json", "tokenizer.json"):
-                (out_dir / name).unlink(missing_ok=True)
+        names += ["checkpoints", "tokenizer.json"]
+        ranks.barrier()  # every rank has looked before rank 0 deletes
+    if ranks.main:
+        for name in names:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the loop
+def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = False, *,
+          changes: Optional[dict] = None) -> dict:
+    """Train (or, with ``resume`` = a checkpoint folder or "latest", continue) a run; return a summary.
+
+    On resume the saved TrainConfig is used, except ``stop_after``, ``progress`` and
+    ``out_dir``, taken from ``cfg``, and ``changes`` (the fields the caller asks for; only
+    RESUMABLE ones may differ from the run, see :func:`resumed_config`). A run already at its
+    last step changes nothing and returns its summary with a ``nothing_to_do`` message. A
+    fresh run refuses an ``out_dir`` that already holds checkpoints unless ``overwrite``
+    (which deletes that run's checkpoints and logs).
+
+    The run folder is locked for the whole run (rank 0 holds the lock): another process
+    training into it is refused. A NaN/inf loss or weight stops the run with
+    TrainingDiverged naming the step; no checkpoint with a non-finite value is written.
+    """
+    if changes and not resume:
+        raise ValueError("train(changes=...) applies to a resumed run; for a new run put the values in cfg")
+    cfg.validate()
+    resolve_device(cfg.device)  # a wrong device fails before the run folder is touched
+    lock = ckpt.RunLock(cfg.out_dir).acquire() if _launch_rank() == 0 else None
+    try:
+        if lock is not None:
+            ckpt.remove_stale_temporaries(cfg.out_dir)  # no other process writes here while we hold the lock
+        return _train_locked(cfg, resume, overwrite, changes)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, changes: Optional[dict]) -> dict:
+    resume_from, state = None, None
+    if resume:
+        cfg, resume_from, state = _open_resumed(cfg, resume, changes)
+    ranks, device = setup_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    if state is not None and state["step"] >= min(cfg.max_steps, cfg.stop_after or cfg.max_steps):
+        return _nothing_to_do(cfg, state["step"], resume_from, ranks)
+    if state is None:
+        _start_fresh(out_dir, overwrite, ranks)
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        ckpt.write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     ranks.barrier()
 
     train_files = cfg.data or [data.bundled_corpus("train")]
@@ -414,72 +448,80 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     interval_tokens, run_tokens = 0, 0
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # since the last log, this rank
     masked_sum = 0
+    first_bad = torch.full((), torch.iinfo(torch.int64).max, device=device)  # first step with a NaN/inf loss
     metrics: dict = {}
     stop = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
-    while step < stop:
-        micro = [next(batches) for _ in range(cfg.grad_accum)]
-        step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)
-        masked_sum += sum(b.n_masked for b in micro)
-        interval_tokens += sum(b.n_tokens for b in micro)
-        if cfg.clip_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += step_loss
-        step += 1
-        bar.update(1)
+    with logger, bar:  # closed however the loop ends (an error, Ctrl-C)
+        while step < stop:
+            micro = [next(batches) for _ in range(cfg.grad_accum)]
+            step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)
+            masked_sum += sum(b.n_masked for b in micro)
+            interval_tokens += sum(b.n_tokens for b in micro)
+            if cfg.clip_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += step_loss
+            step += 1
+            first_bad = torch.where(step_loss.isfinite(), first_bad, first_bad.clamp(max=step))  # on device: no sync
+            bar.update(1)
 
-        final = step == stop
-        if step % cfg.log_every == 0 or final:
-            totals = ranks.all_sum(torch.stack([loss_sum, torch.tensor(float(masked_sum), dtype=torch.float64,
-                                                                                 device=device)]))
-            loss_total, masked_total = totals.tolist()  # host sync once per log interval
-            last_loss = loss_total / max(masked_total, 1.0)
-            elapsed = time.perf_counter() - interval_start
-            tokens_per_s = interval_tokens * ranks.world_size / max(elapsed, 1e-9)
-            run_tokens += interval_tokens * ranks.world_size
-            lr = scheduler.get_last_lr()[0]
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
-            logger.log(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s,
-                       packing_efficiency=stream.efficiency, elapsed_s=time.perf_counter() - run_start)
-            loss_sum.zero_()
-            masked_sum, interval_tokens, interval_start = 0, 0, time.perf_counter()
-        if valid and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            metrics = evaluate(model, valid, device, amp_dtype, ranks)
-            logger.log(step=step, split="valid", loss=metrics["loss"], accuracy=metrics["accuracy"],
-                       perplexity=metrics["perplexity"], elapsed_s=time.perf_counter() - run_start)
-            _say(ranks, f"step {step}: validation loss {metrics['loss']:.3f}, masked-token accuracy "
-                        f"{metrics['accuracy']:.1%}, perplexity {metrics['perplexity']:.1f}", bar)
-            interval_start = time.perf_counter()  # evaluation time is not training throughput
-        if step % cfg.save_every == 0 or final:
-            rng_cpu = [torch.get_rng_state()]
-            rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
-            if ranks.world_size > 1:
-                rng_cpu = [None] * ranks.world_size
-                dist.all_gather_object(rng_cpu, torch.get_rng_state())
-                if device.type == "cuda":
-                    rng_cuda = [None] * ranks.world_size
-                    dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
-            if ranks.main:
-                trainer_state = {"step": step, "data_position": stream.position, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                 "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
-                                 "train_config": json.dumps(cfg.to_dict())}
-                where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
-                                             keep=cfg.keep_checkpoints)
-                if final:
-                    _say(ranks, f"checkpoint: {where}", bar)
-            ranks.barrier()
-    bar.close()
-    logger.close()
+            final = step == stop
+            if step % cfg.log_every == 0 or final:
+                totals = ranks.all_sum(torch.stack([loss_sum, torch.tensor(float(masked_sum), dtype=torch.float64,
+                                                                                     device=device)]))
+                loss_total, masked_total = totals.tolist()  # host sync once per log interval
+                if not math.isfinite(loss_total):  # NaN/inf on some rank: all ranks see it in the sum and stop
+                    raise _diverged(min(step, int(ranks.all_min(first_bad))), "the training loss", out_dir, cfg)
+                last_loss = loss_total / max(masked_total, 1.0)
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_s = interval_tokens * ranks.world_size / max(elapsed, 1e-9)
+                run_tokens += interval_tokens * ranks.world_size
+                lr = scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
+                logger.log(step=step, split="train", loss=last_loss, lr=lr, tokens_per_s=tokens_per_s,
+                           packing_efficiency=stream.efficiency, elapsed_s=time.perf_counter() - run_start)
+                loss_sum.zero_()
+                masked_sum, interval_tokens, interval_start = 0, 0, time.perf_counter()
+            if valid and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                metrics = evaluate(model, valid, device, amp_dtype, ranks)
+                if metrics["n_masked"] and not math.isfinite(metrics["loss"]):  # finite weights, NaN outputs
+                    raise _diverged(step, "the validation loss", out_dir, cfg)
+                logger.log(step=step, split="valid", loss=metrics["loss"], accuracy=metrics["accuracy"],
+                           perplexity=metrics["perplexity"], elapsed_s=time.perf_counter() - run_start)
+                _say(ranks, f"step {step}: validation loss {metrics['loss']:.3f}, masked-token accuracy "
+                            f"{metrics['accuracy']:.1%}, perplexity {metrics['perplexity']:.1f}", bar)
+                interval_start = time.perf_counter()  # evaluation time is not training throughput
+            if step % cfg.save_every == 0 or final:
+                if not _weights_finite(model):  # identical on every rank (DDP), so every rank stops here
+                    raise _diverged(step, "a model weight", out_dir, cfg)
+                rng_cpu = [torch.get_rng_state()]
+                rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+                if ranks.world_size > 1:
+                    rng_cpu = [None] * ranks.world_size
+                    dist.all_gather_object(rng_cpu, torch.get_rng_state())
+                    if device.type == "cuda":
+                        rng_cuda = [None] * ranks.world_size
+                        dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
+                if ranks.main:
+                    trainer_state = {"step": step, "data_position": stream.position,
+                                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "scaler": scaler.state_dict(),
+                                     "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+                                     "train_config": json.dumps(cfg.to_dict())}
+                    where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
+                                                 keep=cfg.keep_checkpoints)
+                    if final:
+                        _say(ranks, f"checkpoint: {where}", bar)
+                ranks.barrier()
     wall = time.perf_counter() - run_start
     summary = {"step": step, "final_train_loss": last_loss, "valid": metrics, "wall_s": wall,
                "tokens_per_s": run_tokens / wall if wall > 0 else 0.0, "packing_efficiency": stream.efficiency,
                "checkpoint": str(ckpt.latest_checkpoint(out_dir / "checkpoints")), "device": str(device),
                "world_size": ranks.world_size, "rank": ranks.rank}
     if ranks.main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        ckpt.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

@@ -5,12 +5,19 @@ from pathlib import Path
 from fastmlm import data
 
 
-def make_small_corpus(root: Path, n_train: int = 360, n_valid: int = 40, vocab_size: int = 400) -> Path:
-    """Write train.txt, valid.txt and tokenizer.json under ``root``; return ``root``."""
+def write_small_corpus(root: Path, n_train: int = 360, n_valid: int = 40) -> list[str]:
+    """Write the first ``n_train`` + ``n_valid`` bundled documents as train.txt and valid.txt under
+    ``root``; return the training documents."""
     docs = list(itertools.islice(data.read_documents([data.bundled_corpus("train")]), n_train + n_valid))
     (root / "train.txt").write_text("\n\n".join(docs[:n_train]))
     (root / "valid.txt").write_text("\n\n".join(docs[n_train:]))
-    data.train_tokenizer(docs[:n_train], vocab_size=vocab_size).save(str(root / "tokenizer.json"))
+    return docs[:n_train]
+
+
+def make_small_corpus(root: Path, n_train: int = 360, n_valid: int = 40, vocab_size: int = 400) -> Path:
+    """Write train.txt, valid.txt and tokenizer.json under ``root``; return ``root``."""
+    train_docs = write_small_corpus(root, n_train, n_valid)
+    data.train_tokenizer(train_docs, vocab_size=vocab_size).save(str(root / "tokenizer.json"))
     return root
 
 

@@ -2,6 +2,7 @@
 import gzip
 import itertools
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -61,6 +62,60 @@ def test_read_documents_clear_errors(tmp_path):
         list(data.read_documents([tmp_path / "empty"]))
 
 
+def test_bytes_that_are_not_utf8_warn_once_per_file_with_the_count(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("ok\n\ncafé au lait\n\nnaïve\ncrème\n".encode("latin-1"))
+    (tmp_path / "latin1.jsonl.gz").write_bytes(gzip.compress(b'{"text": "caf\xe9 \\udce9"}\n'))  # byte, escape
+    (tmp_path / "good.txt").write_text("déjà vu\n", encoding="utf-8")
+    with pytest.warns(data.CorpusWarning) as caught:
+        docs = list(data.read_documents([tmp_path]))
+    # only the undecodable characters are lost
+    assert docs == ["déjà vu", "caf\ufffd \ufffd", "ok", "caf\ufffd au lait", "na\ufffdve\ncr\ufffdme"]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 2  # one per damaged file, none for good.txt
+    assert "latin1.jsonl.gz: 2 undecodable byte(s) on 1 line(s), the first on line 1" in messages[0]
+    assert "latin1.txt: 3 undecodable byte(s) on 3 line(s), the first on line 3" in messages[1]
+
+
+def test_utf8_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfthird\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(data.read_documents([tmp_path])) == ["first", "second", "third"]
+
+
+def test_corrupt_gzip_and_empty_files(tmp_path):
+    whole = gzip.compress(("line\n" * 20000).encode())
+    (tmp_path / "truncated.txt.gz").write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r"truncated.txt.gz: cannot be read past line \d+: .*corrupt or truncated"):
+        list(data.read_documents([tmp_path / "truncated.txt.gz"]))
+    (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzip"}\n')
+    with pytest.raises(ValueError, match=r"plain.jsonl.gz: cannot be read past line 0: Not a gzipped file"):
+        list(data.read_documents([tmp_path / "plain.jsonl.gz"]))
+    (tmp_path / "crc.txt.gz").write_bytes(whole[:-8] + b"\0" * 8)  # damaged trailer: checksum and length
+    with pytest.raises(ValueError, match="crc.txt.gz: cannot be read past line 20000"):
+        list(data.read_documents([tmp_path / "crc.txt.gz"]))
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_empty.txt").write_text("")
+    (folder / "b_blank.jsonl").write_text("\n  \n")
+    (folder / "c.txt").write_text("kept")
+    with pytest.warns(data.CorpusWarning) as caught:
+        assert list(data.read_documents([folder])) == ["kept"]
+    assert sorted(str(w.message).rsplit("/", 1)[-1] for w in caught) == [
+        "a_empty.txt holds no text; skipped", "b_blank.jsonl holds no text; skipped"]
+
+
+def test_jsonl_errors_say_what_the_line_holds(tmp_path):
+    cases = {'{"body": "x"}': r"got an object with keys \['body'\]", '["x"]': "got a JSON list",
+             '{"text": null}': 'got a "text" of type NoneType'}
+    for line, got in cases.items():
+        (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
+        with pytest.raises(ValueError, match=r'bad.jsonl:2: each JSONL line must be an object with a "text" string, '
+                                             + got):
+            list(data.read_documents([tmp_path / "bad.jsonl"]))
+
+
 # --------------------------------------------------------------------------- tokenizer
 def test_tokenizer_special_tokens_unknown_chars_and_round_trip(tokenizer, tmp_path):
     special = data.special_ids(tokenizer)
@@ -88,6 +143,52 @@ def test_load_tokenizer_errors(tmp_path):
         data.load_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="vocab_size"):
         data.train_tokenizer(["a b c"], vocab_size=10)
+
+
+def test_vocab_txt_duplicates_and_binary_files_are_refused_by_name(tmp_path):
+    specials = "\n".join(data.SPECIAL_TOKENS)
+    (tmp_path / "vocab.txt").write_text(f"{specials}\nhello\nworld\nhello\n")
+    with pytest.raises(ValueError, match=r"vocab.txt:8: the token 'hello' is already on line 6"):
+        data.load_tokenizer(tmp_path / "vocab.txt")
+    (tmp_path / "vocab.txt").write_bytes(specials.encode() + b"\nok\n\x89PNG\x00\xff\n")
+    with pytest.raises(ValueError, match=r"vocab.txt is not a UTF-8 text file \(byte 34, on line 7, is not UTF-8\)"):
+        data.load_tokenizer(tmp_path / "vocab.txt")
+    # ids are line indexes, as tokenizers reads them: trailing blanks and \r\n ignored, a BOM too
+    (tmp_path / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + specials.encode() + b"\r\nhello  \r\n##s\n")
+    tokenizer = data.load_tokenizer(tmp_path / "vocab.txt")
+    assert tokenizer.get_vocab()["[PAD]"] == 0 and tokenizer.encode("hellos", add_special_tokens=False).ids == [5, 6]
+
+
+def test_tokenizer_json_truncation_and_padding_are_turned_off(tokenizer, tmp_path):
+    saved = data.load_tokenizer(_save(tokenizer, tmp_path / "plain.json"))
+    saved.enable_truncation(max_length=16)
+    saved.enable_padding(length=64, pad_id=0, pad_token="[PAD]")
+    path = _save(saved, tmp_path / "tokenizer.json")
+    assert json.loads(path.read_text())["truncation"] and json.loads(path.read_text())["padding"]
+    loaded = data.load_tokenizer(path)
+    assert loaded.truncation is None and loaded.padding is None
+    docs = ["lists hold items " * 20, "short"]
+    expected = [t for e in tokenizer.encode_batch(docs, add_special_tokens=False) for t in e.ids]
+    special = data.special_ids(tokenizer).all
+    packed = [t for r in data.iter_rows(docs, loaded, 32) for s in r.segments for t in s.tolist() if t not in special]
+    assert len(expected) > 60 and packed == expected  # every token, no [PAD]
+    with pytest.raises(ValueError, match=r"truncation=\{.*'max_length': 16.*padding=\{.*off"):
+        list(data.iter_rows(docs, saved, 32))  # a tokenizer built in code is checked, not changed
+
+
+def _save(tokenizer, path):
+    tokenizer.save(str(path))
+    return path
+
+
+def test_trained_alphabet_and_empty_training_text():
+    tokenizer = data.train_tokenizer(["ab ab ab, cb"] * 3, vocab_size=105)
+    vocab = tokenizer.get_vocab(with_added_tokens=False)
+    # every character is a piece of its own, also one only seen inside words (b), as WordPieceTrainer has it
+    assert {"a", "b", "c", ",", "##b", "ab"} <= vocab.keys() and not any("\U000f0000" <= c for t in vocab for c in t)
+    assert tokenizer.encode("ab cb b", add_special_tokens=False).tokens == ["ab", "cb", "b"]
+    with pytest.raises(ValueError, match="hold no text"):
+        data.train_tokenizer(["", "  \n"], vocab_size=200)
 
 
 # --------------------------------------------------------------------------- segments and packing
@@ -234,6 +335,14 @@ def test_stream_efficiency_and_sharding(tokenizer, tmp_path):
     r0 = next(iter(data.BatchStream([path], tokenizer, collator, rank=0, world_size=2, shuffle_rows=8)))
     r1 = next(iter(data.BatchStream([path], tokenizer, collator, rank=1, world_size=2, shuffle_rows=8)))
     assert not torch.equal(r0.input_ids, r1.input_ids)
+
+
+def test_validation_data_without_text_is_an_error(tokenizer, tmp_path):
+    (tmp_path / "valid.txt").write_text("\n\n")
+    collator = data.MaskingCollator(tokenizer, 32, 4)
+    with pytest.warns(data.CorpusWarning, match="holds no text"):
+        with pytest.raises(ValueError, match=r"the validation data \(.*valid.txt.*\) holds no text for rank 0"):
+            data.eval_batches([tmp_path / "valid.txt"], tokenizer, collator)
 
 
 def test_unigram_baseline_by_hand():

@@ -3,6 +3,7 @@
 checkpoints get clear errors. Everything is built locally from random weights (no hub)."""
 import json
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -120,12 +121,47 @@ def test_pytorch_model_bin_and_bert_model_checkpoints(tmp_path):
 
     encoder = BertModel(hf_config()).eval()  # no MLM head, a pooler, no "bert." prefix
     encoder.save_pretrained(tmp_path / "encoder")
-    ours = load_hf(tmp_path / "encoder").eval()
+    with pytest.warns(UserWarning, match=r"encoder has no MLM head .* the MLM head is randomly initialised"):
+        ours = load_hf(tmp_path / "encoder").eval()
     ids, mask, _ = batch("right")
     with torch.no_grad():
-        expected = encoder(ids, attention_mask=mask.long()).last_hidden_state
-        torch.testing.assert_close(ours(ids, attention_mask=mask).hidden_states[mask], expected[mask],
-                                   atol=1e-5, rtol=1e-5)
+        expected = encoder(ids, attention_mask=mask.long())
+        got = ours(ids, attention_mask=mask)
+    torch.testing.assert_close(got.hidden_states[mask], expected.last_hidden_state[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_pooler_survives_import_and_export(tmp_path, padding):
+    """BertModel -> fastmlm -> export: BertModel and BertForMaskedLM load it; pooler output unchanged."""
+    encoder = BertModel(hf_config()).eval()
+    with torch.no_grad():
+        encoder.pooler.dense.bias.normal_()
+    encoder.save_pretrained(tmp_path / "encoder")
+    with pytest.warns(UserWarning, match="has no MLM head"):
+        ours = load_hf(tmp_path / "encoder").eval()
+    assert ours.pooler is not None
+    save_hf(ours, tmp_path / "out")
+    again, info = BertModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"], info  # it has no MLM head: at most the head keys are left unused
+    assert all(k.startswith("cls.predictions.") for k in info["unexpected_keys"]), info
+    mlm, info = BertForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"], info  # it has no pooler: at most the pooler keys are left unused
+    assert all("pooler" in k for k in info["unexpected_keys"]), info
+    ids, mask, labels = batch(padding)
+    hf_mask = None if mask is None else mask.long()
+    with torch.no_grad():
+        expected = encoder(ids, attention_mask=hf_mask).pooler_output
+        torch.testing.assert_close(ours(ids, attention_mask=mask).pooler_output, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again.eval()(ids, attention_mask=hf_mask).pooler_output, expected,
+                                   atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mlm.eval()(ids, attention_mask=hf_mask, labels=labels).loss,
+                                   ours(ids, attention_mask=mask, labels=labels).loss, atol=1e-5, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the export has an MLM head now: no warning
+        back = load_hf(tmp_path / "out")
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
 
 
 def test_unknown_missing_and_untied_keys_are_listed(tmp_path):
@@ -190,6 +226,18 @@ def test_attention_dropout_is_dropped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="attention_probs_dropout_prob=0.1 is dropped"):
         model = load_hf(folder)
     assert model.config.attention_dropout == 0.0 and model.config.hidden_dropout == 0.1
+
+
+def test_save_hf_refuses_an_existing_file_or_a_non_empty_folder(tmp_path):
+    model = FastMLMForMaskedLM(preset("tiny"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"output directory {tmp_path / 'file'} is an existing file"):
+        save_hf(model, tmp_path / "file")
+    save_hf(model, tmp_path / "empty")  # new
+    with pytest.raises(ValueError, match=f"output directory {tmp_path / 'empty'} is not empty"):
+        save_hf(model, tmp_path / "empty")
+    (tmp_path / "made").mkdir()
+    assert (save_hf(model, tmp_path / "made") / "model.safetensors").is_file()  # existing but empty
 
 
 def test_export_refuses_what_bert_cannot_express(tmp_path):

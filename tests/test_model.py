@@ -157,6 +157,72 @@ def test_a_sequence_of_length_one_and_an_empty_one_in_a_batch():
     assert all(torch.isfinite(t).all() for t in g.values())
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_sequence_length_zero_gives_the_empty_result(with_mask):
+    """(B, 0) input_ids hold no token: empty hidden states, loss 0, zero grads, zero logits rows."""
+    model = make_model()
+    ids = torch.zeros(3, 0, dtype=torch.long)
+    mask = torch.zeros(3, 0, dtype=torch.bool) if with_mask else None
+    out, g = run(model, ids, attention_mask=mask, labels=torch.full((3, 0), -100))
+    assert out.hidden_states.shape == (3, 0, 32) and out.loss.item() == 0.0 and out.n_masked.item() == 0
+    assert all((t == 0).all() for t in g.values())
+    logits = model.masked_logits(ids, attention_mask=mask, positions=torch.full((2,), -1))
+    assert logits.shape == (2, 123) and (logits == 0).all()
+
+
+# NaN in must mean NaN out, and padding must never contribute. Short sequences (< 16 tokens)
+# on purpose: there ATen's CPU attention kernel turned a NaN query into a finite output.
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_nan_in_a_weight_or_a_used_embedding_gives_a_nan_loss(backend, padded):
+    ids, mask, labels = make_batch([8, 5] if padded else [8, 8], 8)
+    kwargs = dict(attention_mask=mask if padded else None, labels=labels)
+    poisons = {"query weight": lambda m: m.layers[0].qkv.weight[0],  # row 0 = head 0 of the query
+               "word embedding": lambda m: m.embeddings.word.weight[ids[0, 3]]}
+    for what, row in poisons.items():
+        model = make_model(attention_backend=backend, loss_backend=backend)
+        with torch.no_grad():
+            row(model)[0] = float("nan")
+        out = model(ids, **kwargs)
+        assert torch.isnan(out.loss), f"{what}: finite loss {out.loss.item()} from a NaN weight"
+        # attention spreads the NaN to every token of row 0 (and the query weight's to every row)
+        assert torch.isnan(out.hidden_states[0][mask[0]]).all(), what
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_nan_under_padding_does_not_reach_real_rows(backend):
+    model = make_model(attention_backend=backend, loss_backend=backend)
+    ids, mask, labels = make_batch([9, 5], 11)  # positions 9 and 10 hold padding only
+    ids[~mask] = 77
+    clean = model(ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        model.embeddings.position.weight[9:] = float("nan")
+    poisoned = model(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(poisoned.loss, clean.loss)
+    torch.testing.assert_close(poisoned.hidden_states, clean.hidden_states)
+    with torch.no_grad():  # the word under the padding; the loss would see it through the tied decoder
+        model.embeddings.word.weight[77] = float("nan")
+    torch.testing.assert_close(model(ids, attention_mask=mask).hidden_states, clean.hidden_states)
+
+
+def test_pooler_is_dense_tanh_of_each_first_token():
+    model = FastMLMForMaskedLM(preset("tiny", **SMALL), pooler=True).eval()
+    with torch.no_grad():
+        model.pooler.dense.bias.normal_()
+    ids, mask, _ = make_batch([7, 3, 0], 7)
+    out = model(ids, attention_mask=mask)
+    expected = torch.tanh(model.pooler.dense(out.hidden_states[:, 0]))
+    expected[2] = 0  # an empty row pools nothing
+    assert out.pooler_output.shape == (3, 32)
+    torch.testing.assert_close(out.pooler_output, expected)
+    packed = model(ids[mask], cu_seqlens=cu_seqlens_of([7, 3, 0]), max_seqlen=7)
+    torch.testing.assert_close(packed.pooler_output, expected)
+    torch.testing.assert_close(model(ids[:2, :3]).pooler_output[1], expected[1])  # no padding: the dense path
+    assert make_model()(ids, attention_mask=mask).pooler_output is None
+    with pytest.raises(ValueError, match="pooler must be True or False, got 'yes'"):
+        FastMLMForMaskedLM(preset("tiny"), pooler="yes")
+
+
 def test_dropout_only_in_training():
     model = make_model(hidden_dropout=0.5)
     ids, mask, _ = make_batch([6, 6], 6)
@@ -297,6 +363,11 @@ def test_bad_inputs_get_clear_errors():
         (dict(input_ids=ids, masked_positions=torch.tensor([0])), ValueError, "masked_positions needs labels"),
         (dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), ValueError, "exceeds max_position_embeddings=64"),
         (dict(input_ids=ids + 200), RuntimeError, r"input_ids must lie in \[0, 123\)"),
+        # a packed sequence longer than max_seqlen (here also than the 64 positions): caught before the embedding
+        (dict(input_ids=torch.ones(70, dtype=torch.long), cu_seqlens=cu_seqlens_of([3, 67]), max_seqlen=10),
+         RuntimeError, r"no packed sequence may be longer than max_seqlen=10 \(at most max_position_embeddings=64"),
+        (dict(input_ids=torch.ones(12, dtype=torch.long), cu_seqlens=cu_seqlens_of([12]), max_seqlen=4),
+         RuntimeError, "no packed sequence may be longer than max_seqlen=4"),
         (dict(input_ids=ids, token_type_ids=ids), RuntimeError, r"token_type_ids must lie in \[0, 2\)"),
         (dict(input_ids=ids, labels=torch.full_like(ids, 500)), RuntimeError, "labels must be -100 or a token id"),
         (dict(input_ids=ids, attention_mask=mask, labels=torch.where(mask, -100, 5)), RuntimeError,
@@ -324,6 +395,20 @@ def test_save_and_load_round_trip(tmp_path):
     ids, mask, labels = make_batch([9, 4], 9)
     torch.testing.assert_close(loaded.eval()(ids, attention_mask=mask, labels=labels).loss,
                                model(ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_save_pretrained_writes_a_manifest_and_keeps_the_pooler(tmp_path):
+    from fastmlm import checkpoint as ckpt
+
+    model = FastMLMForMaskedLM(preset("tiny", **SMALL), pooler=True)
+    model.save_pretrained(tmp_path)
+    assert sorted(ckpt.verify_checkpoint(tmp_path)["sha256"]) == ["config.json", "model.safetensors"]
+    loaded = FastMLMForMaskedLM.from_pretrained(tmp_path)
+    assert loaded.pooler is not None and torch.equal(loaded.pooler.dense.weight, model.pooler.dense.weight)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text().replace('"hidden_dropout": 0.0', '"hidden_dropout": 0.5'))
+    with pytest.raises(ckpt.CheckpointError, match="corrupt: config.json does not match"):
+        ckpt.verify_checkpoint(tmp_path)
 
 
 def test_load_errors(tmp_path):

@@ -150,9 +150,11 @@ def test_truncated_weights_are_a_clear_error(corpus, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ckpt.CheckpointError, match="does not match its sha256"):
         load_checkpoint(path)
-    (path / ckpt.MANIFEST).unlink()  # without the manifest, the safetensors header check still catches it
-    with pytest.raises(ValueError, match="not a valid safetensors file"):
+    (path / ckpt.MANIFEST).unlink()  # a folder without its manifest is refused...
+    with pytest.raises(ckpt.CheckpointError, match="manifest"):
         load_checkpoint(path)
+    with pytest.raises(ValueError, match="not a valid safetensors file"):  # ...and the header check still catches it
+        FastMLMForMaskedLM.from_pretrained(path)
 
 
 # --------------------------------------------------------------------------- runs

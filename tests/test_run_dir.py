@@ -1,0 +1,201 @@
+"""Run folders under faults: diverging losses, two processes on one folder, resume with changed
+settings, finished runs, kills while logs are rewritten and leftovers of killed saves."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmlm import checkpoint as ckpt
+from fastmlm import train
+from fastmlm.model import FastMLMForMaskedLM
+from mlm_corpus import make_small_corpus, one_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_small_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def tiny(corpus, out_dir, **overrides):
+    """A 2-layer, 32-wide model on the small corpus: a step takes milliseconds."""
+    base = dict(data=[str(corpus / "train.txt")], valid_data=[str(corpus / "valid.txt")],
+                tokenizer=str(corpus / "tokenizer.json"), out_dir=str(out_dir), progress=False,
+                model_overrides={"hidden_size": 32, "num_heads": 2, "hidden_dropout": 0.0})
+    return train.train_preset("tiny", **{**base, **overrides})
+
+
+def logged_steps(run_dir, split="train"):
+    with open(Path(run_dir) / "log.csv", newline="") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r["split"] == split]
+
+
+# --------------------------------------------------------------------------- NaN / inf
+def _poison_weights_at(monkeypatch, bad_step):
+    """Make the weights NaN just before step ``bad_step``'s forward, as a diverging run does."""
+    calls = {"n": 0}
+    real = train.accumulate_gradients
+
+    def accumulate(net, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == bad_step:
+            with torch.no_grad():
+                next(net.parameters()).fill_(float("nan"))
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(train, "accumulate_gradients", accumulate)
+
+
+@pytest.mark.parametrize("log_every,message", [
+    (1, "step 3: the training loss became NaN/inf"),
+    (4, "step 3: the training loss became NaN/inf"),  # read at step 4, but step 3 is named
+    (5, "step 4: a model weight became NaN/inf"),     # the save at step 4 comes before the log at 5
+])
+def test_divergence_stops_naming_the_step_and_keeps_the_finite_checkpoint(corpus, tmp_path, monkeypatch,
+                                                                          log_every, message):
+    _poison_weights_at(monkeypatch, 3)
+    cfg = tiny(corpus, tmp_path, max_steps=8, save_every=2, log_every=log_every, eval_every=100)
+    with pytest.raises(train.TrainingDiverged, match=message) as info:
+        train.train(cfg)
+    last = tmp_path / "checkpoints" / "step_00000002"
+    assert str(last) in str(info.value) and "--lr" in str(info.value)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints") == last
+    weights = FastMLMForMaskedLM.from_pretrained(last).state_dict().values()
+    assert all(torch.isfinite(w).all() for w in weights)
+    assert not (tmp_path / "summary.json").exists()
+    assert all(step < 3 for step in logged_steps(tmp_path))  # no NaN row
+    ckpt.RunLock(tmp_path).acquire().release()  # the lock went with the error
+
+
+def test_a_real_divergence_stops_the_run(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path, lr=1e30, warmup_steps=0, max_steps=6, save_every=2)
+    with pytest.raises(train.TrainingDiverged, match="step 2: the training loss became NaN/inf.*no checkpoint"):
+        train.train(cfg)
+    assert ckpt.list_checkpoints(tmp_path / "checkpoints") == []
+
+
+def test_non_finite_settings_are_refused():
+    for name in ("lr", "weight_decay", "clip_norm"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite number .* got inf"):
+            train.TrainConfig(**{name: math.inf}).validate()
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got nan"):
+        train.TrainConfig(lr=math.nan).validate()
+
+
+# --------------------------------------------------------------------------- the run lock
+def test_a_locked_run_folder_is_refused_and_kept(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2)
+    train.train(cfg)
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with ckpt.RunLock(tmp_path):  # a live run (this process, through another open file)
+        for kwargs in ({}, {"overwrite": True}, {"resume": "latest"}):
+            with pytest.raises(ckpt.RunLockedError, match=f"in use by another fastmlm run \\(pid {os.getpid()}"):
+                train.train(cfg, **kwargs)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    train.train(cfg, overwrite=True)  # free again
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
+    code = ("import sys, time; from fastmlm.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); time.sleep(120)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ckpt.RunLockedError, match=f"pid {holder.pid}"):
+            ckpt.RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up in the holder
+        holder.wait()
+    lock = ckpt.RunLock(tmp_path).acquire()
+    assert (tmp_path / ckpt.LOCK).read_text().strip() == str(os.getpid())
+    lock.release()
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_refuses_changed_settings_and_lists_them(corpus, tmp_path):
+    saved = tiny(corpus, tmp_path, max_steps=4)
+    with pytest.raises(ValueError) as info:
+        train.resumed_config(saved, saved, {"lr": 0.5, "seq_len": 16, "max_steps": 9,
+                                            "model_overrides": {"hidden_size": 64}})
+    text = str(info.value)
+    assert "--lr: the run has 0.002, asked 0.5" in text and "--seq-len: the run has 32, asked 16" in text
+    assert "--set: the run has" in text and "--max-steps" not in text.split("only these")[0]
+    assert "only these may change on resume: --max-steps, --stop-after" in text
+
+    # the same values, lists for tuples, and single --set entries are no change; RESUMABLE ones take effect
+    asked = {"betas": list(saved.betas), "seq_len": 32, "model_overrides": {"hidden_size": 32}, "max_steps": 9,
+             "log_every": 3, "eval_every": 5, "save_every": 7, "progress": True}
+    cfg = train.resumed_config(saved, saved, asked)
+    assert (cfg.max_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.progress) == (9, 3, 5, 7, True)
+    assert cfg.model_overrides == saved.model_overrides
+    with pytest.raises(ValueError, match="changes=.* resumed run"):
+        train.train(saved, changes={"max_steps": 9})
+
+
+def test_resume_extends_and_a_finished_run_is_left_alone(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2)
+    train.train(cfg)
+    files = {name: (tmp_path / name).read_bytes() for name in ("log.csv", "summary.json", "train_config.json")}
+    again = train.train(cfg, resume="latest")
+    assert "is finished (step 2 of max_steps 2)" in again["nothing_to_do"]
+    assert again["valid"]["n_masked"] > 0 and math.isfinite(again["final_train_loss"])  # the run's own summary
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000002"]
+
+    longer = train.train(cfg, resume="latest", changes={"max_steps": 3})
+    assert longer["step"] == 3 and logged_steps(tmp_path) == [1, 2, 3]
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 3
+    state = ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path / "checkpoints"))
+    assert json.loads(state["train_config"])["max_steps"] == 3  # a later resume continues the longer run
+
+
+# --------------------------------------------------------------------------- logs and leftovers
+def test_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    log = tmp_path / "log.csv"
+    log.write_text("step,split,loss\n1,train,5.0\n2,train,4.0\n3,train,3.0\n")
+    before = log.read_text()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt  # as a kill in the middle of the rewrite
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.Logger(tmp_path, True, resume_step=2)
+    assert log.read_text() == before
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_a_fresh_log(corpus, tmp_path):
+    (tmp_path / "log.csv").write_text("step,split,loss\n1,train,9.0\n2,train,8.0\n")  # the dead run's rows
+    (tmp_path / "summary.json").write_text("{}")
+    train.train(tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2))
+    assert logged_steps(tmp_path) == [1, 2]
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert all(float(r["loss"]) < 8.0 for r in csv.DictReader(f) if r["split"] == "train")
+    assert json.loads((tmp_path / "summary.json").read_text())["step"] == 2
+
+
+def test_leftovers_of_killed_saves_are_removed_at_start(corpus, tmp_path):
+    cfg = tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2, stop_after=1)
+    train.train(cfg)
+    checkpoints = tmp_path / "checkpoints"
+    leftovers = [checkpoints / ".step_00000002.tmp4000000", checkpoints / ".step_00000001.old77",
+                 checkpoints / f".latest.tmp{os.getpid()}", tmp_path / ".log.csv.tmp12"]
+    leftovers[0].mkdir()
+    (leftovers[0] / "model.safetensors").write_bytes(b"half")
+    leftovers[1].mkdir()
+    for path in leftovers[2:]:
+        path.write_text("half")
+    train.train(tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2), resume="latest")
+    assert not any(path.exists() for path in leftovers)
+    assert (checkpoints / "step_00000002").is_dir() and (tmp_path / ckpt.LOCK).exists()
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []
