@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fastmlm.ops import BackendUnavailable, attention, attention_reference
-from helpers import assert_error_ratio, backend_device, cu_seqlens_of, random_mask
+from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, backend_device, cu_seqlens_of,
+                     random_mask, strided_view)
 
 # Backends checked against the reference. Kernel issues append theirs with the right marker.
 FAST_BACKENDS = [
@@ -191,6 +192,8 @@ def test_explicit_backend_that_cannot_run_lists_reasons():
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(BackendUnavailable, match="cuda: "):
         attention(q, q, q, backend="cuda")
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot run these inputs"):
+        attention(q, q, q, backend="cuda")
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
@@ -204,6 +207,14 @@ def test_opcheck_torch_backend(layout):
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
 
 
+@pytest.mark.parametrize("kind", ["first_two_dims_swapped", "last_two_dims_swapped"])
+def test_opcheck_torch_backend_strided(kind):
+    """The fake kernels promise contiguous outputs and gradients, as the backends return, for any input strides."""
+    q, k, v = (strided_view(torch.randn(2, 5, 2, 8), kind).detach().requires_grad_() for _ in range(3))
+    args = (q, k, v, random_mask(2, 5, 1), None, 5, 0.35, "torch")
+    torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
+
+
 def test_torch_backend_fp64_gradients():
     q, k, v = (torch.randn(7, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     cu = cu_seqlens_of([4, 3])
@@ -212,3 +223,84 @@ def test_torch_backend_fp64_gradients():
     ref = _grads(attention(q, k, v, cu_seqlens=cu, max_seqlen=4, backend="reference"), (q, k, v), dout)
     for f, r in zip(fast, ref):
         torch.testing.assert_close(f, r)
+
+
+# --------------------------------------------------------------------------- strides, NaN and padding
+# The reference and torch backends; the kernel backends have the same checks in their own test files.
+CPU_BACKENDS = ["reference", "torch"]
+
+
+def _batch(layout):
+    """Shape and layout arguments of a small padded or packed batch with padding or empty sequences."""
+    if layout == "padded":
+        return (2, 9, 2, 16), dict(attention_mask=torch.tensor([[True] * 9, [True] * 4 + [False] * 5])), 9
+    return (10, 2, 16), dict(cu_seqlens=cu_seqlens_of([7, 0, 3])), 7
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("kind", STRIDED_KINDS)
+def test_strided_inputs(backend, layout, kind):
+    """Sliced, interleaved, fused-QKV and transposed views give the right outputs and gradients."""
+    shape, kw, max_seqlen = _batch(layout)
+    valid = kw["attention_mask"][:, :, None, None] if layout == "padded" else None
+    assert_backend_matches(
+        lambda q, k, v: attention(*(strided_view(t, kind) for t in (q, k, v)), **kw, max_seqlen=max_seqlen,
+                                  backend=backend),
+        lambda q, k, v, upcast: attention_reference(q, k, v, **kw, upcast=upcast)[0],
+        [torch.randn(shape) for _ in range(3)], valid)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("seqlen,masked", [(5, False), (5, True), (40, False)])
+def test_nonfinite_inputs_give_nan_rows(backend, seqlen, masked):
+    """NaN/inf in q makes its row NaN (ATen's short-sequence kernel used to hide a NaN query);
+    NaN in a real key or value reaches every row of its sequence and head."""
+    q, k, v = (torch.randn(2, seqlen, 2, 8) for _ in range(3))
+    q[0, 2, 0, 3], q[1, 1, 1, 0] = float("nan"), float("inf")
+    k[0, 1, 1, 5], v[1, 0, 0, 2] = float("nan"), float("nan")
+    expected = torch.zeros(2, seqlen, 2, dtype=torch.bool)
+    expected[0, 2, 0] = expected[1, 1, 1] = True
+    expected[0, :, 1] = expected[1, :, 0] = True
+    mask = torch.ones(2, seqlen, dtype=torch.bool) if masked else None
+    out = attention(q, k, v, attention_mask=mask, backend=backend)
+    assert torch.equal(~out.isfinite().all(-1), expected)
+    assert out[expected].isnan().any(-1).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_under_padding_never_reaches_real_rows(backend):
+    """Whatever is stored at padded keys and values (here NaN and inf) changes no real row,
+    in outputs or gradients, and they get zero gradients."""
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    clean = [torch.randn(2, 7, 2, 8) for _ in range(3)]
+    dirty = [t.clone() for t in clean]
+    dirty[1][1, 4:], dirty[2][1, 5:], dirty[2][1, 4, 0, 0] = float("nan"), float("nan"), float("inf")
+    dout = torch.randn(2, 7, 2, 8) * mask[:, :, None, None]
+    results = []
+    for tensors in (clean, dirty):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        out = attention(*inputs, attention_mask=mask, backend=backend)
+        results.append([out[mask], *(g for g in torch.autograd.grad(out, inputs, dout))])
+    for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
+        assert torch.isfinite(d).all(), name
+        torch.testing.assert_close(d, c, msg=name)
+    assert (results[1][2][~mask] == 0).all() and (results[1][3][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_one_packed_sequence_stays_there(backend):
+    """A NaN key and value of sequence 0 make its rows NaN and leave sequence 1 exactly as if run alone."""
+    lengths, cu = [3, 4], cu_seqlens_of([3, 4])
+    q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
+    k[1, 0, 0], v[2, 1, 0] = float("nan"), float("nan")
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs, cu_seqlens=cu, max_seqlen=4, backend=backend)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    assert out[:3].isnan().any(-1).all()
+    alone = [t[3:].clone().requires_grad_() for t in (q, k, v)]
+    out_alone = attention(*alone, cu_seqlens=cu_seqlens_of([4]), max_seqlen=4, backend=backend)
+    torch.testing.assert_close(out[3:], out_alone)
+    for g, g_alone in zip(grads, torch.autograd.grad(out_alone, alone, dout[3:])):
+        torch.testing.assert_close(g[3:], g_alone)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from fastmlm.ops import attention, block_sparse_attention
+from fastmlm.ops import attention, block_sparse_attention, block_sparse_attention_reference
 from fastmlm.ops import block_layout as L
-from helpers import assert_error_ratio, backend_device, cu_seqlens_of, random_mask
+from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, backend_device, cu_seqlens_of,
+                     random_mask, strided_view)
 
 FAST_BACKENDS = [
     pytest.param("torch", id="torch"),
@@ -90,7 +91,6 @@ def test_backend_error_ratio_per_head_layouts(backend, dtype):
 
 
 def reference_lowp(inputs, layout, mask):
-    from fastmlm.ops import block_sparse_attention_reference
     return block_sparse_attention_reference(*inputs, layout, attention_mask=mask, upcast=False)[0]
 
 
@@ -132,3 +132,99 @@ def test_opcheck_torch_backend():
     index, counts = layout.kv_blocks
     args = (q, k, v, None, None, 12, 0.35, layout.blocks, index, counts, None, 4, layout.window, layout.num_global, "torch")
     torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)
+
+
+# --------------------------------------------------------------------------- strides, NaN, padding, bad layouts
+CPU_BACKENDS = ["reference", "torch"]  # the Triton kernel has the same checks in test_block_sparse_triton.py
+
+
+def _layout(seqlen):
+    return L.sliding_window(seqlen, 2, 4) | L.global_tokens(seqlen, 1, 4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("kind", STRIDED_KINDS)
+def test_strided_inputs(backend, layout, kind):
+    """Sliced, interleaved, fused-QKV and transposed views give the right outputs and gradients."""
+    if layout == "padded":
+        shape, kw, max_seqlen = (2, 11, 2, 16), dict(attention_mask=random_mask(2, 11, 1)), 11
+        valid = kw["attention_mask"][:, :, None, None]
+    else:
+        shape, kw, max_seqlen, valid = (13, 2, 16), dict(cu_seqlens=cu_seqlens_of([9, 0, 4])), 9, None
+    bsl = _layout(max_seqlen)
+    assert_backend_matches(
+        lambda q, k, v: block_sparse_attention(*(strided_view(t, kind) for t in (q, k, v)), bsl, **kw,
+                                               max_seqlen=max_seqlen, backend=backend),
+        lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, bsl, **kw, upcast=upcast)[0],
+        [torch.randn(shape) for _ in range(3)], valid)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_under_padding_never_reaches_real_rows(backend):
+    mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
+    clean = [torch.randn(2, 10, 2, 8) for _ in range(3)]
+    dirty = [t.clone() for t in clean]
+    dirty[1][1, 6:], dirty[2][1, 7:] = float("nan"), float("inf")
+    dout = torch.randn(2, 10, 2, 8) * mask[:, :, None, None]
+    results = []
+    for tensors in (clean, dirty):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        out = block_sparse_attention(*inputs, _layout(10), attention_mask=mask, backend=backend)
+        results.append([out[mask], *torch.autograd.grad(out, inputs, dout)])
+    for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
+        assert torch.isfinite(d).all(), name
+        torch.testing.assert_close(d, c, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_layout_longer_than_the_batch(layout):
+    """One layout serves shorter batches: the reference and torch backends agree, values and gradients."""
+    bsl = L.from_dense_mask(torch.rand(2, 24, 24) < 0.5, 4) | _layout(24)
+    if layout == "padded":
+        shape, kw = (2, 13, 2, 8), dict(attention_mask=random_mask(2, 13, 1))
+    else:
+        shape, kw = (15, 2, 8), dict(cu_seqlens=cu_seqlens_of([10, 5]), max_seqlen=10)
+    inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
+    dout = torch.randn(shape, dtype=torch.float64)
+    results = []
+    for backend in ("reference", "torch"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = block_sparse_attention(*leaves, bsl, **kw, backend=backend)
+        results.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for ref, fast in zip(*results):
+        torch.testing.assert_close(fast, ref)
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: L.sliding_window(20, 2, block_size=0), "block_size must be an int >= 1, got 0"),
+        (lambda: L.sliding_window(0, 2, 8), "seqlen must be an int >= 1, got 0"),
+        (lambda: L.global_tokens(20, 1, block_size=-4), "block_size must be an int >= 1, got -4"),
+        (lambda: L.global_tokens(20, -1, 8), "num_global must be an int >= 0, got -1"),
+        (lambda: L.random_blocks(20, -1, 8), "blocks_per_row must be an int >= 0, got -1"),
+        (lambda: L.random_blocks(20, 1, 8, num_heads=0), "num_heads must be an int >= 1, got 0"),
+        (lambda: L.random_blocks(20, 1, block_size=2.5), "block_size must be an int >= 1, got 2.5"),
+        (lambda: L.dilated(20, 1, 2, block_size=0), "block_size must be an int >= 1, got 0"),
+        (lambda: L.dilated(20, 1, 0, 8), "dilation must be an int >= 1, got 0"),
+        (lambda: L.from_dense_mask(torch.ones(8, 8, dtype=torch.bool), 0), "block_size must be an int >= 1, got 0"),
+        (lambda: L.from_dense_mask(torch.ones(0, 0, dtype=torch.bool)), "non-empty bool"),
+        (lambda: L.BlockSparseLayout(torch.full((1, 2, 2), 3, dtype=torch.int8), 4, 8), r"0 \(skip\).*got \[3\]"),
+        (lambda: L.BlockSparseLayout(torch.tensor([[[1, -1], [0, 2]]]), 4, 8), r"got \[-1\]"),
+        (lambda: L.BlockSparseLayout(torch.ones(1, 2, 2), 4, 8), "integer tensor .* got torch.float32"),
+        (lambda: L.BlockSparseLayout(torch.ones(1, 2, 2, dtype=torch.bool), 4, 8), "integer tensor .* got torch.bool"),
+        (lambda: L.BlockSparseLayout(torch.ones(1, 2, 2, dtype=torch.int8), 4, 8, window=-2), "window must be"),
+        (lambda: L.BlockSparseLayout(torch.ones(1, 2, 2, dtype=torch.int8), 4, 8, token_mask=torch.ones(1, 8, 8)),
+         "token_mask must be a bool"),
+    ],
+)
+def test_bad_layout_arguments_have_clear_errors(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_layout_tiles_of_any_integer_dtype_become_int8():
+    layout = L.BlockSparseLayout(torch.tensor([[[1, 0], [2, 1]]]), 4, 8, window=1)
+    assert layout.blocks.dtype == torch.int8
+    assert torch.equal(layout.to_dense()[0, :4, :4], torch.ones(4, 4, dtype=torch.bool))

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
-from helpers import assert_error_ratio
+from helpers import STRIDED_KINDS, assert_error_ratio, strided_view
 
 FAST_BACKENDS = [
     pytest.param("torch", id="torch"),
@@ -140,6 +140,13 @@ def _call(**overrides):
         (dict(labels=torch.zeros(10)), ValueError, "dtype"),
         (dict(reduction="avg"), ValueError, "reduction"),
         (dict(label_smoothing=1.0), ValueError, "label_smoothing"),
+        (dict(label_smoothing=float("nan")), ValueError,
+         r"label_smoothing must be a finite number in \[0.0, 1.0\), got nan"),
+        (dict(label_smoothing=float("inf")), ValueError, "label_smoothing must be a finite number"),
+        (dict(z_loss=float("nan")), ValueError, r"z_loss must be a finite number >= 0.0, got nan"),
+        (dict(z_loss=float("inf")), ValueError, "z_loss must be a finite number >= 0.0, got inf"),
+        (dict(z_loss=-1e-3), ValueError, "z_loss must be a finite number >= 0.0, got -0.001"),
+        (dict(z_loss="1e-4"), ValueError, "z_loss must be a finite number >= 0.0, got '1e-4' \\(str\\)"),
         (dict(ignore_index=0), ValueError, "ignore_index"),
         (dict(labels=torch.full((10,), 7)), RuntimeError, "labels must be ignore_index"),
         (dict(positions=torch.tensor([3, 10])), RuntimeError, "positions must lie"),
@@ -169,3 +176,95 @@ def test_empty_batch(backend, positions, device):
     loss, correct = masked_lm_loss(h, w, b, torch.zeros(0, dtype=torch.long, device=device), positions=positions,
                                    return_accuracy=True, backend=backend)
     assert loss.item() == 0 and correct.item() == 0
+
+
+# --------------------------------------------------------------------------- NaN, strides, sizes, fp64
+CPU_BACKENDS = ["reference", "torch"]  # the kernel backends have the same checks in their own test files
+
+
+def _loss_and_grads(backend, h, w, b, labels, **kw):
+    inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, backend=backend, **kw)
+    return [loss, *torch.autograd.grad(loss, inputs)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+def test_nan_in_rows_that_do_not_count_never_reaches_loss_or_grads(backend, use_positions):
+    h, w, b, labels = make_batch(12, 8, 11, rate=0.0)
+    labels[[1, 4, 7]] = torch.tensor([3, 0, 9])
+    positions = torch.tensor([4, -1, 1, 7, -1]) if use_positions else None
+    dirty = h.clone()
+    dirty[[0, 2, 11]] = float("nan")  # ignore_index rows, never listed in positions
+    dirty[5, 3] = float("inf")
+    clean = _loss_and_grads(backend, h, w, b, labels, positions=positions, z_loss=1e-3, label_smoothing=0.1)
+    got = _loss_and_grads(backend, dirty, w, b, labels, positions=positions, z_loss=1e-3, label_smoothing=0.1)
+    for name, c, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], clean, got):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, c, msg=name)
+    # No row at all: the zero loss must not be built from the NaN either.
+    no_rows = _loss_and_grads(backend, dirty, w, b, labels, positions=torch.zeros(0, dtype=torch.long))
+    assert all(torch.isfinite(t).all() and (t == 0).all() for t in no_rows)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_in_a_counted_row_gives_nan_loss(backend):
+    h, w, b, labels = make_batch(12, 8, 11, rate=0.0)
+    labels[[1, 4]] = torch.tensor([3, 0])
+    h[4, 2] = float("nan")
+    assert masked_lm_loss(h, w, b, labels, backend=backend).isnan()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", STRIDED_KINDS)
+def test_strided_inputs(backend, kind):
+    """Views of hidden, weight, bias, labels and positions give the loss and gradients of contiguous copies."""
+    h, w, b, labels = make_batch(20, 8, 13, rate=0.4)
+    labels[0] = 5
+    positions = (labels != -100).nonzero()[:, 0]
+    kw = dict(label_smoothing=0.1, z_loss=1e-3)
+    exact_in = [t.double().requires_grad_() for t in (h, w, b)]
+    low_in = [t.clone().requires_grad_() for t in (h, w, b)]
+    fast_in = [t.clone().requires_grad_() for t in (h, w, b)]
+    for use_positions in (False, True):
+        pos = strided_view(positions, "last_dim_stride_2") if use_positions else None
+        exact = masked_lm_loss(*exact_in, labels, positions=pos, backend="reference", **kw)
+        rows = masked_lm_loss_reference(*low_in, labels, pos, -100, upcast=False, **kw)[0]
+        lowp = rows.sum() / (labels != -100).sum()
+        views = [strided_view(t, k) for t, k in zip(fast_in, (kind, kind, "last_dim_stride_2"))]  # bias is 1-d
+        fast = masked_lm_loss(*views, strided_view(labels, "interleaved"), positions=pos, backend=backend, **kw)
+        assert_error_ratio(fast, exact, lowp, 2.0, 1e-5 + torch.finfo(torch.float32).eps * exact.abs().item(), "loss")
+        for name, f, e, l in zip(["d_hidden", "d_weight", "d_bias"], torch.autograd.grad(fast, fast_in),
+                                 torch.autograd.grad(exact, exact_in), torch.autograd.grad(lowp, low_in)):
+            assert_error_ratio(f, e, l, 3.0, 1e-5, name)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_hidden_size_zero_has_the_defined_result(backend, use_bias, device):
+    """With no hidden features the logits are the bias (or zeros): a plain cross-entropy over them."""
+    labels = torch.tensor([2, -100, 0, 4], device=device)
+    h = torch.zeros(4, 0, device=device, requires_grad=True)
+    w = torch.zeros(5, 0, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True) if use_bias else None
+    loss = masked_lm_loss(h, w, b, labels, backend=backend)
+    logits = (b if use_bias else torch.zeros(5, device=device)).expand(4, 5)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    grads = torch.autograd.grad(loss, [t for t in (h, w, b) if t is not None])
+    assert grads[0].shape == (4, 0) and grads[1].shape == (5, 0)
+    if use_bias:
+        torch.testing.assert_close(grads[2], torch.autograd.grad(F.cross_entropy(logits, labels), b)[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp64_inputs_give_fp64_loss_and_pass_gradcheck(backend):
+    h, w, b, labels = make_batch(6, 4, 7, rate=0.5, dtype=torch.float64)
+    labels[0] = 1
+    positions = torch.tensor([0, -1, 3, 5])
+    assert masked_lm_loss(h, w, b, labels, backend=backend).dtype == torch.float64
+    assert masked_lm_loss(h, w, b, labels, reduction="none", backend=backend).dtype == torch.float64
+    assert masked_lm_loss(h, w, b, labels, positions=torch.full((2,), -1), backend=backend).dtype == torch.float64
+    for pos in (None, positions):
+        def fn(h, w, b):
+            return masked_lm_loss(h, w, b, labels, positions=pos, label_smoothing=0.1, z_loss=1e-2, backend=backend)
+        assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (h, w, b)])

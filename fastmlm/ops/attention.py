@@ -14,9 +14,14 @@ sequence, with no causal mask):
     [pad row]   x  x  x  x   .        (padded query rows are computed but meaningless)
 
 Returns ``out`` shaped like ``q`` in q's dtype and, with ``return_lse``, the fp32
-log-sum-exp of each query row's scaled scores, shaped ``q.shape[:-1]``.
+(fp64 for fp64 inputs) log-sum-exp of each query row's scaled scores, shaped
+``q.shape[:-1]``. Outputs and gradients are contiguous, whatever the input strides.
 A row with no real key (an all-padding sequence, a zero-length packed
 sequence) outputs zeros with lse = -inf, and gets zero gradients.
+
+Padding never contributes to a real row, in outputs or gradients, whatever it
+holds: a NaN stored at a padded key or value (or, packed, in another sequence)
+stays there. A NaN or inf that a row does see makes that row NaN (non-finite).
 
 Backends: ``reference`` (below, fp32/fp64 math, plain autograd), ``torch``
 (CPU flash attention through ATen), ``triton`` (kernels/attention.py),
@@ -64,32 +69,38 @@ def attention_reference(
     The packed layout loops over sequences on the host: this is an oracle.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    acc = checks.accum_dtype(q.dtype)  # the dtype of lse
     if cu_seqlens is not None:
-        outs, lses = [q.new_zeros((0,) + q.shape[1:])], [q.new_zeros((0, q.shape[1]), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)]
+        # Slicing each sequence out keeps the other sequences' tokens out of its products.
+        outs, lses = [q.new_zeros((0,) + q.shape[1:])], [q.new_zeros((0, q.shape[1]), dtype=acc)]
         bounds = cu_seqlens.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
-            tm = None if token_mask is None else token_mask[:, : end - start, : end - start]
             o, l = attention_reference(q[None, start:end], k[None, start:end], v[None, start:end],
-                                       None, None, scale, tm, upcast)
+                                       None, None, scale, token_mask, upcast)
             outs.append(o[0])
-            lses.append(l[0].to(lses[0].dtype))
+            lses.append(l[0])
         return torch.cat(outs), torch.cat(lses)
 
-    compute = q.dtype if not upcast else (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    compute = acc if upcast else q.dtype
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
-    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale  # (B, H, S, S)
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    seqlen = q.shape[1]
+    keep = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device)[None, None]  # (B, H, S, S) broadcast
     if attention_mask is not None:
-        keep = keep & attention_mask.bool()[:, None, None, :]
+        real = attention_mask.bool()
+        keep = keep & real[:, None, None, :]
+        # Masking the scores is not enough: 0 * NaN is NaN, so a NaN stored under a padded
+        # key or value would still reach every real row. Zero them before the products.
+        kc, vc = (torch.where(real[:, :, None, None], t, 0) for t in (kc, vc))
     if token_mask is not None:
-        keep = keep & token_mask[None]
+        keep = keep & token_mask[None, :, :seqlen, :seqlen]  # one layout serves shorter batches
+    scores = torch.einsum("bqhd,bkhd->bhqk", qc, kc) * scale  # (B, H, S, S)
     scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores.float() if compute != torch.float64 else scores, dim=-1)  # (B, H, S)
+    lse = torch.logsumexp(scores.to(acc), dim=-1)  # (B, H, S)
     has_key = keep.any(dim=-1)
     probs = torch.where(has_key[..., None], torch.softmax(scores, dim=-1), 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vc)
     lse = lse.masked_fill(~has_key, float("-inf")).transpose(1, 2)  # (B, S, H)
-    return out.to(q.dtype), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out.to(q.dtype), lse
 
 
 # --------------------------------------------------------------------------- validation
@@ -153,7 +164,8 @@ def _attention_fwd(
 
 @_attention_fwd.register_fake
 def _(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    # Every backend returns contiguous tensors, whatever the strides of its inputs.
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=checks.accum_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastmlm::attention_bwd", mutates_args=())
@@ -166,7 +178,7 @@ def _attention_bwd(
 
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -204,7 +216,7 @@ def attention(
 
     q, k, v: (B, S, H, D) with optional attention_mask (B, S), or (T, H, D) with
     cu_seqlens (B+1,) int32 and max_seqlen. Returns out (same shape/dtype as q),
-    or (out, lse) with lse (q.shape[:-1], fp32) when return_lse is set.
+    or (out, lse) with lse (q.shape[:-1], fp32; fp64 for fp64 inputs) when return_lse is set.
     """
     max_seqlen = validate("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
     scale = validate_options("attention", backend, softmax_scale, q.shape[-1])

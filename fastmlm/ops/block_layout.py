@@ -23,6 +23,7 @@ whose sequences are at most ``seqlen`` long.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Optional
@@ -41,6 +42,19 @@ def _block_bounds(seqlen: int, block_size: int) -> tuple[Tensor, Tensor]:
 
 def _classify(full: Tensor, some: Tensor) -> Tensor:
     return torch.where(full, FULL, torch.where(some, PARTIAL, SKIP)).to(torch.int8)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """A Python int >= minimum, or a ValueError naming the argument, the value and the bound."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_sizes(seqlen, block_size) -> int:
+    """Check the two sizes every layout has; return the number of blocks per side."""
+    _check_int("seqlen", seqlen, 1)
+    _check_int("block_size", block_size, 1)
+    return -(-seqlen // block_size)
 
 
 def token_keep(blocks: Tensor, block_size: int, seqlen: int, window: int, num_global: int,
@@ -75,14 +89,30 @@ class BlockSparseLayout:
     token_mask: Optional[Tensor] = None
 
     def __post_init__(self):
-        nb = -(-self.seqlen // self.block_size) if self.block_size > 0 else 0
-        if self.block_size <= 0 or self.seqlen <= 0:
-            raise ValueError(f"block_size and seqlen must be positive, got {self.block_size}, {self.seqlen}")
-        if self.blocks.dim() != 3 or tuple(self.blocks.shape[1:]) != (nb, nb):
+        nb = _check_sizes(self.seqlen, self.block_size)
+        _check_int("window", self.window, -1)
+        _check_int("num_global", self.num_global, 0)
+        blocks = self.blocks
+        if not isinstance(blocks, Tensor) or blocks.dtype.is_floating_point or blocks.dtype.is_complex \
+                or blocks.dtype == torch.bool:
+            raise ValueError(f"blocks must be an integer tensor of tile states 0/1/2, got "
+                             f"{blocks.dtype if isinstance(blocks, Tensor) else type(blocks).__name__}")
+        if blocks.dim() != 3 or tuple(blocks.shape[1:]) != (nb, nb):
             raise ValueError(f"blocks must be (heads, {nb}, {nb}) for seqlen {self.seqlen} and block {self.block_size}, "
-                             f"got {tuple(self.blocks.shape)}")
-        if self.token_mask is not None and tuple(self.token_mask.shape[1:]) != (self.seqlen, self.seqlen):
-            raise ValueError(f"token_mask must be (heads, {self.seqlen}, {self.seqlen}), got {tuple(self.token_mask.shape)}")
+                             f"got {tuple(blocks.shape)}")
+        valid = (blocks >= SKIP) & (blocks <= PARTIAL)
+        if blocks.device.type == "cpu":  # layouts are built on the host: say which value is wrong
+            if not valid.all():
+                raise ValueError(f"blocks must hold only tile states 0 (skip), 1 (full) or 2 (partial), got "
+                                 f"{sorted(set(blocks[~valid].tolist()))}")
+        else:  # no host sync when a layout is moved to the GPU
+            torch._assert_async(valid.all(), "blocks must hold only tile states 0 (skip), 1 (full) or 2 (partial)")
+        object.__setattr__(self, "blocks", blocks.to(torch.int8))  # the dtype kernels read
+        tm = self.token_mask
+        if tm is not None and (not isinstance(tm, Tensor) or tm.dtype != torch.bool or tm.dim() != 3
+                               or tuple(tm.shape[1:]) != (self.seqlen, self.seqlen)):
+            got = f"{tm.dtype} {tuple(tm.shape)}" if isinstance(tm, Tensor) else type(tm).__name__
+            raise ValueError(f"token_mask must be a bool (heads, {self.seqlen}, {self.seqlen}) tensor, got {got}")
 
     @property
     def num_heads(self) -> int:
@@ -132,8 +162,8 @@ class BlockSparseLayout:
 # --------------------------------------------------------------------------- constructors
 def sliding_window(seqlen: int, window: int, block_size: int = 64) -> BlockSparseLayout:
     """Each token attends to tokens at most ``window`` positions away (symmetric)."""
-    if window < 0:
-        raise ValueError(f"window must be >= 0, got {window}")
+    _check_sizes(seqlen, block_size)
+    _check_int("window", window, 0)
     first, last = _block_bounds(seqlen, block_size)
     q0, q1, k0, k1 = first[:, None], last[:, None], first[None, :], last[None, :]
     nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)
@@ -143,8 +173,8 @@ def sliding_window(seqlen: int, window: int, block_size: int = 64) -> BlockSpars
 
 def global_tokens(seqlen: int, num_global: int, block_size: int = 64) -> BlockSparseLayout:
     """The first ``num_global`` tokens (e.g. [CLS]) attend to and are attended by everything."""
-    if num_global < 0:
-        raise ValueError(f"num_global must be >= 0, got {num_global}")
+    _check_sizes(seqlen, block_size)
+    _check_int("num_global", num_global, 0)
     first, last = _block_bounds(seqlen, block_size)
     full = (last[:, None] < num_global) | (last[None, :] < num_global)
     some = (first[:, None] < num_global) | (first[None, :] < num_global)
@@ -154,7 +184,9 @@ def global_tokens(seqlen: int, num_global: int, block_size: int = 64) -> BlockSp
 def random_blocks(seqlen: int, blocks_per_row: int, block_size: int = 64, num_heads: int = 1,
                   seed: int = 0) -> BlockSparseLayout:
     """BigBird-style: each query block attends ``blocks_per_row`` random key blocks, drawn per head."""
-    nb = -(-seqlen // block_size)
+    nb = _check_sizes(seqlen, block_size)
+    _check_int("blocks_per_row", blocks_per_row, 0)
+    _check_int("num_heads", num_heads, 1)
     gen = torch.Generator().manual_seed(seed)
     scores = torch.rand(num_heads, nb, nb, generator=gen)
     chosen = scores.argsort(dim=-1)[..., : min(blocks_per_row, nb)]
@@ -164,9 +196,9 @@ def random_blocks(seqlen: int, blocks_per_row: int, block_size: int = 64, num_he
 
 def dilated(seqlen: int, num_blocks: int, dilation: int, block_size: int = 64) -> BlockSparseLayout:
     """Key blocks at block distance 0, d, 2d, ... up to ``num_blocks * d`` on each side."""
-    if dilation < 1 or num_blocks < 0:
-        raise ValueError(f"need dilation >= 1 and num_blocks >= 0, got {dilation}, {num_blocks}")
-    nb = -(-seqlen // block_size)
+    nb = _check_sizes(seqlen, block_size)
+    _check_int("num_blocks", num_blocks, 0)
+    _check_int("dilation", dilation, 1)
     dist = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).abs()
     keep = (dist % dilation == 0) & (dist <= num_blocks * dilation)
     return BlockSparseLayout(_classify(keep, keep)[None], block_size, seqlen)
@@ -174,12 +206,14 @@ def dilated(seqlen: int, num_blocks: int, dilation: int, block_size: int = 64) -
 
 def from_dense_mask(mask: Tensor, block_size: int = 64) -> BlockSparseLayout:
     """Any token-level (H or 1, S, S) or (S, S) boolean mask; tiles it touches become partial or full."""
+    if not isinstance(mask, Tensor) or mask.dim() not in (2, 3) or mask.shape[-1] != mask.shape[-2] \
+            or mask.dtype != torch.bool or mask.numel() == 0:
+        got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a non-empty bool (H, S, S) or (S, S) tensor, got {got}")
     if mask.dim() == 2:
         mask = mask[None]
-    if mask.dim() != 3 or mask.shape[1] != mask.shape[2] or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool (H, S, S) or (S, S) tensor, got {mask.dtype} {tuple(mask.shape)}")
     heads, seqlen = mask.shape[0], mask.shape[1]
-    nb = -(-seqlen // block_size)
+    nb = _check_sizes(seqlen, block_size)
     pad = nb * block_size - seqlen
     # Pad with True for "all" and False for "any" so the short last block is judged on real tokens.
     tiles = lambda m: m.reshape(heads, nb, block_size, nb, block_size).transpose(2, 3).flatten(-2)

@@ -10,6 +10,8 @@ query may see (positions relative to each sequence's start):
 It is *defined* as dense attention under ``layout.to_dense()``; the fast
 backends must match that while visiting only the tiles the layout keeps.
 A query whose kept set is empty outputs zeros (lse = -inf) with zero gradients.
+As for dense attention, padding never contributes (whatever it holds), and a
+layout longer than the batch serves it: only its first max_seqlen tokens apply.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def _bsa_fwd(
 @_bsa_fwd.register_fake
 def _(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count, token_mask,
       block_size, window, num_global, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    # Every backend returns contiguous tensors, whatever the strides of its inputs.
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=checks.accum_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastmlm::block_sparse_attention_bwd", mutates_args=())
@@ -72,7 +75,7 @@ def _bsa_bwd(
 @_bsa_bwd.register_fake
 def _(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count,
       token_mask, block_size, window, num_global, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -6,6 +6,9 @@ CPU, a device-side assertion on a GPU, and never a silent wrong answer.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -35,3 +38,21 @@ def assert_async(op: str, cond: torch.Tensor, msg: str) -> None:
     device-side assertion that stops the program at the next synchronisation.
     """
     torch._assert_async(cond, f"fastmlm.ops.{op}: {msg}")
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the references and torch backends compute in: fp64 stays fp64, the rest use fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_real(op: str, name: str, value, low: float, high: float | None = None) -> float:
+    """A finite Python number with ``low <= value`` (and ``value < high`` when given); returns it as a float.
+
+    NaN fails every comparison, so a bare ``value < low`` test would let it through.
+    """
+    expected = f"a finite number >= {low}" if high is None else f"a finite number in [{low}, {high})"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(op, f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not (math.isfinite(value) and low <= value and (high is None or value < high)):
+        fail(op, f"{name} must be {expected}, got {value!r}")
+    return float(value)

@@ -93,5 +93,5 @@ class Registry:
             if why is None:
                 return name
             reasons.append(f"  {name}: {why}")
-        head = "no backend" if backend == "auto" else f"backend {backend!r}"
-        raise BackendUnavailable(f"fastmlm.ops.{self.op}: {head} can run these inputs:\n" + "\n".join(reasons))
+        head = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
+        raise BackendUnavailable(f"fastmlm.ops.{self.op}: {head} run these inputs:\n" + "\n".join(reasons))

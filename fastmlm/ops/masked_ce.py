@@ -19,10 +19,16 @@ label smoothing and zl the z-loss weight:
 
     loss = (1 - eps) * (lse - z[t]) + eps * (lse - mean(z)) + zl * lse²
 
+A row that does not count never reaches the loss or the gradients, whatever its
+hidden state holds (NaN included); a NaN in a counted row makes the loss NaN.
+A hidden size of 0 is allowed: the logits are then the bias (or zeros).
+
 ``reduction``: "mean" (over counted rows; 0 when none count), "sum", or "none"
 (per row, shaped like ``positions`` or ``labels``, 0 at rows that do not count).
-The loss is fp32. ``return_accuracy`` also returns the number of counted rows
-whose argmax (first index among ties) is the target, an int64 0-d tensor.
+The loss is fp32, or fp64 for fp64 inputs (computed in fp64 throughout, so
+``torch.autograd.gradcheck`` applies). ``return_accuracy`` also returns the
+number of counted rows whose argmax (first index among ties) is the target, an
+int64 0-d tensor.
 """
 from __future__ import annotations
 
@@ -43,6 +49,12 @@ REGISTRY = Registry(
     },
 )
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def gather_rows(hidden: Tensor, index: Tensor, counts: Tensor) -> Tensor:
+    """hidden[index] with the rows that do not count zeroed: their logits would be dropped
+    anyway, but 0 * NaN is NaN, so a NaN there would still reach the weight gradient."""
+    return torch.where(counts[:, None], hidden[index], 0)
 
 
 def row_index(labels: Tensor, positions: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
@@ -78,15 +90,15 @@ def masked_lm_loss_reference(
     hidden (T, H), labels (T,). Computes in fp32 (fp64 for fp64 inputs), or in
     the input dtype with ``upcast=False``. Differentiable by plain autograd.
     """
-    compute = hidden.dtype if not upcast else (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    acc = checks.accum_dtype(hidden.dtype)
+    compute = acc if upcast else hidden.dtype
     index, counts = row_index(labels, positions, ignore_index)
-    rows = hidden[index].to(compute)
+    rows = gather_rows(hidden, index, counts).to(compute)
     logits = rows @ weight.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
     targets = torch.where(counts, labels[index], 0)
-    loss, lse, correct = per_row_terms(logits.to(torch.float64 if compute == torch.float64 else torch.float32),
-                                       targets, label_smoothing, z_loss)
+    loss, lse, correct = per_row_terms(logits.to(acc), targets, label_smoothing, z_loss)
     return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
 
 
@@ -102,8 +114,8 @@ def _masked_lm_loss_fwd(
 @_masked_lm_loss_fwd.register_fake
 def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, backend):
     rows = labels.shape[0] if positions is None else positions.shape[0]
-    f32 = hidden.new_empty(rows, dtype=torch.float32)
-    return f32, torch.empty_like(f32), hidden.new_empty(rows, dtype=torch.bool)
+    loss = hidden.new_empty(rows, dtype=checks.accum_dtype(hidden.dtype))
+    return loss, torch.empty_like(loss), hidden.new_empty(rows, dtype=torch.bool)
 
 
 @torch.library.custom_op("fastmlm::masked_lm_loss_bwd", mutates_args=())
@@ -117,7 +129,8 @@ def _masked_lm_loss_bwd(
 
 @_masked_lm_loss_bwd.register_fake
 def _(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss, backend):
-    return torch.empty_like(hidden), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    # Every backend returns contiguous gradients, whatever the strides of its inputs.
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
@@ -157,10 +170,8 @@ def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoot
         checks.fail(op, f"labels shape {tuple(labels.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}")
     if positions is not None:
         checks.check_tensor(op, "positions", positions, ndim=1, dtypes=checks.INDEX_DTYPES, device=hidden.device)
-    if not 0.0 <= label_smoothing < 1.0:
-        checks.fail(op, f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    if z_loss < 0.0:
-        checks.fail(op, f"z_loss must be >= 0, got {z_loss}")
+    checks.check_real(op, "label_smoothing", label_smoothing, 0.0, 1.0)
+    checks.check_real(op, "z_loss", z_loss, 0.0)
     if reduction not in REDUCTIONS:
         checks.fail(op, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if ignore_index >= 0:
@@ -183,12 +194,13 @@ def masked_lm_loss(
 ):
     """Masked-LM cross-entropy over the masked rows only (see the module docstring).
 
-    Returns the fp32 loss, or (loss, n_correct) with ``return_accuracy``.
+    Returns the loss (fp32; fp64 for fp64 inputs), or (loss, n_correct) with ``return_accuracy``.
     """
     _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction)
     out_shape = labels.shape if positions is None else positions.shape
-    hidden2d, labels1d = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    labels1d = labels.reshape(-1)
     vocab, tokens = weight.shape[0], labels1d.shape[0]
+    hidden2d = hidden.reshape(tokens, hidden.shape[-1])  # not -1: that is ambiguous when hidden_size is 0
     if positions is not None:
         checks.assert_async("masked_lm_loss", ((positions >= -1) & (positions < tokens)).all(),
                             f"positions must lie in [-1, {tokens})")
@@ -199,15 +211,18 @@ def masked_lm_loss(
     inputs = dict(hidden=hidden2d, weight=weight, bias=bias, labels=labels1d, positions=positions)
     name = REGISTRY.select(backend, hidden.device.type, inputs)
     if tokens == 0 or index.numel() == 0:  # nothing to project: zero loss, still differentiable
-        rows = (hidden2d.sum() * 0).float().expand(index.shape[0])
+        # Sums of empty slices: 0 whatever the inputs hold (0 * NaN would be NaN), and on
+        # every input's graph, so each gets a zero gradient.
+        zero = sum(t[:0].sum() for t in (hidden2d, weight, bias) if t is not None)
+        rows = zero.expand(index.shape[0])
         correct = counts
-    elif name == "reference":
+    elif name == "reference" or hidden.shape[-1] == 0:  # hidden size 0: the logits are the bias, nothing to launch
         rows, _, correct = masked_lm_loss_reference(hidden2d, weight, bias, labels1d, positions,
                                                     ignore_index, label_smoothing, z_loss)
     else:
         rows, _, correct = _masked_lm_loss_fwd(hidden2d, weight, bias, labels1d, positions,
                                                ignore_index, float(label_smoothing), float(z_loss), name)
-    rows = rows.float()
+    rows = rows.to(checks.accum_dtype(hidden.dtype))
     if reduction == "none":
         loss = rows.reshape(out_shape)
     elif reduction == "sum":

@@ -7,6 +7,11 @@ additive bias rather than -inf, so an all-padding row stays finite inside ATen;
 we then zero its output and gradients as the contract says. Packed batches are
 padded to (B, max_seqlen) on the device and unpadded afterwards; the tensors
 that travel together are stacked so each direction is one gather/scatter.
+
+Three things ATen does not do for us: it needs the head dim at unit stride
+(other views are copied), it lets 0 * NaN from padded keys and values into real
+rows (they are zeroed first), and its short-sequence kernel hides a NaN query
+(such rows are set to NaN).
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import padding
+from .. import checks, padding
 
 _ATEN_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -27,11 +32,25 @@ def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, **_) -> Opti
     return None
 
 
-def _to_padded(tensors, attention_mask, cu_seqlens, max_seqlen):
-    """(T, H, D) packed or (B, S, H, D) padded tensors -> their (B, H, S, D) views, the (B, S)
-    key mask, and the packed coordinates (None when padded)."""
+def _unit_stride(t: Tensor) -> Tensor:
+    """ATen's CPU flash kernels assume the head dim has stride 1 and silently read the wrong
+    elements otherwise (x[..., ::2], a transposed (S, D) view): copy only those."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _to_padded(tensors, attention_mask, cu_seqlens, max_seqlen, zero_padding: int):
+    """(T, H, D) packed or (B, S, H, D) padded tensors -> (B, H, S, D) views ATen can read, the
+    (B, S) key mask, and the packed coordinates (None when padded).
+
+    The first ``zero_padding`` tensors (the keys and values) are zero at padded positions:
+    ATen masks their scores, but 0 * NaN is NaN, so whatever padding holds would otherwise
+    reach the real rows. Packed batches are padded with zeros, which does that by itself.
+    """
     if cu_seqlens is None:
-        return [t.transpose(1, 2) for t in tensors], attention_mask, None
+        if attention_mask is not None:
+            real = attention_mask[:, :, None, None]
+            tensors = [torch.where(real, t, 0) if i < zero_padding else t for i, t in enumerate(tensors)]
+        return [_unit_stride(t).transpose(1, 2) for t in tensors], attention_mask, None
     coords = padding.packed_coords(cu_seqlens, tensors[0].shape[0])
     stacked, mask = padding.pad(torch.stack(tensors, dim=1), cu_seqlens, max_seqlen, coords)  # (B, S, n, H, D)
     return [t.transpose(1, 2) for t in stacked.unbind(2)], mask, coords
@@ -59,22 +78,27 @@ def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) ->
 
 
 def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
-    (qp, kp, vp), mask, coords = _to_padded([q, k, v], attention_mask, cu_seqlens, max_seqlen)
+    (kp, vp, qp), mask, coords = _to_padded([k, v, q], attention_mask, cu_seqlens, max_seqlen, zero_padding=2)
     bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
     out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
-    out = out * has_key[..., None]
-    lse = lse.masked_fill(~has_key, float("-inf")).float()  # (B, H, S)
+    # ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
+    # non-finite query makes its row NaN in the exact math, so say so explicitly.
+    finite = qp.isfinite().all(dim=-1)
+    out = out.masked_fill(~finite[..., None], float("nan")).masked_fill(~has_key[..., None], 0.0)
+    lse = lse.masked_fill(~finite, float("nan")).masked_fill(~has_key, float("-inf"))  # (B, H, S)
+    lse = lse.to(checks.accum_dtype(q.dtype))
     out, lse = _from_padded([out, lse], cu_seqlens, coords)
     return out, lse
 
 
 def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
-    (qp, kp, vp, outp, doutp), mask, coords = _to_padded([q, k, v, out, dout], attention_mask, cu_seqlens, max_seqlen)
+    (kp, vp, qp, outp, doutp), mask, coords = _to_padded([k, v, q, out, dout], attention_mask, cu_seqlens,
+                                                         max_seqlen, zero_padding=2)
     if coords is not None:
         lse, _ = padding.pad(lse, cu_seqlens, max_seqlen, coords)
     bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
     # Rows without keys: zero upstream gradient and a finite lse, so ATen yields zeros.
-    doutp = (doutp * has_key[..., None]).contiguous()
-    lse = lse.transpose(1, 2).masked_fill(~has_key, 0.0).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    grads = _ATEN_BWD(doutp, qp, kp, vp, outp, lse.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
-    return tuple(_from_padded(list(grads), cu_seqlens, coords))
+    doutp = doutp.masked_fill(~has_key[..., None], 0.0).contiguous()
+    lse = lse.transpose(1, 2).masked_fill(~has_key, 0.0).to(checks.accum_dtype(q.dtype))
+    dq, dk, dv = _ATEN_BWD(doutp, qp, kp, vp, outp, lse.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
+    return tuple(_from_padded([dq, dk, dv], cu_seqlens, coords))

@@ -2,7 +2,9 @@
 
 Forward and backward walk the rows in chunks sized so one chunk's fp32 logits
 stay near 32 MiB; the backward recomputes each chunk's logits from the saved
-log-sum-exp instead of keeping them. Runs on any device; the chunk loop has a
+log-sum-exp instead of keeping them. The math is fp32 (fp64 for fp64 inputs).
+Rows that do not count are zeroed before the projection, so nothing they hold
+reaches the loss or the gradients. Runs on any device; the chunk loop has a
 static trip count (R is a shape), so there is no host synchronisation.
 
 Gradient of one row's loss with respect to its logits z (p = softmax(z)):
@@ -15,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from ..masked_ce import per_row_terms, row_index
+from ..checks import accum_dtype
+from ..masked_ce import gather_rows, per_row_terms, row_index
 
 CHUNK_ELEMENTS = 1 << 23
 
@@ -30,17 +33,19 @@ def _chunks(rows: int, vocab: int):
 
 
 def _logits(h, weight, bias):
-    logits = (h @ weight.t()).float()
-    return logits if bias is None else logits + bias.float()
+    acc = accum_dtype(h.dtype)
+    logits = (h @ weight.t()).to(acc)
+    return logits if bias is None else logits + bias.to(acc)
 
 
 def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
     index, counts = row_index(labels, positions, ignore_index)
     targets = torch.where(counts, labels[index], 0)
+    acc = accum_dtype(hidden.dtype)
     loss, lse, correct = (torch.empty(index.shape[0], device=hidden.device, dtype=dt)
-                          for dt in (torch.float32, torch.float32, torch.bool))
+                          for dt in (acc, acc, torch.bool))
     for a, b in _chunks(index.shape[0], weight.shape[0]):
-        logits = _logits(hidden[index[a:b]], weight, bias)
+        logits = _logits(gather_rows(hidden, index[a:b], counts[a:b]), weight, bias)
         loss[a:b], lse[a:b], correct[a:b] = per_row_terms(logits, targets[a:b], label_smoothing, z_loss)
     return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
 
@@ -48,21 +53,24 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
 def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
     index, counts = row_index(labels, positions, ignore_index)
     targets = torch.where(counts, labels[index], 0)
-    g = torch.where(counts, grad_rows.float(), 0.0)
+    acc = accum_dtype(hidden.dtype)
+    g = grad_rows.to(acc)
     vocab = weight.shape[0]
-    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    d_bias = torch.zeros(vocab, device=weight.device, dtype=torch.float32)
+    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=acc)
+    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc)
+    d_bias = torch.zeros(vocab, device=weight.device, dtype=acc)
     for a, b in _chunks(index.shape[0], vocab):
-        h = hidden[index[a:b]]
+        h = gather_rows(hidden, index[a:b], counts[a:b])
         probs = torch.exp(_logits(h, weight, bias) - lse[a:b, None])
         dz = probs * (1.0 + 2.0 * z_loss * lse[a:b, None]) - label_smoothing / vocab
         dz.scatter_add_(1, targets[a:b, None], torch.full_like(dz[:, :1], label_smoothing - 1.0))
-        dz = (dz * g[a:b, None]).to(weight.dtype)
-        d_hidden.index_add_(0, index[a:b], (dz @ weight).float())
-        if dz.dtype == torch.float32:
+        # where, not a product: rows that do not count must give exactly 0, even if their
+        # recomputed probabilities (lse was saved as 0 for them) overflow.
+        dz = torch.where(counts[a:b, None], dz * g[a:b, None], 0.0).to(weight.dtype)
+        d_hidden.index_add_(0, index[a:b], (dz @ weight).to(acc))
+        if dz.dtype == acc:
             d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk
         else:
-            d_weight += (dz.t() @ h).float()
-        d_bias += dz.float().sum(0)
+            d_weight += (dz.t() @ h).to(acc)
+        d_bias += dz.to(acc).sum(0)
     return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype)
