@@ -25,12 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from fastmlm.ops import attention, attention_reference
+from fastmlm.testing import check_error_ratios, cu_seqlens_of, oracle_dtype, outputs_and_grads, reference_runs
 
-from .common import (cu_seqlens, fastmlm_backend, generator, randn, random_lengths, require_backend_device,
-                     require_module, zero_grads)
-from .harness import Skip, Workload, compare
+from .common import (fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, random_lengths,
+                     require_backend_device, require_module, zero_grads)
+from .harness import Skip, Workload
 
 OP = "attention"
+NAMES = ("out", "dq", "dk", "dv")  # the checked tensors: the output, then one gradient per input
+RATIOS = {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0}  # the error-ratio rule: outputs 2x, gradients 3x
 SDPA_BACKENDS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION",
                  "sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-math": "MATH"}
 MAX_DENSE_SCORES = 1 << 31  # reference / sdpa-math materialise B*H*S*S scores: skip beyond this
@@ -42,23 +45,17 @@ def _shape(batch, seqlen, heads, head_dim, layout, pass_="fwd+bwd", flex=True):
             "flex": flex}
 
 
-def shapes(preset: str) -> list[dict]:
-    layouts = ("full", "padded", "packed")
-    if preset == "smoke":
-        return [_shape(2, 24, 2, 16, layout) for layout in layouts]
-    if preset == "cpu":  # 4096 tokens per batch
-        return [_shape(4096 // s, s, 12, 64, layout) for s in (128, 512, 2048) for layout in layouts]
-    if preset == "gpu-check":  # issue 3's headline: 16k tokens at seq 512, 12 and 32 heads; one long shape
-        return [_shape(16384 // s, s, h, 64, layout, flex=(s, h) == (512, 12))
-                for s, h in ((512, 12), (512, 32), (2048, 12)) for layout in layouts]
-    if preset == "gpu":  # issue 3's full table
-        return [_shape(16384 // s, s, h, 64, layout, p) for s in (128, 512, 2048, 8192) for h in (12, 32)
-                for layout in layouts for p in ("fwd", "fwd+bwd")]
-    raise ValueError(f"unknown preset {preset!r}")
-
-
-def dtypes(preset: str) -> list[torch.dtype]:
-    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+LAYOUTS = ("full", "padded", "packed")
+SHAPES = {  # preset -> its shapes
+    "smoke": [_shape(2, 24, 2, 16, layout) for layout in LAYOUTS],
+    "cpu": [_shape(4096 // s, s, 12, 64, layout) for s in (128, 512, 2048) for layout in LAYOUTS],  # 4096 tokens
+    # issue 3's headline: 16k tokens at seq 512, 12 and 32 heads; one long shape
+    "gpu-check": [_shape(16384 // s, s, h, 64, layout, flex=(s, h) == (512, 12))
+                  for s, h in ((512, 12), (512, 32), (2048, 12)) for layout in LAYOUTS],
+    "gpu": [_shape(16384 // s, s, h, 64, layout, p) for s in (128, 512, 2048, 8192) for h in (12, 32)  # issue 3's table
+            for layout in LAYOUTS for p in ("fwd", "fwd+bwd")],
+}
+shapes, dtypes = preset_shapes(SHAPES), preset_dtypes
 
 
 def label(shape: dict) -> str:
@@ -143,7 +140,7 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
     real = (torch.arange(s)[None, :] < lengths[:, None]).to(device)  # (B, S) True = real token
     q, k, v, dout = (randn((b, s, h, d), dtype, device, gen) for _ in range(4))
     dout = dout * real[:, :, None, None]  # no gradient from padding rows
-    cu = cu_seqlens(lengths, device) if layout == "packed" else None
+    cu = cu_seqlens_of(lengths, device) if layout == "packed" else None
     mask = real if layout == "padded" else None
     if layout == "packed":
         q, k, v, dout = (t[real] for t in (q, k, v, dout))
@@ -184,41 +181,26 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
 
 def _check(fn, q, k, v, dout, real, lengths, layout, cu, device) -> str:
     """Provider vs reference on a slice small enough for the dense oracle (sequences and heads are independent)."""
-    zero_grads(q, k, v)
-    out = fn(q, k, v)
-    out.backward(dout)
-    fast = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-    zero_grads(q, k, v)
+    fast = outputs_and_grads(fn, (q, k, v), dout, names=NAMES)
 
     s, h = real.shape[1], q.shape[-2]
     n_seq = max(1, min(lengths.numel(), (1 << 22) // (s * s)))
     n_head = max(1, min(h, (1 << 24) // (n_seq * s * s)))
-    if layout == "packed":
-        stop = int(cu[n_seq])
-        pick = lambda t: t[:stop, :n_head]
-        sub_cu = cu[: n_seq + 1]
-        sub_mask = None
+    if layout == "packed":  # the first n_seq sequences, n_head heads: (tokens, heads, D)
+        sub = lambda t: t[: int(cu[n_seq]), :n_head]
+        real_rows = lambda t: t
+        sub_mask, sub_cu = None, cu[: n_seq + 1]
     else:
         rows = real[:n_seq]
-        pick = lambda t: t[:n_seq, :, :n_head][rows]  # real tokens only: (tokens, heads, D)
-        sub_cu = None
-        sub_mask = real[:n_seq] if layout == "padded" else None
-    fast = {name: pick(t) for name, t in fast.items()}
+        sub = lambda t: t[:n_seq, :, :n_head]
+        real_rows = lambda t: t[rows]  # real tokens only: (tokens, heads, D)
+        sub_mask, sub_cu = (real[:n_seq] if layout == "padded" else None), None
+    fast = {name: real_rows(sub(t)) for name, t in fast.items()}
 
-    def oracle(dtype, upcast):
-        if layout == "packed":
-            leaves = [t.detach()[: int(cu[n_seq]), :n_head].to(dtype).requires_grad_() for t in (q, k, v)]
-            g = dout[: int(cu[n_seq]), :n_head].to(dtype)
-        else:
-            leaves = [t.detach()[:n_seq, :, :n_head].to(dtype).requires_grad_() for t in (q, k, v)]
-            g = dout[:n_seq, :, :n_head].to(dtype)
-        o, _ = attention_reference(*leaves, attention_mask=sub_mask, cu_seqlens=sub_cu, upcast=upcast)
-        o.backward(g)
-        res = {"out": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
-        if layout == "packed":
-            return res
-        return {name: t[rows] for name, t in res.items()}
+    def reference(q, k, v, upcast):
+        return attention_reference(q, k, v, attention_mask=sub_mask, cu_seqlens=sub_cu, upcast=upcast)[0]
 
-    exact = oracle(torch.float64 if device == "cpu" else torch.float32, True)
-    lowp = oracle(q.dtype, False)
-    return compare(fast, exact, lowp, {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0})
+    exact, lowp = ({name: real_rows(t) for name, t in run.items()}
+                   for run in reference_runs(reference, [sub(t) for t in (q, k, v)], sub(dout), low_dtype=q.dtype,
+                                             exact_dtype=oracle_dtype(device), names=NAMES))
+    return check_error_ratios(fast, exact, lowp, RATIOS)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import torch
 
-from fastmlm.ops import attention, block_sparse_attention, block_sparse_attention_reference
+from fastmlm.ops import attention, attention_reference, block_sparse_attention, block_sparse_attention_reference
 from fastmlm.ops.block_layout import random_blocks
+from fastmlm.testing import check_error_ratios, oracle_dtype, outputs_and_grads, reference_runs
 
 from . import bench_attention
-from .common import fastmlm_backend, generator, randn, require_backend_device, zero_grads
-from .harness import Skip, Workload, compare
+from .bench_attention import NAMES, RATIOS
+from .common import fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, require_backend_device, zero_grads
+from .harness import Skip, Workload
 
 OP = "block_sparse_attention"
 MAX_DENSE_SCORES = 1 << 31
@@ -35,20 +37,13 @@ def _shape(seqlen, heads, density, batch=1, head_dim=64, block=128):
             "block": block, "pass": "fwd+bwd"}
 
 
-def shapes(preset: str) -> list[dict]:
-    if preset == "smoke":
-        return [_shape(64, 2, d, head_dim=16, block=16) for d in (0.5, 1.0)]
-    if preset == "cpu":
-        return [_shape(2048, 4, d) for d in (0.1, 0.25, 0.5, 1.0)]
-    if preset == "gpu-check":
-        return [_shape(8192, 12, d) for d in (0.1, 0.5, 1.0)]
-    if preset == "gpu":  # issue 9
-        return [_shape(s, 12, d) for s in (8192, 16384) for d in (0.1, 0.25, 0.5, 0.75, 1.0)]
-    raise ValueError(f"unknown preset {preset!r}")
-
-
-def dtypes(preset: str) -> list[torch.dtype]:
-    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+SHAPES = {  # preset -> its shapes
+    "smoke": [_shape(64, 2, d, head_dim=16, block=16) for d in (0.5, 1.0)],
+    "cpu": [_shape(2048, 4, d) for d in (0.1, 0.25, 0.5, 1.0)],
+    "gpu-check": [_shape(8192, 12, d) for d in (0.1, 0.5, 1.0)],
+    "gpu": [_shape(s, 12, d) for s in (8192, 16384) for d in (0.1, 0.25, 0.5, 0.75, 1.0)],  # issue 9
+}
+shapes, dtypes = preset_shapes(SHAPES), preset_dtypes
 
 
 def layout_of(shape: dict):
@@ -116,24 +111,17 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
 def _check(fn, q, k, v, dout, layout, dense: bool, device) -> str:
     """Against the reference of what the provider computes (dense attention for the dense-* baselines),
     on the first sequence and as many heads as a dense oracle affords."""
-    zero_grads(q, k, v)
-    out = fn(q, k, v)
-    out.backward(dout)
+    fast = outputs_and_grads(fn, (q, k, v), dout, names=NAMES)
     s = q.shape[1]
     n_head = max(1, min(q.shape[2], (1 << 24) // (s * s)))
     pick = lambda t: t[:1, :, :n_head]
-    fast = {"out": pick(out.detach()), "dq": pick(q.grad), "dk": pick(k.grad), "dv": pick(v.grad)}
-    zero_grads(q, k, v)
+    fast = {name: pick(t) for name, t in fast.items()}
 
-    def oracle(dtype, upcast):
-        leaves = [pick(t.detach()).to(dtype).requires_grad_() for t in (q, k, v)]
+    def reference(q, k, v, upcast):
         if dense:
-            from fastmlm.ops import attention_reference
-            o, _ = attention_reference(*leaves, upcast=upcast)
-        else:
-            o, _ = block_sparse_attention_reference(*leaves, layout, upcast=upcast)
-        o.backward(pick(dout).to(dtype))
-        return {"out": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+            return attention_reference(q, k, v, upcast=upcast)[0]
+        return block_sparse_attention_reference(q, k, v, layout, upcast=upcast)[0]
 
-    exact = oracle(torch.float64 if device == "cpu" else torch.float32, True)
-    return compare(fast, exact, oracle(q.dtype, False), {"out": 2.0, "dq": 3.0, "dk": 3.0, "dv": 3.0})
+    exact, lowp = reference_runs(reference, [pick(t) for t in (q, k, v)], pick(dout), low_dtype=q.dtype,
+                                 exact_dtype=oracle_dtype(device), names=NAMES)
+    return check_error_ratios(fast, exact, lowp, RATIOS)

@@ -24,31 +24,29 @@ import torch
 import torch.nn.functional as F
 
 from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
+from fastmlm.testing import check_error_ratios, oracle_dtype, outputs_and_grads, reference_runs
 
-from .common import fastmlm_backend, generator, randn, require_backend_device, require_module, zero_grads
-from .harness import Skip, Workload, compare
+from .common import (fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, require_backend_device,
+                     require_module, zero_grads)
+from .harness import Skip, Workload
 
 OP = "masked_lm_loss"
+NAMES = ("loss", "dh", "dw", "db")  # the checked tensors: the loss, then the gradients of hidden, weight, bias
+RATIOS = {"loss": 2.0, "dh": 3.0, "dw": 3.0, "db": 3.0}  # the error-ratio rule: outputs 2x, gradients 3x
 
 
 def _shape(tokens, hidden, vocab, rate=0.15):
     return {"tokens": tokens, "hidden": hidden, "vocab": vocab, "rate": rate, "pass": "fwd+bwd"}
 
 
-def shapes(preset: str) -> list[dict]:
-    if preset == "smoke":
-        return [_shape(64, 16, 123)]
-    if preset == "cpu":  # BERT-base head; memory against masked tokens up to issue 4's 32k tokens
-        return [_shape(t, 768, 30522) for t in (4096, 32768)]
-    if preset == "gpu-check":
-        return [_shape(t, 768, 30522) for t in (8192, 32768)]
-    if preset == "gpu":
-        return [_shape(t, 768, 30522) for t in (4096, 8192, 16384, 32768, 65536)]
-    raise ValueError(f"unknown preset {preset!r}")
-
-
-def dtypes(preset: str) -> list[torch.dtype]:
-    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+SHAPES = {  # preset -> its shapes
+    "smoke": [_shape(64, 16, 123)],
+    # BERT-base head; memory against masked tokens up to issue 4's 32k tokens
+    "cpu": [_shape(t, 768, 30522) for t in (4096, 32768)],
+    "gpu-check": [_shape(t, 768, 30522) for t in (8192, 32768)],
+    "gpu": [_shape(t, 768, 30522) for t in (4096, 8192, 16384, 32768, 65536)],
+}
+shapes, dtypes = preset_shapes(SHAPES), preset_dtypes
 
 
 def label(shape: dict) -> str:
@@ -133,13 +131,10 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
         zero_grads(h, w, b)  # after, not before: the peak-memory baseline then holds no gradients
 
     def check() -> str:
-        zero_grads(h, w, b)
-        loss = fn(h, w, b, labels, positions)
-        loss.backward()
-        fast = {"loss": loss.detach().float(), "dh": h.grad, "dw": w.grad, "db": b.grad}
-        zero_grads(h, w, b)
+        fast = outputs_and_grads(lambda h, w, b: fn(h, w, b, labels, positions), (h, w, b), names=NAMES)
+        fast["loss"] = fast["loss"].float()
         exact, lowp = _oracle(shape_key(shape), dtype, device)
-        return compare(fast, exact, lowp, {"loss": 2.0, "dh": 3.0, "dw": 3.0, "db": 3.0})
+        return check_error_ratios(fast, exact, lowp, RATIOS)
 
     rows = positions.numel()
     return Workload(step=step, check=check, flops=6.0 * rows * shape["hidden"] * vocab)
@@ -152,14 +147,13 @@ def shape_key(shape: dict) -> tuple:
 @functools.lru_cache(maxsize=1)
 def _oracle(key: tuple, dtype, device):
     """(exact, low-precision) loss and gradients of the reference on the gathered rows; cached per shape."""
-    shape = dict(key)
-    results = []
-    exact_dtype = torch.float64 if device == "cpu" else torch.float32
-    for compute, upcast in ((exact_dtype, True), (dtype, False)):
-        (h, w, b), labels, positions = _inputs(shape, dtype, device)
-        h, w, b = (x.detach().to(compute).requires_grad_() for x in (h, w, b))
+    (h, w, b), labels, positions = _inputs(dict(key), dtype, device)
+
+    def reference(h, w, b, upcast):
         rows, _, _ = masked_lm_loss_reference(h, w, b, labels, positions, upcast=upcast)
-        loss = rows.sum() / positions.numel()
-        loss.backward()
-        results.append({"loss": loss.detach().float(), "dh": h.grad, "dw": w.grad, "db": b.grad})
-    return results[0], results[1]
+        return rows.sum() / positions.numel()
+
+    runs = reference_runs(reference, (h, w, b), low_dtype=dtype, exact_dtype=oracle_dtype(device), names=NAMES)
+    for run in runs:
+        run["loss"] = run["loss"].float()
+    return runs

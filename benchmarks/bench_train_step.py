@@ -23,8 +23,10 @@ import math
 
 import torch
 
-from .common import generator, require_module
-from .harness import CheckFailed, Skip, Workload
+from fastmlm.testing import CheckFailed
+
+from .common import generator, preset_dtypes, preset_shapes, require_module
+from .harness import Skip, Workload
 
 OP = "train_step"
 HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
@@ -36,20 +38,13 @@ def _shape(preset, batch, seqlen, min_len, rate=0.15):
             "pass": "fwd+bwd+adamw"}
 
 
-def shapes(preset: str) -> list[dict]:
-    if preset == "smoke":
-        return [_shape("tiny", 2, 16, 4)]
-    if preset == "cpu":  # issue 5's CPU figure
-        return [_shape("mini", 32, 128, 32)]
-    if preset == "gpu-check":
-        return [_shape("base", 64, 128, 32), _shape("base", 16, 512, 128)]
-    if preset == "gpu":
-        return [_shape("base", 128, 128, 32), _shape("base", 32, 512, 128)]
-    raise ValueError(f"unknown preset {preset!r}")
-
-
-def dtypes(preset: str) -> list[torch.dtype]:
-    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+SHAPES = {  # preset -> its shapes
+    "smoke": [_shape("tiny", 2, 16, 4)],
+    "cpu": [_shape("mini", 32, 128, 32)],  # issue 5's CPU figure
+    "gpu-check": [_shape("base", 64, 128, 32), _shape("base", 16, 512, 128)],
+    "gpu": [_shape("base", 128, 128, 32), _shape("base", 32, 512, 128)],
+}
+shapes, dtypes = preset_shapes(SHAPES), preset_dtypes
 
 
 def label(shape: dict) -> str:

@@ -1,4 +1,7 @@
-"""Pieces shared by the bench modules: provider names, random batches, peers' availability."""
+"""Pieces shared by the bench modules: provider names, dtypes, random batches, peers' availability.
+
+The checks against the reference (error-ratio rule, reference runs) live in :mod:`fastmlm.testing`.
+"""
 from __future__ import annotations
 
 import importlib
@@ -36,6 +39,24 @@ def require_module(name: str, what: str):
         raise Skip(f"{what} is not available ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
+def preset_shapes(table: dict[str, list[dict]]) -> Callable[[str], list[dict]]:
+    """A bench module's ``shapes(preset)`` from its table ``{preset: [shape, ...]}``.
+
+    Each call returns fresh copies of the shape dicts; an unknown preset raises ValueError.
+    """
+    def shapes(preset: str) -> list[dict]:
+        if preset not in table:
+            raise ValueError(f"unknown preset {preset!r}")
+        return [dict(shape) for shape in table[preset]]
+
+    return shapes
+
+
+def preset_dtypes(preset: str) -> list[torch.dtype]:
+    """A bench module's ``dtypes(preset)``: bf16 for the GPU presets, fp32 for the CPU ones."""
+    return [torch.bfloat16] if preset.startswith("gpu") else [torch.float32]
+
+
 def generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -53,23 +74,6 @@ def random_lengths(batch: int, seqlen: int, gen, low_fraction: float = 0.25) -> 
     return lengths
 
 
-def cu_seqlens(lengths: torch.Tensor, device) -> torch.Tensor:
-    return torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-
-
 def zero_grads(*tensors: torch.Tensor) -> None:
     for t in tensors:
         t.grad = None
-
-
-def grads_of(fn: Callable[[], torch.Tensor], leaves: dict, dout: Optional[torch.Tensor] = None) -> dict:
-    """Run fn, backpropagate dout (or the scalar), return {"out": out, name: grad} as fresh tensors."""
-    for t in leaves.values():
-        t.grad = None
-    out = fn()
-    out.backward(dout) if dout is not None else out.backward()
-    result = {"out": out.detach().clone()}
-    result.update({name: t.grad.detach().clone() for name, t in leaves.items()})
-    for t in leaves.values():
-        t.grad = None
-    return result

@@ -5,8 +5,9 @@ provider and shape); this module does the rest the same way for every op:
 
   1. build the workload; a provider that cannot run here raises :class:`Skip`
      (or fastmlm's ``BackendUnavailable``) and gets a "skipped" row with the reason;
-  2. check its output against the reference (``Workload.check``); a failed
-     check gets a "failed check" row and is never timed;
+  2. check its output against the reference (``Workload.check``, the error-ratio
+     rule of :mod:`fastmlm.testing`); a failed check gets a "failed check" row and
+     is never timed;
   3. time it: on a GPU with ``triton.testing.do_bench`` (warm-up, then the
      20/50/80th percentiles of many runs, L2 flushed between runs), or with CUDA
      events when triton is missing; on the CPU with ``time.perf_counter`` around
@@ -46,6 +47,7 @@ from typing import Callable, Optional
 import torch
 
 from fastmlm.ops import BackendUnavailable
+from fastmlm.testing import CheckFailed  # a provider's check raises it (fastmlm.testing.check_error_ratios)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -54,10 +56,6 @@ MIB = 1 << 20
 
 class Skip(Exception):
     """This provider cannot run here (missing package, unsupported device or shape); the message says why."""
-
-
-class CheckFailed(Exception):
-    """The provider's output disagrees with the reference; the message gives the errors."""
 
 
 @dataclass
@@ -245,39 +243,6 @@ def _memory_worker(spec_json: str) -> None:
     module = importlib.import_module(spec["module"])
     workload = module.make(spec["provider"], spec["shape"], dtype_of(spec["dtype"]), "cpu")
     print("PEAK_BYTES", rss_peak_of_call(workload.step, spec.get("warm_up", True)), flush=True)
-
-
-# --------------------------------------------------------------------------- correctness
-def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-
-
-def compare(fast: dict, exact: dict, lowp: dict, ratios: dict, rel_floor: float = 1e-4) -> str:
-    """The error-ratio rule of ARCHITECTURE.md on named tensors; return a note or raise CheckFailed.
-
-    For each name: max |fast - exact| <= ratio * max |lowp - exact| + floor, with
-    floor = rel_floor * max |exact| + 1e-6 (a sane allowance for fp32, where the
-    low-precision reference is nearly exact, and for long reductions).
-    """
-    notes, failures = [], []
-    for name, want in exact.items():
-        got = fast[name]
-        if tuple(got.shape) != tuple(want.shape):
-            failures.append(f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}")
-            continue
-        if not torch.isfinite(got.double()[torch.isfinite(want.double())]).all():
-            failures.append(f"{name}: non-finite values")
-            continue
-        err, base = max_abs_err(got, want), max_abs_err(lowp[name], want)
-        floor = rel_floor * float(want.double().abs().max()) + 1e-6 if want.numel() else 1e-6
-        limit = ratios.get(name, 3.0) * base + floor
-        notes.append(f"{name} err {err:.1e} (limit {limit:.1e})")
-        if not err <= limit:
-            failures.append(f"{name}: error {err:.3e} > {ratios.get(name, 3.0)} x low-precision error "
-                            f"{base:.3e} + {floor:.1e}")
-    if failures:
-        raise CheckFailed("; ".join(failures))
-    return ", ".join(notes)
 
 
 # --------------------------------------------------------------------------- one measurement

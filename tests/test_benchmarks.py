@@ -12,8 +12,9 @@ import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import bench_attention, bench_block_sparse, bench_masked_ce, bench_train_step, gpu_check, plot, tables
-from benchmarks.harness import (CheckFailed, Settings, Skip, Workload, compare, cpu_peak_rss, percentile,
-                                rss_peak_of_call, run_bench, summarise)
+from benchmarks.harness import (Settings, Skip, Workload, cpu_peak_rss, percentile, rss_peak_of_call, run_bench,
+                                summarise)
+from fastmlm.testing import CheckFailed, check_error_ratios
 
 REQUIRED = ("op", "provider", "shape", "dtype", "metric", "median", "p20", "p80", "unit", "device", "torch",
             "triton", "cuda", "commit", "date")
@@ -38,13 +39,13 @@ def test_percentiles_interpolate():
 def test_compare_applies_the_error_ratio_rule():
     exact = {"out": torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)}
     lowp = {"out": exact["out"] + 1e-2}
-    assert "out err" in compare({"out": exact["out"] + 1.5e-2}, exact, lowp, {"out": 2.0})
+    assert "out err" in check_error_ratios({"out": exact["out"] + 1.5e-2}, exact, lowp, {"out": 2.0})
     with pytest.raises(CheckFailed, match="out: error"):
-        compare({"out": exact["out"] + 5e-2}, exact, lowp, {"out": 2.0})
+        check_error_ratios({"out": exact["out"] + 5e-2}, exact, lowp, {"out": 2.0})
     with pytest.raises(CheckFailed, match="non-finite"):
-        compare({"out": torch.tensor([1.0, float("nan"), 3.0])}, exact, lowp, {"out": 2.0})
+        check_error_ratios({"out": torch.tensor([1.0, float("nan"), 3.0])}, exact, lowp, {"out": 2.0})
     with pytest.raises(CheckFailed, match="shape"):
-        compare({"out": torch.zeros(2)}, exact, lowp, {"out": 2.0})
+        check_error_ratios({"out": torch.zeros(2)}, exact, lowp, {"out": 2.0})
 
 
 def _fake_bench():
@@ -57,7 +58,7 @@ def _fake_bench():
         if provider == "crashes":
             raise RuntimeError("boom inside the kernel")
         result = x * 2 if provider == "good" else x * 2 + 1
-        check = lambda: compare({"out": result}, {"out": x * 2}, {"out": x * 2 + 1e-9}, {"out": 2.0})
+        check = lambda: check_error_ratios({"out": result}, {"out": x * 2}, {"out": x * 2 + 1e-9}, {"out": 2.0})
         return Workload(step=lambda: x * 2, check=check, flops=1e6)
 
     return types.SimpleNamespace(OP="fake", __name__="fake", make=make, label=lambda s: f"n={s['n']}",
