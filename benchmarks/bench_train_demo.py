@@ -46,8 +46,11 @@ def _hf_side(cfg, model_cfg, tokenizer, rows):
 
 def main(argv=None) -> int:
     from fastmlm import data
+    from fastmlm.config import train_preset
+    from fastmlm.corpus_reader import bundled_corpus, read_documents
     from fastmlm.model import FastMLMForMaskedLM
-    from fastmlm.train import make_optimizer, model_config, train_preset
+    from fastmlm.tokenizer import load_tokenizer, train_tokenizer
+    from fastmlm.train import make_optimizer, model_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=20)
@@ -58,9 +61,9 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = train_preset("demo")
-    train_files = [data.bundled_corpus("train")]
-    tokenizer = (data.load_tokenizer(args.tokenizer) if args.tokenizer
-                 else data.train_tokenizer(data.read_documents(train_files), cfg.vocab_size))
+    train_files = [bundled_corpus("train")]
+    tokenizer = (load_tokenizer(args.tokenizer) if args.tokenizer
+                 else train_tokenizer(read_documents(train_files), cfg.vocab_size))
     model_cfg = model_config(cfg, tokenizer)
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate)
     needed = (args.steps * (args.rounds + 1) + 1) * cfg.batch_size
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     ours += [next(stream) for _ in range(max(200, args.steps * (args.rounds + 1)))]
     loader_fastmlm = sum(b.n_tokens for b in ours[1:]) / (time.perf_counter() - start)
-    rows = list(itertools.islice(data.iter_rows(data.read_documents(train_files), tokenizer, cfg.seq_len), needed))
+    rows = list(itertools.islice(data.iter_rows(read_documents(train_files), tokenizer, cfg.seq_len), needed))
     hf_model, hf_batches = _hf_side(cfg, model_cfg, tokenizer, rows)
     start = time.perf_counter()
     theirs = [next(hf_batches) for _ in range(args.steps * (args.rounds + 1))]

@@ -13,17 +13,16 @@ It is first written under a temporary name and renamed into place, so a run kill
 while saving leaves either the previous checkpoint or the new one, never half of one.
 ``<run>/checkpoints/latest`` names the newest complete checkpoint.
 
-The run folder ``<run>/`` around them (log.csv, summary.json, train_config.json, the
-tokenizer a run trained) belongs to one training process at a time: :class:`RunLock`
-holds ``<run>/.lock`` while it trains, and under that lock the temporaries of saves a
-killed run left behind are removed (:func:`remove_stale_temporaries`).
+:func:`capture_trainer_state` builds ``trainer_state.pt`` (every rank's RNG states
+included) and :func:`restore_trainer_state` puts it back. The run folder ``<run>/`` around
+the checkpoints (its lock, log, summary, and the leftovers of killed saves) is
+fastmlm.run_dir's.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -37,7 +36,8 @@ FORMAT = 1
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or corrupt."""
+    """A checkpoint that is missing, incomplete or corrupt, or a Hugging Face folder fastmlm cannot read
+    or write as it is (fastmlm.hf raises it too; the message says why)."""
 
 
 def _sha256(path: Path) -> str:
@@ -146,75 +146,157 @@ def write_manifest(folder: Path, names, **fields) -> dict:
     return manifest
 
 
-# --------------------------------------------------------------------------- run folders
-LOCK = ".lock"
-# The temporaries written above: ".step_00000100.tmp<pid>", ".step_00000100.old<pid>", ".latest.tmp<pid>", ...
-_TEMPORARY = re.compile(r"^\..+\.(tmp|old)\d+$")
+# --------------------------------------------------------------------------- trainer state
+def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, scaler, train_config: dict,
+                          device: torch.device, world_size: int = 1) -> dict:
+    """What ``trainer_state.pt`` holds to continue a run exactly (read back by :func:`restore_trainer_state`).
 
-
-class RunLockedError(ValueError):
-    """The run folder is in use by another live training process."""
-
-
-class RunLock:
-    """An exclusive lock on a run folder, so that two training processes never write into one.
-
-    ``fcntl.flock`` on ``<run>/.lock``, which holds the owner's pid for the message others
-    get. The kernel drops a flock when its process dies, even by kill -9, so the folder of
-    a dead run is simply taken over; nothing has to be cleaned up. The file is left in
-    place on release: unlinking it could let two later processes lock two different files.
+    Arguments:
+        step: optimizer steps taken.
+        data_position: batches the training stream has yielded (``BatchStream.position``).
+        optimizer, scheduler, scaler: the AdamW optimizer, lr scheduler and grad scaler (their
+            ``state_dict()`` is kept).
+        train_config: the run's ``TrainConfig.to_dict()``, kept as JSON text.
+        device: the training device; on a GPU its CUDA RNG state is kept too.
+        world_size: the number of ranks. Above 1 this is a collective (every rank's RNG states
+            are gathered with ``all_gather_object``): call it on every rank.
+    Returns:
+        ``{"step", "data_position", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda",
+        "train_config"}``; ``rng_cpu`` and ``rng_cuda`` hold one ByteTensor per rank, in rank
+        order (``rng_cuda`` is empty on the CPU). Plain tensors and containers only, so
+        :func:`load_trainer_state` reads it with ``weights_only=True``.
     """
+    rng_cpu = [torch.get_rng_state()]
+    rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    if world_size > 1:
+        import torch.distributed as dist
 
-    def __init__(self, run_dir):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK
-        self._fd: Optional[int] = None
-
-    def acquire(self) -> "RunLock":
-        import fcntl  # POSIX; imported here so that reading checkpoints works without it
-
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLockedError(f"{self.run_dir} is in use by another fastmlm run (pid {owner}, lock file "
-                                 f"{self.path}); wait for it to finish or stop it, or pick another --out-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the file drops the lock
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        rng_cpu = [None] * world_size
+        dist.all_gather_object(rng_cpu, torch.get_rng_state())
+        if device.type == "cuda":
+            rng_cuda = [None] * world_size
+            dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
+    return {"step": step, "data_position": data_position,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
+            "train_config": json.dumps(train_config)}
 
 
-def remove_stale_temporaries(run_dir) -> list[Path]:
-    """Remove what killed saves left in ``run_dir`` and its ``checkpoints/`` (``.step_N.tmpPID`` ...).
+def restore_trainer_state(state: dict, optimizer, scheduler, scaler, device: torch.device, rank: int = 0,
+                          world_size: int = 1) -> bool:
+    """Load what :func:`capture_trainer_state` kept into ``optimizer``, ``scheduler``, ``scaler`` and this rank's RNGs.
 
-    Call it only while holding the run's :class:`RunLock`: then no other process is
-    writing there, so every temporary is a dead process's leftover (or a failed save of
-    this one). Returns the removed paths.
+    Arguments:
+        state: a trainer state (:func:`load_trainer_state`).
+        optimizer, scheduler, scaler: built as for a fresh run; their states are replaced.
+        device: the training device (its CUDA RNG state comes back on a GPU).
+        rank, world_size: this process's rank and the number of ranks now.
+    Returns:
+        whether the RNG states came back: False when the run was saved with another number of
+        ranks, and then the CPU (and CUDA) RNGs keep the seed they have. ``step`` and
+        ``data_position`` are the caller's to read from ``state``.
     """
-    removed = []
-    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            if _TEMPORARY.match(path.name):
-                if path.is_dir():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-                removed.append(path)
-    return removed
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng_cpu"]
+    restored = len(rng) == world_size
+    if restored:
+        torch.set_rng_state(rng[rank])
+    if device.type == "cuda" and len(state.get("rng_cuda", [])) == world_size:
+        torch.cuda.set_rng_state(state["rng_cuda"][rank], device)
+    return restored
+
+
+# ---- model files: config.json + model.safetensors + manifest.json ------------------------------
+# The folder FastMLMForMaskedLM.save_pretrained writes and from_pretrained reads (its methods call
+# these). fastmlm.hf uses the same two file names for Hugging Face folders.
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+_MODEL = "FastMLMForMaskedLM"  # named in the errors below, as in the model's own
+
+
+def _model_error(msg: str):
+    raise ValueError(f"{_MODEL}: {msg}")
+
+
+def read_safetensors(file) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors, turning any parse failure into a clear ValueError."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file), device="cpu")
+    except Exception as exc:  # safetensors raises its own SafetensorError, OSError, ...
+        raise ValueError(f"cannot read {file}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
+
+
+def save_model_folder(model, directory) -> Path:
+    """Write config.json, model.safetensors and their manifest.json into ``directory`` (created if needed).
+
+    Arguments:
+        model: a FastMLMForMaskedLM (its ``config`` and ``state_dict()`` are written).
+        directory: the folder; files already there with the same names are replaced.
+    Returns:
+        the folder as a Path. The manifest (sha256 of the two files) lets
+        ``fastmlm.predict.load_checkpoint`` verify it; a tokenizer added beside them later
+        loads but is not covered by it.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps({"model_type": "fastmlm", **model.config.to_dict()}, indent=2))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "model_type": "fastmlm"})
+    write_manifest(path, [CONFIG_NAME, WEIGHTS_NAME])
+    return path
+
+
+def load_model_folder(model_class, directory, **config_overrides):
+    """Read what :func:`save_model_folder` wrote (safetensors only); clear ValueErrors on bad files.
+
+    Arguments:
+        model_class: FastMLMForMaskedLM (or a subclass), built as ``model_class(cfg, pooler=...)``.
+        directory: the folder holding config.json and model.safetensors.
+        config_overrides: ModelConfig fields that do not change the weights' shapes
+            (e.g. ``attention_backend``, ``hidden_dropout``).
+    Returns:
+        the model, with a pooler when the weights hold one. The manifest is not checked here:
+        ``fastmlm.predict.load_checkpoint`` and training resume verify it.
+    """
+    from .config import ModelConfig
+
+    path = Path(directory)
+    cfg_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            _model_error(f"{f} not found: a fastmlm checkpoint directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        _model_error(f"{cfg_file} is not valid JSON ({exc})")
+    if not isinstance(data, dict) or data.get("model_type") != "fastmlm":
+        kind = data.get("model_type") if isinstance(data, dict) else None
+        hint = " Load Hugging Face checkpoints with fastmlm.hf.load_hf(directory)." if kind == "bert" else ""
+        _model_error(f"{cfg_file} is not a fastmlm config (model_type={kind!r}).{hint}")
+    data.pop("model_type")
+    cfg = ModelConfig.from_dict({**data, **config_overrides})
+    tensors = read_safetensors(weights_file)
+    model = model_class(cfg, pooler=any(k.startswith("pooler.") for k in tensors))
+    load_model_weights(model, tensors)
+    return model
+
+
+def load_model_weights(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy a full state dict into ``model``; ValueError listing missing, unexpected and mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    shapes = [f"{k}: {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        _model_error("checkpoint does not match the model:"
+                     + (f"\n  missing keys: {missing}" if missing else "")
+                     + (f"\n  unexpected keys: {unexpected}" if unexpected else "")
+                     + (f"\n  shape mismatches: {shapes}" if shapes else ""))
+    model.load_state_dict(tensors, strict=True)

@@ -10,8 +10,8 @@
 Every TrainConfig field is a ``train`` flag (``--seq-len``, ``--lr``, ``--whole-word`` …);
 ``--set key=value`` overrides a model config field (``--set hidden_size=128``).
 
-Errors in what the user asked for (ValueError, fastmlm.checkpoint.CheckpointError and
-fastmlm.hf.CheckpointError, both ValueErrors) print ``fastmlm <command>: error: ...`` and
+Errors in what the user asked for (ValueError, and fastmlm.checkpoint.CheckpointError, a
+ValueError that fastmlm.hf raises too) print ``fastmlm <command>: error: ...`` and
 exit with 2, as argparse does; Ctrl-C stops with 130 and says where the last checkpoint is.
 """
 from __future__ import annotations
@@ -180,12 +180,12 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_eval(args) -> int:
-    from . import data
+    from .corpus_reader import bundled_corpus
+    from .distributed import resolve_device
     from .predict import evaluate_text, load_checkpoint
-    from .train import resolve_device
 
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    paths = args.data or [data.bundled_corpus("valid")]
+    paths = args.data or [bundled_corpus("valid")]
     metrics = evaluate_text(model, tokenizer, paths, args.seq_len, args.batch_size, args.mask_rate, args.max_batches)
     print(json.dumps(metrics) if args.json else
           f"masked-token accuracy {metrics['accuracy']:.2%}, perplexity {metrics['perplexity']:.2f}, "
@@ -194,8 +194,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_fill_mask(args) -> int:
+    from .distributed import resolve_device
     from .predict import fill_mask, load_checkpoint
-    from .train import resolve_device
 
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
     _print_fills(args.text, fill_mask(model, tokenizer, args.text, args.top_k))
@@ -222,8 +222,10 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     from . import data
+    from .config import train_preset
+    from .corpus_reader import bundled_corpus
     from .predict import fill_mask, load_checkpoint
-    from .train import train, train_preset
+    from .train import train
 
     overrides = {"out_dir": args.out_dir, "progress": not args.no_progress}
     if args.max_steps is not None:
@@ -236,8 +238,8 @@ def cmd_demo(args) -> int:
         return _interrupted("demo", cfg.out_dir)
     model, tokenizer = load_checkpoint(summary["checkpoint"])
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate)
-    train_files = cfg.data or [data.bundled_corpus("train")]
-    valid_files = cfg.valid_data or [data.bundled_corpus("valid")]
+    train_files = cfg.data or [bundled_corpus("train")]
+    valid_files = cfg.valid_data or [bundled_corpus("valid")]
     valid = data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches)  # the masks train used
     baseline = data.unigram_baseline(data.unigram_counts(train_files, tokenizer), valid)
     losses = [float(r["loss"]) for r in _csv_rows(Path(cfg.out_dir) / "log.csv") if r["split"] == "train"]
@@ -323,7 +325,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:  # fastmlm.hf's is a ValueError
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"fastmlm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,12 +36,15 @@ BACKEND_CHOICES = ("auto",) + BACKENDS
 _PATTERN_PART = re.compile(r"^(window|global):(\d+)$")
 
 
-def check_known_fields(cls, data: dict) -> None:
-    """Refuse keys that are not fields of the dataclass ``cls``, naming them and the known ones."""
+def check_known_fields(cls, data: dict, caller: Optional[str] = None) -> None:
+    """Refuse keys that are not fields of the dataclass ``cls``, naming them and the known ones.
+
+    The message starts with ``caller`` (default: the class name).
+    """
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
+        raise ValueError(f"{caller or cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
 
 
 @dataclass(frozen=True)
@@ -199,10 +202,7 @@ def preset(name: str, **overrides) -> ModelConfig:
     """A validated config from a named preset, with any field overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"preset({name!r}): unknown fields {unknown}; known fields are {sorted(known)}")
+    check_known_fields(ModelConfig, overrides, f"preset({name!r})")
     return ModelConfig(**{**PRESETS[name], **overrides}).validate()
 
 

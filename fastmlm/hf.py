@@ -40,8 +40,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# CheckpointError is fastmlm.checkpoint's (fastmlm.hf.CheckpointError is the same class); here it means a
+# Hugging Face checkpoint that fastmlm cannot load or write as it is, and the message says why.
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_safetensors
 from .config import ModelConfig
-from .model import CONFIG_NAME, WEIGHTS_NAME, FastMLMForMaskedLM, read_safetensors
+from .model import FastMLMForMaskedLM
 
 BIN_NAME = "pytorch_model.bin"
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -63,10 +66,6 @@ _HEAD_MAP = {"head.dense": "cls.predictions.transform.dense", "head.norm": "cls.
 _POOLER = "pooler.dense"  # the same name on both sides (under the encoder's prefix in Hugging Face)
 _SKIPPED = re.compile(r"^(bert\.)?embeddings\.position_ids$|^cls\.seq_relationship\.")
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint that fastmlm cannot load as it is (the message says why)."""
 
 
 # --------------------------------------------------------------------------- configs

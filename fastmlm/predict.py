@@ -16,6 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from . import data
 from .model import FastMLMForMaskedLM
+from .tokenizer import load_tokenizer, special_ids
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
@@ -45,7 +46,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
     ckpt.verify_checkpoint(path)  # refuses a folder without manifest.json, as resume does
     for name in ("tokenizer.json", "vocab.txt"):
         if (path / name).exists():
-            tokenizer = data.load_tokenizer(path / name)
+            tokenizer = load_tokenizer(path / name)
             break
     else:
         raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt")
@@ -57,7 +58,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text``: the ``top_k`` (token, probability) pairs, most likely first."""
     _check_int("top_k", top_k, 1, model.config.vocab_size)  # at most the whole vocabulary
-    special = data.special_ids(tokenizer)
+    special = special_ids(tokenizer)
     ids = [special.cls] + tokenizer.encode(text, add_special_tokens=False).ids + [special.sep]
     limit = model.config.max_position_embeddings
     if len(ids) > limit:

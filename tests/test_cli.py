@@ -93,11 +93,11 @@ def test_export_hf_loads_in_transformers(run, tmp_path):
 
 def test_demo_command_end_to_end(run, tmp_path, capsys, monkeypatch):
     """The demo's whole path (tokenizer, training, evaluation, baseline, fill-mask), on the tiny config."""
-    from fastmlm import train
+    from fastmlm import config
 
     root, _ = run
-    tiny = dict(train.TRAIN_PRESETS["tiny"], data=[str(root / "train.txt")], valid_data=[str(root / "valid.txt")])
-    monkeypatch.setitem(train.TRAIN_PRESETS, "demo", tiny)
+    tiny = dict(config.TRAIN_PRESETS["tiny"], data=[str(root / "train.txt")], valid_data=[str(root / "valid.txt")])
+    monkeypatch.setitem(config.TRAIN_PRESETS, "demo", tiny)
     assert cli.main(["demo", "--max-steps", "2", "--out-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "unigram-frequency baseline" in text and "fastmlm model" in text

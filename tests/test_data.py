@@ -1,4 +1,5 @@
-"""Corpus reading, tokenizer, packing, dynamic masking and resumable batch streams (fastmlm/data.py)."""
+"""Corpus reading (fastmlm/corpus_reader.py), tokenizer (fastmlm/tokenizer.py), packing, dynamic masking and
+resumable batch streams (fastmlm/data.py)."""
 import gzip
 import itertools
 import json
@@ -9,23 +10,25 @@ import pytest
 import torch
 
 from fastmlm import data
+from fastmlm.corpus_reader import CorpusWarning, bundled_corpus, read_documents
+from fastmlm.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_ids, train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    docs = itertools.islice(data.read_documents([data.bundled_corpus("train")]), 300)
-    return data.train_tokenizer(docs, vocab_size=600)
+    docs = itertools.islice(read_documents([bundled_corpus("train")]), 300)
+    return train_tokenizer(docs, vocab_size=600)
 
 
 def _rows(tokenizer, n_docs=40, seq_len=64):
-    docs = itertools.islice(data.read_documents([data.bundled_corpus("train")]), n_docs)
+    docs = itertools.islice(read_documents([bundled_corpus("train")]), n_docs)
     return list(data.iter_rows(docs, tokenizer, seq_len))
 
 
 # --------------------------------------------------------------------------- corpus
 def test_bundled_corpus_is_real_text_of_a_few_megabytes():
-    train = list(data.read_documents([data.bundled_corpus("train")]))
-    valid = list(data.read_documents([data.bundled_corpus("valid")]))
+    train = list(read_documents([bundled_corpus("train")]))
+    valid = list(read_documents([bundled_corpus("valid")]))
     assert sum(len(d) for d in train) > 5_000_000 and len(valid) > 20
     assert not set(valid[:20]) & set(train)  # the splits are disjoint pages
     assert "Python" in " ".join(train[:200])
@@ -38,36 +41,36 @@ def test_read_documents_txt_jsonl_gz_and_folders(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.txt.gz").write_bytes(gzip.compress(b"fifth doc"))
     (tmp_path / "ignored.bin").write_bytes(b"\x00")
-    docs = list(data.read_documents([tmp_path]))
+    docs = list(read_documents([tmp_path]))
     assert docs == ["first doc line one\nline two", "second doc", "third doc", "fourth", "fifth doc"]
     # sharding for data-parallel ranks: disjoint, and together everything
-    shards = [list(data.read_documents([tmp_path], rank=r, world_size=2)) for r in range(2)]
+    shards = [list(read_documents([tmp_path], rank=r, world_size=2)) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == sorted(docs) and not set(shards[0]) & set(shards[1])
 
 
 def test_read_documents_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        list(data.read_documents([tmp_path / "missing.txt"]))
+        list(read_documents([tmp_path / "missing.txt"]))
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="unsupported file type"):
-        list(data.read_documents([tmp_path / "x.csv"]))
+        list(read_documents([tmp_path / "x.csv"]))
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
-        list(data.read_documents([tmp_path / "bad.jsonl"]))
+        list(read_documents([tmp_path / "bad.jsonl"]))
     (tmp_path / "notext.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(ValueError, match='"text" string'):
-        list(data.read_documents([tmp_path / "notext.jsonl"]))
+        list(read_documents([tmp_path / "notext.jsonl"]))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no"):
-        list(data.read_documents([tmp_path / "empty"]))
+        list(read_documents([tmp_path / "empty"]))
 
 
 def test_bytes_that_are_not_utf8_warn_once_per_file_with_the_count(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("ok\n\ncafé au lait\n\nnaïve\ncrème\n".encode("latin-1"))
     (tmp_path / "latin1.jsonl.gz").write_bytes(gzip.compress(b'{"text": "caf\xe9 \\udce9"}\n'))  # byte, escape
     (tmp_path / "good.txt").write_text("déjà vu\n", encoding="utf-8")
-    with pytest.warns(data.CorpusWarning) as caught:
-        docs = list(data.read_documents([tmp_path]))
+    with pytest.warns(CorpusWarning) as caught:
+        docs = list(read_documents([tmp_path]))
     # only the undecodable characters are lost
     assert docs == ["déjà vu", "caf\ufffd \ufffd", "ok", "caf\ufffd au lait", "na\ufffdve\ncr\ufffdme"]
     messages = sorted(str(w.message) for w in caught)
@@ -81,27 +84,27 @@ def test_utf8_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfthird\n")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert list(data.read_documents([tmp_path])) == ["first", "second", "third"]
+        assert list(read_documents([tmp_path])) == ["first", "second", "third"]
 
 
 def test_corrupt_gzip_and_empty_files(tmp_path):
     whole = gzip.compress(("line\n" * 20000).encode())
     (tmp_path / "truncated.txt.gz").write_bytes(whole[:len(whole) // 2])
     with pytest.raises(ValueError, match=r"truncated.txt.gz: cannot be read past line \d+: .*corrupt or truncated"):
-        list(data.read_documents([tmp_path / "truncated.txt.gz"]))
+        list(read_documents([tmp_path / "truncated.txt.gz"]))
     (tmp_path / "plain.jsonl.gz").write_text('{"text": "not gzip"}\n')
     with pytest.raises(ValueError, match=r"plain.jsonl.gz: cannot be read past line 0: Not a gzipped file"):
-        list(data.read_documents([tmp_path / "plain.jsonl.gz"]))
+        list(read_documents([tmp_path / "plain.jsonl.gz"]))
     (tmp_path / "crc.txt.gz").write_bytes(whole[:-8] + b"\0" * 8)  # damaged trailer: checksum and length
     with pytest.raises(ValueError, match="crc.txt.gz: cannot be read past line 20000"):
-        list(data.read_documents([tmp_path / "crc.txt.gz"]))
+        list(read_documents([tmp_path / "crc.txt.gz"]))
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a_empty.txt").write_text("")
     (folder / "b_blank.jsonl").write_text("\n  \n")
     (folder / "c.txt").write_text("kept")
-    with pytest.warns(data.CorpusWarning) as caught:
-        assert list(data.read_documents([folder])) == ["kept"]
+    with pytest.warns(CorpusWarning) as caught:
+        assert list(read_documents([folder])) == ["kept"]
     assert sorted(str(w.message).rsplit("/", 1)[-1] for w in caught) == [
         "a_empty.txt holds no text; skipped", "b_blank.jsonl holds no text; skipped"]
 
@@ -113,63 +116,63 @@ def test_jsonl_errors_say_what_the_line_holds(tmp_path):
         (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' + line + "\n")
         with pytest.raises(ValueError, match=r'bad.jsonl:2: each JSONL line must be an object with a "text" string, '
                                              + got):
-            list(data.read_documents([tmp_path / "bad.jsonl"]))
+            list(read_documents([tmp_path / "bad.jsonl"]))
 
 
 # --------------------------------------------------------------------------- tokenizer
 def test_tokenizer_special_tokens_unknown_chars_and_round_trip(tokenizer, tmp_path):
-    special = data.special_ids(tokenizer)
+    special = special_ids(tokenizer)
     assert special.all == (0, 1, 2, 3, 4) and tokenizer.get_vocab_size() == 600
     enc = tokenizer.encode("The list [MASK] sorted \u2603.", add_special_tokens=False)
     assert special.mask in enc.ids and special.unk in enc.ids  # snowman: never seen -> [UNK]
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     tokenizer.model.save(str(tmp_path))  # vocab.txt
     for path in (tmp_path / "tokenizer.json", tmp_path / "vocab.txt"):
-        other = data.load_tokenizer(path)
+        other = load_tokenizer(path)
         assert other.encode("Lists are mutable sequences.").ids == tokenizer.encode("Lists are mutable sequences.").ids
-    assert data.load_tokenizer(tmp_path).get_vocab_size() == 600  # a folder: tokenizer.json first
+    assert load_tokenizer(tmp_path).get_vocab_size() == 600  # a folder: tokenizer.json first
 
 
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
-        data.load_tokenizer(tmp_path / "nope.json")
+        load_tokenizer(tmp_path / "nope.json")
     with pytest.raises(FileNotFoundError, match="neither"):
-        data.load_tokenizer(tmp_path)
+        load_tokenizer(tmp_path)
     (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
     with pytest.raises(ValueError, match=r"no \[CLS\] token"):
-        data.load_tokenizer(tmp_path / "vocab.txt")
+        load_tokenizer(tmp_path / "vocab.txt")
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizers JSON"):
-        data.load_tokenizer(tmp_path / "tokenizer.json")
+        load_tokenizer(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match="vocab_size"):
-        data.train_tokenizer(["a b c"], vocab_size=10)
+        train_tokenizer(["a b c"], vocab_size=10)
 
 
 def test_vocab_txt_duplicates_and_binary_files_are_refused_by_name(tmp_path):
-    specials = "\n".join(data.SPECIAL_TOKENS)
+    specials = "\n".join(SPECIAL_TOKENS)
     (tmp_path / "vocab.txt").write_text(f"{specials}\nhello\nworld\nhello\n")
     with pytest.raises(ValueError, match=r"vocab.txt:8: the token 'hello' is already on line 6"):
-        data.load_tokenizer(tmp_path / "vocab.txt")
+        load_tokenizer(tmp_path / "vocab.txt")
     (tmp_path / "vocab.txt").write_bytes(specials.encode() + b"\nok\n\x89PNG\x00\xff\n")
     with pytest.raises(ValueError, match=r"vocab.txt is not a UTF-8 text file \(byte 34, on line 7, is not UTF-8\)"):
-        data.load_tokenizer(tmp_path / "vocab.txt")
+        load_tokenizer(tmp_path / "vocab.txt")
     # ids are line indexes, as tokenizers reads them: trailing blanks and \r\n ignored, a BOM too
     (tmp_path / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + specials.encode() + b"\r\nhello  \r\n##s\n")
-    tokenizer = data.load_tokenizer(tmp_path / "vocab.txt")
+    tokenizer = load_tokenizer(tmp_path / "vocab.txt")
     assert tokenizer.get_vocab()["[PAD]"] == 0 and tokenizer.encode("hellos", add_special_tokens=False).ids == [5, 6]
 
 
 def test_tokenizer_json_truncation_and_padding_are_turned_off(tokenizer, tmp_path):
-    saved = data.load_tokenizer(_save(tokenizer, tmp_path / "plain.json"))
+    saved = load_tokenizer(_save(tokenizer, tmp_path / "plain.json"))
     saved.enable_truncation(max_length=16)
     saved.enable_padding(length=64, pad_id=0, pad_token="[PAD]")
     path = _save(saved, tmp_path / "tokenizer.json")
     assert json.loads(path.read_text())["truncation"] and json.loads(path.read_text())["padding"]
-    loaded = data.load_tokenizer(path)
+    loaded = load_tokenizer(path)
     assert loaded.truncation is None and loaded.padding is None
     docs = ["lists hold items " * 20, "short"]
     expected = [t for e in tokenizer.encode_batch(docs, add_special_tokens=False) for t in e.ids]
-    special = data.special_ids(tokenizer).all
+    special = special_ids(tokenizer).all
     packed = [t for r in data.iter_rows(docs, loaded, 32) for s in r.segments for t in s.tolist() if t not in special]
     assert len(expected) > 60 and packed == expected  # every token, no [PAD]
     with pytest.raises(ValueError, match=r"truncation=\{.*'max_length': 16.*padding=\{.*off"):
@@ -182,13 +185,13 @@ def _save(tokenizer, path):
 
 
 def test_trained_alphabet_and_empty_training_text():
-    tokenizer = data.train_tokenizer(["ab ab ab, cb"] * 3, vocab_size=105)
+    tokenizer = train_tokenizer(["ab ab ab, cb"] * 3, vocab_size=105)
     vocab = tokenizer.get_vocab(with_added_tokens=False)
     # every character is a piece of its own, also one only seen inside words (b), as WordPieceTrainer has it
     assert {"a", "b", "c", ",", "##b", "ab"} <= vocab.keys() and not any("\U000f0000" <= c for t in vocab for c in t)
     assert tokenizer.encode("ab cb b", add_special_tokens=False).tokens == ["ab", "cb", "b"]
     with pytest.raises(ValueError, match="hold no text"):
-        data.train_tokenizer(["", "  \n"], vocab_size=200)
+        train_tokenizer(["", "  \n"], vocab_size=200)
 
 
 # --------------------------------------------------------------------------- segments and packing
@@ -214,7 +217,7 @@ def test_iter_rows_packs_every_token_into_full_rows(tokenizer):
     docs = [" ".join(["lists hold items"] * rng.integers(1, 30)) + f" doc {i}" for i in range(100)]
     rows = list(data.iter_rows(docs, tokenizer, 64))
     assert all(len(r) == 64 for r in rows[:-1]) and 0 < len(rows[-1]) <= 64
-    special = data.special_ids(tokenizer)
+    special = special_ids(tokenizer)
     packed = [t for r in rows for s in r.segments for t in s.tolist() if t not in special.all]
     expected = [t for e in tokenizer.encode_batch(docs, add_special_tokens=False) for t in e.ids]
     assert packed == expected  # nothing lost, nothing reordered
@@ -309,7 +312,7 @@ def test_batch_without_maskable_tokens(tokenizer):
 # --------------------------------------------------------------------------- streams
 def test_stream_restarted_at_a_position_continues_identically(tokenizer, tmp_path):
     path = tmp_path / "corpus.txt"
-    docs = list(itertools.islice(data.read_documents([data.bundled_corpus("train")]), 60))
+    docs = list(itertools.islice(read_documents([bundled_corpus("train")]), 60))
     path.write_text("\n\n".join(docs))
     collator = data.MaskingCollator(tokenizer, 32, 8)
     make = lambda start: data.BatchStream([path], tokenizer, collator, seed=3, shuffle_rows=16, start=start)  # noqa
@@ -340,7 +343,7 @@ def test_stream_efficiency_and_sharding(tokenizer, tmp_path):
 def test_validation_data_without_text_is_an_error(tokenizer, tmp_path):
     (tmp_path / "valid.txt").write_text("\n\n")
     collator = data.MaskingCollator(tokenizer, 32, 4)
-    with pytest.warns(data.CorpusWarning, match="holds no text"):
+    with pytest.warns(CorpusWarning, match="holds no text"):
         with pytest.raises(ValueError, match=r"the validation data \(.*valid.txt.*\) holds no text for rank 0"):
             data.eval_batches([tmp_path / "valid.txt"], tokenizer, collator)
 

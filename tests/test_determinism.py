@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from fastmlm import train
-from fastmlm.model import WEIGHTS_NAME, read_safetensors
+from fastmlm.checkpoint import WEIGHTS_NAME, read_safetensors
+from fastmlm.config import train_preset
 from mlm_corpus import one_thread, write_small_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,10 +26,11 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 TRAIN_TOKENIZER = r"""
 import json, sys
-from fastmlm import data
+from fastmlm.corpus_reader import read_documents
+from fastmlm.tokenizer import train_tokenizer
 
 corpus, out = sys.argv[1:]
-tokenizer = data.train_tokenizer(data.read_documents([corpus]), vocab_size=400)
+tokenizer = train_tokenizer(read_documents([corpus]), vocab_size=400)
 with open(out, "w") as f:
     json.dump(tokenizer.get_vocab(with_added_tokens=False), f, sort_keys=True)
 """
@@ -67,7 +69,7 @@ def _log_rows(run: Path) -> list[dict]:
 
 def test_training_runs_are_bit_identical(corpus, tmp_path):
     runs = [tmp_path / "first", tmp_path / "second"]
-    summaries = [train.train(train.train_preset(  # tokenizer=None: each run trains its own, as a fresh run does
+    summaries = [train.train(train_preset(  # tokenizer=None: each run trains its own, as a fresh run does
         "tiny", data=[str(corpus / "train.txt")], valid_data=[str(corpus / "valid.txt")], tokenizer=None,
         out_dir=str(run), max_steps=4, eval_every=4, save_every=4, log_every=1, progress=False, device="cpu"))
         for run in runs]

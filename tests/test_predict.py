@@ -7,7 +7,7 @@ import pytest
 from fastmlm import checkpoint as ckpt
 from fastmlm import predict
 from fastmlm.config import preset
-from fastmlm.data import SPECIAL_TOKENS
+from fastmlm.tokenizer import SPECIAL_TOKENS
 from fastmlm.model import FastMLMForMaskedLM
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "mat", "is", "empty", "."]

@@ -12,25 +12,20 @@ import pytest
 import torch
 
 from fastmlm import checkpoint as ckpt
-from fastmlm import train
+from fastmlm import run_dir, train
+from fastmlm.config import resumed_config
 from fastmlm.model import FastMLMForMaskedLM
-from mlm_corpus import make_small_corpus, one_thread
+import mlm_corpus
+from mlm_corpus import corpus, one_thread  # noqa: F401 (corpus: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
 def tiny(corpus, out_dir, **overrides):
     """A 2-layer, 32-wide model on the small corpus: a step takes milliseconds."""
-    base = dict(data=[str(corpus / "train.txt")], valid_data=[str(corpus / "valid.txt")],
-                tokenizer=str(corpus / "tokenizer.json"), out_dir=str(out_dir), progress=False,
-                model_overrides={"hidden_size": 32, "num_heads": 2, "hidden_dropout": 0.0})
-    return train.train_preset("tiny", **{**base, **overrides})
+    model = {"hidden_size": 32, "num_heads": 2, "hidden_dropout": 0.0}
+    return mlm_corpus.tiny(corpus, out_dir, **{"model_overrides": model, **overrides})
 
 
 def logged_steps(run_dir, split="train"):
@@ -73,7 +68,7 @@ def test_divergence_stops_naming_the_step_and_keeps_the_finite_checkpoint(corpus
     assert all(torch.isfinite(w).all() for w in weights)
     assert not (tmp_path / "summary.json").exists()
     assert all(step < 3 for step in logged_steps(tmp_path))  # no NaN row
-    ckpt.RunLock(tmp_path).acquire().release()  # the lock went with the error
+    run_dir.RunLock(tmp_path).acquire().release()  # the lock went with the error
 
 
 def test_a_real_divergence_stops_the_run(corpus, tmp_path):
@@ -96,28 +91,28 @@ def test_a_locked_run_folder_is_refused_and_kept(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2)
     train.train(cfg)
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    with ckpt.RunLock(tmp_path):  # a live run (this process, through another open file)
+    with run_dir.RunLock(tmp_path):  # a live run (this process, through another open file)
         for kwargs in ({}, {"overwrite": True}, {"resume": "latest"}):
-            with pytest.raises(ckpt.RunLockedError, match=f"in use by another fastmlm run \\(pid {os.getpid()}"):
+            with pytest.raises(run_dir.RunLockedError, match=f"in use by another fastmlm run \\(pid {os.getpid()}"):
                 train.train(cfg, **kwargs)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     train.train(cfg, overwrite=True)  # free again
 
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
-    code = ("import sys, time; from fastmlm.checkpoint import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from fastmlm.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(120)")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ckpt.RunLockedError, match=f"pid {holder.pid}"):
-            ckpt.RunLock(tmp_path).acquire()
+        with pytest.raises(run_dir.RunLockedError, match=f"pid {holder.pid}"):
+            run_dir.RunLock(tmp_path).acquire()
     finally:
         holder.kill()  # SIGKILL: no clean-up in the holder
         holder.wait()
-    lock = ckpt.RunLock(tmp_path).acquire()
-    assert (tmp_path / ckpt.LOCK).read_text().strip() == str(os.getpid())
+    lock = run_dir.RunLock(tmp_path).acquire()
+    assert (tmp_path / run_dir.LOCK).read_text().strip() == str(os.getpid())
     lock.release()
 
 
@@ -125,7 +120,7 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
 def test_resume_refuses_changed_settings_and_lists_them(corpus, tmp_path):
     saved = tiny(corpus, tmp_path, max_steps=4)
     with pytest.raises(ValueError) as info:
-        train.resumed_config(saved, saved, {"lr": 0.5, "seq_len": 16, "max_steps": 9,
+        resumed_config(saved, saved, {"lr": 0.5, "seq_len": 16, "max_steps": 9,
                                             "model_overrides": {"hidden_size": 64}})
     text = str(info.value)
     assert "--lr: the run has 0.002, asked 0.5" in text and "--seq-len: the run has 32, asked 16" in text
@@ -135,7 +130,7 @@ def test_resume_refuses_changed_settings_and_lists_them(corpus, tmp_path):
     # the same values, lists for tuples, and single --set entries are no change; RESUMABLE ones take effect
     asked = {"betas": list(saved.betas), "seq_len": 32, "model_overrides": {"hidden_size": 32}, "max_steps": 9,
              "log_every": 3, "eval_every": 5, "save_every": 7, "progress": True}
-    cfg = train.resumed_config(saved, saved, asked)
+    cfg = resumed_config(saved, saved, asked)
     assert (cfg.max_steps, cfg.log_every, cfg.eval_every, cfg.save_every, cfg.progress) == (9, 3, 5, 7, True)
     assert cfg.model_overrides == saved.model_overrides
     with pytest.raises(ValueError, match="changes=.* resumed run"):
@@ -170,7 +165,7 @@ def test_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(csv.DictWriter, "writerows", killed)
     with pytest.raises(KeyboardInterrupt):
-        train.Logger(tmp_path, True, resume_step=2)
+        run_dir.Logger(tmp_path, True, resume_step=2)
     assert log.read_text() == before
 
 
@@ -197,5 +192,5 @@ def test_leftovers_of_killed_saves_are_removed_at_start(corpus, tmp_path):
         path.write_text("half")
     train.train(tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2), resume="latest")
     assert not any(path.exists() for path in leftovers)
-    assert (checkpoints / "step_00000002").is_dir() and (tmp_path / ckpt.LOCK).exists()
+    assert (checkpoints / "step_00000002").is_dir() and (tmp_path / run_dir.LOCK).exists()
     assert [p.name for p in checkpoints.iterdir() if p.name.startswith(".")] == []

@@ -13,23 +13,16 @@ import torch
 
 from fastmlm import checkpoint as ckpt
 from fastmlm import data, train
-from fastmlm.config import preset
+from fastmlm.config import preset, train_preset
+from fastmlm.corpus_reader import read_documents
 from fastmlm.model import FastMLMForMaskedLM
-from mlm_corpus import make_small_corpus, one_thread
+from fastmlm.tokenizer import load_tokenizer
+from mlm_corpus import corpus, one_thread, tiny  # noqa: F401 (corpus: a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_small_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def tiny(corpus, out_dir, **overrides):
-    base = dict(data=[str(corpus / "train.txt")], valid_data=[str(corpus / "valid.txt")],
-                tokenizer=str(corpus / "tokenizer.json"), out_dir=str(out_dir), progress=False)
-    return train.train_preset("tiny", **{**base, **overrides})
 
 
 def train_losses(run_dir):
@@ -68,7 +61,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="schedule"):
         train.TrainConfig(schedule="step").validate()
     with pytest.raises(ValueError, match="unknown training preset"):
-        train.train_preset("huge")
+        train_preset("huge")
     with pytest.raises(ValueError, match="unknown fields"):
         train.TrainConfig.from_dict({"learning_rate": 1})
 
@@ -76,9 +69,9 @@ def test_config_errors():
 # --------------------------------------------------------------------------- gradient accumulation
 def test_accumulation_normalises_by_all_masked_tokens(corpus):
     """Two micro-batches with different masked counts give the gradient of their union's mean loss."""
-    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
     model = FastMLMForMaskedLM(preset("tiny", vocab_size=400, hidden_dropout=0.0))
-    rows = list(data.iter_rows(data.read_documents([corpus / "train.txt"]), tokenizer, 32))
+    rows = list(data.iter_rows(read_documents([corpus / "train.txt"]), tokenizer, 32))
     big = data.MaskingCollator(tokenizer, 32, 4, mask_rate=0.3)(rows[:4], np.random.default_rng(0))
     small = data.MaskingCollator(tokenizer, 32, 4, mask_rate=0.1)(rows[4:8], np.random.default_rng(1))
     assert big.n_masked > 2 * small.n_masked > 0
@@ -100,7 +93,7 @@ def test_accumulation_normalises_by_all_masked_tokens(corpus):
 
 # --------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_and_corruption(corpus, tmp_path):
-    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
     model = FastMLMForMaskedLM(preset("tiny", vocab_size=400))
     opt = train.make_optimizer(model, train.TrainConfig())
     model(torch.randint(5, 400, (2, 8)), labels=torch.randint(5, 400, (2, 8))).loss.backward()
@@ -144,7 +137,7 @@ def test_checkpoint_round_trip_and_corruption(corpus, tmp_path):
 def test_truncated_weights_are_a_clear_error(corpus, tmp_path):
     from fastmlm.predict import load_checkpoint
 
-    tokenizer = data.load_tokenizer(corpus / "tokenizer.json")
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
     path = ckpt.save_checkpoint(tmp_path, 1, FastMLMForMaskedLM(preset("tiny", vocab_size=400)), tokenizer, {})
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

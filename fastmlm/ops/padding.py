@@ -6,6 +6,9 @@ Everything here stays on the device: the packed -> padded direction needs only
     cu_seqlens = [0, 3, 5]          padded (B=2, S=3)      packed (T=5)
                                     [a b c]                 [a b c d e]
                                     [d e .]
+
+The model's batch (checking and packing the caller's inputs, going back to its layout) is
+built on these in :mod:`fastmlm.ops.packing`.
 """
 from __future__ import annotations
 
@@ -42,6 +45,11 @@ def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int, coords=Non
     return padded[batch, pos]
 
 
+def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
+    """(B,) lengths -> (B+1,) int32 cumulative offsets starting at 0, the inverse of :func:`seqlens`."""
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
 def cu_seqlens_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Right-padded (B, S) mask -> ((B+1,) int32 cu_seqlens, max_seqlen).
 
@@ -49,5 +57,4 @@ def cu_seqlens_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, in
     not inside a training step).
     """
     lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return cu, int(lengths.max()) if lengths.numel() else 0
+    return cu_seqlens_from_lengths(lengths), int(lengths.max()) if lengths.numel() else 0

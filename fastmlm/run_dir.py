@@ -1,0 +1,254 @@
+"""The run folder ``<run>/``: one training process at a time, a fresh or a resumed start, its log.
+
+    <run>/.lock               held by the training process (:class:`RunLock`)
+    <run>/train_config.json   the run's TrainConfig
+    <run>/tokenizer.json      the tokenizer a fresh run trained
+    <run>/log.csv             one row per log step and validation (:class:`Logger`; TensorBoard beside it)
+    <run>/summary.json        written when the run ends
+    <run>/checkpoints/        the checkpoints (fastmlm.checkpoint)
+
+:class:`RunLock` holds ``<run>/.lock`` while a run trains, and under that lock the
+temporaries of saves a killed run left behind are removed (:func:`remove_stale_temporaries`;
+:func:`locked` does both). A fresh run clears what an earlier one left (:func:`start_fresh`);
+a resumed one reopens its newest checkpoint (:func:`open_resumed`), and its log drops the
+rows a killed run wrote after that checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, resumed_config
+from .corpus_reader import read_documents
+from .distributed import Dist
+from .tokenizer import load_tokenizer, train_tokenizer
+
+
+# --------------------------------------------------------------------------- the lock
+LOCK = ".lock"
+# The temporaries of fastmlm.checkpoint: ".step_00000100.tmp<pid>", ".step_00000100.old<pid>", ".latest.tmp<pid>", ...
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)\d+$")
+
+
+class RunLockedError(ValueError):
+    """The run folder is in use by another live training process."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, so that two training processes never write into one.
+
+    ``fcntl.flock`` on ``<run>/.lock``, which holds the owner's pid for the message others
+    get. The kernel drops a flock when its process dies, even by kill -9, so the folder of
+    a dead run is simply taken over; nothing has to be cleaned up. The file is left in
+    place on release: unlinking it could let two later processes lock two different files.
+    """
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl  # POSIX; imported here so that reading checkpoints works without it
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(f"{self.run_dir} is in use by another fastmlm run (pid {owner}, lock file "
+                                 f"{self.path}); wait for it to finish or stop it, or pick another --out-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_temporaries(run_dir) -> list[Path]:
+    """Remove what killed saves left in ``run_dir`` and its ``checkpoints/`` (``.step_N.tmpPID`` ...).
+
+    Call it only while holding the run's :class:`RunLock`: then no other process is
+    writing there, so every temporary is a dead process's leftover (or a failed save of
+    this one). Returns the removed paths.
+    """
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if _TEMPORARY.match(path.name):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def locked(run_dir, main: bool = True):
+    """Hold the run folder's :class:`RunLock` (on the main rank) and remove stale temporaries under it.
+
+    Arguments:
+        run_dir: the run folder (created if needed).
+        main: whether this process is the main rank; the others neither lock nor clean.
+    Raises:
+        RunLockedError when another live process holds the lock.
+    """
+    lock = RunLock(run_dir).acquire() if main else None
+    try:
+        if lock is not None:
+            remove_stale_temporaries(run_dir)  # no other process writes here while we hold the lock
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# --------------------------------------------------------------------------- fresh or resumed start
+def open_resumed(cfg: TrainConfig, resume: str, changes: Optional[dict]):
+    """(run config, checkpoint folder, trainer state) of the run to resume (see :func:`resumed_config`)."""
+    root = Path(cfg.out_dir) / "checkpoints"
+    resume_from = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
+    if resume_from is None:
+        raise ckpt.CheckpointError(f"--resume: no checkpoint under {root}")
+    state = ckpt.load_trainer_state(resume_from)
+    saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+    return resumed_config(saved, cfg, changes), resume_from, state
+
+
+def nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -> dict:
+    """A resumed run already at its last step: say so, touch nothing, return the run's summary."""
+    out_dir = Path(cfg.out_dir)
+    if step >= cfg.max_steps:
+        msg = f"the run in {out_dir} is finished (step {step} of max_steps {cfg.max_steps}); nothing to do: " \
+              f"raise --max-steps to extend it"
+    else:
+        msg = f"the run in {out_dir} is at step {step}, at or past --stop-after {cfg.stop_after}; nothing to do"
+    if ranks.main:
+        print(f"fastmlm train: {msg}")
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):  # killed between its last checkpoint and the summary
+        summary = {"step": step, "checkpoint": str(resume_from)}
+    return {**summary, "rank": ranks.rank, "nothing_to_do": msg}
+
+
+def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist) -> None:
+    """Clear what an earlier run left in ``out_dir``: always its logs (a run killed before its
+    first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``."""
+    names = ["log.csv", "summary.json", "tensorboard"]
+    if ckpt.list_checkpoints(out_dir / "checkpoints"):
+        if not overwrite:
+            raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
+                             f"or replace it (--overwrite)")
+        names += ["checkpoints", "tokenizer.json"]
+        ranks.barrier()  # every rank has looked before rank 0 deletes
+    if ranks.main:
+        for name in names:
+            path = out_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def write_config(cfg: TrainConfig, ranks: Dist) -> None:
+    """Create the run folder and write its ``train_config.json`` (main rank), then wait for every rank."""
+    out_dir = Path(cfg.out_dir)
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
+    ranks.barrier()
+
+
+def prepare_tokenizer(cfg: TrainConfig, train_files, ranks: Dist):
+    """Load the configured tokenizer, or train one on the training data (main rank) and share it via out_dir.
+
+    A fresh run always trains its own (a leftover tokenizer.json may have another vocabulary size);
+    pass ``tokenizer`` to reuse one.
+    """
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    path = Path(cfg.out_dir) / "tokenizer.json"
+    if ranks.main:
+        tok = train_tokenizer(read_documents(train_files), vocab_size=cfg.vocab_size)
+        tok.save(str(path))
+    ranks.barrier()
+    return load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------- the log
+class Logger:
+    """CSV rows (and TensorBoard scalars when tensorboard is installed), on the main rank only."""
+
+    FIELDS = ("step", "split", "loss", "accuracy", "perplexity", "lr", "tokens_per_s", "packing_efficiency",
+              "elapsed_s")
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
+        self.enabled, self.tb = enabled, None
+        if not enabled:
+            return
+        self.path = out_dir / "log.csv"
+        if resume_step and self.path.exists():  # drop rows a killed run wrote after its checkpoint
+            with open(self.path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(kept)
+            ckpt.write_text_atomic(self.path, text.getvalue())  # a kill now leaves the old log, not an empty one
+        new = not self.path.exists()
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS)
+        if new:
+            self.writer.writeheader()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: CSV only
+            self.tb = None
+
+    def log(self, **row):
+        if not self.enabled:
+            return
+        self.writer.writerow({k: row.get(k, "") for k in self.FIELDS})
+        self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "accuracy", "perplexity", "lr", "tokens_per_s"):
+                if isinstance(row.get(key), (int, float)):
+                    self.tb.add_scalar(f"{row['split']}/{key}", row[key], row["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+    def __enter__(self) -> "Logger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
