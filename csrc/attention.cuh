@@ -20,6 +20,9 @@
 // the last real key of a sequence (key_len, computed on the device) are skipped. Padded
 // query rows are computed like the reference does (they attend to the real keys).
 // A row with no real key outputs 0 with lse = -inf, and contributes no gradient.
+// Padding never contributes, even when it holds NaN: K and V rows that are not real keys
+// are zero-filled on load (copy_tile, Rows::kKeys), not only given zero probability.
+// NaN in a real row gives NaN in every row that sees it.
 //
 // Limits: fp16 / bf16 (sm_80+), head_dim a multiple of 8 up to 128; the kernels are
 // instantiated for head dims 32, 64 and 128 and zero-pad smaller ones to the next.
@@ -58,18 +61,20 @@ struct Tiles {
 // packed; in the padded layout up to the last real key (keys past it are all padding).
 struct Sequence {
   int64_t start;
-  int len;   // rows: queries, keys, outputs
-  int keys;  // keys [0, keys) may be real; the rest are skipped
+  int len;               // rows: queries, keys, outputs
+  int keys;              // keys [0, keys) may be real; the rest are skipped
+  const bool* key_mask;  // this sequence's row of the (B, S) key mask, or null (every key is real)
 };
 
 FASTMLM_DEVICE Sequence sequence(const AttentionParams& p, int b) {
   if (p.cu_seqlens != nullptr) {
     const int start = p.cu_seqlens[b];
     const int len = p.cu_seqlens[b + 1] - start;
-    return {start, len, len};
+    return {start, len, len, nullptr};
   }
   const int keys = p.key_len != nullptr && p.key_len[b] < p.max_seqlen ? p.key_len[b] : p.max_seqlen;
-  return {static_cast<int64_t>(b) * p.max_seqlen, p.max_seqlen, keys};
+  const bool* mask = p.key_mask == nullptr ? nullptr : p.key_mask + static_cast<int64_t>(b) * p.max_seqlen;
+  return {static_cast<int64_t>(b) * p.max_seqlen, p.max_seqlen, keys, mask};
 }
 
 // Element offset of (token, head, 0) in a contiguous (tokens, heads, head_dim) tensor.
@@ -77,22 +82,31 @@ FASTMLM_DEVICE int64_t row_offset(const AttentionParams& p, int64_t token, int h
   return (token * p.heads + head) * p.head_dim;
 }
 
-FASTMLM_DEVICE bool key_is_real(const AttentionParams& p, Sequence seq, int b, int key) {
-  if (key >= seq.keys) return false;
-  return p.key_mask == nullptr || p.key_mask[static_cast<int64_t>(b) * p.max_seqlen + key];
+FASTMLM_DEVICE bool key_is_real(Sequence seq, int key) {
+  return key < seq.keys && (seq.key_mask == nullptr || seq.key_mask[key]);
+}
+
+// Which rows of a tile are read from memory: query and dO rows up to the end of the
+// sequence, key and value rows only where the key is real. The other rows, and columns past
+// head_dim, read as zero, so they add nothing to any product. Zero-filling padding keys, not
+// only giving them zero probability, matters: 0 · NaN is NaN, so a NaN or inf stored at a
+// padding position would otherwise reach the real rows through P V, dO Vᵀ and dS K.
+enum class Rows { kQueries, kKeys };
+
+FASTMLM_DEVICE bool row_is_read(Sequence seq, int row, Rows rows) {
+  return rows == Rows::kKeys ? key_is_real(seq, row) : row < seq.len;
 }
 
 // Copy ROWS rows (tokens row0.. of one head of one sequence) into shared memory, row-major
-// (ROWS x ld). Rows past the end of the sequence and columns past head_dim read as zero, so
-// they add nothing to any product.
+// (ROWS x ld), zero where row_is_read says so.
 template <class T, int ROWS, int HEAD_DIM>
 FASTMLM_DEVICE void copy_tile(T* dst, int ld, const T* src, const AttentionParams& p, Sequence seq, int head,
-                              int row0) {
+                              int row0, Rows rows) {
   constexpr int kVecsPerRow = HEAD_DIM / 8;
   for (int i = thread_x(); i < ROWS * kVecsPerRow; i += kThreads) {
     const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
     Vec16 v{};
-    if (row0 + r < seq.len && c < p.head_dim)
+    if (c < p.head_dim && row_is_read(seq, row0 + r, rows))
       v = *reinterpret_cast<const Vec16*>(src + row_offset(p, seq.start + row0 + r, head) + c);
     *reinterpret_cast<Vec16*>(dst + r * ld + c) = v;
   }
@@ -119,11 +133,11 @@ FASTMLM_DEVICE void load_frag_b(uint32_t (&b)[2], const T* tile, int ld, int n0,
 // The same copy with cp.async: issued now, landing by a later cp_async_wait (forward pipeline).
 template <class T, int ROWS, int HEAD_DIM>
 FASTMLM_DEVICE void copy_tile_async(T* dst, int ld, const T* src, const AttentionParams& p, Sequence seq, int head,
-                                    int row0) {
+                                    int row0, Rows rows) {
   constexpr int kVecsPerRow = HEAD_DIM / 8;
   for (int i = thread_x(); i < ROWS * kVecsPerRow; i += kThreads) {
     const int r = i / kVecsPerRow, c = (i % kVecsPerRow) * 8;
-    const bool inside = row0 + r < seq.len && c < p.head_dim;
+    const bool inside = c < p.head_dim && row_is_read(seq, row0 + r, rows);
     cp_async_16(dst + r * ld + c, inside ? src + row_offset(p, seq.start + row0 + r, head) + c : src, inside);
   }
 }
@@ -198,7 +212,7 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 query rows as A fragments, kept in registers for the whole loop.
-  copy_tile<T, kBlockRows, HEAD_DIM>(tiles, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(tiles, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0, Rows::kQueries);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], tiles + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
@@ -208,11 +222,12 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   // warps work on tile i, tile i + 1 is in flight. The key mask of the tile goes with it.
   auto issue_tile = [&](int key0, int buffer) {
     T* k_dst = tiles + buffer * 2 * Smem::kK;
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kK, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kK, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0,
+                                        Rows::kKeys);
     cp_async_commit();
     for (int j = thread_x(); j < kKeys; j += kThreads)
-      key_bias_buffers[buffer * kKeys + j] = key_is_real(p, seq, b, key0 + j) ? 0.f : -INFINITY;
+      key_bias_buffers[buffer * kKeys + j] = key_is_real(seq, key0 + j) ? 0.f : -INFINITY;
   };
 
   float o[HEAD_DIM / 8][4] = {};
@@ -280,19 +295,23 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
     sync_block();  // every warp is done with this buffer before it is refilled
   }
 
-  // Stage 6: O / l and lse = ln(2) · (m + log2 l); a row with no real key gets 0 and -inf.
+  // Stage 6: O / l and lse = ln(2) · (m + log2 l). l = 0 means no key contributed: a sequence
+  // without real keys outputs 0 with lse = -inf; in a sequence with one, every score of the row
+  // was -inf, which only an infinite input can cause, so the row is NaN. (The comparisons are
+  // `l == 0`, not `l > 0`: a NaN l must stay NaN, not turn into a row of zeros.)
   float inv_l[2];
   const int warp_row0 = row0 + warp * kRowsPerWarp;
   for (int r = 0; r < 2; ++r) {
     l[r] = row_sum4(l[r]);
-    inv_l[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    if (l[r] == 0.f && seq.keys > 0) l[r] = NAN;
+    inv_l[r] = l[r] == 0.f ? 0.f : 1.f / l[r];
   }
   store_rows<T, HEAD_DIM>(static_cast<T*>(p.out), p, seq, head, warp_row0, o, inv_l);
   if (t == 0)
     for (int r = 0; r < 2; ++r) {
       const int row = warp_row0 + thread_x() % kWarpSize / 4 + 8 * r;
       if (row < seq.len)
-        p.lse[(seq.start + row) * p.heads + head] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : -INFINITY;
+        p.lse[(seq.start + row) * p.heads + head] = l[r] == 0.f ? -INFINITY : (m[r] + log2f(l[r])) * kLn2;
     }
 }
 
@@ -351,23 +370,24 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   // Stage 1: this warp's 16 keys of K and V as A fragments (staged through shared memory).
   T* k_stage = tiles;
   T* v_stage = tiles + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
-  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
+  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0, Rows::kKeys);
   sync_block();
   uint32_t k_frag[HEAD_DIM / 16][4], v_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
     load_frag_a(k_frag[kk], k_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
     load_frag_a(v_frag[kk], v_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
   }
-  const bool key_real[2] = {key_is_real(p, seq, b, warp_key0 + g), key_is_real(p, seq, b, warp_key0 + g + 8)};
+  const bool key_real[2] = {key_is_real(seq, warp_key0 + g), key_is_real(seq, warp_key0 + g + 8)};
   sync_block();  // the staging space becomes the Q/dO buffers
 
   // Query tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
   auto issue_tile = [&](int q0, int buffer) {
     T* q_dst = tiles + buffer * 2 * Smem::kRowMajor;
-    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0);
+    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0,
+                                           Rows::kQueries);
     copy_tile_async<T, kQueries, HEAD_DIM>(q_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.dout), p, seq,
-                                           head, q0);
+                                           head, q0, Rows::kQueries);
     cp_async_commit();
     float* lse2_dst = stats + buffer * 2 * kQueries;
     load_row_stats(lse2_dst, lse2_dst + kQueries, kQueries, p, seq, head, q0);
@@ -473,8 +493,9 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   // Stage 1: this warp's 16 rows of Q and dO as A fragments, and their lse / delta.
   T* q_stage = tiles;
   T* do_stage = tiles + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0);
-  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, row0);
+  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0, Rows::kQueries);
+  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, row0,
+                                     Rows::kQueries);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4], do_frag[HEAD_DIM / 16][4];
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
@@ -495,12 +516,12 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
   auto issue_tile = [&](int key0, int buffer) {
     T* k_dst = tiles + buffer * 2 * Smem::kRowMajor;
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0);
+    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
     copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.v), p, seq, head,
-                                        key0);
+                                        key0, Rows::kKeys);
     cp_async_commit();
     for (int j = thread_x(); j < kKeys; j += kThreads)
-      key_ok_buffers[buffer * kKeys + j] = key_is_real(p, seq, b, key0 + j) ? 1.f : 0.f;
+      key_ok_buffers[buffer * kKeys + j] = key_is_real(seq, key0 + j) ? 1.f : 0.f;
   };
 
   float dq[HEAD_DIM / 8][4] = {};

@@ -59,8 +59,12 @@ struct RowState {
   int64_t best_index = INT64_MAX;
 };
 
+// sum_exp, taken from the max it was summed against to a new (not smaller) max. An empty
+// state (sum 0, max -inf) stays 0 rather than 0 · e^(-inf + inf) = NaN. The test is on the
+// sum, not on the max: a state that has seen only NaN logits has max -inf (fmaxf skips NaN)
+// but sum NaN, and that NaN must survive into lse and the loss.
 FASTMLM_DEVICE float scaled(float sum_exp, float from_max, float to_max) {
-  return from_max == -INFINITY ? 0.f : sum_exp * expf(from_max - to_max);
+  return sum_exp == 0.f ? 0.f : sum_exp * expf(from_max - to_max);
 }
 
 FASTMLM_DEVICE RowState merge(const RowState& a, const RowState& b) {

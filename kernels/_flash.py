@@ -39,6 +39,14 @@ nothing more, so interior tiles run unmasked; a mask with holes before kv_len
 is applied per element on every tile. Packed batches read start and seq_len
 from cu_seqlens. Token offsets are int64.
 
+Padding never contributes, even when it holds NaN or inf: a masked probability is
+not enough (0 * NaN = NaN). Masked scores are selected to -inf and dS to 0, and the
+operand that multiplies those zeros loads padding keys (past kv_len or marked
+padding) as zeros: V in the forward's P V, K in dQ's dS K. dK/dV of padding keys
+are zeroed at the store. NaN in a real row gives NaN in every row that sees it; in
+dense attention a row whose every score is -inf (only an infinite input does that)
+is NaN too, not the zeros of a row without keys.
+
 Limits: head_dim a multiple of 8 up to 128 (padded to a power of two >= 16
 with masked loads); fp16, bf16 and fp32 (fp32 uses IEEE dot products, not TF32).
 Differences from the CUDA version (csrc/) will be listed there.
@@ -79,15 +87,16 @@ def _sequence(batch, CuSeqlens, KeyBounds, padded_len, IS_PACKED: tl.constexpr, 
 
 
 @triton.jit
-def _load_rows(base, rows, limit, stride_tok, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _load_rows(base, rows, row_ok, stride_tok, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_D: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile; rows >= limit and columns >= HEAD_DIM read as 0."""
+    """Load a (rows, BLOCK_D) tile; with CHECK_ROWS, rows where row_ok is False read as 0, and
+    columns >= HEAD_DIM always do."""
     ptrs = base + rows.to(tl.int64)[:, None] * stride_tok + offs_d[None, :]
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
-            tile = tl.load(ptrs, mask=(rows < limit)[:, None], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
         else:
-            tile = tl.load(ptrs, mask=(rows < limit)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     else:
         if BLOCK_D == HEAD_DIM:
             tile = tl.load(ptrs)
@@ -103,30 +112,31 @@ def _store_rows(base, tile, rows, limit, stride_tok, offs_d, HEAD_DIM: tl.conste
 
 
 @triton.jit
-def _keep(pos_q, pos_k, kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row, layout_len, window, num_global,
-          CHECK_KEYS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, APPLY_RULE: tl.constexpr,
-          HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
-    """Which (query, key) pairs of a tile attend. pos_q / pos_k are positions in the
-    sequence, already broadcast to the tile's 2-D shape (either orientation).
+def _real_keys(pos_n, kv_len, KeyMaskRow, HAS_KEY_MASK: tl.constexpr):
+    """(BLOCK_N,) bool: which keys of a tile are real (inside kv_len and, with a key-padding
+    mask, marked real). The K and V rows of the others are loaded as zeros, not merely given
+    zero probability: a NaN or inf stored at a padding position (or in the next packed
+    sequence) would otherwise reach real rows as 0 * NaN in P V, dO V^T and dS K."""
+    real = pos_n < kv_len
+    if HAS_KEY_MASK:
+        real = real & (tl.load(KeyMaskRow + pos_n, mask=real, other=0) != 0)
+    return real
 
-    Keys: inside kv_len and real per the key-padding mask. Layout (block-sparse
-    partial tiles): the fine layout block's state, FULL or PARTIAL with the token rule
-    |i - j| <= window  or  i < num_global  or  j < num_global  or  token_mask[i, j].
-    """
-    keep = pos_k >= 0  # all True, in the tile's shape
-    if CHECK_KEYS:
-        keep = keep & (pos_k < kv_len)
-        if HAS_KEY_MASK:
-            keep = keep & (tl.load(KeyMaskRow + pos_k, mask=pos_k < kv_len, other=0) != 0)
-    if APPLY_RULE:
-        inside = (pos_q < layout_len) & (pos_k < layout_len)
-        fine = tl.load(Blocks + (pos_q // LAYOUT_BLOCK) * blocks_row + pos_k // LAYOUT_BLOCK, mask=inside, other=0)
-        distance = pos_q - pos_k
-        rule = (tl.where(distance < 0, -distance, distance) <= window) | (pos_q < num_global) | (pos_k < num_global)
-        if HAS_TOKEN_MASK:
-            rule = rule | (tl.load(TokenMask + pos_q.to(tl.int64) * tm_row + pos_k, mask=inside, other=0) != 0)
-        keep = keep & ((fine == 1) | ((fine == 2) & rule))
-    return keep
+
+@triton.jit
+def _layout_keep(pos_q, pos_k, Blocks, blocks_row, TokenMask, tm_row, layout_len, window, num_global,
+                 HAS_TOKEN_MASK: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+    """Which (query, key) pairs of a partially kept block-sparse tile the layout keeps.
+    pos_q / pos_k are positions in the sequence, already broadcast to the tile's 2-D shape
+    (either orientation): the fine layout block's state, FULL or PARTIAL with the token rule
+    |i - j| <= window  or  i < num_global  or  j < num_global  or  token_mask[i, j]."""
+    inside = (pos_q < layout_len) & (pos_k < layout_len)
+    fine = tl.load(Blocks + (pos_q // LAYOUT_BLOCK) * blocks_row + pos_k // LAYOUT_BLOCK, mask=inside, other=0)
+    distance = pos_q - pos_k
+    rule = (tl.where(distance < 0, -distance, distance) <= window) | (pos_q < num_global) | (pos_k < num_global)
+    if HAS_TOKEN_MASK:
+        rule = rule | (tl.load(TokenMask + pos_q.to(tl.int64) * tm_row + pos_k, mask=inside, other=0) != 0)
+    return (fine == 1) | ((fine == 2) & rule)
 
 
 # --------------------------------------------------------------------------- forward
@@ -139,12 +149,21 @@ def _fwd_visit(acc, m_i, l_i, q, Kh, Vh, kb, pos_m, kv_len, stride_kt, stride_vt
     """One key block of the online softmax. MASKED=False only for tiles wholly inside
     kv_len with no key mask and no layout rule: no per-element work at all."""
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(Kh, pos_n, kv_len, stride_kt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_rows(Vh, pos_n, kv_len, stride_vt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    if MASKED:
+        # The select on s below replaces a NaN score at a padding key, but p = 0 times a NaN
+        # value is still NaN in P V: V loads padding keys as zeros. (K need not: on sm_90 the
+        # key mask in both load masks, or a select after the load, cost registers and spills.)
+        real = _real_keys(pos_n, kv_len, KeyMaskRow, HAS_KEY_MASK)
+        v = _load_rows(Vh, pos_n, real, stride_vt, offs_d, True, HEAD_DIM, BLOCK_D)
+    else:
+        v = _load_rows(Vh, pos_n, None, stride_vt, offs_d, False, HEAD_DIM, BLOCK_D)
+    k = _load_rows(Kh, pos_n, pos_n < kv_len, stride_kt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        keep = _keep(pos_m[:, None], pos_n[None, :], kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row,
-                     layout_len, window, num_global, True, HAS_KEY_MASK, APPLY_RULE, HAS_TOKEN_MASK, LAYOUT_BLOCK)
+        keep = real[None, :]
+        if APPLY_RULE:
+            keep = keep & _layout_keep(pos_m[:, None], pos_n[None, :], Blocks, blocks_row, TokenMask, tm_row,
+                                       layout_len, window, num_global, HAS_TOKEN_MASK, LAYOUT_BLOCK)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
@@ -186,8 +205,8 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     head_off = start * stride_tok + head * stride_head
-    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, seq_len, stride_qt, offs_d, True, HEAD_DIM,
-                   BLOCK_D)
+    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, pos_m < seq_len, stride_qt, offs_d, True,
+                   HEAD_DIM, BLOCK_D)
     Kh, Vh = K + start * stride_kt + head * stride_kh, V + start * stride_vt + head * stride_vh
     KeyMaskRow = KeyMask + batch.to(tl.int64) * padded_len
     Blocks_h = Blocks + head * blocks_head
@@ -230,9 +249,15 @@ def _fwd_kernel(
                                        HAS_KEY_MASK, False, False, LAYOUT_BLOCK, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
 
     # ---- normalise; a row with no key at all outputs 0 with lse = -inf
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    empty = l_i == 0.0
+    if not SPARSE:
+        # Dense: every row of a sequence with a real key keeps it, so l = 0 there means every
+        # score was -inf, which only an infinite input can cause: NaN out, not "no key".
+        l_i = tl.where(empty & (kv_len > 0), float("nan"), l_i)
+        empty = empty & (kv_len == 0)
+    l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
     _store_rows(Out + head_off, out, pos_m, seq_len, stride_tok, offs_d, HEAD_DIM)
     tl.store(Lse + (start + pos_m) * num_heads + head, lse, mask=pos_m < seq_len)
 
@@ -245,8 +270,8 @@ def _delta_kernel(Out, DOut, Delta, num_tokens, num_heads, stride_tok, stride_he
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     head = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(Out + head * stride_head, rows, num_tokens, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DOut + head * stride_head, rows, num_tokens, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    o = _load_rows(Out + head * stride_head, rows, rows < num_tokens, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DOut + head * stride_head, rows, rows < num_tokens, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + rows.to(tl.int64) * num_heads + head, delta, mask=rows < num_tokens)
 
@@ -262,8 +287,8 @@ def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_h
     (BLOCK_N, BLOCK_M)). Keys need no mask here: invalid keys are zeroed at the store.
     MASKED: the query block may end past seq_len; APPLY_RULE: the layout rule of a partial tile."""
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
-    q = _load_rows(Qh, pos_m, seq_len, stride_qt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    do = _load_rows(DOh, pos_m, seq_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    q = _load_rows(Qh, pos_m, pos_m < seq_len, stride_qt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DOh, pos_m, pos_m < seq_len, stride_tok, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     if MASKED:
         lse = tl.load(Lse_h + pos_m.to(tl.int64) * num_heads, mask=pos_m < seq_len, other=float("inf"))
         delta = tl.load(Delta_h + pos_m.to(tl.int64) * num_heads, mask=pos_m < seq_len, other=0.0)
@@ -275,8 +300,8 @@ def _dkdv_visit(dk, dv, k, v, Qh, DOh, Lse_h, Delta_h, qb, pos_n, seq_len, num_h
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if APPLY_RULE:
-        keep = _keep(pos_m[None, :], pos_n[:, None], 0, Blocks, Blocks, blocks_row, TokenMask, tm_row, layout_len,
-                     window, num_global, False, False, True, HAS_TOKEN_MASK, LAYOUT_BLOCK)
+        keep = _layout_keep(pos_m[None, :], pos_n[:, None], Blocks, blocks_row, TokenMask, tm_row, layout_len,
+                            window, num_global, HAS_TOKEN_MASK, LAYOUT_BLOCK)
         p_t = tl.where(keep, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)          # dV = P^T dO
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)              # dP^T = V dO^T
@@ -313,10 +338,10 @@ def _dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
     head_off = start * stride_tok + head * stride_head
-    k = _load_rows(K + start * stride_kt + head * stride_kh, pos_n, seq_len, stride_kt, offs_d, True, HEAD_DIM,
-                   BLOCK_D)
-    v = _load_rows(V + start * stride_vt + head * stride_vh, pos_n, seq_len, stride_vt, offs_d, True, HEAD_DIM,
-                   BLOCK_D)
+    k = _load_rows(K + start * stride_kt + head * stride_kh, pos_n, pos_n < seq_len, stride_kt, offs_d, True,
+                   HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + start * stride_vt + head * stride_vh, pos_n, pos_n < seq_len, stride_vt, offs_d, True,
+                   HEAD_DIM, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     Qh, DOh = Q + start * stride_qt + head * stride_qh, DOut + head_off
@@ -377,16 +402,26 @@ def _dq_visit(dq, q, do, lse2, delta, Kh, Vh, kb, pos_m, kv_len, stride_kt, stri
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Add one key block's contribution to a query block's dQ (masking as in the forward)."""
     pos_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = _load_rows(Kh, pos_n, kv_len, stride_kt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-    v = _load_rows(Vh, pos_n, kv_len, stride_vt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+    if MASKED:
+        # dS is 0 at padding keys, but 0 times a NaN K row is NaN in dS K: K loads them as
+        # zeros. V need not (dS is selected to 0 below); see _fwd_visit for why only one.
+        real = _real_keys(pos_n, kv_len, KeyMaskRow, HAS_KEY_MASK)
+        k = _load_rows(Kh, pos_n, real, stride_kt, offs_d, True, HEAD_DIM, BLOCK_D)
+    else:
+        k = _load_rows(Kh, pos_n, None, stride_kt, offs_d, False, HEAD_DIM, BLOCK_D)
+    v = _load_rows(Vh, pos_n, pos_n < kv_len, stride_vt, offs_d, MASKED, HEAD_DIM, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     if MASKED:
-        keep = _keep(pos_m[:, None], pos_n[None, :], kv_len, KeyMaskRow, Blocks, blocks_row, TokenMask, tm_row,
-                     layout_len, window, num_global, True, HAS_KEY_MASK, APPLY_RULE, HAS_TOKEN_MASK, LAYOUT_BLOCK)
+        keep = real[None, :]
+        if APPLY_RULE:
+            keep = keep & _layout_keep(pos_m[:, None], pos_n[None, :], Blocks, blocks_row, TokenMask, tm_row,
+                                       layout_len, window, num_global, HAS_TOKEN_MASK, LAYOUT_BLOCK)
         s = tl.where(keep, s, float("-inf"))
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)               # dP = dO V^T
     ds = p * (dp - delta[:, None])                                         # dS = P * (dP - delta)
+    if MASKED:
+        ds = tl.where(keep, ds, 0.0)  # a NaN V row at a padding key makes dP NaN there, and p = 0 keeps it
     dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)            # dQ = dS K (scaled later)
     return dq
 
@@ -419,10 +454,10 @@ def _dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     pos_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     head_off = start * stride_tok + head * stride_head
-    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, seq_len, stride_qt, offs_d, True, HEAD_DIM,
-                   BLOCK_D)
+    q = _load_rows(Q + start * stride_qt + head * stride_qh, pos_m, pos_m < seq_len, stride_qt, offs_d, True,
+                   HEAD_DIM, BLOCK_D)
     Kh, Vh = K + start * stride_kt + head * stride_kh, V + start * stride_vt + head * stride_vh
-    do = _load_rows(DOut + head_off, pos_m, seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(DOut + head_off, pos_m, pos_m < seq_len, stride_tok, offs_d, True, HEAD_DIM, BLOCK_D)
     lse = tl.load(Lse + (start + pos_m) * num_heads + head, mask=pos_m < seq_len, other=float("inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + (start + pos_m) * num_heads + head, mask=pos_m < seq_len, other=0.0)
@@ -586,8 +621,15 @@ def _common(q, attention_mask, cu_seqlens, max_seqlen):
         holes = mask.sum(dim=1, dtype=torch.int32) != kv_len
         key_bounds = torch.stack([kv_len, holes.to(torch.int32)], dim=1).to(torch.int32).contiguous()  # (B, 2)
         key_mask = mask.contiguous().view(torch.uint8)
+    # The kernels read cu_seqlens with unit stride.
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.contiguous()
     return dict(packed=packed, heads=heads, head_dim=head_dim, batch=batch, padded_len=padded_len,
-                key_bounds=key_bounds, key_mask=key_mask, max_seqlen=max_seqlen)
+                key_bounds=key_bounds, key_mask=key_mask, max_seqlen=max_seqlen, cu_seqlens=cu_seqlens)
+
+
+def _bound_pointers(info, dummy):
+    """CuSeqlens, KeyBounds, KeyMask kernel arguments; ``dummy`` stands in for the absent ones."""
+    return tuple(dummy if info[name] is None else info[name] for name in ("cu_seqlens", "key_bounds", "key_mask"))
 
 
 def _meta(info, schedule, dtype):
@@ -625,8 +667,7 @@ def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, schedule: Sc
         grid = lambda meta: (triton.cdiv(info["max_seqlen"], meta["BLOCK_M"]), h, info["batch"])
         fn[grid](
             qf, kf, vf, out, lse,
-            dummy if cu_seqlens is None else cu_seqlens, dummy if info["key_bounds"] is None else info["key_bounds"],
-            dummy if info["key_mask"] is None else info["key_mask"],
+            *_bound_pointers(info, dummy),
             *sparse["pointers"],
             info["padded_len"], h, *sparse["sizes"], triton.next_power_of_2(info["max_seqlen"]),
             *_input_strides(qf, kf, vf), out.stride(0), out.stride(1), *sparse["strides"],
@@ -655,8 +696,7 @@ def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, sc
     _delta_kernel[(triton.cdiv(tokens, block_t), h)](of, dof, delta, tokens, h, of.stride(0), of.stride(1),
                                                       HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_T=block_t)
 
-    bounds = (lsef if cu_seqlens is None else cu_seqlens, lsef if info["key_bounds"] is None else info["key_bounds"],
-              lsef if info["key_mask"] is None else info["key_mask"])
+    bounds = _bound_pointers(info, lsef)
     seqlen_key = triton.next_power_of_2(info["max_seqlen"])
 
     # ---- dK, dV: one program per key block, walking the query blocks that see it

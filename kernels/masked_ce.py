@@ -348,6 +348,12 @@ def _strides(hidden, weight):
     return (*hidden.stride(), *weight.stride())
 
 
+def _bias_arg(bias, hidden):
+    """The bias pointer argument: the kernels read bias with unit stride (a strided view is
+    copied); without a bias, any tensor stands in (HAS_BIAS=False never reads it)."""
+    return hidden if bias is None else bias.contiguous()
+
+
 def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
     """(T, H) hidden -> per-row (loss fp32 (R,), lse fp32 (R,), correct bool (R,)); zeros where a row does not count."""
     rows_total, vocab = (labels.shape[0] if positions is None else positions.shape[0]), weight.shape[0]
@@ -367,7 +373,7 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
     stats = torch.empty(5, splits, rows_total, device=device, dtype=torch.float32)
     argbest = torch.empty(splits, rows_total, device=device, dtype=torch.int32)
     _forward_kernel[(triton.cdiv(rows_total, cfg["BLOCK_M"]), splits)](
-        hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows,
+        hidden, weight, _bias_arg(bias, hidden), tokens, targets, n_rows,
         *stats, argbest,
         rows_total, hidden.shape[1], vocab, per_split,
         *_strides(hidden, weight),
@@ -421,7 +427,7 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
     for v_begin in range(0, vocab, chunk_cols):  # a static loop: vocab is a shape
         chunk = min(chunk_cols, vocab - v_begin)
         _dlogits_kernel[(triton.cdiv(rows_total, dlogits["BLOCK_M"]), triton.cdiv(chunk, dlogits["BLOCK_V"]))](
-            hidden, weight, bias if bias is not None else hidden, tokens, targets, n_rows, row_lse, row_grad, dz,
+            hidden, weight, _bias_arg(bias, hidden), tokens, targets, n_rows, row_lse, row_grad, dz,
             width, vocab, v_begin, v_begin + chunk,
             *_strides(hidden, weight), dz.stride(0),
             float(label_smoothing), float(z_loss),

@@ -216,6 +216,145 @@ def test_kernels_compile_for_sm90():
     assert done.stdout.count(" ok") == 6, done.stdout  # (fwd, dkdv, dq) x (dense, sparse)
 
 
+# --------------------------------------------------------------------------- strided views, NaN, padding
+# Helpers shared with the cuda backend's tests (test_cuda_kernels.py) and block-sparse attention:
+# ``run(q, k, v, **batch) -> out`` is one backend of an attention op.
+def noncontiguous(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values: "every_other" (last-dim stride 2) or
+    "transposed" (tokens and heads swapped in memory)."""
+    if kind == "every_other":
+        wide = t.new_zeros(t.shape[:-1] + (2 * t.shape[-1],))
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.transpose(-3, -2).contiguous().transpose(-3, -2)
+
+
+def assert_strided_views_match(run, layout, kind, dtype, device):
+    """q, k, v as non-contiguous views (with attention_mask / cu_seqlens views too) give the
+    outputs and gradients of contiguous copies (to rounding: on a GPU the kernels may be
+    specialised differently for other strides; a stride bug is off by O(1))."""
+    if layout == "padded":  # views are made on the device: moving one there would copy it
+        shape, mask = (2, 37, 2, 16), _random_key_mask(2, 37).to(device)
+        batches = [dict(attention_mask=mask), dict(attention_mask=mask.t().contiguous().t())]
+    else:
+        shape, cu = (37, 2, 16), cu_seqlens_of([9, 0, 28]).to(device)
+        batches = [dict(cu_seqlens=cu, max_seqlen=28), dict(cu_seqlens=torch.stack([cu, cu], 1)[:, 0], max_seqlen=28)]
+    inputs = [torch.randn(shape, dtype=dtype).to(device) for _ in range(3)]
+    views = [noncontiguous(t, kind) for t in inputs]
+    bounds = batches[1]["attention_mask" if layout == "padded" else "cu_seqlens"]
+    assert not any(t.is_contiguous() for t in views + [bounds])
+    dout = torch.randn(shape, dtype=dtype).to(device)
+    results = []
+    for tensors, batch in ((inputs, batches[0]), (views, batches[1])):
+        tensors = [t.detach().requires_grad_() for t in tensors]
+        out = run(*tensors, **batch)
+        results.append((out, *torch.autograd.grad(out, tensors, dout)))
+    for name, contiguous, strided in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(strided, contiguous, msg=lambda m: f"{name}, {kind} views: {m}")
+
+
+def assert_padding_never_contributes(run, layout, dtype, device):
+    """Outputs and gradients are the same, bit for bit, whether padding holds zeros or NaN, and
+    no NaN reaches a row that does not see one.
+
+    padded: NaN under the padding keys and values of a sequence with 70 padding keys first
+    (whole key tiles: its rows also check that a row which has seen no real key yet rescales by
+    0, not by 2^(-inf + inf) = NaN), then holes, then right padding; and of a right-padded one.
+    packed: the middle sequence is all NaN: its own rows are NaN (NaN in, NaN out); the
+    sequence before it shares key tiles with it and must not notice."""
+    if layout == "padded":
+        mask = torch.ones(2, 100, dtype=torch.bool)
+        mask[0, :70] = False
+        mask[0, 80::3] = False
+        mask[0, 95:] = False
+        mask[1, 45:] = False
+        shape, batch, poison = (2, 100, 1, 16), dict(attention_mask=mask.to(device)), ~mask
+        clean_rows = torch.ones_like(mask)  # padded query rows too: they attend to the real keys only
+    else:
+        poison = torch.zeros(100, dtype=torch.bool)
+        poison[20:65] = True
+        batch = dict(cu_seqlens=cu_seqlens_of([20, 45, 35]).to(device), max_seqlen=45)
+        shape, clean_rows = (100, 1, 16), ~poison
+    inputs = [torch.randn(shape, dtype=dtype) for _ in range(3)]
+    dout = torch.randn(shape, dtype=dtype).to(device)
+
+    def run_with(fill):
+        tensors = [t.clone() for t in inputs]
+        for t in tensors[1:] if layout == "padded" else tensors:  # padded: keys and values only
+            t[poison] = fill
+        tensors = [t.to(device).requires_grad_() for t in tensors]
+        out = run(*tensors, **batch)
+        return [t.cpu() for t in (out, *torch.autograd.grad(out, tensors, dout))]
+
+    poisoned, zeros = run_with(float("nan")), run_with(0.0)
+    for name, p, z in zip(("out", "dq", "dk", "dv"), poisoned, zeros):
+        assert not p[clean_rows].isnan().any(), f"{name}: NaN at padding reached other rows"
+        assert torch.equal(p[clean_rows], z[clean_rows]), f"{name}: the content of padding changed the result"
+    if layout == "packed":
+        assert poisoned[0][poison].isnan().all(), "NaN in, NaN out"
+
+
+def assert_nan_in_gives_nan_out(run, dtype, device, all_minus_inf_row=True):
+    """Sequence 0: a NaN query (its row NaN) and, unless told otherwise, a query whose every
+    score is -inf (an infinite input: NaN, not the zeros of a row without keys). Sequence 1: a
+    NaN key (every row NaN). Sequence 2: clean, finite outputs and gradients. lse follows out."""
+    q, k, v = (torch.randn(3, 20, 1, 16, dtype=dtype) for _ in range(3))
+    q[0, 3, 0, 5] = float("nan")
+    nan_rows = torch.zeros(3, 20, dtype=torch.bool)
+    nan_rows[0, 3] = nan_rows[1] = True
+    if all_minus_inf_row:
+        k[0, :, 0, 0] = k[0, :, 0, 0].abs() + 0.5
+        q[0, 7, 0] = 0.0
+        q[0, 7, 0, 0] = float("-inf")  # q . k = -inf for every key
+        nan_rows[0, 7] = True
+    k[1, 11, 0, 2] = float("nan")
+    tensors = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out, lse = run(*tensors, return_lse=True)
+    out, lse = out.cpu(), lse.cpu()
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all(), "NaN in must give NaN out"
+    assert torch.isfinite(out[~nan_rows]).all() and torch.isfinite(lse[~nan_rows]).all()
+    grads = [g.cpu() for g in torch.autograd.grad(out, tensors, torch.randn_like(out).to(device))]
+    assert all(torch.isfinite(g[2]).all() for g in grads), "a clean sequence keeps finite gradients"
+    assert grads[0][0, 3].isnan().all() and grads[1][1].isnan().any()
+
+
+@interpreter
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("kind", ["every_other", "transposed"])
+def test_strided_views(device, layout, kind):
+    """Last-dim stride 2 and transposed q/k/v, a transposed mask, a strided cu_seqlens (which the
+    kernels once read as if contiguous, far out of bounds)."""
+    run = lambda q, k, v, **batch: attention(q, k, v, **batch, backend="triton")
+    assert_strided_views_match(run, layout, kind, torch.float32, device)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on NaN inputs
+@interpreter
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_padding_never_contributes(device, layout, dtype):
+    run = lambda q, k, v, **batch: attention(q, k, v, **batch, backend="triton")
+    assert_padding_never_contributes(run, layout, dtype, device)
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_left_padding_longer_than_a_key_tile(device, dtype):
+    """70 padding keys then 30 real ones: whole key tiles of padding come first (issue 23)."""
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    mask[1, :70] = False
+    inputs = [torch.randn(2, 100, 1, 16) for _ in range(3)]
+    _check_against_reference(inputs, dtype, device, 1e-5, attention_mask=mask)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on NaN inputs
+@interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_in_gives_nan_out(device, dtype):
+    run = lambda q, k, v, **kw: attention(q, k, v, **kw, backend="triton")
+    assert_nan_in_gives_nan_out(run, dtype, device)
+
+
 # --------------------------------------------------------------------------- GPU tier
 @gpu
 @pytest.mark.parametrize("dtype,head_dim", [(torch.bfloat16, 32), (torch.bfloat16, 64), (torch.bfloat16, 128),

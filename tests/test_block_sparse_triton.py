@@ -7,6 +7,8 @@ from fastmlm.ops import block_sparse_attention, block_sparse_attention_reference
 from fastmlm.ops import block_layout as L
 from fastmlm.ops.dispatch import import_backend
 from helpers import assert_error_ratio, cu_seqlens_of
+from test_attention_triton import (assert_nan_in_gives_nan_out, assert_padding_never_contributes,
+                                   assert_strided_views_match)
 
 interpreter = pytest.mark.interpreter
 gpu = pytest.mark.gpu
@@ -110,6 +112,36 @@ def test_skipped_tiles_are_never_loaded(device):
     ref_grads = torch.autograd.grad(ref, clean, dout.double().cpu())
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g.double().cpu(), r, atol=1e-5, rtol=1e-5)
+
+
+def _run_under(layout):
+    """A block-sparse attention backend in the form the shared attention checks take."""
+    return lambda q, k, v, **kw: block_sparse_attention(q, k, v, layout.to(q.device), **kw, backend="triton")
+
+
+# One layout serves every batch of the shared checks (up to 100 tokens): window, globals, partial tiles.
+SHARED_LAYOUT = L.sliding_window(100, 9, 16) | L.global_tokens(100, 2, 16)
+
+
+@interpreter
+@pytest.mark.parametrize("layout,kind", [("padded", "every_other"), ("packed", "transposed")])
+def test_strided_views(device, layout, kind):
+    assert_strided_views_match(_run_under(SHARED_LAYOUT), layout, kind, torch.float32, device)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on NaN inputs
+@interpreter
+@pytest.mark.parametrize("layout,dtype", [("padded", torch.float32), ("packed", torch.float16)])
+def test_padding_never_contributes(device, layout, dtype):
+    """Key padding and the neighbouring packed sequence, poisoned with NaN, change nothing."""
+    assert_padding_never_contributes(_run_under(SHARED_LAYOUT), layout, dtype, device)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on NaN inputs
+@interpreter
+def test_nan_in_gives_nan_out(device):
+    # No all -inf row here: the layout may keep no key for a row, and such a row outputs zeros.
+    assert_nan_in_gives_nan_out(_run_under(SHARED_LAYOUT), torch.float32, device, all_minus_inf_row=False)
 
 
 @interpreter

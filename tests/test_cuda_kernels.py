@@ -16,6 +16,9 @@ from fastmlm.ops.cuda_impl import attention as cuda_attention
 from fastmlm.ops.cuda_impl import emulate
 from fastmlm.ops.cuda_impl import masked_ce as cuda_masked_ce
 from helpers import assert_error_ratio, cu_seqlens_of, random_mask
+from test_attention_triton import (assert_nan_in_gives_nan_out, assert_padding_never_contributes,
+                                   assert_strided_views_match)
+from test_masked_ce_fused import assert_rows_that_do_not_count_never_contribute, assert_strided_inputs_match
 
 
 @pytest.fixture
@@ -115,6 +118,34 @@ def test_emulated_attention_opcheck(emulated):
     torch.library.opcheck(torch.ops.fastmlm.attention_fwd.default, args)
 
 
+def _cuda_attention(q, k, v, **kw):
+    return attention(q, k, v, **kw, backend="cuda")
+
+
+@pytest.mark.parametrize("layout,kind", [("padded", "every_other"), ("packed", "transposed")])
+def test_emulated_attention_strided_views(emulated, layout, kind):
+    assert_strided_views_match(_cuda_attention, layout, kind, torch.float16, emulated)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_emulated_attention_padding_never_contributes(emulated, layout):
+    """NaN under padding keys/values (holes, right and left padding) or in the neighbouring packed
+    sequence: K and V rows that are not real keys are zero-filled on load, not only masked."""
+    assert_padding_never_contributes(_cuda_attention, layout, torch.float16, emulated)
+
+
+def test_emulated_attention_left_padding_longer_than_a_key_tile(emulated):
+    """70 padding keys then 30 real ones: the first 64-key tile is all padding, so the running max is
+    still -inf after it and the rescale must use a shift of 0, not 2^(-inf + inf) = NaN (issue 23)."""
+    mask = torch.ones(2, 100, dtype=torch.bool)
+    mask[1, :70] = False
+    check_attention(emulated, torch.float16, 2, 100, 1, 32, mask=mask)
+
+
+def test_emulated_attention_nan_in_gives_nan_out(emulated):
+    assert_nan_in_gives_nan_out(_cuda_attention, torch.float16, emulated)
+
+
 def check_masked_ce(device, dtype, tokens, hidden, vocab, use_positions, options):
     """cuda backend vs the fp64 reference under the error-ratio rule: loss, accuracy, three gradients."""
     h = torch.randn(tokens, hidden, dtype=torch.float64, device=device)
@@ -182,6 +213,16 @@ def test_emulated_masked_ce_edge_cases(emulated):
     torch.testing.assert_close(loss, F.cross_entropy(big[0] @ big[1].t(), labels))
 
 
+def test_emulated_masked_ce_strided_inputs(emulated):
+    assert_strided_inputs_match("cuda", emulated)
+
+
+def test_emulated_masked_ce_rows_that_do_not_count_never_contribute(emulated, small_chunks):
+    """Also with several vocabulary chunks: a NaN logit alone in its thread's share of a chunk
+    must survive the merge of the per-thread log-sum-exp states."""
+    assert_rows_that_do_not_count_never_contribute("cuda", emulated, torch.bfloat16)
+
+
 def test_emulated_gather_rows(emulated):
     hidden = torch.randn(7, 24, dtype=torch.bfloat16)
     positions = torch.tensor([6, -1, 0, 3, -1])
@@ -236,6 +277,31 @@ def test_gpu_binding_checks_inputs(on_gpu):
         torch.ops.fastmlm_C.attention_fwd(q.transpose(1, 2), q, q, None, None, None, 64, 0.125, out, lse)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.fastmlm_C.attention_fwd(q, q, q, None, None, None, 64, 0.125, out, lse.half())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gpu_attention_strided_views_and_padding(on_gpu, layout):
+    assert_strided_views_match(_cuda_attention, layout, "transposed", torch.bfloat16, on_gpu)
+    assert_padding_never_contributes(_cuda_attention, layout, torch.bfloat16, on_gpu)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_nan_in_gives_nan_out(on_gpu):
+    assert_nan_in_gives_nan_out(_cuda_attention, torch.bfloat16, on_gpu)
+
+
+@pytest.mark.gpu
+def test_gpu_attention_left_padding_longer_than_a_key_tile(on_gpu):
+    mask = torch.ones(2, 100, dtype=torch.bool, device="cuda")
+    mask[1, :70] = False
+    check_attention(on_gpu, torch.bfloat16, 2, 100, 2, 64, mask=mask)
+
+
+@pytest.mark.gpu
+def test_gpu_masked_ce_strided_and_rows_that_do_not_count(on_gpu):
+    assert_strided_inputs_match("cuda", on_gpu)
+    assert_rows_that_do_not_count_never_contribute("cuda", on_gpu, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -194,6 +194,74 @@ def test_triton_many_vocab_chunks_and_splits(dtype, use_positions, device, monke
     check_backend("triton", h, w, b, labels, dtype, positions, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
 
 
+# --------------------------------------------------------------------------- strided views, NaN
+# Shared with the cuda backend's tests (test_cuda_kernels.py, on the kernel emulator).
+def assert_strided_inputs_match(backend, device, dtype=torch.float32):
+    """hidden (last-dim stride 2), weight (transposed), bias (stride 2), labels and positions
+    (stride 2) as views give the loss and gradients of contiguous copies (to rounding, as in
+    test_attention_triton.assert_strided_views_match)."""
+    h, w, b, labels = make_batch(30, 16, 300, rate=0.4, dtype=dtype, device=device)
+    labels[0] = 7
+    positions = masked_positions(labels, pad=2)
+    wide = torch.zeros(30, 32, dtype=dtype, device=device)
+    wide[:, ::2] = h
+    views = (wide[:, ::2], w.t().contiguous().t(), torch.stack([b, b], 1)[:, 0],
+             torch.stack([labels, labels], 1)[:, 0], torch.stack([positions, positions], 1)[:, 0])
+    assert not any(t.is_contiguous() for t in views)
+    for use_positions in (False, True):
+        results = []
+        for hh, ww, bb, ll, pp in ((h, w, b, labels, positions), views):
+            inputs = [t.detach().requires_grad_() for t in (hh, ww, bb)]
+            loss = masked_lm_loss(*inputs, ll, positions=pp if use_positions else None, label_smoothing=0.1,
+                                  backend=backend)
+            results.append((loss, *torch.autograd.grad(loss, inputs)))
+        for name, contiguous, strided in zip(("loss", "d_hidden", "d_weight", "d_bias"), *results):
+            torch.testing.assert_close(strided, contiguous,
+                                       msg=lambda m: f"{name}, strided inputs (positions: {use_positions}): {m}")
+
+
+def assert_rows_that_do_not_count_never_contribute(backend, device, dtype=torch.float32):
+    """NaN in every hidden row that does not count (ignored labels; with positions, also rows
+    no position names and one an ignored label's position names) leaves the loss and the
+    gradients as they are with zeros there, bit for bit; a NaN in a counted row, or in a weight
+    row, gives a NaN loss (and lse) with neither label smoothing nor z-loss to carry it."""
+    h, w, b, labels = make_batch(20, 16, 300, rate=0.3, dtype=dtype, device=device)
+    labels[[0, 5]] = torch.tensor([3, 299], device=device)
+    ignored = labels == IGNORE
+    positions = torch.cat([masked_positions(labels, pad=2), ignored.nonzero()[:1, 0]])
+    for pos in (None, positions):
+        results = []
+        for fill in (float("nan"), 0.0):
+            inputs = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+            with torch.no_grad():
+                inputs[0][ignored] = fill
+            loss = masked_lm_loss(*inputs, labels, positions=pos, backend=backend)
+            results.append((loss, *torch.autograd.grad(loss, inputs)))
+        for name, poisoned, zeros in zip(("loss", "d_hidden", "d_weight", "d_bias"), *results):
+            assert torch.isfinite(poisoned).all(), f"{name}: NaN in rows that do not count reached it"
+            assert torch.equal(poisoned, zeros), f"{name}: rows that do not count changed it"
+    kernel = REGISTRY.module(backend)
+    for poison in ("hidden", "weight"):
+        hh, ww = h.clone(), w.clone()
+        (hh[5] if poison == "hidden" else ww[150]).fill_(float("nan"))
+        loss, lse, _ = kernel.forward(hh, ww, b, labels, None, IGNORE, 0.0, 0.0)
+        nan_rows = ~ignored if poison == "weight" else torch.arange(20, device=device) == 5
+        assert loss[nan_rows].isnan().all() and lse[nan_rows].isnan().all(), f"NaN {poison}: NaN in, NaN out"
+        assert torch.isfinite(loss[~nan_rows]).all()
+
+
+@pytest.mark.interpreter
+def test_triton_strided_inputs(device):
+    assert_strided_inputs_match("triton", device)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the interpreter, on NaN inputs
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_rows_that_do_not_count_never_contribute(device, dtype):
+    assert_rows_that_do_not_count_never_contribute("triton", device, dtype)
+
+
 # --------------------------------------------------------------------------- the custom op itself
 @pytest.mark.interpreter
 @pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])

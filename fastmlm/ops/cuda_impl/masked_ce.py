@@ -1,6 +1,7 @@
 """``cuda`` backend of masked_lm_loss: chunked projection + fused loss kernels (csrc/masked_ce.cuh).
 
-The rows are gathered on the device (``gather_rows``, -1 positions give zero rows), then
+The rows are gathered on the device (``gather_rows``; rows that do not count, -1 positions
+or ignored labels, are zeros, so nothing stored there reaches the loss or a gradient), then
 the vocabulary is walked in chunks: cuBLAS (``rows @ W_chunkᵀ``) makes one (R, C) chunk
 of logits at a time, and a kernel folds it into a running online-logsumexp state per row
 (max, sum of exp, sum of logits, target logit, first argmax). A last kernel turns the
@@ -45,14 +46,15 @@ def _chunks(rows: int, vocab: int):
 
 
 def _rows_and_targets(hidden, labels, positions, ignore_index):
-    """(R, H) gathered rows and (R,) int64 targets, -1 where a row does not count."""
+    """(R, H) gathered rows, zero where a row does not count, and (R,) int64 targets, -1 there.
+
+    Rows that do not count must be zeros, not merely get dz = 0: d_weight = dzᵀ · rows and
+    0 · NaN is NaN, so a NaN or inf in a hidden row that does not count would reach d_weight.
+    """
     index, counts = row_index(labels, positions, ignore_index)
     targets = torch.where(counts, labels[index], -1).long().contiguous()
-    hidden = ready(hidden)
-    if positions is None:
-        return hidden, targets, index
-    rows = hidden.new_empty((positions.shape[0], hidden.shape[1]))
-    kernel_ops().gather_rows(hidden, positions.long().contiguous(), rows)
+    rows = hidden.new_empty((index.shape[0], hidden.shape[1]))
+    kernel_ops().gather_rows(ready(hidden), torch.where(counts, index, -1).contiguous(), rows)
     return rows, targets, index
 
 
