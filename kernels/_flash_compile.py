@@ -4,7 +4,7 @@ The Triton interpreter accepts code the GPU compiler rejects (and the reverse), 
 tier also compiles the kernels the way a launch on an H100 would, and reports the shared
 memory each configuration needs. Run it without TRITON_INTERPRET=1:
 
-    python -c "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._flash_compile').main()"
+    python -c "from fastmlm.ops.kernels_path import import_module; import_module('fastmlm_kernels._flash_compile').main()"
     ... main(every_config=True)   # every autotune config, fp32 and head dim 128 too (minutes)
 
 Pointers and token strides are marked 16-divisible, as Triton specialises them at launch
@@ -16,14 +16,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import _flash
+from fastmlm.ops.kernels_path import triton_interpret
+
+from . import _flash, attention
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 KERNELS = {"fwd": _flash._fwd_kernel, "dkdv": _flash._dkdv_kernel, "dq": _flash._dq_kernel}
 INT_POINTERS = {"CuSeqlens": "*i32", "KeyBounds": "*i32", "KvIndex": "*i32", "KvCount": "*i32", "QIndex": "*i32",
                 "QCount": "*i32", "KeyMask": "*u8", "TokenMask": "*u8", "TileState": "*i8", "Blocks": "*i8"}
 FP32_POINTERS = ("Lse", "Delta")
-DIVISIBLE = ("stride_qt", "stride_kt", "stride_vt", "stride_tok")
+DIVISIBLE = ("stride_q_tok", "stride_k_tok", "stride_v_tok", "stride_o_tok")
 
 
 def compile_kernel(name, dtype, head_dim, config, *, packed=False, key_mask=False, sparse=False,
@@ -60,14 +62,14 @@ def cases(every_config: bool = False):
     dense path (bf16, head dim 64, padding mask) and the block-sparse path (fp16, packed, token mask)."""
     for name in KERNELS:
         for dtype, head_dim in ([("bf16", 64), ("bf16", 128), ("fp32", 64)] if every_config else [("bf16", 64)]):
-            tiles = _flash.dense_tiles(name, head_dim)
+            tiles = attention.dense_tiles(name, head_dim)
             for config in (tiles if every_config else tiles[:1]):
                 yield name, dtype, head_dim, config, dict(key_mask=True)
         yield name, "fp16", 64, (64, 64, 8, 3), dict(packed=True, sparse=True, token_mask=True)
 
 
 def main(every_config: bool = False) -> None:
-    if _flash.triton_interpret():
+    if triton_interpret():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     for name, dtype, head_dim, config, flags in cases(every_config):
         shared = compile_kernel(name, dtype, head_dim, config, **flags).metadata.shared

@@ -4,7 +4,7 @@ The Triton interpreter runs code the compiler rejects (and the reverse), so the 
 also compiles every kernel of kernels/masked_ce.py with its GPU configuration and reports the
 shared memory each needs. Run it without TRITON_INTERPRET=1:
 
-    python -c "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._masked_ce_compile').main()"
+    python -c "from fastmlm.ops.kernels_path import import_module; import_module('fastmlm_kernels._masked_ce_compile').main()"
 
 Arguments are typed by name, and integers divisible by 16 and unit strides are specialised as
 Triton does at launch for BERT-base shapes (H = 768; the vocabulary 30522 is not a multiple of 16).
@@ -18,6 +18,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fastmlm.ops.kernels_path import triton_interpret
+
 from . import masked_ce
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
@@ -25,8 +27,8 @@ TYPES = {"tokens_ptr": "*i64", "targets_ptr": "*i64", "n_rows_ptr": "*i32", "arg
          "label_smoothing": "fp32", "z_loss": "fp32"}
 FP32_POINTERS = ("max_ptr", "sumexp_ptr", "target_logit_ptr", "logit_sum_ptr", "best_ptr", "lse_ptr", "grad_ptr",
                  "drows_ptr")
-UNIT_STRIDES = {"forward": ("stride_hh", "stride_wh"), "dlogits": ("stride_hh", "stride_wh"),
-                "dhidden": ("stride_wh",), "dweight": ("stride_hh", "stride_dwh")}
+UNIT_STRIDES = {"forward": ("stride_h_hid", "stride_w_hid"), "dlogits": ("stride_h_hid", "stride_w_hid"),
+                "dhidden": ("stride_w_hid",), "dweight": ("stride_h_hid", "stride_dw_hid")}
 
 
 def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 32)):
@@ -56,7 +58,7 @@ def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 3
 
 def main(dtypes=(torch.bfloat16, torch.float32)) -> None:
     """Compile every kernel for each dtype; print one line per kernel, ending in "ok" when it fits."""
-    if masked_ce.triton_interpret():
+    if triton_interpret():
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     for dtype in dtypes:
         for name in UNIT_STRIDES:

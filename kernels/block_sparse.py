@@ -10,12 +10,15 @@ layout's per-query-block list of key blocks instead of the full list:
     (fine tile state, then |i - j| <= window, global tokens, token_mask).
 
 The kernel tile is the layout's block size clamped to [16, 64] (tl.dot needs
-at least 16; wider tiles spilled registers in the sm_90 compile): a smaller layout block is pooled (a kernel tile is full only if
-every layout block in it is, skipped only if every one is, otherwise partial
-and judged per element from the fine states); a larger one is split. The dK/dV
+at least 16; wider tiles spilled registers in the sm_90 compile): a smaller
+layout block is pooled (a kernel tile is full only if every layout block in it
+is, skipped only if every one is, otherwise partial and judged per element from
+the fine states); a larger one is split. The dK/dV
 kernel walks the transposed list (per key block, the query blocks that visit
-it). Schedules are built on the device with no host synchronisation and cached
-per layout tensor, so layers and steps that share a layout build it once.
+it). Schedules (``attention.Schedule``, built by :func:`sparse_schedule` with the
+one visit-list builder, ``block_layout.visit_list``) are built on the device with
+no host synchronisation and cached per layout tensor, so layers and steps that
+share a layout build it once.
 """
 from __future__ import annotations
 
@@ -25,8 +28,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _flash
-from .attention import why_not as _dense_why_not
+from fastmlm.ops.block_layout import FULL, PARTIAL, SKIP, visit_list
+
+from . import attention
 
 # tl.dot needs 16; 128-wide tiles spilled registers in the sm_90 backward compile, so larger
 # layout blocks are split into 64-wide kernel tiles (exact: a split tile keeps its block's state).
@@ -35,15 +39,27 @@ _CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _CACHE_SIZE = 32
 
 
-def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, layout=None, **_) -> Optional[str]:
-    reason = _dense_why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+def why_not(inputs) -> Optional[str]:
+    """None when the kernels can run ``inputs`` (a BlockSparseInputs), else a short reason."""
+    reason = attention.why_not(inputs.dense)
     if reason is not None:
         return reason
-    if layout is not None and layout.block_size & (layout.block_size - 1):
-        return f"layout block_size {layout.block_size} is not a power of two"
+    if inputs.block_size & (inputs.block_size - 1):
+        return f"layout block_size {inputs.block_size} is not a power of two"
     return None
 
 
+def forward(inputs):
+    """Returns (out shaped like q, lse shaped q.shape[:-1] fp32), contiguous."""
+    return attention.launch_forward(inputs.dense, _schedule_of(inputs))
+
+
+def backward(inputs, out, lse, dout):
+    """Returns (dq, dk, dv) shaped like q, contiguous."""
+    return attention.launch_backward(inputs.dense, out, lse, dout, _schedule_of(inputs))
+
+
+# --------------------------------------------------------------------------- schedules
 def kernel_tile(block_size: int) -> int:
     return min(max(block_size, MIN_TILE), MAX_TILE)
 
@@ -61,22 +77,13 @@ def _tile_states(blocks: torch.Tensor, block_size: int, seqlen: int, tile: int) 
     r = tile // block_size
     pad = nt * r - nb
     pooled = lambda m, fill: F.pad(m, (0, pad, 0, pad), value=fill).view(heads, nt, r, nt, r)
-    full = pooled(blocks == _flash.FULL, True).all(4).all(2)
-    some = pooled(blocks != _flash.SKIP, False).any(4).any(2)
-    states = torch.where(full, _flash.FULL, torch.where(some, _flash.PARTIAL, _flash.SKIP))
+    full = pooled(blocks == FULL, True).all(4).all(2)
+    some = pooled(blocks != SKIP, False).any(4).any(2)
+    states = torch.where(full, FULL, torch.where(some, PARTIAL, SKIP))
     return states.to(torch.int8).contiguous()
 
 
-def _visit_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Hl, n, n) bool -> ascending kept indices per row (padded with -1, full width, so no
-    host read of the maximum count) and (Hl, n) counts."""
-    counts = keep.sum(-1, dtype=torch.int32)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
-    slots = torch.arange(keep.shape[-1], device=keep.device)
-    return torch.where(slots < counts[..., None], order, -1).to(torch.int32).contiguous(), counts.contiguous()
-
-
-def schedule(blocks, block_size, seqlen, window, num_global, token_mask) -> _flash.Schedule:
+def sparse_schedule(blocks, block_size, seqlen, window, num_global, token_mask) -> attention.Schedule:
     """The kernel schedule of a layout, cached per (layout tensors, tile). The cache holds
     the layout tensors themselves, so their memory (and data_ptr) cannot be reused while cached."""
     tile = kernel_tile(block_size)
@@ -87,33 +94,22 @@ def schedule(blocks, block_size, seqlen, window, num_global, token_mask) -> _fla
         _CACHE.move_to_end(key)
         return hit[2]
     states = _tile_states(blocks, block_size, seqlen, tile)
-    keep = states != _flash.SKIP
-    kv_index, kv_count = _visit_lists(keep)
-    q_index, q_count = _visit_lists(keep.transpose(1, 2))
+    keep = states != SKIP
+    kv_index, kv_count = visit_list(keep)
+    q_index, q_count = visit_list(keep.transpose(1, 2))
     tm = None if token_mask is None else token_mask.contiguous().view(torch.uint8)
-    result = _flash.Schedule(tile, states, kv_index, kv_count, q_index, q_count, blocks.to(torch.int8).contiguous(),
-                             block_size, seqlen, window, num_global, tm)
-    _CACHE[key] = (blocks, token_mask, result)
+    schedule = attention.Schedule(tile, states, kv_index, kv_count, q_index, q_count,
+                                  blocks.to(torch.int8).contiguous(), block_size, seqlen, window, num_global, tm)
+    _CACHE[key] = (blocks, token_mask, schedule)
     if len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
-    return result
+    return schedule
 
 
-def _layout_len(blocks, block_size, token_mask) -> int:
-    """The layout's sequence length as the op's tensors tell it: exact with a token mask,
-    else rounded up to whole blocks (the extra positions lie past every sequence)."""
-    return token_mask.shape[1] if token_mask is not None else blocks.shape[1] * block_size
-
-
-def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count, token_mask,
-            block_size, window, num_global):
-    # kv_index / kv_count describe layout blocks; the kernel works on its own tiles, so the
-    # (cached) schedule rebuilds both lists at kernel-tile granularity.
-    plan = schedule(blocks, block_size, _layout_len(blocks, block_size, token_mask), window, num_global, token_mask)
-    return _flash.forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, plan)
-
-
-def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count,
-             token_mask, block_size, window, num_global):
-    plan = schedule(blocks, block_size, _layout_len(blocks, block_size, token_mask), window, num_global, token_mask)
-    return _flash.backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, plan)
+def _schedule_of(inputs) -> attention.Schedule:
+    """The (cached) schedule of the layout in ``inputs``. Its sequence length as the op's tensors
+    tell it: exact with a token mask, else rounded up to whole blocks (the extra positions lie
+    past every sequence)."""
+    blocks, token_mask = inputs.blocks, inputs.token_mask
+    layout_len = token_mask.shape[1] if token_mask is not None else blocks.shape[1] * inputs.block_size
+    return sparse_schedule(blocks, inputs.block_size, layout_len, inputs.window, inputs.num_global, token_mask)

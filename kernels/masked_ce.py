@@ -63,8 +63,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmlm.ops.dispatch import triton_interpret
-from fastmlm.ops.masked_ce import row_index
+from fastmlm.ops.kernels_path import triton_interpret
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # dz workspace of the backward: about this many elements (64 MiB in bf16).
@@ -73,7 +72,9 @@ WORKSPACE_ELEMENTS = 1 << 25
 VOCAB_PER_SPLIT = 2048
 
 
-def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
+def why_not(inputs) -> Optional[str]:
+    """None when the kernels can run ``inputs`` (a MaskedCEInputs), else a short reason."""
+    hidden = inputs.hidden
     if hidden.dtype not in SUPPORTED_DTYPES:
         return f"takes fp16/bf16/fp32 inputs, got {hidden.dtype}"
     if hidden.device.type == "cuda":
@@ -118,19 +119,19 @@ def _logits_tile(
     hidden_ptr, weight_ptr, bias_ptr,
     tokens, row_ok, cols, col_ok,
     H,
-    stride_ht, stride_hh, stride_wv, stride_wh,
+    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """z[i, c] = h[tokens[i]] · W[cols[c]] (+ b[cols[c]]) as a (BLOCK_M, BLOCK_V) fp32 tile."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    h_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_ht
-    w_cols = weight_ptr + cols.to(tl.int64)[None, :] * stride_wv
+    h_rows = hidden_ptr + tokens.to(tl.int64)[:, None] * stride_h_tok
+    w_cols = weight_ptr + cols.to(tl.int64)[None, :] * stride_w_vocab
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < H
-        h = tl.load(h_rows + k[None, :] * stride_hh, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + k[:, None] * stride_wh, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        h = tl.load(h_rows + k[None, :] * stride_h_hid, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_w_hid, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -147,7 +148,7 @@ def _forward_kernel(
     # sizes
     R, H, V, vocab_per_split,
     # strides
-    stride_ht, stride_hh, stride_wv, stride_wh,
+    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
     # meta-parameters
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -178,7 +179,7 @@ def _forward_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
-                         stride_ht, stride_hh, stride_wv, stride_wh,
+                         stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
         z = tl.where(col_ok[None, :], z, float("-inf"))  # padding columns: exp() = 0, never the max
 
@@ -216,7 +217,7 @@ def _dlogits_kernel(
     # sizes: the chunk is vocabulary columns [v_begin, v_end)
     H, V, v_begin, v_end,
     # strides
-    stride_ht, stride_hh, stride_wv, stride_wh, stride_dz,
+    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid, stride_dz_row,
     # loss options
     label_smoothing, z_loss,
     # meta-parameters
@@ -240,14 +241,14 @@ def _dlogits_kernel(
 
     # ---- recompute the logits and turn them into the softmax gradient
     z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
-                     stride_ht, stride_hh, stride_wv, stride_wh,
+                     stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
                      HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
     probs = tl.exp(z - lse[:, None])
     dz = probs * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
     dz = tl.where(cols[None, :] == targets[:, None], dz - (1.0 - label_smoothing), dz)
     dz = dz * grad[:, None]
 
-    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + (cols - v_begin)[None, :]
+    ptrs = dz_ptr + rows.to(tl.int64)[:, None] * stride_dz_row + (cols - v_begin)[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -258,7 +259,7 @@ def _dhidden_kernel(
     # sizes
     H, v_begin, chunk,
     # strides
-    stride_dz, stride_wv, stride_wh, stride_dr,
+    stride_dz_row, stride_w_vocab, stride_w_hid, stride_drows_row,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -277,14 +278,14 @@ def _dhidden_kernel(
     for c0 in range(0, chunk, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         c_ok = c < chunk
-        dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz + c[None, :],
+        dz = tl.load(dz_ptr + rows.to(tl.int64)[:, None] * stride_dz_row + c[None, :],
                      mask=row_ok[:, None] & c_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + (v_begin + c).to(tl.int64)[:, None] * stride_wv + hs[None, :] * stride_wh,
+        w = tl.load(weight_ptr + (v_begin + c).to(tl.int64)[:, None] * stride_w_vocab + hs[None, :] * stride_w_hid,
                     mask=c_ok[:, None] & h_ok[None, :], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=DOT_PRECISION)
 
     # one program owns this tile across all chunks (launched one chunk after another): no race
-    ptrs = drows_ptr + rows.to(tl.int64)[:, None] * stride_dr + hs[None, :]
+    ptrs = drows_ptr + rows.to(tl.int64)[:, None] * stride_drows_row + hs[None, :]
     tile_ok = row_ok[:, None] & h_ok[None, :]
     tl.store(ptrs, tl.load(ptrs, mask=tile_ok, other=0.0) + acc, mask=tile_ok)
 
@@ -296,7 +297,7 @@ def _dweight_kernel(
     # sizes
     H, v_begin, chunk,
     # strides
-    stride_dz, stride_ht, stride_hh, stride_dwv, stride_dwh,
+    stride_dz_row, stride_h_tok, stride_h_hid, stride_dw_vocab, stride_dw_hid,
     # meta-parameters
     BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -315,32 +316,32 @@ def _dweight_kernel(
         rows = j0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_rows
         tokens = tl.load(tokens_ptr + rows, mask=row_ok, other=0)
-        dz_t = tl.load(dz_ptr + rows.to(tl.int64)[None, :] * stride_dz + c[:, None],  # (BLOCK_V, BLOCK_M)
+        dz_t = tl.load(dz_ptr + rows.to(tl.int64)[None, :] * stride_dz_row + c[:, None],  # (BLOCK_V, BLOCK_M)
                        mask=c_ok[:, None] & row_ok[None, :], other=0.0)
-        h = tl.load(hidden_ptr + tokens.to(tl.int64)[:, None] * stride_ht + hs[None, :] * stride_hh,
+        h = tl.load(hidden_ptr + tokens.to(tl.int64)[:, None] * stride_h_tok + hs[None, :] * stride_h_hid,
                     mask=row_ok[:, None] & h_ok[None, :], other=0.0)
         acc = tl.dot(dz_t, h, acc, input_precision=DOT_PRECISION)
         bias_acc += tl.sum(dz_t.to(tl.float32), axis=1)
 
     v = (v_begin + c).to(tl.int64)
-    tl.store(dweight_ptr + v[:, None] * stride_dwv + hs[None, :] * stride_dwh,
+    tl.store(dweight_ptr + v[:, None] * stride_dw_vocab + hs[None, :] * stride_dw_hid,
              acc.to(dweight_ptr.dtype.element_ty), mask=c_ok[:, None] & h_ok[None, :])
     if pid_h == 0:
         tl.store(dbias_ptr + v, bias_acc.to(dbias_ptr.dtype.element_ty), mask=c_ok)
 
 
 # --------------------------------------------------------------------------- launchers
-def _compact_rows(labels, positions, ignore_index):
+def _compact_rows(inputs):
     """Put the rows that count first, without reading anything back to the host.
 
     Returns order (R,) int64, the slot of each compact row (a permutation of
     range(R)); tokens and targets (R,) of each compact row; and n_rows (1,)
     int32, how many rows count (the compact rows j < n_rows).
     """
-    index, counts = row_index(labels, positions, ignore_index)
-    order = torch.argsort((~counts).to(torch.uint8), stable=True)
-    targets = torch.where(counts, labels[index], 0)
-    n_rows = counts.sum(dtype=torch.int32).reshape(1)
+    index, counted = inputs.row_index()
+    order = torch.argsort((~counted).to(torch.uint8), stable=True)
+    targets = torch.where(counted, inputs.labels[index], 0)
+    n_rows = counted.sum(dtype=torch.int32).reshape(1)
     return order, index[order], targets[order], n_rows
 
 
@@ -354,16 +355,17 @@ def _bias_arg(bias, hidden):
     return hidden if bias is None else bias.contiguous()
 
 
-def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
+def forward(inputs):
     """(T, H) hidden -> per-row (loss fp32 (R,), lse fp32 (R,), correct bool (R,)); zeros where a row does not count."""
-    rows_total, vocab = (labels.shape[0] if positions is None else positions.shape[0]), weight.shape[0]
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    rows_total, vocab = inputs.num_rows, weight.shape[0]
     device = hidden.device
     loss = torch.zeros(rows_total, device=device, dtype=torch.float32)
     lse = torch.zeros(rows_total, device=device, dtype=torch.float32)
     correct = torch.zeros(rows_total, device=device, dtype=torch.bool)
     if rows_total == 0 or hidden.shape[0] == 0:
         return loss, lse, correct
-    order, tokens, targets, n_rows = _compact_rows(labels, positions, ignore_index)
+    order, tokens, targets, n_rows = _compact_rows(inputs)
     configs = _configs(hidden.dtype)
     cfg = configs["forward"]
     per_split = triton.cdiv(VOCAB_PER_SPLIT, cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -405,15 +407,16 @@ def _vocab_chunk(rows_total: int, vocab: int) -> int:
     return min(chunk, triton.cdiv(vocab, 128) * 128)
 
 
-def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
+def backward(inputs, lse, grad_rows):
     """Gradients of Σ grad_rows · loss_rows: d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
     rows_total, (vocab, width) = grad_rows.shape[0], weight.shape
     device = hidden.device
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     d_bias = torch.empty(vocab, device=device, dtype=weight.dtype)
     if rows_total == 0 or hidden.shape[0] == 0:
         return torch.zeros_like(hidden), d_weight.zero_(), d_bias.zero_()
-    order, tokens, targets, n_rows = _compact_rows(labels, positions, ignore_index)
+    order, tokens, targets, n_rows = _compact_rows(inputs)
     live = torch.arange(rows_total, device=device) < n_rows
     row_lse = lse[order].contiguous()
     row_grad = torch.where(live, grad_rows[order].float(), 0.0)

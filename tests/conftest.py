@@ -2,16 +2,21 @@
 
 CUDA is queried when a test runs, never at collection, so the suite collects anywhere.
 """
-import os
-
 import pytest
 import torch
+
+from fastmlm.ops import kernels_path
+
+
+def pytest_report_header(config):
+    # Installed (setup.py maps fastmlm_kernels to kernels/) or the source checkout (gpu_check's layout).
+    return f"fastmlm_kernels: {kernels_path.describe()}"
 
 
 def pytest_runtest_setup(item):
     if "gpu" in item.keywords and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU (GPU tier: make gpu-check)")
-    if "interpreter" in item.keywords and not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()):
+    if "interpreter" in item.keywords and not (kernels_path.triton_interpret() or torch.cuda.is_available()):
         pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1")
 
 

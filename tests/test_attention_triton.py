@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastmlm.ops import BackendUnavailable, attention, attention_reference
-from fastmlm.ops.dispatch import import_backend
+from fastmlm.ops.kernels_path import import_module
 from helpers import assert_error_ratio, cu_seqlens_of
 
 interpreter = pytest.mark.interpreter
@@ -191,7 +191,7 @@ def test_opcheck_triton_backend(device, layout):
 
 @pytest.mark.parametrize("name", ["fwd", "dkdv", "dq"])
 def test_autotune_keeps_the_tiles_listed_for_the_head_dim(name):
-    flash = import_backend("fastmlm_kernels._flash")
+    flash = import_module("fastmlm_kernels.attention")
     tiles = flash._DENSE_TILES[name]
     configs = [flash._cfg(*t) for t in dict.fromkeys(tiles["small"] + tiles["large"])]
     for head_dim, cls in ((32, "small"), (64, "small"), (72, "large"), (128, "large")):
@@ -209,7 +209,7 @@ def test_kernels_compile_for_sm90():
     TRITON_INTERPRET=1 replaces @triton.jit), and check their shared memory fits."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from fastmlm.ops.dispatch import import_backend; import_backend('fastmlm_kernels._flash_compile').main()"
+    code = "from fastmlm.ops.kernels_path import import_module; import_module('fastmlm_kernels._flash_compile').main()"
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -129,8 +129,7 @@ def test_layout_errors():
 def test_opcheck_torch_backend():
     q, k, v = (torch.randn(1, 12, 2, 8, requires_grad=True) for _ in range(3))
     layout = L.sliding_window(12, 2, 4) | L.global_tokens(12, 1, 4)
-    index, counts = layout.kv_blocks
-    args = (q, k, v, None, None, 12, 0.35, layout.blocks, index, counts, None, 4, layout.window, layout.num_global, "torch")
+    args = (q, k, v, None, None, 12, 0.35, layout.blocks, None, 4, layout.window, layout.num_global, "torch")
     torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)
 
 

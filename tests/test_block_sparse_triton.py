@@ -5,7 +5,9 @@ import torch
 
 from fastmlm.ops import block_sparse_attention, block_sparse_attention_reference
 from fastmlm.ops import block_layout as L
-from fastmlm.ops.dispatch import import_backend
+from fastmlm.ops.attention import AttentionInputs
+from fastmlm.ops.block_sparse import BlockSparseInputs
+from fastmlm.ops.kernels_path import import_module
 from helpers import assert_error_ratio, cu_seqlens_of
 from test_attention_triton import (assert_nan_in_gives_nan_out, assert_padding_never_contributes,
                                    assert_strided_views_match)
@@ -15,7 +17,7 @@ gpu = pytest.mark.gpu
 
 
 def _bs():
-    return import_backend("fastmlm_kernels.block_sparse")
+    return import_module("fastmlm_kernels.block_sparse")
 
 
 def _check(inputs, layout, dtype, device, **batch):
@@ -159,9 +161,7 @@ def test_backward_is_deterministic(device):
 def test_opcheck_triton_backend(device):
     q, k, v = (torch.randn(1, 12, 2, 16, device=device, requires_grad=True) for _ in range(3))
     layout = (L.sliding_window(12, 3, 4) | L.global_tokens(12, 1, 4)).to(device)
-    index, counts = layout.kv_blocks
-    args = (q, k, v, None, None, 12, 0.35, layout.blocks, index, counts, None, 4, layout.window, layout.num_global,
-            "triton")
+    args = (q, k, v, None, None, 12, 0.35, layout.blocks, None, 4, layout.window, layout.num_global, "triton")
     torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)
 
 
@@ -186,7 +186,7 @@ def test_kernel_tile_states_cover_the_layout_exactly(block, seqlen):
 def test_visit_lists_and_their_transpose():
     bs = _bs()
     layout = L.random_blocks(96, 2, 16, num_heads=3, seed=2) | L.global_tokens(96, 1, 16)
-    plan = bs.schedule(layout.blocks, 16, 96, layout.window, layout.num_global, None)
+    plan = bs.sparse_schedule(layout.blocks, 16, 96, layout.window, layout.num_global, None)
     keep = plan.tile_state != L.SKIP
     for h in range(3):
         for i in range(keep.shape[1]):
@@ -195,14 +195,15 @@ def test_visit_lists_and_their_transpose():
             qs = plan.q_index[h, i, : plan.q_count[h, i]]
             assert torch.equal(qs, keep[h, :, i].nonzero()[:, 0].int())
     assert (plan.kv_index[plan.kv_index >= 0].numel() == keep.sum())
-    assert bs.schedule(layout.blocks, 16, 96, layout.window, layout.num_global, None) is plan, "cached per layout"
+    assert bs.sparse_schedule(layout.blocks, 16, 96, layout.window, layout.num_global, None) is plan, "cached per layout"
 
 
 def test_non_power_of_two_block_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # so the CPU itself is not the reason given
     q = torch.randn(1, 24, 1, 16)
     layout = L.sliding_window(24, 3, 12)
-    assert "not a power of two" in _bs().why_not(q, q, q, None, None, 24, 0.25, layout)
+    assert "not a power of two" in _bs().why_not(
+        BlockSparseInputs.from_layout(AttentionInputs(q, q, q, None, None, 24, 0.25), layout))
 
 
 # --------------------------------------------------------------------------- GPU tier

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 
 from fastmlm.ops import attention, attention_reference, cuda_impl, masked_lm_loss, masked_lm_loss_reference
+from fastmlm.ops.attention import AttentionInputs
 from fastmlm.ops.cuda_impl import attention as cuda_attention
 from fastmlm.ops.cuda_impl import emulate
 from fastmlm.ops.cuda_impl import masked_ce as cuda_masked_ce
 from helpers import assert_error_ratio, cu_seqlens_of, random_mask
 from test_attention_triton import (assert_nan_in_gives_nan_out, assert_padding_never_contributes,
                                    assert_strided_views_match)
-from test_masked_ce_fused import assert_rows_that_do_not_count_never_contribute, assert_strided_inputs_match
+from test_masked_ce_triton import assert_rows_that_do_not_count_never_contribute, assert_strided_inputs_match
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ def emulated():
 
 @pytest.fixture
 def on_gpu():
-    if cuda_impl.load() is not None:
-        pytest.fail(f"the GPU tier needs the extension: {cuda_impl.load()}")
+    if cuda_impl.why_not_built() is not None:
+        pytest.fail(f"the GPU tier needs the extension: {cuda_impl.why_not_built()}")
     return "cuda"
 
 
@@ -270,7 +271,7 @@ def test_gpu_attention_backward_is_deterministic(on_gpu):
 @pytest.mark.gpu
 def test_gpu_binding_checks_inputs(on_gpu):
     q = torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.float16)
-    assert cuda_attention.why_not(q, q, q, None, None, 64, 0.125) is None
+    assert cuda_attention.why_not(AttentionInputs(q, q, q, None, None, 64, 0.125)) is None
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], device="cuda")
     with pytest.raises(RuntimeError, match="contiguous"):

@@ -26,12 +26,13 @@ stays there. A NaN or inf that a row does see makes that row NaN (non-finite).
 Backends: ``reference`` (below, fp32/fp64 math, plain autograd), ``torch``
 (CPU flash attention through ATen), ``triton`` (kernels/attention.py),
 ``cuda`` (csrc/). The non-reference ones run as the ``fastmlm::attention_fwd``
-/ ``fastmlm::attention_bwd`` custom ops, so torch.compile traces through them.
+/ ``fastmlm::attention_bwd`` custom ops, so torch.compile traces through them; below
+those ops every backend receives one :class:`AttentionInputs` bundle.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +48,48 @@ REGISTRY = Registry(
         "cuda": "fastmlm.ops.cuda_impl.attention",
     },
 )
+
+
+# --------------------------------------------------------------------------- the backends' bundle
+class AttentionInputs(NamedTuple):
+    """The inputs of one attention call, as every backend's ``why_not`` / ``forward`` / ``backward`` receives them.
+
+    Built inside the custom ops (whose schemas stay flat) after validation.
+
+    Arguments:
+        q, k, v: (batch_size, seqlen, nheads, headdim) padded or (total_tokens, nheads, headdim)
+            packed; one float dtype, any strides.
+        attention_mask: (batch_size, seqlen) bool, True = real key; padded layout only, or None.
+        cu_seqlens: (batch_size + 1,) int32, the first token of each sequence and total_tokens
+            last; packed layout only, or None.
+        max_seqlen: seqlen (padded) or the longest sequence (packed), a Python int.
+        scale: the softmax scale applied to q·k (a positive float; 1/sqrt(headdim) by default).
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    attention_mask: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    max_seqlen: int
+    scale: float
+
+    @property
+    def batch(self) -> int:
+        """Number of sequences: B when padded, len(cu_seqlens) - 1 when packed."""
+        return self.q.shape[0] if self.cu_seqlens is None else self.cu_seqlens.numel() - 1
+
+    def key_lengths(self) -> Optional[Tensor]:
+        """(batch_size,) int32: the last real key of each sequence + 1 (0 for an all-padding one).
+
+        Computed on the device (no host sync); None without an attention_mask. Key tiles at or
+        past it hold only padding, so the kernels skip them.
+        """
+        if self.attention_mask is None:
+            return None
+        mask = self.attention_mask.bool()
+        position = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.int32)
+        return torch.where(mask, position, 0).amax(dim=1).to(torch.int32)
 
 
 # --------------------------------------------------------------------------- reference
@@ -142,6 +185,15 @@ def validate(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> int:
     return max_seqlen
 
 
+def validated_inputs(op, q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> AttentionInputs:
+    """Check the inputs and options of an attention op; return them as the backends' bundle
+    (max_seqlen filled in, the scale resolved, the mask as bool)."""
+    max_seqlen = validate(op, q, k, v, attention_mask, cu_seqlens, max_seqlen)
+    scale = validate_options(op, backend, softmax_scale, q.shape[-1])
+    mask = None if attention_mask is None else attention_mask.bool()
+    return AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
+
+
 def validate_options(op: str, backend: str, softmax_scale, head_dim: int) -> float:
     """Check backend/scale options; return the softmax scale."""
     if not isinstance(backend, str):
@@ -154,12 +206,14 @@ def validate_options(op: str, backend: str, softmax_scale, head_dim: int) -> flo
 
 
 # --------------------------------------------------------------------------- custom ops
+# Flat schemas, as torch.library needs; the bundle is built here, below them.
 @torch.library.custom_op("fastmlm::attention_fwd", mutates_args=())
 def _attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
     max_seqlen: int, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return REGISTRY.module(backend).forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+    inputs = AttentionInputs(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+    return REGISTRY.module(backend).forward(inputs)
 
 
 @_attention_fwd.register_fake
@@ -173,7 +227,8 @@ def _attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     attention_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], max_seqlen: int, scale: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return REGISTRY.module(backend).backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale)
+    inputs = AttentionInputs(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+    return REGISTRY.module(backend).backward(inputs, out, lse, dout)
 
 
 @_attention_bwd.register_fake
@@ -214,18 +269,26 @@ def attention(
 ):
     """Bidirectional attention over a padded or packed batch (see the module docstring).
 
-    q, k, v: (B, S, H, D) with optional attention_mask (B, S), or (T, H, D) with
-    cu_seqlens (B+1,) int32 and max_seqlen. Returns out (same shape/dtype as q),
-    or (out, lse) with lse (q.shape[:-1], fp32; fp64 for fp64 inputs) when return_lse is set.
+    Arguments:
+        q, k, v: (batch_size, seqlen, nheads, headdim) padded, or (total_tokens, nheads, headdim)
+            packed; fp16, bf16, fp32 or fp64, one dtype, any strides.
+        attention_mask: (batch_size, seqlen) bool or integer, True/1 = real token; padded only.
+            None: every token is real.
+        cu_seqlens: (batch_size + 1,) int32, cumulative sequence lengths starting at 0; packed only.
+        max_seqlen: the longest sequence, a Python int; packed only (and then required).
+        softmax_scale: the scaling of q·k before the softmax; default 1/sqrt(headdim).
+        return_lse: also return the log-sum-exp of each query row.
+        backend: "auto" | "reference" | "torch" | "triton" | "cuda".
+    Returns:
+        out: shaped like q, in q's dtype, contiguous. A row with no real key is zeros.
+        lse [with return_lse]: q.shape[:-1], i.e. (batch_size, seqlen, nheads) or
+            (total_tokens, nheads), fp32 (fp64 for fp64 inputs): the logsumexp of each row of
+            q·kᵀ·scale over its real keys, -inf for a row with no real key.
     """
-    max_seqlen = validate("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
-    scale = validate_options("attention", backend, softmax_scale, q.shape[-1])
-    inputs = dict(q=q, k=k, v=v, attention_mask=attention_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
+    inputs = validated_inputs("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
     name = REGISTRY.select(backend, q.device.type, inputs)
     if name == "reference" or q.numel() == 0:  # nothing to launch for an empty batch
-        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, scale)
+        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, inputs.scale)
     else:
-        if attention_mask is not None:
-            attention_mask = attention_mask.bool()
-        out, lse = _attention_fwd(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, name)
+        out, lse = _attention_fwd(*inputs, name)
     return (out, lse) if return_lse else out

@@ -16,8 +16,8 @@ A layout splits a sequence of ``seqlen`` tokens into blocks of ``block_size``
     qb3   . . 2 2                               qb3   2 . 2 2
 
 Layouts combine with ``|`` (a pair attends if it does in either). A layout is
-built once, on the host, and reused across layers and steps; ``kv_blocks`` gives
-kernels the per-query-block list of key blocks to visit. Positions are relative
+built once, on the host, and reused across layers and steps; :func:`visit_list`
+(``kv_blocks``) gives the per-query-block list of key blocks to visit. Positions are relative
 to the start of each sequence, so one layout serves padded and packed batches
 whose sequences are at most ``seqlen`` long.
 """
@@ -31,7 +31,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-SKIP, FULL, PARTIAL = 0, 1, 2
+SKIP, FULL, PARTIAL = 0, 1, 2  # tile states; the Triton kernels (kernels/_flash.py) import these
+
+
+def visit_list(keep: Tensor) -> tuple[Tensor, Tensor]:
+    """The tiles to visit per row of a tile grid: the one builder, for layouts and kernel schedules.
+
+    Arguments:
+        keep: (H, n, m) bool, True where tile (i, j) is visited (not SKIP).
+    Returns:
+        index: (H, n, m) int32, per row the visited column indices in ascending order, then -1
+            (full width m, so no host read of the largest count).
+        count: (H, n) int32, how many entries of each row of ``index`` are real.
+    """
+    count = keep.sum(-1, dtype=torch.int32)
+    # A stable sort puts the kept indices first, in ascending order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    slots = torch.arange(keep.shape[-1], device=keep.device)
+    index = torch.where(slots < count[..., None], order, -1).to(torch.int32)
+    return index.contiguous(), count.contiguous()
 
 
 def _block_bounds(seqlen: int, block_size: int) -> tuple[Tensor, Tensor]:
@@ -129,16 +147,9 @@ class BlockSparseLayout:
 
     @cached_property
     def kv_blocks(self) -> tuple[Tensor, Tensor]:
-        """Key blocks to visit per (head, query block): (H, nb, max_count) int32 ascending, padded
-        with -1, and (H, nb) int32 counts. Built once per layout."""
-        keep = self.blocks != SKIP
-        counts = keep.sum(-1, dtype=torch.int32)
-        width = max(int(counts.max()), 1)
-        # Stable sort puts kept block indices first, in ascending order.
-        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :width]
-        slots = torch.arange(width, device=keep.device)
-        index = torch.where(slots < counts[..., None], order, -1).to(torch.int32)
-        return index.contiguous(), counts.contiguous()
+        """Key blocks to visit per (head, query block): :func:`visit_list` of the kept tiles,
+        (H, nb, nb) int32 ascending padded with -1, and (H, nb) int32 counts. Built once per layout."""
+        return visit_list(self.blocks != SKIP)
 
     def to(self, device) -> "BlockSparseLayout":
         if self.blocks.device == torch.device(device):  # keep the cached kv_blocks

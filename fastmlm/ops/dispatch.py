@@ -2,49 +2,33 @@
 
 Each op owns a :class:`Registry` naming its backends. A backend is a module with
 
-    why_not(**inputs) -> str | None   # None: "I can run these inputs"
-    forward(...), backward(...)       # same signature for every backend of an op
+    why_not(inputs) -> str | None      # None: "I can run these inputs"
+    forward(inputs) -> outputs
+    backward(inputs, *saved_outputs, upstream_gradient) -> gradients
+
+where ``inputs`` is the op's one named bundle, the same for every backend of the op:
+``AttentionInputs`` / ``BlockSparseInputs`` (``forward -> (out, lse)``,
+``backward(inputs, out, lse, dout) -> (dq, dk, dv)``) and ``MaskedCEInputs``
+(``forward -> (loss, lse, correct)`` per row, ``backward(inputs, lse, grad_rows) ->
+(d_hidden, d_weight, d_bias)``). The custom ops build the bundle from their flat schemas.
 
 Backend modules are imported lazily, on the first call that needs them, so
 importing fastmlm never imports triton, never loads the CUDA extension and never
 queries CUDA. The choice is made per call from the inputs, never at import time.
+The Triton backends live in the package ``fastmlm_kernels`` (see kernels_path.py).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from types import ModuleType
+from typing import Optional
+
+from . import kernels_path
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
 
 
 class BackendUnavailable(ValueError):
     """Raised when the requested backend (or every backend, for ``auto``) cannot run."""
-
-
-def triton_interpret() -> bool:
-    """True when Triton kernels run on the CPU through its interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def import_backend(path: str) -> ModuleType:
-    """Import a backend module; from a source checkout, expose ``kernels/`` as ``fastmlm_kernels``."""
-    try:
-        return importlib.import_module(path)
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastmlm_kernels":
-            raise
-    init = Path(__file__).resolve().parents[2] / "kernels" / "__init__.py"
-    if not init.exists():
-        raise ModuleNotFoundError("fastmlm_kernels is neither installed nor beside this checkout")
-    spec = importlib.util.spec_from_file_location("fastmlm_kernels", init, submodule_search_locations=[str(init.parent)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules["fastmlm_kernels"] = package
-    spec.loader.exec_module(package)
-    return importlib.import_module(path)
 
 
 class Registry:
@@ -63,10 +47,11 @@ class Registry:
 
     def module(self, name: str) -> ModuleType:
         if name not in self._loaded:
-            self._loaded[name] = import_backend(self.modules[name])
+            self._loaded[name] = kernels_path.import_module(self.modules[name])
         return self._loaded[name]
 
-    def _reason(self, name: str, inputs: dict) -> str | None:
+    def why_not(self, name: str, inputs) -> Optional[str]:
+        """Why backend ``name`` cannot run ``inputs`` (the op's bundle); None when it can."""
         if name == "reference":  # the oracle takes every input that passed validation
             return None
         if name not in self.modules:
@@ -75,10 +60,10 @@ class Registry:
             mod = self.module(name)
         except Exception as exc:  # missing triton, extension not built, ...
             return f"cannot be imported ({type(exc).__name__}: {exc})"
-        return mod.why_not(**inputs)
+        return mod.why_not(inputs)
 
-    def select(self, backend: str, device_type: str, inputs: dict) -> str:
-        """Return the backend name to run, or raise listing every reason."""
+    def select(self, backend: str, device_type: str, inputs) -> str:
+        """Return the backend name to run ``inputs`` (the op's bundle), or raise listing every reason."""
         if backend == "auto":
             # The Triton interpreter is a debugging aid, far too slow to pick on
             # its own: on the CPU, auto stays with the torch backends.
@@ -89,7 +74,7 @@ class Registry:
             raise ValueError(f"fastmlm.ops.{self.op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
         reasons = []
         for name in order:
-            why = self._reason(name, inputs)
+            why = self.why_not(name, inputs)
             if why is None:
                 return name
             reasons.append(f"  {name}: {why}")

@@ -29,10 +29,14 @@ The loss is fp32, or fp64 for fp64 inputs (computed in fp64 throughout, so
 ``torch.autograd.gradcheck`` applies). ``return_accuracy`` also returns the
 number of counted rows whose argmax (first index among ties) is the target, an
 int64 0-d tensor.
+
+Backends: ``reference`` (below), ``torch`` (row chunks), ``triton`` (kernels/masked_ce.py),
+``cuda`` (csrc/); the non-reference ones run as the ``fastmlm::masked_lm_loss_fwd`` /
+``_bwd`` custom ops, and below those every backend receives one :class:`MaskedCEInputs`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -51,14 +55,23 @@ REGISTRY = Registry(
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def gather_rows(hidden: Tensor, index: Tensor, counts: Tensor) -> Tensor:
+def gather_rows(hidden: Tensor, index: Tensor, counted: Tensor) -> Tensor:
     """hidden[index] with the rows that do not count zeroed: their logits would be dropped
     anyway, but 0 * NaN is NaN, so a NaN there would still reach the weight gradient."""
-    return torch.where(counts[:, None], hidden[index], 0)
+    return torch.where(counted[:, None], hidden[index], 0)
 
 
 def row_index(labels: Tensor, positions: Optional[Tensor], ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(R,) int64 token index of each row (clamped to be safe to gather) and (R,) bool "row counts"."""
+    """Which token each row reads, and whether the row counts.
+
+    Arguments:
+        labels: (T,) int labels of the tokens.
+        positions: (R,) int token indices padded with -1, or None (R = T: every token is a row).
+        ignore_index: the label of tokens that are not predicted.
+    Returns:
+        index: (R,) int64 token index of each row, clamped so it is safe to gather.
+        counted: (R,) bool, True where the row counts (position >= 0, label != ignore_index).
+    """
     if positions is None:
         index = torch.arange(labels.shape[0], device=labels.device)
         return index, labels != ignore_index
@@ -66,6 +79,42 @@ def row_index(labels: Tensor, positions: Optional[Tensor], ignore_index: int) ->
     if labels.numel() == 0:  # an empty batch: every position is -1
         return index, torch.zeros_like(positions, dtype=torch.bool)
     return index, (positions >= 0) & (labels[index] != ignore_index)
+
+
+# --------------------------------------------------------------------------- the backends' bundle
+class MaskedCEInputs(NamedTuple):
+    """The inputs of one masked-LM loss call, as every backend's ``why_not`` / ``forward`` / ``backward`` receives them.
+
+    Built inside the custom ops (whose schemas stay flat) after validation.
+
+    Arguments:
+        hidden: (T, H) fp16/bf16/fp32/fp64, any strides (H may be 0).
+        weight: (V, H) same dtype.
+        bias: (V,) same dtype, or None.
+        labels: (T,) int32/int64: target ids, ``ignore_index`` at tokens not predicted.
+        positions: (R,) int32/int64 token indices padded with -1, or None (R = T).
+        ignore_index: a negative int.
+        label_smoothing: eps in [0, 1).
+        z_loss: the weight zl >= 0 of lse².
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    labels: Tensor
+    positions: Optional[Tensor]
+    ignore_index: int
+    label_smoothing: float
+    z_loss: float
+
+    @property
+    def num_rows(self) -> int:
+        """R: len(positions), or T without positions."""
+        return self.labels.shape[0] if self.positions is None else self.positions.shape[0]
+
+    def row_index(self) -> tuple[Tensor, Tensor]:
+        """(index (R,) int64, counted (R,) bool): see :func:`row_index`."""
+        return row_index(self.labels, self.positions, self.ignore_index)
 
 
 def per_row_terms(logits: Tensor, targets: Tensor, label_smoothing: float, z_loss: float):
@@ -92,30 +141,32 @@ def masked_lm_loss_reference(
     """
     acc = checks.accum_dtype(hidden.dtype)
     compute = acc if upcast else hidden.dtype
-    index, counts = row_index(labels, positions, ignore_index)
-    rows = gather_rows(hidden, index, counts).to(compute)
+    index, counted = row_index(labels, positions, ignore_index)
+    rows = gather_rows(hidden, index, counted).to(compute)
     logits = rows @ weight.to(compute).t()
     if bias is not None:
         logits = logits + bias.to(compute)
-    targets = torch.where(counts, labels[index], 0)
+    targets = torch.where(counted, labels[index], 0)
     loss, lse, correct = per_row_terms(logits.to(acc), targets, label_smoothing, z_loss)
-    return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
+    return torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
 
 
 # --------------------------------------------------------------------------- custom ops
+# Flat schemas, as torch.library needs; the bundle is built here, below them.
 @torch.library.custom_op("fastmlm::masked_lm_loss_fwd", mutates_args=())
 def _masked_lm_loss_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return REGISTRY.module(backend).forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+    inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+    return REGISTRY.module(backend).forward(inputs)
 
 
 @_masked_lm_loss_fwd.register_fake
 def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, backend):
-    rows = labels.shape[0] if positions is None else positions.shape[0]
-    loss = hidden.new_empty(rows, dtype=checks.accum_dtype(hidden.dtype))
-    return loss, torch.empty_like(loss), hidden.new_empty(rows, dtype=torch.bool)
+    num_rows = labels.shape[0] if positions is None else positions.shape[0]
+    loss = hidden.new_empty(num_rows, dtype=checks.accum_dtype(hidden.dtype))
+    return loss, torch.empty_like(loss), hidden.new_empty(num_rows, dtype=torch.bool)
 
 
 @torch.library.custom_op("fastmlm::masked_lm_loss_bwd", mutates_args=())
@@ -123,8 +174,8 @@ def _masked_lm_loss_bwd(
     grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
     positions: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return REGISTRY.module(backend).backward(grad_rows, hidden, weight, bias, labels, positions, lse,
-                                             ignore_index, label_smoothing, z_loss)
+    inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+    return REGISTRY.module(backend).backward(inputs, lse, grad_rows)
 
 
 @_masked_lm_loss_bwd.register_fake
@@ -194,7 +245,24 @@ def masked_lm_loss(
 ):
     """Masked-LM cross-entropy over the masked rows only (see the module docstring).
 
-    Returns the loss (fp32; fp64 for fp64 inputs), or (loss, n_correct) with ``return_accuracy``.
+    Arguments:
+        hidden: (..., hidden_size) fp16/bf16/fp32/fp64, any strides; flattened to (T, hidden_size).
+        weight: (vocab_size, hidden_size), hidden's dtype (the tied word embeddings).
+        bias: (vocab_size,) or None.
+        labels: hidden.shape[:-1], int32/int64: the target id of each masked token,
+            ``ignore_index`` elsewhere.
+        positions: (R,) int32/int64 indices into the T flattened tokens, padded with -1 (a
+            static-length list of the masked tokens), or None: every token is a row (R = T).
+        ignore_index: a negative label marking tokens that are not predicted.
+        label_smoothing: eps in [0, 1). z_loss: the weight of lse², >= 0.
+        reduction: "mean" over counted rows (0 when none count), "sum", or "none".
+        return_accuracy: also return how many counted rows predict their target.
+        backend: "auto" | "reference" | "torch" | "triton" | "cuda".
+    Returns:
+        loss: fp32 (fp64 for fp64 inputs): a 0-d tensor, or with reduction="none" one value per
+            row, shaped like positions (or labels), 0 at rows that do not count.
+        n_correct [with return_accuracy]: int64 0-d tensor, the counted rows whose argmax
+            (first index among ties) is the target.
     """
     _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction)
     out_shape = labels.shape if positions is None else positions.shape
@@ -206,27 +274,27 @@ def masked_lm_loss(
                             f"positions must lie in [-1, {tokens})")
     checks.assert_async("masked_lm_loss", ((labels1d == ignore_index) | ((labels1d >= 0) & (labels1d < vocab))).all(),
                         f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})")
-    index, counts = row_index(labels1d, positions, ignore_index)
+    inputs = MaskedCEInputs(hidden2d, weight, bias, labels1d, positions, ignore_index, float(label_smoothing),
+                            float(z_loss))
+    index, counted = inputs.row_index()
 
-    inputs = dict(hidden=hidden2d, weight=weight, bias=bias, labels=labels1d, positions=positions)
     name = REGISTRY.select(backend, hidden.device.type, inputs)
     if tokens == 0 or index.numel() == 0:  # nothing to project: zero loss, still differentiable
         # Sums of empty slices: 0 whatever the inputs hold (0 * NaN would be NaN), and on
         # every input's graph, so each gets a zero gradient.
         zero = sum(t[:0].sum() for t in (hidden2d, weight, bias) if t is not None)
         rows = zero.expand(index.shape[0])
-        correct = counts
+        correct = counted
     elif name == "reference" or hidden.shape[-1] == 0:  # hidden size 0: the logits are the bias, nothing to launch
         rows, _, correct = masked_lm_loss_reference(hidden2d, weight, bias, labels1d, positions,
                                                     ignore_index, label_smoothing, z_loss)
     else:
-        rows, _, correct = _masked_lm_loss_fwd(hidden2d, weight, bias, labels1d, positions,
-                                               ignore_index, float(label_smoothing), float(z_loss), name)
+        rows, _, correct = _masked_lm_loss_fwd(*inputs, name)
     rows = rows.to(checks.accum_dtype(hidden.dtype))
     if reduction == "none":
         loss = rows.reshape(out_shape)
     elif reduction == "sum":
         loss = rows.sum()
     else:
-        loss = rows.sum() / counts.sum().clamp(min=1)
+        loss = rows.sum() / counted.sum().clamp(min=1)
     return (loss, correct.sum()) if return_accuracy else loss

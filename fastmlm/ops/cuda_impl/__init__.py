@@ -18,8 +18,8 @@ _ERROR: Optional[str] = None
 _EMULATOR = None  # set inside `with emulation():`
 
 
-def load() -> Optional[str]:
-    """Import the extension once; return None when loaded, else why it is unavailable."""
+def why_not_built() -> Optional[str]:
+    """Import the extension once; return None when it is loaded, else why it cannot be."""
     global _ERROR
     if _ERROR is None:
         try:
@@ -39,13 +39,13 @@ def emulating() -> bool:
     return _EMULATOR is not None
 
 
-def unavailable(t: torch.Tensor) -> Optional[str]:
+def why_not_device(t: torch.Tensor) -> Optional[str]:
     """Why the cuda backend cannot run on t's device (None: it can)."""
     if emulating():
         return None if t.device.type == "cpu" else "the CPU emulator takes CPU tensors only"
     if t.device.type != "cuda":
         return f"runs on CUDA tensors only, got {t.device.type}"
-    error = load()
+    error = why_not_built()
     if error:
         return error
     if torch.cuda.get_device_capability(t.device)[0] < 8:
@@ -66,7 +66,7 @@ def emulation():
         _EMULATOR = previous
 
 
-def ready(t: torch.Tensor) -> torch.Tensor:
-    """Contiguous and 16-byte aligned, as the kernels' vector loads need (a copy only when not)."""
+def contiguous_aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t, contiguous and 16-byte aligned, as the kernels' vector loads need (a copy only when not)."""
     t = t.contiguous()
     return t if t.data_ptr() % 16 == 0 else t.clone()

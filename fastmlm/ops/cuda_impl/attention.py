@@ -13,15 +13,19 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import Tensor
 
-from . import kernel_ops, ready, unavailable
+from ..attention import AttentionInputs
+from . import contiguous_aligned16, kernel_ops, why_not_device
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535  # heads and sequences index the grid's y and z
 
 
-def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, **_) -> Optional[str]:
-    where = unavailable(q)
+def why_not(inputs: AttentionInputs) -> Optional[str]:
+    """Why these inputs cannot run here (None: they can)."""
+    q = inputs.q
+    where = why_not_device(q)
     if where:
         return where
     if q.dtype not in DTYPES:
@@ -29,40 +33,39 @@ def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, **_) -> Opti
     head_dim = q.shape[-1]
     if head_dim % 8 or head_dim > 128:
         return f"head_dim must be a multiple of 8 and at most 128, got {head_dim}"
-    batch = q.shape[0] if q.dim() == 4 else cu_seqlens.numel() - 1
-    if q.shape[-2] > MAX_GRID_YZ or batch > MAX_GRID_YZ:
-        return f"at most {MAX_GRID_YZ} heads and sequences per call, got {q.shape[-2]} and {batch}"
+    if q.shape[-2] > MAX_GRID_YZ or inputs.batch > MAX_GRID_YZ:
+        return f"at most {MAX_GRID_YZ} heads and sequences per call, got {q.shape[-2]} and {inputs.batch}"
     return None
 
 
-def _layout(attention_mask, cu_seqlens):
+def _layout(inputs: AttentionInputs):
     """(key_mask, key_len, cu_seqlens) as the kernels take them.
 
     key_len[b] = last real key + 1 (0 for an all-padding sequence), computed on the device,
     so the kernels skip the key tiles of right padding without a host sync.
     """
-    if attention_mask is None:
-        return None, None, None if cu_seqlens is None else cu_seqlens.contiguous()
-    key_mask = ready(attention_mask.bool())
-    position = torch.arange(1, key_mask.shape[1] + 1, device=key_mask.device, dtype=torch.int32)
-    key_len = torch.where(key_mask, position, 0).amax(dim=1).to(torch.int32).contiguous()
-    return key_mask, key_len, None
+    if inputs.attention_mask is None:
+        return None, None, None if inputs.cu_seqlens is None else inputs.cu_seqlens.contiguous()
+    key_mask = contiguous_aligned16(inputs.attention_mask.bool())
+    return key_mask, inputs.key_lengths().contiguous(), None
 
 
-def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale):
-    q, k, v = ready(q), ready(k), ready(v)
-    key_mask, key_len, cu_seqlens = _layout(attention_mask, cu_seqlens)
+def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """Returns (out shaped like q, lse shaped q.shape[:-1] fp32), contiguous."""
+    q, k, v = (contiguous_aligned16(t) for t in inputs[:3])
+    key_mask, key_len, cu_seqlens = _layout(inputs)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    kernel_ops().attention_fwd(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale, out, lse)
+    kernel_ops().attention_fwd(q, k, v, key_mask, key_len, cu_seqlens, inputs.max_seqlen, inputs.scale, out, lse)
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale):
-    dout, q, k, v, out, lse = (ready(t) for t in (dout, q, k, v, out, lse))
-    key_mask, key_len, cu_seqlens = _layout(attention_mask, cu_seqlens)
+def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv) shaped like q, contiguous."""
+    dout, q, k, v, out, lse = (contiguous_aligned16(t) for t in (dout, *inputs[:3], out, lse))
+    key_mask, key_len, cu_seqlens = _layout(inputs)
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kernel_ops().attention_bwd(dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, max_seqlen, scale, delta, dq,
-                               dk, dv)
+    kernel_ops().attention_bwd(dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, inputs.max_seqlen,
+                               inputs.scale, delta, dq, dk, dv)
     return dq, dk, dv

@@ -8,5 +8,6 @@ from __future__ import annotations
 from typing import Optional
 
 
-def why_not(**_) -> Optional[str]:
+def why_not(inputs) -> Optional[str]:
+    """Always a reason: there is no kernel to run."""
     return "no CUDA C++ kernel for block-sparse attention; use the triton backend"

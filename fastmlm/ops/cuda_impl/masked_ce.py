@@ -20,23 +20,25 @@ from typing import Optional
 
 import torch
 
-from ..masked_ce import row_index
-from . import kernel_ops, ready, unavailable
+from torch import Tensor
+
+from ..masked_ce import MaskedCEInputs
+from . import contiguous_aligned16, kernel_ops, why_not_device
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (R x C): 32 MiB in 16-bit
 CHUNK_ALIGN = 128
 
 
-def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
-    where = unavailable(hidden)
+def why_not(inputs: MaskedCEInputs) -> Optional[str]:
+    """Why these inputs cannot run here (None: they can)."""
+    where = why_not_device(inputs.hidden)
     if where:
         return where
-    if hidden.dtype not in DTYPES:
-        return f"takes float32/float16/bfloat16, not {hidden.dtype}"
-    rows = labels.shape[0] if positions is None else positions.shape[0]
-    if rows >= 2**31:
-        return f"at most 2^31 - 1 rows, got {rows}"
+    if inputs.hidden.dtype not in DTYPES:
+        return f"takes float32/float16/bfloat16, not {inputs.hidden.dtype}"
+    if inputs.num_rows >= 2**31:
+        return f"at most 2^31 - 1 rows, got {inputs.num_rows}"
     return None
 
 
@@ -45,22 +47,25 @@ def _chunks(rows: int, vocab: int):
     return ((v0, min(v0 + step, vocab)) for v0 in range(0, vocab, step))
 
 
-def _rows_and_targets(hidden, labels, positions, ignore_index):
+def _rows_and_targets(inputs: MaskedCEInputs):
     """(R, H) gathered rows, zero where a row does not count, and (R,) int64 targets, -1 there.
 
     Rows that do not count must be zeros, not merely get dz = 0: d_weight = dzᵀ · rows and
     0 · NaN is NaN, so a NaN or inf in a hidden row that does not count would reach d_weight.
     """
-    index, counts = row_index(labels, positions, ignore_index)
-    targets = torch.where(counts, labels[index], -1).long().contiguous()
+    hidden = inputs.hidden
+    index, counted = inputs.row_index()
+    targets = torch.where(counted, inputs.labels[index], -1).long().contiguous()
     rows = hidden.new_empty((index.shape[0], hidden.shape[1]))
-    kernel_ops().gather_rows(ready(hidden), torch.where(counts, index, -1).contiguous(), rows)
+    kernel_ops().gather_rows(contiguous_aligned16(hidden), torch.where(counted, index, -1).contiguous(), rows)
     return rows, targets, index
 
 
-def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
+def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: (loss fp32, lse fp32, correct bool), (R,) each; 0 where a row does not count."""
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
     ops = kernel_ops()
-    rows, targets, _ = _rows_and_targets(hidden, labels, positions, ignore_index)
+    rows, targets, _ = _rows_and_targets(inputs)
     num_rows, vocab = rows.shape[0], weight.shape[0]
     device, f32 = hidden.device, torch.float32
     stats = torch.zeros(num_rows, 4, device=device, dtype=f32)
@@ -79,9 +84,11 @@ def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothi
     return loss, lse, correct
 
 
-def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
+def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
+    hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
     ops = kernel_ops()
-    rows, targets, index = _rows_and_targets(hidden, labels, positions, ignore_index)
+    rows, targets, index = _rows_and_targets(inputs)
     num_rows, vocab = rows.shape[0], weight.shape[0]
     grad = grad_rows.float().contiguous()
     lse = lse.float().contiguous()

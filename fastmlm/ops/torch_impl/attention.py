@@ -21,14 +21,17 @@ import torch
 from torch import Tensor
 
 from .. import checks, padding
+from ..attention import AttentionInputs
 
 _ATEN_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def why_not(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, **_) -> Optional[str]:
-    if q.device.type != "cpu":
-        return f"runs on the CPU only; {q.device.type} tensors go to the triton or cuda backend"
+def why_not(inputs: AttentionInputs) -> Optional[str]:
+    """Why these inputs cannot run here (None: they can)."""
+    device = inputs.q.device.type
+    if device != "cpu":
+        return f"runs on the CPU only; {device} tensors go to the triton or cuda backend"
     return None
 
 
@@ -77,7 +80,19 @@ def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) ->
     return bias, has_key
 
 
-def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
+def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous."""
+    return masked_forward(inputs, None)
+
+
+def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv) shaped like q, contiguous."""
+    return masked_backward(inputs, out, lse, dout, None)
+
+
+def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`forward` with an extra (H or 1, S, S) bool mask, True = may attend (block-sparse attention)."""
+    q, k, v, attention_mask, cu_seqlens, max_seqlen, scale = inputs
     (kp, vp, qp), mask, coords = _to_padded([k, v, q], attention_mask, cu_seqlens, max_seqlen, zero_padding=2)
     bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
     out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
@@ -91,7 +106,10 @@ def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=N
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=None):
+def masked_backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor,
+                    extra_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`backward` under the extra mask of :func:`masked_forward`."""
+    q, k, v, attention_mask, cu_seqlens, max_seqlen, scale = inputs
     (kp, vp, qp, outp, doutp), mask, coords = _to_padded([k, v, q, out, dout], attention_mask, cu_seqlens,
                                                          max_seqlen, zero_padding=2)
     if coords is not None:

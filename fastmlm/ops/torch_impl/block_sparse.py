@@ -7,21 +7,27 @@ from __future__ import annotations
 
 from typing import Optional
 
+from torch import Tensor
+
 from ..block_layout import token_keep
+from ..block_sparse import BlockSparseInputs
 from . import attention as dense
 
 
-def why_not(q, layout, **_) -> Optional[str]:
-    return dense.why_not(q, None, None, None, None, None, None)
+def why_not(inputs: BlockSparseInputs) -> Optional[str]:
+    """Why these inputs cannot run here (None: they can)."""
+    return dense.why_not(inputs.dense)
 
 
-def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count, token_mask,
-            block_size, window, num_global):
-    keep = token_keep(blocks, block_size, max_seqlen, window, num_global, token_mask)
-    return dense.forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=keep)
+def _keep(inputs: BlockSparseInputs) -> Tensor:
+    """(H or 1, S, S) bool with S = max_seqlen: the layout as a token mask."""
+    return token_keep(inputs.blocks, inputs.block_size, inputs.dense.max_seqlen, inputs.window, inputs.num_global,
+                      inputs.token_mask)
 
 
-def backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count,
-             token_mask, block_size, window, num_global):
-    keep = token_keep(blocks, block_size, max_seqlen, window, num_global, token_mask)
-    return dense.backward(dout, q, k, v, out, lse, attention_mask, cu_seqlens, max_seqlen, scale, extra_mask=keep)
+def forward(inputs: BlockSparseInputs) -> tuple[Tensor, Tensor]:
+    return dense.masked_forward(inputs.dense, _keep(inputs))
+
+
+def backward(inputs: BlockSparseInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return dense.masked_backward(inputs.dense, out, lse, dout, _keep(inputs))

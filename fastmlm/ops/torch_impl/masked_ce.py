@@ -17,13 +17,16 @@ from typing import Optional
 
 import torch
 
+from torch import Tensor
+
 from ..checks import accum_dtype
-from ..masked_ce import gather_rows, per_row_terms, row_index
+from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms
 
 CHUNK_ELEMENTS = 1 << 23
 
 
-def why_not(hidden, weight, bias, labels, positions, **_) -> Optional[str]:
+def why_not(inputs: MaskedCEInputs) -> Optional[str]:
+    """Runs every input that passed validation, on any device."""
     return None
 
 
@@ -38,21 +41,25 @@ def _logits(h, weight, bias):
     return logits if bias is None else logits + bias.to(acc)
 
 
-def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss):
-    index, counts = row_index(labels, positions, ignore_index)
-    targets = torch.where(counts, labels[index], 0)
+def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: loss, lse (fp32; fp64 for fp64 inputs) and correct (bool), (R,) each; 0 where a row does not count."""
+    hidden, weight, bias, labels, _, _, label_smoothing, z_loss = inputs
+    index, counted = inputs.row_index()
+    targets = torch.where(counted, labels[index], 0)
     acc = accum_dtype(hidden.dtype)
     loss, lse, correct = (torch.empty(index.shape[0], device=hidden.device, dtype=dt)
                           for dt in (acc, acc, torch.bool))
     for a, b in _chunks(index.shape[0], weight.shape[0]):
-        logits = _logits(gather_rows(hidden, index[a:b], counts[a:b]), weight, bias)
+        logits = _logits(gather_rows(hidden, index[a:b], counted[a:b]), weight, bias)
         loss[a:b], lse[a:b], correct[a:b] = per_row_terms(logits, targets[a:b], label_smoothing, z_loss)
-    return torch.where(counts, loss, 0.0), torch.where(counts, lse, 0.0), correct & counts
+    return torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
 
 
-def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss):
-    index, counts = row_index(labels, positions, ignore_index)
-    targets = torch.where(counts, labels[index], 0)
+def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
+    hidden, weight, bias, labels, _, _, label_smoothing, z_loss = inputs
+    index, counted = inputs.row_index()
+    targets = torch.where(counted, labels[index], 0)
     acc = accum_dtype(hidden.dtype)
     g = grad_rows.to(acc)
     vocab = weight.shape[0]
@@ -60,13 +67,13 @@ def backward(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_ind
     d_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc)
     d_bias = torch.zeros(vocab, device=weight.device, dtype=acc)
     for a, b in _chunks(index.shape[0], vocab):
-        h = gather_rows(hidden, index[a:b], counts[a:b])
+        h = gather_rows(hidden, index[a:b], counted[a:b])
         probs = torch.exp(_logits(h, weight, bias) - lse[a:b, None])
         dz = probs * (1.0 + 2.0 * z_loss * lse[a:b, None]) - label_smoothing / vocab
         dz.scatter_add_(1, targets[a:b, None], torch.full_like(dz[:, :1], label_smoothing - 1.0))
         # where, not a product: rows that do not count must give exactly 0, even if their
         # recomputed probabilities (lse was saved as 0 for them) overflow.
-        dz = torch.where(counts[a:b, None], dz * g[a:b, None], 0.0).to(weight.dtype)
+        dz = torch.where(counted[a:b, None], dz * g[a:b, None], 0.0).to(weight.dtype)
         d_hidden.index_add_(0, index[a:b], (dz @ weight).to(acc))
         if dz.dtype == acc:
             d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk

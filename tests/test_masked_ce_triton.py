@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
-from fastmlm.ops.masked_ce import REGISTRY, row_index
+from fastmlm.ops.masked_ce import REGISTRY, MaskedCEInputs, row_index
 from helpers import assert_error_ratio
 from test_masked_ce import FAST_BACKENDS, make_batch, skip_if_unsupported
 
@@ -244,7 +244,7 @@ def assert_rows_that_do_not_count_never_contribute(backend, device, dtype=torch.
     for poison in ("hidden", "weight"):
         hh, ww = h.clone(), w.clone()
         (hh[5] if poison == "hidden" else ww[150]).fill_(float("nan"))
-        loss, lse, _ = kernel.forward(hh, ww, b, labels, None, IGNORE, 0.0, 0.0)
+        loss, lse, _ = kernel.forward(MaskedCEInputs(hh, ww, b, labels, None, IGNORE, 0.0, 0.0))
         nan_rows = ~ignored if poison == "weight" else torch.arange(20, device=device) == 5
         assert loss[nan_rows].isnan().all() and lse[nan_rows].isnan().all(), f"NaN {poison}: NaN in, NaN out"
         assert torch.isfinite(loss[~nan_rows]).all()
@@ -305,14 +305,14 @@ def test_triton_forward_backward_never_sync_and_are_deterministic():
     h, w, b, labels = bert_base_batch(1)
     h, w, b = (t.bfloat16() for t in (h, w, b))
     args = (h, w, b, labels, None, IGNORE, 0.1, 1e-4)
-    loss, lse, _ = kernel.forward(*args)  # warm-up: compiles the kernels
+    loss, lse, _ = kernel.forward(MaskedCEInputs(*args))  # warm-up: compiles the kernels
     grad_rows = torch.rand_like(loss)
-    first = kernel.backward(grad_rows, h, w, b, labels, None, lse, IGNORE, 0.1, 1e-4)
+    first = kernel.backward(MaskedCEInputs(*args), lse, grad_rows)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss, lse, _ = kernel.forward(*args)
-        second = kernel.backward(grad_rows, h, w, b, labels, None, lse, IGNORE, 0.1, 1e-4)
+        loss, lse, _ = kernel.forward(MaskedCEInputs(*args))
+        second = kernel.backward(MaskedCEInputs(*args), lse, grad_rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for a, c in zip(first, second):
@@ -326,8 +326,8 @@ def test_triton_kernels_compile_for_sm90():
     bf16 GPU configuration, on any machine (a subprocess: TRITON_INTERPRET=1 replaces @triton.jit)."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("from fastmlm.ops.dispatch import import_backend; "
-            "import torch; import_backend('fastmlm_kernels._masked_ce_compile').main([torch.bfloat16])")
+    code = ("from fastmlm.ops.kernels_path import import_module; "
+            "import torch; import_module('fastmlm_kernels._masked_ce_compile').main([torch.bfloat16])")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
