@@ -51,6 +51,11 @@ def cuda_extension():
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
     flags = compile_flags()
+    # A head-dim bucket without its attention_hd<N>.cu would link (a shared library may leave
+    # symbols undefined) and fail only at import: refuse to build it.
+    problems = flags.layout_problems(flags.CSRC)
+    if problems:
+        sys.exit("fastmlm: csrc/ is inconsistent: " + "; ".join(problems))
     extra_include = [p for p in glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cu1*", "include"))]
     ext = CUDAExtension(
         "fastmlm._C",

@@ -25,7 +25,8 @@
 // NaN in a real row gives NaN in every row that sees it.
 //
 // Limits: fp16 / bf16 (sm_80+), head_dim a multiple of 8 up to 128; the kernels are
-// instantiated for head dims 32, 64 and 128 and zero-pad smaller ones to the next.
+// instantiated for the head-dim buckets of head_dims.h (32, 64, 128) and zero-pad a smaller
+// head dim to the next bucket.
 // Shared memory stays under the 48 KiB default (no opt-in needed): the key tile shrinks
 // to 32 for head dim 128. Every tile sits row-major in shared memory (rows padded by 8
 // elements: conflict-free fragment reads); an operand needed transposed (V in P V, Q and
@@ -187,16 +188,100 @@ FASTMLM_DEVICE void store_rows(T* dst, const AttentionParams& p, Sequence seq, i
   }
 }
 
-// =========================================================================== forward
-// Two K/V buffers (double buffering); the queries are staged through the same space first.
+// This warp's 16 rows of a block tile staged in shared memory (kBlockRows x HEAD_DIM,
+// row-major, row stride Tiles::kLd) as the A fragments of every k step of the head dim.
 template <class T, int HEAD_DIM>
-struct ForwardSmem {
+FASTMLM_DEVICE void load_warp_frags(uint32_t (&frag)[HEAD_DIM / 16][4], const T* block_tile) {
+  constexpr int kLd = Tiles<HEAD_DIM>::kLd;
+  const T* warp_rows = block_tile + thread_x() / kWarpSize * kRowsPerWarp * kLd;
+  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(frag[kk], warp_rows, kLd, kk * 16);
+}
+
+// acc (16 x N, this warp's rows) += A Bᵀ: A is the warp's 16 x HEAD_DIM rows as fragments,
+// B a row-major N x HEAD_DIM tile in shared memory (S = Q Kᵀ, Pᵀ = K Qᵀ, dPᵀ = V dOᵀ, dP = dO Vᵀ).
+template <class T, int N, int HEAD_DIM>
+FASTMLM_DEVICE void mma_a_bt(float (&acc)[N / 8][4], const uint32_t (&a)[HEAD_DIM / 16][4], const T* b_tile) {
+  for (int n = 0; n < N / 8; ++n)
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+      uint32_t bf[2];
+      load_frag_b(bf, b_tile, Tiles<HEAD_DIM>::kLd, n * 8, kk * 16);
+      mma_16816<T>(acc[n], a[kk], bf);
+    }
+}
+
+// acc (16 x HEAD_DIM) += P B: P is a 16 x N accumulator block of this warp, rounded to T as
+// A fragments, B a row-major N x HEAD_DIM tile read transposed by ldmatrix
+// (O += P V, dV += Pᵀ dO, dK += dSᵀ Q, dQ += dS K).
+template <class T, int N, int HEAD_DIM>
+FASTMLM_DEVICE void mma_p_b(float (&acc)[HEAD_DIM / 8][4], const float (&pr)[N / 8][4], const T* b_tile) {
+  for (int kk = 0; kk < N / 16; ++kk) {
+    uint32_t p_frag[4];
+    acc_to_frag_a<T>(p_frag, pr[2 * kk], pr[2 * kk + 1]);
+    for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
+      uint32_t bf[2];
+      load_frag_b_trans(bf, b_tile, Tiles<HEAD_DIM>::kLd, kk * 16, nd * 8);
+      mma_16816<T>(acc[nd], p_frag, bf);
+    }
+  }
+}
+
+// Shared memory of a kernel that first stages STAGED tensors' block rows (kBlockRows x head
+// dim each, read once into registers) and then double-buffers its inner loop in the same
+// space: two buffers of two tiles (kInner x head dim: K and V, or Q and dO), followed by
+// STATS floats per tile row and buffer (the key bias, or lse2 and delta). Buffer b (0 or 1)
+// starts at element b * kBuffer, its second tile kTile later, and its floats at float
+// b * kStats after the kTiles elements of tiles.
+template <class T, int HEAD_DIM, int STAGED, int STATS>
+struct PipelineSmem {
   using Tl = Tiles<HEAD_DIM>;
-  static constexpr int kQ = kBlockRows * Tl::kLd;    // this block's queries (read once)
-  static constexpr int kK = Tl::kInner * Tl::kLd;    // one key tile of K, and the same of V
-  static constexpr int kTiles = 4 * kK > kQ ? 4 * kK : kQ;
-  static constexpr size_t kBytes = kTiles * sizeof(T) + 2 * Tl::kInner * sizeof(float);
+  static constexpr int kTile = Tl::kInner * Tl::kLd;  // one tile of the inner loop
+  static constexpr int kBuffer = 2 * kTile;
+  static constexpr int kStats = STATS * Tl::kInner;
+  static constexpr int kStaging = STAGED * kBlockRows * Tl::kLd;
+  static constexpr int kTiles = 2 * kBuffer > kStaging ? 2 * kBuffer : kStaging;
+  static constexpr size_t kBytes = kTiles * sizeof(T) + 2 * kStats * sizeof(float);
 };
+
+// Issue, as one cp.async group, the copy of rows row0.. of two tensors into the two tiles of a
+// buffer (first at dst, second kTile elements later); it lands by a later cp_async_wait.
+template <class T, int ROWS, int HEAD_DIM>
+FASTMLM_DEVICE void issue_tile_pair(T* dst, int tile, const void* first, const void* second,
+                                    const AttentionParams& p, Sequence seq, int head, int row0, Rows rows) {
+  constexpr int kLd = Tiles<HEAD_DIM>::kLd;
+  copy_tile_async<T, ROWS, HEAD_DIM>(dst, kLd, static_cast<const T*>(first), p, seq, head, row0, rows);
+  copy_tile_async<T, ROWS, HEAD_DIM>(dst + tile, kLd, static_cast<const T*>(second), p, seq, head, row0, rows);
+  cp_async_commit();
+}
+
+// The K and V tiles of keys key0.. into one buffer (K at dst, V `tile` elements later), and
+// the tile's key bias: 0 for a real key, -inf otherwise (forward and dQ).
+template <class T, int HEAD_DIM>
+FASTMLM_DEVICE void issue_kv_tile(T* dst, int tile, float* key_bias, const AttentionParams& p, Sequence seq, int head,
+                                  int key0) {
+  constexpr int kKeys = Tiles<HEAD_DIM>::kInner;
+  issue_tile_pair<T, kKeys, HEAD_DIM>(dst, tile, p.k, p.v, p, seq, head, key0, Rows::kKeys);
+  for (int j = thread_x(); j < kKeys; j += kThreads) key_bias[j] = key_is_real(seq, key0 + j) ? 0.f : -INFINITY;
+}
+
+// The head of every double-buffered inner loop: start copying the tile at next0 (if it is
+// before end) into the other buffer with issue(next0, buffer), then wait until this tile has
+// landed and every thread's copies of it are visible. (The other buffer was last read in the
+// previous step, which ended with a barrier.)
+template <class Issue>
+FASTMLM_DEVICE void prefetch_and_wait(int next0, int end, int tile, const Issue& issue) {
+  if (next0 < end) {
+    issue(next0, (tile + 1) % 2);
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+  sync_block();
+}
+
+// =========================================================================== forward
+// Two buffers of (K, V) tiles plus their key bias; the queries are staged through the same space first.
+template <class T, int HEAD_DIM>
+using ForwardSmem = PipelineSmem<T, HEAD_DIM, /*STAGED=*/1, /*STATS=*/1>;
 
 template <class T, int HEAD_DIM>
 FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
@@ -207,27 +292,22 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   const Sequence seq = sequence(p, b);
   if (row0 >= seq.len) return;  // the whole block leaves together
   const int warp = thread_x() / kWarpSize, t = thread_x() % 4;
-  T* tiles = shared_memory<T>();  // K0 V0 K1 V1, after the query staging
-  float* key_bias_buffers = reinterpret_cast<float*>(tiles + Smem::kTiles);  // 0 for a real key, -inf otherwise
+  T* smem = shared_memory<T>();  // K0 V0 K1 V1, after the query staging
+  float* key_bias_buffers = reinterpret_cast<float*>(smem + Smem::kTiles);  // 0 for a real key, -inf otherwise
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 query rows as A fragments, kept in registers for the whole loop.
-  copy_tile<T, kBlockRows, HEAD_DIM>(tiles, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0, Rows::kQueries);
+  copy_tile<T, kBlockRows, HEAD_DIM>(smem, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0, Rows::kQueries);
   sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4];
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) load_frag_a(q_frag[kk], tiles + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
+  load_warp_frags<T, HEAD_DIM>(q_frag, smem);
   sync_block();  // the staging space becomes the K/V buffers
 
   // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math: while the
-  // warps work on tile i, tile i + 1 is in flight. The key mask of the tile goes with it.
+  // warps work on tile i, tile i + 1 is in flight. The key bias of the tile goes with it.
   auto issue_tile = [&](int key0, int buffer) {
-    T* k_dst = tiles + buffer * 2 * Smem::kK;
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kK, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0,
-                                        Rows::kKeys);
-    cp_async_commit();
-    for (int j = thread_x(); j < kKeys; j += kThreads)
-      key_bias_buffers[buffer * kKeys + j] = key_is_real(seq, key0 + j) ? 0.f : -INFINITY;
+    issue_kv_tile<T, HEAD_DIM>(smem + buffer * Smem::kBuffer, Smem::kTile, key_bias_buffers + buffer * Smem::kStats, p,
+                               seq, head, key0);
   };
 
   float o[HEAD_DIM / 8][4] = {};
@@ -237,26 +317,14 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   if (seq.keys > 0) issue_tile(0, 0);
   for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
     // Stage 2: prefetch the next K/V tile into the other buffer, wait for this one.
-    // (That buffer was last read in the previous iteration, which ended with a barrier.)
-    if (key0 + kKeys < seq.keys) {
-      issue_tile(key0 + kKeys, (tile + 1) % 2);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    sync_block();  // this tile's copies (from every thread) are visible
-    const T* k_s = tiles + (tile % 2) * 2 * Smem::kK;
-    const T* v_s = k_s + Smem::kK;
-    const float* key_bias = key_bias_buffers + (tile % 2) * kKeys;
+    prefetch_and_wait(key0 + kKeys, seq.keys, tile, issue_tile);
+    const T* k_s = smem + (tile % 2) * Smem::kBuffer;
+    const T* v_s = k_s + Smem::kTile;
+    const float* key_bias = key_bias_buffers + (tile % 2) * Smem::kStats;
 
     // Stage 3: scores in log2 units, s = (q · k) · scale · log2(e), -inf at keys that are not real.
     float s[kKeys / 8][4] = {};
-    for (int n = 0; n < kKeys / 8; ++n)
-      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        uint32_t kf[2];
-        load_frag_b(kf, k_s, Tl::kLd, n * 8, kk * 16);
-        mma_16816<T>(s[n], q_frag[kk], kf);
-      }
+    mma_a_bt<T, kKeys, HEAD_DIM>(s, q_frag, k_s);
     for (int n = 0; n < kKeys / 8; ++n)
       for (int i = 0; i < 4; ++i) s[n][i] = s[n][i] * scale_log2 + key_bias[n * 8 + 2 * t + (i & 1)];
 
@@ -283,15 +351,7 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
       for (int i = 0; i < 4; ++i) o[nd][i] *= rescale[i / 2];
 
     // Stage 5: O += P V, P straight from the accumulators (rounded to the input dtype).
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      uint32_t p_frag[4];
-      acc_to_frag_a<T>(p_frag, s[2 * kk], s[2 * kk + 1]);
-      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-        uint32_t vf[2];
-        load_frag_b_trans(vf, v_s, Tl::kLd, kk * 16, nd * 8);
-        mma_16816<T>(o[nd], p_frag, vf);
-      }
-    }
+    mma_p_b<T, kKeys, HEAD_DIM>(o, s, v_s);
     sync_block();  // every warp is done with this buffer before it is refilled
   }
 
@@ -342,16 +402,26 @@ FASTMLM_DEVICE void load_row_stats(float* lse2_s, float* delta_s, int rows, cons
   }
 }
 
+// Stage 1 of the backward kernels: the block's rows row0.. of two tensors (K and V, or Q and
+// dO) staged through shared memory, and this warp's 16 rows of each as A fragments, kept in
+// registers for the whole loop. Ends with a barrier: the staging space is free again.
+template <class T, int HEAD_DIM>
+FASTMLM_DEVICE void stage_frag_pair(uint32_t (&first_frag)[HEAD_DIM / 16][4], uint32_t (&second_frag)[HEAD_DIM / 16][4],
+                                    T* smem, const void* first, const void* second, const AttentionParams& p,
+                                    Sequence seq, int head, int row0, Rows rows) {
+  constexpr int kLd = Tiles<HEAD_DIM>::kLd;
+  T* second_stage = smem + kBlockRows * kLd;
+  copy_tile<T, kBlockRows, HEAD_DIM>(smem, kLd, static_cast<const T*>(first), p, seq, head, row0, rows);
+  copy_tile<T, kBlockRows, HEAD_DIM>(second_stage, kLd, static_cast<const T*>(second), p, seq, head, row0, rows);
+  sync_block();
+  load_warp_frags<T, HEAD_DIM>(first_frag, smem);
+  load_warp_frags<T, HEAD_DIM>(second_frag, second_stage);
+  sync_block();
+}
+
 // Two buffers of (Q, dO) tiles plus their (lse2, delta); K and V are staged through the same space first.
 template <class T, int HEAD_DIM>
-struct DkDvSmem {
-  using Tl = Tiles<HEAD_DIM>;
-  static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // Q or dO tile, queries x head dim
-  static constexpr int kBuffers = 4 * kRowMajor;
-  static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // K and V of the block, read once at the start
-  static constexpr int kTiles = kBuffers > kStaging ? kBuffers : kStaging;
-  static constexpr size_t kBytes = kTiles * sizeof(T) + 4 * Tl::kInner * sizeof(float);
-};
+using DkDvSmem = PipelineSmem<T, HEAD_DIM, /*STAGED=*/2, /*STATS=*/2>;
 
 template <class T, int HEAD_DIM>
 FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
@@ -363,33 +433,20 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   if (key0 >= seq.len) return;
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_key0 = key0 + warp * kRowsPerWarp;
-  T* tiles = shared_memory<T>();  // Q0 dO0 Q1 dO1, after the K/V staging
-  float* stats = reinterpret_cast<float*>(tiles + Smem::kTiles);  // lse2_0 delta_0 lse2_1 delta_1
+  T* smem = shared_memory<T>();  // Q0 dO0 Q1 dO1, after the K/V staging
+  float* stats = reinterpret_cast<float*>(smem + Smem::kTiles);  // lse2_0 delta_0 lse2_1 delta_1
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 keys of K and V as A fragments (staged through shared memory).
-  T* k_stage = tiles;
-  T* v_stage = tiles + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(k_stage, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
-  copy_tile<T, kBlockRows, HEAD_DIM>(v_stage, Tl::kLd, static_cast<const T*>(p.v), p, seq, head, key0, Rows::kKeys);
-  sync_block();
   uint32_t k_frag[HEAD_DIM / 16][4], v_frag[HEAD_DIM / 16][4];
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-    load_frag_a(k_frag[kk], k_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
-    load_frag_a(v_frag[kk], v_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
-  }
+  stage_frag_pair<T, HEAD_DIM>(k_frag, v_frag, smem, p.k, p.v, p, seq, head, key0, Rows::kKeys);
   const bool key_real[2] = {key_is_real(seq, warp_key0 + g), key_is_real(seq, warp_key0 + g + 8)};
-  sync_block();  // the staging space becomes the Q/dO buffers
 
-  // Query tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
+  // Query tile i goes to buffer i % 2 with cp.async, one tile ahead of the math, with its row statistics.
   auto issue_tile = [&](int q0, int buffer) {
-    T* q_dst = tiles + buffer * 2 * Smem::kRowMajor;
-    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, q0,
+    issue_tile_pair<T, kQueries, HEAD_DIM>(smem + buffer * Smem::kBuffer, Smem::kTile, p.q, p.dout, p, seq, head, q0,
                                            Rows::kQueries);
-    copy_tile_async<T, kQueries, HEAD_DIM>(q_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.dout), p, seq,
-                                           head, q0, Rows::kQueries);
-    cp_async_commit();
-    float* lse2_dst = stats + buffer * 2 * kQueries;
+    float* lse2_dst = stats + buffer * Smem::kStats;
     load_row_stats(lse2_dst, lse2_dst + kQueries, kQueries, p, seq, head, q0);
   };
 
@@ -400,62 +457,30 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   for (int q0 = 0, tile = 0; q0 < queries; q0 += kQueries, ++tile) {
     // Stage 2: prefetch the next Q/dO tile, wait for this one. Q and dO are the B operands
     // of K Qᵀ and V dOᵀ (plain loads) and of dSᵀ Q and Pᵀ dO (ldmatrix.trans).
-    if (q0 + kQueries < queries) {
-      issue_tile(q0 + kQueries, (tile + 1) % 2);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    sync_block();
-    const T* q_s = tiles + (tile % 2) * 2 * Smem::kRowMajor;
-    const T* do_s = q_s + Smem::kRowMajor;
-    const float* lse2_s = stats + (tile % 2) * 2 * kQueries;
+    prefetch_and_wait(q0 + kQueries, queries, tile, issue_tile);
+    const T* q_s = smem + (tile % 2) * Smem::kBuffer;
+    const T* do_s = q_s + Smem::kTile;
+    const float* lse2_s = stats + (tile % 2) * Smem::kStats;
     const float* delta_s = lse2_s + kQueries;
 
     // Stage 3: Pᵀ[key][query] = exp2(scale·log2e · k·q - lse2[query]), 0 at keys that are not real.
     float pt[kQueries / 8][4] = {};
-    for (int n = 0; n < kQueries / 8; ++n)
-      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        uint32_t qf[2];
-        load_frag_b(qf, q_s, Tl::kLd, n * 8, kk * 16);
-        mma_16816<T>(pt[n], k_frag[kk], qf);
-      }
+    mma_a_bt<T, kQueries, HEAD_DIM>(pt, k_frag, q_s);
     for (int n = 0; n < kQueries / 8; ++n)
       for (int i = 0; i < 4; ++i)
         pt[n][i] = key_real[i / 2] ? exp2f(pt[n][i] * scale_log2 - lse2_s[n * 8 + 2 * t + (i & 1)]) : 0.f;
 
     // Stage 4: dV += Pᵀ dO.
-    for (int kk = 0; kk < kQueries / 16; ++kk) {
-      uint32_t p_frag[4];
-      acc_to_frag_a<T>(p_frag, pt[2 * kk], pt[2 * kk + 1]);
-      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-        uint32_t df[2];
-        load_frag_b_trans(df, do_s, Tl::kLd, kk * 16, nd * 8);
-        mma_16816<T>(dv[nd], p_frag, df);
-      }
-    }
+    mma_p_b<T, kQueries, HEAD_DIM>(dv, pt, do_s);
 
     // Stage 5: dPᵀ = V dOᵀ, then dSᵀ = Pᵀ ∘ (dPᵀ - delta[query]).
     float ds[kQueries / 8][4] = {};
-    for (int n = 0; n < kQueries / 8; ++n)
-      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        uint32_t df[2];
-        load_frag_b(df, do_s, Tl::kLd, n * 8, kk * 16);
-        mma_16816<T>(ds[n], v_frag[kk], df);
-      }
+    mma_a_bt<T, kQueries, HEAD_DIM>(ds, v_frag, do_s);
     for (int n = 0; n < kQueries / 8; ++n)
       for (int i = 0; i < 4; ++i) ds[n][i] = pt[n][i] * (ds[n][i] - delta_s[n * 8 + 2 * t + (i & 1)]);
 
     // Stage 6: dK += dSᵀ Q (the softmax scale is applied once, at the store).
-    for (int kk = 0; kk < kQueries / 16; ++kk) {
-      uint32_t ds_frag[4];
-      acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
-      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-        uint32_t qf[2];
-        load_frag_b_trans(qf, q_s, Tl::kLd, kk * 16, nd * 8);
-        mma_16816<T>(dk[nd], ds_frag, qf);
-      }
-    }
+    mma_p_b<T, kQueries, HEAD_DIM>(dk, ds, q_s);
     sync_block();  // every warp is done with this buffer before it is refilled
   }
 
@@ -465,16 +490,9 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
   store_rows<T, HEAD_DIM>(static_cast<T*>(p.dv), p, seq, head, warp_key0, dv, one);
 }
 
-// Two buffers of (K, V) tiles plus their key flags; Q and dO are staged through the same space first.
+// Two buffers of (K, V) tiles plus their key bias; Q and dO are staged through the same space first.
 template <class T, int HEAD_DIM>
-struct DqSmem {
-  using Tl = Tiles<HEAD_DIM>;
-  static constexpr int kRowMajor = Tl::kInner * Tl::kLd;   // K or V tile, keys x head dim
-  static constexpr int kBuffers = 4 * kRowMajor;
-  static constexpr int kStaging = 2 * kBlockRows * Tl::kLd;  // Q and dO of the block, read once
-  static constexpr int kTiles = kBuffers > kStaging ? kBuffers : kStaging;
-  static constexpr size_t kBytes = kTiles * sizeof(T) + 2 * Tl::kInner * sizeof(float);
-};
+using DqSmem = PipelineSmem<T, HEAD_DIM, /*STAGED=*/2, /*STATS=*/1>;
 
 template <class T, int HEAD_DIM>
 FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
@@ -486,22 +504,13 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   if (row0 >= seq.len) return;
   const int warp = thread_x() / kWarpSize, g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
   const int warp_row0 = row0 + warp * kRowsPerWarp;
-  T* tiles = shared_memory<T>();  // K0 V0 K1 V1, after the Q/dO staging
-  float* key_ok_buffers = reinterpret_cast<float*>(tiles + Smem::kTiles);  // 1 for a real key, else 0
+  T* smem = shared_memory<T>();  // K0 V0 K1 V1, after the Q/dO staging
+  float* key_bias_buffers = reinterpret_cast<float*>(smem + Smem::kTiles);  // 0 for a real key, -inf otherwise
   const float scale_log2 = p.scale * kLog2e;
 
   // Stage 1: this warp's 16 rows of Q and dO as A fragments, and their lse / delta.
-  T* q_stage = tiles;
-  T* do_stage = tiles + kBlockRows * Tl::kLd;
-  copy_tile<T, kBlockRows, HEAD_DIM>(q_stage, Tl::kLd, static_cast<const T*>(p.q), p, seq, head, row0, Rows::kQueries);
-  copy_tile<T, kBlockRows, HEAD_DIM>(do_stage, Tl::kLd, static_cast<const T*>(p.dout), p, seq, head, row0,
-                                     Rows::kQueries);
-  sync_block();
   uint32_t q_frag[HEAD_DIM / 16][4], do_frag[HEAD_DIM / 16][4];
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-    load_frag_a(q_frag[kk], q_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
-    load_frag_a(do_frag[kk], do_stage + warp * kRowsPerWarp * Tl::kLd, Tl::kLd, kk * 16);
-  }
+  stage_frag_pair<T, HEAD_DIM>(q_frag, do_frag, smem, p.q, p.dout, p, seq, head, row0, Rows::kQueries);
   float lse2[2], delta[2];
   for (int r = 0; r < 2; ++r) {
     const int row = warp_row0 + g + 8 * r;
@@ -511,17 +520,10 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
     delta[r] = row < seq.len ? p.delta[at] : 0.f;
   }
 
-  sync_block();  // the staging space becomes the K/V buffers
-
-  // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math.
+  // Key tile i goes to buffer i % 2 with cp.async, one tile ahead of the math, with its key bias.
   auto issue_tile = [&](int key0, int buffer) {
-    T* k_dst = tiles + buffer * 2 * Smem::kRowMajor;
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst, Tl::kLd, static_cast<const T*>(p.k), p, seq, head, key0, Rows::kKeys);
-    copy_tile_async<T, kKeys, HEAD_DIM>(k_dst + Smem::kRowMajor, Tl::kLd, static_cast<const T*>(p.v), p, seq, head,
-                                        key0, Rows::kKeys);
-    cp_async_commit();
-    for (int j = thread_x(); j < kKeys; j += kThreads)
-      key_ok_buffers[buffer * kKeys + j] = key_is_real(seq, key0 + j) ? 1.f : 0.f;
+    issue_kv_tile<T, HEAD_DIM>(smem + buffer * Smem::kBuffer, Smem::kTile, key_bias_buffers + buffer * Smem::kStats, p,
+                               seq, head, key0);
   };
 
   float dq[HEAD_DIM / 8][4] = {};
@@ -529,44 +531,24 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
   for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
     // Stage 2: prefetch the next K/V tile, wait for this one. K is the B operand of Q Kᵀ
     // (plain loads) and of dS K (ldmatrix.trans), V of dO Vᵀ.
-    if (key0 + kKeys < seq.keys) {
-      issue_tile(key0 + kKeys, (tile + 1) % 2);
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
-    sync_block();
-    const T* k_s = tiles + (tile % 2) * 2 * Smem::kRowMajor;
-    const T* v_s = k_s + Smem::kRowMajor;
-    const float* key_ok = key_ok_buffers + (tile % 2) * kKeys;
+    prefetch_and_wait(key0 + kKeys, seq.keys, tile, issue_tile);
+    const T* k_s = smem + (tile % 2) * Smem::kBuffer;
+    const T* v_s = k_s + Smem::kTile;
+    const float* key_bias = key_bias_buffers + (tile % 2) * Smem::kStats;
 
     // Stage 3: P = exp2(scale·log2e · q·k - lse2[row]) and dP = dO Vᵀ.
     float pr[kKeys / 8][4] = {}, ds[kKeys / 8][4] = {};
-    for (int n = 0; n < kKeys / 8; ++n)
-      for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        uint32_t kf[2], vf[2];
-        load_frag_b(kf, k_s, Tl::kLd, n * 8, kk * 16);
-        mma_16816<T>(pr[n], q_frag[kk], kf);
-        load_frag_b(vf, v_s, Tl::kLd, n * 8, kk * 16);
-        mma_16816<T>(ds[n], do_frag[kk], vf);
-      }
-    // Stage 4: dS = P ∘ (dP - delta[row]).
+    mma_a_bt<T, kKeys, HEAD_DIM>(pr, q_frag, k_s);
+    mma_a_bt<T, kKeys, HEAD_DIM>(ds, do_frag, v_s);
+    // Stage 4: dS = P ∘ (dP - delta[row]), 0 at keys that are not real.
     for (int n = 0; n < kKeys / 8; ++n)
       for (int i = 0; i < 4; ++i) {
         const int key = n * 8 + 2 * t + (i & 1);
-        const float prob = key_ok[key] != 0.f ? exp2f(pr[n][i] * scale_log2 - lse2[i / 2]) : 0.f;
+        const float prob = key_bias[key] == 0.f ? exp2f(pr[n][i] * scale_log2 - lse2[i / 2]) : 0.f;
         ds[n][i] = prob * (ds[n][i] - delta[i / 2]);
       }
     // Stage 5: dQ += dS K.
-    for (int kk = 0; kk < kKeys / 16; ++kk) {
-      uint32_t ds_frag[4];
-      acc_to_frag_a<T>(ds_frag, ds[2 * kk], ds[2 * kk + 1]);
-      for (int nd = 0; nd < HEAD_DIM / 8; ++nd) {
-        uint32_t kf[2];
-        load_frag_b_trans(kf, k_s, Tl::kLd, kk * 16, nd * 8);
-        mma_16816<T>(dq[nd], ds_frag, kf);
-      }
-    }
+    mma_p_b<T, kKeys, HEAD_DIM>(dq, ds, k_s);
     sync_block();  // every warp is done with this buffer before it is refilled
   }
 
@@ -606,18 +588,32 @@ cudaError_t launch_backward(const AttentionParams& p, cudaStream_t stream) {
   return last_launch_error();
 }
 
+// One head-dim bucket, forward or backward, for the dtype asked for: fp16 or bf16; any other
+// dtype is an invalid value (the binding admits only these two).
+template <int HEAD_DIM, bool BACKWARD>
+cudaError_t launch(const AttentionParams& p, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return BACKWARD ? launch_backward<__half, HEAD_DIM>(p, stream) : launch_forward<__half, HEAD_DIM>(p, stream);
+    case DType::kBFloat16:
+      return BACKWARD ? launch_backward<__nv_bfloat16, HEAD_DIM>(p, stream)
+                      : launch_forward<__nv_bfloat16, HEAD_DIM>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace attention
 }  // namespace fastmlm
 
-// Defines attention_{forward,backward}_hd<HD> (declared in launchers.h) for fp16 and bf16.
-#define FASTMLM_INSTANTIATE_ATTENTION(HD)                                                              \
-  namespace fastmlm {                                                                                  \
-  cudaError_t attention_forward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) {  \
-    return dtype == DType::kBFloat16 ? attention::launch_forward<__nv_bfloat16, HD>(p, stream)         \
-                                     : attention::launch_forward<__half, HD>(p, stream);               \
-  }                                                                                                    \
-  cudaError_t attention_backward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) { \
-    return dtype == DType::kBFloat16 ? attention::launch_backward<__nv_bfloat16, HD>(p, stream)        \
-                                     : attention::launch_backward<__half, HD>(p, stream);              \
-  }                                                                                                    \
+// Defines attention_{forward,backward}_hd<HD> (declared in launchers.h); HD must be a bucket
+// of head_dims.h. Expanded once per attention_hd<HD>.cu, and for every bucket by the emulator.
+#define FASTMLM_INSTANTIATE_ATTENTION(HD)                                                             \
+  static_assert(::fastmlm::is_head_dim_bucket(HD), "attention_hd" #HD ".cu: add " #HD " to csrc/head_dims.h"); \
+  namespace fastmlm {                                                                                 \
+  cudaError_t attention_forward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) { \
+    return attention::launch<HD, false>(p, dtype, stream);                                            \
+  }                                                                                                   \
+  cudaError_t attention_backward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream) {\
+    return attention::launch<HD, true>(p, dtype, stream);                                             \
+  }                                                                                                   \
   }

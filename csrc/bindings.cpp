@@ -90,8 +90,8 @@ AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor&
   AttentionParams p;
   p.head_dim = static_cast<int>(q.size(-1));
   p.heads = static_cast<int>(q.size(-2));
-  TORCH_CHECK(head_dim_bucket(p.head_dim) != 0, "fastmlm._C: head_dim must be a multiple of 8 and at most 128, got ",
-              p.head_dim);
+  TORCH_CHECK(head_dim_bucket(p.head_dim) != 0, "fastmlm._C: head_dim must be a multiple of 8 and at most ",
+              kMaxHeadDim, ", got ", p.head_dim);
   TORCH_CHECK(p.heads <= 65535, "fastmlm._C: at most 65535 heads, got ", p.heads);
   TORCH_CHECK(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), "fastmlm._C: max_seqlen out of range: ", max_seqlen);
   p.max_seqlen = static_cast<int>(max_seqlen);
@@ -315,9 +315,23 @@ TORCH_LIBRARY_IMPL(fastmlm_C, CUDA, m) {
   m.impl("masked_ce_chunk_grad", &fastmlm::masked_ce_chunk_grad_op);
 }
 
-// `import fastmlm._C` loads this library, which runs the registrations above.
+// `import fastmlm._C` loads this library, which runs the registrations above. The module
+// carries HEAD_DIMS, the head-dim buckets of head_dims.h, for the Python side to read.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastmlm CUDA kernels, registered as torch.ops.fastmlm_C",
                                -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyObject* head_dims = PyTuple_New(fastmlm::kNumHeadDims);
+  if (head_dims == nullptr) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  for (int i = 0; i < fastmlm::kNumHeadDims; ++i) PyTuple_SET_ITEM(head_dims, i, PyLong_FromLong(fastmlm::kHeadDims[i]));
+  if (PyModule_AddObject(m, "HEAD_DIMS", head_dims) < 0) {  // steals head_dims only on success
+    Py_DECREF(head_dims);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

@@ -76,31 +76,25 @@ FASTMLM_DEVICE V* shared_memory() {
 // ----------------------------------------------------------------- element types
 // The 16-bit input types travel in pairs packed into one 32-bit register, the unit of
 // the mma fragments: the lower 16 bits hold the element with the lower index.
-template <class T> struct Pair;
-template <> struct Pair<__half> {
+FASTMLM_DEVICE __half2 to_pair(float lo, float hi, __half) { return __floats2half2_rn(lo, hi); }
+FASTMLM_DEVICE __nv_bfloat162 to_pair(float lo, float hi, __nv_bfloat16) { return __floats2bfloat162_rn(lo, hi); }
+FASTMLM_DEVICE float2 to_float2(__half2 h) { return __half22float2(h); }
+FASTMLM_DEVICE float2 to_float2(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+
+template <class T>
+struct Pair {
+  using Packed = decltype(to_pair(0.f, 0.f, T()));  // __half2 or __nv_bfloat162
+  static_assert(sizeof(Packed) == 4, "a pair of 16-bit elements fills one register");
   static FASTMLM_DEVICE uint32_t pack(float lo, float hi) {
-    __half2 h = __floats2half2_rn(lo, hi);
+    const Packed h = to_pair(lo, hi, T());
     uint32_t bits;
     memcpy(&bits, &h, 4);
     return bits;
   }
   static FASTMLM_DEVICE float2 unpack(uint32_t bits) {
-    __half2 h;
+    Packed h;
     memcpy(&h, &bits, 4);
-    return __half22float2(h);
-  }
-};
-template <> struct Pair<__nv_bfloat16> {
-  static FASTMLM_DEVICE uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t bits;
-    memcpy(&bits, &h, 4);
-    return bits;
-  }
-  static FASTMLM_DEVICE float2 unpack(uint32_t bits) {
-    __nv_bfloat162 h;
-    memcpy(&h, &bits, 4);
-    return __bfloat1622float2(h);
+    return to_float2(h);
   }
 };
 

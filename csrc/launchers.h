@@ -8,6 +8,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "head_dims.h"
+
 namespace fastmlm {
 
 // ----------------------------------------------------------------- attention
@@ -41,40 +43,39 @@ struct AttentionParams {
   float scale = 1.f;
 };
 
+// The element types. The emulator's C interface passes them as these integers, in this order
+// (fastmlm/ops/cuda_impl/emulate.py: _DTYPES; tests/test_cuda_emulator_schema.py checks).
 enum class DType { kFloat16, kBFloat16, kFloat32 };
 
-// One instantiation file per head-dim bucket (attention_hd{32,64,128}.cu), both 16-bit dtypes.
+// One instantiation file per head-dim bucket of head_dims.h (attention_hd<N>.cu), both 16-bit
+// dtypes: attention_forward_hd<N> and attention_backward_hd<N>.
 #define FASTMLM_DECLARE_ATTENTION(HD)                                                              \
   cudaError_t attention_forward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream); \
   cudaError_t attention_backward_hd##HD(const AttentionParams& p, DType dtype, cudaStream_t stream);
-FASTMLM_DECLARE_ATTENTION(32)
-FASTMLM_DECLARE_ATTENTION(64)
-FASTMLM_DECLARE_ATTENTION(128)
+FASTMLM_FOR_EACH_HEAD_DIM(FASTMLM_DECLARE_ATTENTION)
 #undef FASTMLM_DECLARE_ATTENTION
 
-// The smallest instantiated head dim that holds head_dim (the kernel zero-pads the rest), or 0.
-inline int head_dim_bucket(int head_dim) {
-  if (head_dim <= 0 || head_dim % 8 != 0) return 0;
-  return head_dim <= 32 ? 32 : head_dim <= 64 ? 64 : head_dim <= 128 ? 128 : 0;
-}
-
 // Forward: out, lse. Backward: delta (scratch), dq, dk, dv. dtype: kFloat16 or kBFloat16.
+// The head dim picks the instantiation (head_dim_bucket); one it does not fit is an invalid value.
+#define FASTMLM_BUCKET_CASE(HD, DIRECTION) \
+  case HD: return attention_##DIRECTION##_hd##HD(p, dtype, stream);
+#define FASTMLM_FORWARD_CASE(HD) FASTMLM_BUCKET_CASE(HD, forward)
+#define FASTMLM_BACKWARD_CASE(HD) FASTMLM_BUCKET_CASE(HD, backward)
 inline cudaError_t attention_forward(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   switch (head_dim_bucket(p.head_dim)) {
-    case 32: return attention_forward_hd32(p, dtype, stream);
-    case 64: return attention_forward_hd64(p, dtype, stream);
-    case 128: return attention_forward_hd128(p, dtype, stream);
+    FASTMLM_FOR_EACH_HEAD_DIM(FASTMLM_FORWARD_CASE)
     default: return cudaErrorInvalidValue;
   }
 }
 inline cudaError_t attention_backward(const AttentionParams& p, DType dtype, cudaStream_t stream) {
   switch (head_dim_bucket(p.head_dim)) {
-    case 32: return attention_backward_hd32(p, dtype, stream);
-    case 64: return attention_backward_hd64(p, dtype, stream);
-    case 128: return attention_backward_hd128(p, dtype, stream);
+    FASTMLM_FOR_EACH_HEAD_DIM(FASTMLM_BACKWARD_CASE)
     default: return cudaErrorInvalidValue;
   }
 }
+#undef FASTMLM_FORWARD_CASE
+#undef FASTMLM_BACKWARD_CASE
+#undef FASTMLM_BUCKET_CASE
 
 // ----------------------------------------------------------------- masked LM loss
 // Rows r in [0, R); vocabulary chunk [v0, v0 + chunk). targets[r] is the target id, or -1

@@ -181,14 +181,20 @@ inline unsigned grid_for(int64_t items) {
   return static_cast<unsigned>(blocks < 1 ? 1 : blocks > kMaxGrid ? kMaxGrid : blocks);
 }
 
-template <class T>
-cudaError_t launch_gather(const MaskedCEParams& p, cudaStream_t stream) {
-  if (p.num_rows * p.hidden_size == 0) return cudaSuccess;
-  auto* kernel = &gather_rows_kernel<T>;
-  FASTMLM_LAUNCH(kernel, dim3(grid_for(p.num_rows * p.hidden_size)), dim3(kThreads), 0, stream, p);
+// A kernel that strides over `items` elements (grid_for blocks of kThreads); nothing to do: no launch.
+inline cudaError_t launch_grid_stride(void (*kernel)(const MaskedCEParams), int64_t items, const MaskedCEParams& p,
+                                      cudaStream_t stream) {
+  if (items == 0) return cudaSuccess;
+  FASTMLM_LAUNCH(kernel, dim3(grid_for(items)), dim3(kThreads), 0, stream, p);
   return last_launch_error();
 }
 
+template <class T>
+cudaError_t launch_gather(const MaskedCEParams& p, cudaStream_t stream) {
+  return launch_grid_stride(&gather_rows_kernel<T>, p.num_rows * p.hidden_size, p, stream);
+}
+
+// One block per row (a block reduces the row over the chunk).
 template <class T>
 cudaError_t launch_chunk_stats(const MaskedCEParams& p, cudaStream_t stream) {
   if (p.num_rows == 0) return cudaSuccess;
@@ -200,17 +206,11 @@ cudaError_t launch_chunk_stats(const MaskedCEParams& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t launch_chunk_grad(const MaskedCEParams& p, cudaStream_t stream) {
-  if (p.num_rows * p.chunk == 0) return cudaSuccess;
-  auto* kernel = &chunk_grad_kernel<T>;
-  FASTMLM_LAUNCH(kernel, dim3(grid_for(p.num_rows * p.chunk)), dim3(kThreads), 0, stream, p);
-  return last_launch_error();
+  return launch_grid_stride(&chunk_grad_kernel<T>, p.num_rows * p.chunk, p, stream);
 }
 
 inline cudaError_t launch_finish(const MaskedCEParams& p, cudaStream_t stream) {
-  if (p.num_rows == 0) return cudaSuccess;
-  auto* kernel = &finish_kernel;
-  FASTMLM_LAUNCH(kernel, dim3(grid_for(p.num_rows)), dim3(kThreads), 0, stream, p);
-  return last_launch_error();
+  return launch_grid_stride(&finish_kernel, p.num_rows, p, stream);
 }
 
 }  // namespace masked_ce

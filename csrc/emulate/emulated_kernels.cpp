@@ -1,31 +1,25 @@
 // The fastmlm kernels built for the CPU emulator (emulator.h): a plain shared library with a
 // C interface, loaded through ctypes by fastmlm/ops/cuda_impl/emulate.py so the CPU test
-// tier can run the very kernel templates the GPU runs. Build (what emulate.py does):
-//   g++ -std=c++17 -O1 -shared -fPIC -DFASTMLM_EMULATE -I csrc -I <cuda>/include \
+// tier can run the very kernel templates the GPU runs. Build (what emulate.py does), one line:
+//   g++ -std=c++17 -O1 -shared -fPIC -DFASTMLM_EMULATE -I csrc -I <cuda>/include
 //       csrc/emulate/emulated_kernels.cpp -o <cache>/libfastmlm_emulated.so
-// Return values are cudaError_t codes (0 = success).
+// Return values are cudaError_t codes (0 = success). The ctypes side (OP_FUNCTIONS,
+// C_SIGNATURES in emulate.py) is checked against these prototypes and the TORCH_LIBRARY
+// schemas by tests/test_cuda_emulator_schema.py.
 #include "../attention.cuh"
-#include "../masked_ce.cuh"
+#include "../masked_ce.cu"  // the dtype dispatch of the masked-CE launchers, as the GPU build has it
+
+// Every head-dim bucket of head_dims.h, as the attention_hd<N>.cu files instantiate them one each,
+// so the calls below go through the same launchers.h dispatch (bucket, dtype) as the binding.
+FASTMLM_FOR_EACH_HEAD_DIM(FASTMLM_INSTANTIATE_ATTENTION)
 
 using fastmlm::AttentionParams;
+using fastmlm::DType;
 using fastmlm::MaskedCEParams;
-
-namespace {
-template <class T>
-cudaError_t attention_bucket(const AttentionParams& p, bool backward) {
-  namespace a = fastmlm::attention;
-  switch (fastmlm::head_dim_bucket(p.head_dim)) {
-    case 32: return backward ? a::launch_backward<T, 32>(p, nullptr) : a::launch_forward<T, 32>(p, nullptr);
-    case 64: return backward ? a::launch_backward<T, 64>(p, nullptr) : a::launch_forward<T, 64>(p, nullptr);
-    case 128: return backward ? a::launch_backward<T, 128>(p, nullptr) : a::launch_forward<T, 128>(p, nullptr);
-    default: return cudaErrorInvalidValue;
-  }
-}
-}  // namespace
 
 extern "C" {
 
-// dtype: 0 = fp16, 1 = bf16, 2 = fp32 (masked CE only).
+// dtype: a fastmlm::DType as an integer (launchers.h): 0 = fp16, 1 = bf16, 2 = fp32 (masked CE only).
 int fastmlm_emu_attention(int backward, int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                           const bool* key_mask, const int* key_len, const int* cu_seqlens, const void* dout,
                           float* delta, void* dq, void* dk, void* dv, int batch, int heads, int max_seqlen,
@@ -36,9 +30,8 @@ int fastmlm_emu_attention(int backward, int dtype, const void* q, const void* k,
   p.dout = dout, p.delta = delta, p.dq = dq, p.dk = dk, p.dv = dv;
   p.batch = batch, p.heads = heads, p.max_seqlen = max_seqlen, p.head_dim = head_dim, p.total_rows = total_rows;
   p.scale = scale;
-  if (dtype == 0) return attention_bucket<__half>(p, backward != 0);
-  if (dtype == 1) return attention_bucket<__nv_bfloat16>(p, backward != 0);
-  return cudaErrorInvalidValue;
+  return backward ? fastmlm::attention_backward(p, static_cast<DType>(dtype), nullptr)
+                  : fastmlm::attention_forward(p, static_cast<DType>(dtype), nullptr);
 }
 
 int fastmlm_emu_gather_rows(int dtype, const void* hidden, const int64_t* positions, void* rows, int64_t num_rows,
@@ -46,9 +39,7 @@ int fastmlm_emu_gather_rows(int dtype, const void* hidden, const int64_t* positi
   MaskedCEParams p;
   p.hidden = hidden, p.positions = positions, p.rows = rows;
   p.num_rows = num_rows, p.num_tokens = num_tokens, p.hidden_size = hidden_size;
-  namespace m = fastmlm::masked_ce;
-  return dtype == 0 ? m::launch_gather<__half>(p, nullptr)
-         : dtype == 1 ? m::launch_gather<__nv_bfloat16>(p, nullptr) : m::launch_gather<float>(p, nullptr);
+  return fastmlm::gather_rows(p, static_cast<DType>(dtype), nullptr);
 }
 
 int fastmlm_emu_chunk_stats(int dtype, const void* logits, const void* bias, const int64_t* targets, int64_t v0,
@@ -56,9 +47,7 @@ int fastmlm_emu_chunk_stats(int dtype, const void* logits, const void* bias, con
   MaskedCEParams p;
   p.logits = logits, p.bias = bias, p.targets = targets, p.stats = stats, p.best = best, p.best_logit = best_logit;
   p.v0 = v0, p.num_rows = num_rows, p.chunk = chunk;
-  namespace m = fastmlm::masked_ce;
-  return dtype == 0 ? m::launch_chunk_stats<__half>(p, nullptr)
-         : dtype == 1 ? m::launch_chunk_stats<__nv_bfloat16>(p, nullptr) : m::launch_chunk_stats<float>(p, nullptr);
+  return fastmlm::masked_ce_chunk_stats(p, static_cast<DType>(dtype), nullptr);
 }
 
 int fastmlm_emu_finish(const float* stats, const int64_t* best, const int64_t* targets, int64_t vocab,
@@ -67,7 +56,7 @@ int fastmlm_emu_finish(const float* stats, const int64_t* best, const int64_t* t
   p.stats = const_cast<float*>(stats), p.best = const_cast<int64_t*>(best), p.targets = targets, p.vocab = vocab;
   p.label_smoothing = label_smoothing, p.z_loss = z_loss, p.loss = loss, p.lse_out = lse, p.correct = correct;
   p.num_rows = num_rows;
-  return fastmlm::masked_ce::launch_finish(p, nullptr);
+  return fastmlm::masked_ce_finish(p, nullptr);
 }
 
 int fastmlm_emu_chunk_grad(int dtype, const void* logits, const void* bias, const int64_t* targets, const float* lse,
@@ -76,9 +65,7 @@ int fastmlm_emu_chunk_grad(int dtype, const void* logits, const void* bias, cons
   MaskedCEParams p;
   p.logits = logits, p.bias = bias, p.targets = targets, p.lse = lse, p.grad = grad, p.v0 = v0, p.vocab = vocab;
   p.label_smoothing = label_smoothing, p.z_loss = z_loss, p.dlogits = dlogits, p.num_rows = num_rows, p.chunk = chunk;
-  namespace m = fastmlm::masked_ce;
-  return dtype == 0 ? m::launch_chunk_grad<__half>(p, nullptr)
-         : dtype == 1 ? m::launch_chunk_grad<__nv_bfloat16>(p, nullptr) : m::launch_chunk_grad<float>(p, nullptr);
+  return fastmlm::masked_ce_chunk_grad(p, static_cast<DType>(dtype), nullptr);
 }
 
 }  // extern "C"

@@ -6,14 +6,16 @@ Compiles every ``csrc/*.cu`` with ``nvcc -c`` once per architecture (sm_80 mma.s
 sm_90a), in parallel, into a temporary folder, with the same flags as setup.py; and
 syntax-checks ``csrc/bindings.cpp`` (the only file that includes torch) with the host
 compiler against the installed torch headers, which a CPU build of torch ships too.
-Exits non-zero with the compiler's message on the first kind of failure it sees; nothing
-is linked and no GPU is needed. Imports nothing but the standard library at the top, so
+First it checks the source layout (:func:`layout_problems`: one ``attention_hd<N>.cu`` per
+head-dim bucket of ``csrc/head_dims.h``, no other). Exits non-zero with the compiler's message
+on the first kind of failure it sees; nothing is linked and no GPU is needed. Imports nothing but the standard library at the top, so
 setup.py can read NVCC_FLAGS from here without importing fastmlm.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +32,41 @@ CXX_FLAGS = ["-O3", "-std=c++20"]  # recent torch headers need C++20 (concepts, 
 TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def head_dims(csrc: Path = CSRC) -> tuple[int, ...]:
+    """The attention kernels' head-dim buckets, ascending: ``FASTMLM_FOR_EACH_HEAD_DIM`` of csrc/head_dims.h.
+
+    The one list of the CUDA side (launchers.h, bindings.cpp, the attention_hd<N>.cu files and
+    the emulator expand that macro); the built extension carries it as ``fastmlm._C.HEAD_DIMS``.
+    """
+    text = (csrc / "head_dims.h").read_text()
+    found = re.search(r"#define\s+FASTMLM_FOR_EACH_HEAD_DIM\(X\)((?:\s*X\(\d+\))+)", text)
+    if found is None:
+        raise ValueError(f"{csrc / 'head_dims.h'}: no FASTMLM_FOR_EACH_HEAD_DIM(X) X(..) ... definition")
+    return tuple(int(n) for n in re.findall(r"X\((\d+)\)", found.group(1)))
+
+
+def layout_problems(csrc: Path = CSRC) -> list[str]:
+    """What is wrong with csrc/'s per-bucket instantiation files (empty: nothing).
+
+    Every bucket of :func:`head_dims` needs ``attention_hd<N>.cu`` expanding
+    ``FASTMLM_INSTANTIATE_ATTENTION(N)`` (a missing one is a link error of the real build only),
+    and no such file may name a bucket head_dims.h lacks.
+    """
+    buckets = head_dims(csrc)
+    problems = []
+    files = {int(m.group(1)): path for path in sorted(csrc.glob("attention_hd*.cu"))
+             if (m := re.fullmatch(r"attention_hd(\d+)\.cu", path.name))}
+    for hd in buckets:
+        if hd not in files:
+            problems.append(f"head dim {hd} (head_dims.h) has no attention_hd{hd}.cu")
+        elif f"FASTMLM_INSTANTIATE_ATTENTION({hd})" not in files[hd].read_text():
+            problems.append(f"{files[hd].name} does not expand FASTMLM_INSTANTIATE_ATTENTION({hd})")
+    for hd, path in files.items():
+        if hd not in buckets:
+            problems.append(f"{path.name} names head dim {hd}, which head_dims.h does not list {buckets}")
+    return problems
 
 
 def find_nvcc() -> str | None:
@@ -95,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bindings", action="store_true", help="skip the torch binding syntax check")
     args = parser.parse_args(argv)
 
+    if (args.csrc / "head_dims.h").exists():
+        problems = layout_problems(args.csrc)
+        for problem in problems:
+            print(f"compile_cuda: FAIL layout: {problem}")
+        if problems:
+            return 1
     nvcc = find_nvcc()
     if nvcc is None:
         print("compile_cuda: nvcc not found (set NVCC or CUDA_HOME), nothing checked", file=sys.stderr)

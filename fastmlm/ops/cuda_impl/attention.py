@@ -20,6 +20,7 @@ from . import contiguous_aligned16, kernel_ops, why_not_device
 
 DTYPES = (torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535  # heads and sequences index the grid's y and z
+MAX_HEAD_DIM = 128  # the largest bucket of csrc/head_dims.h (tests/test_cuda_build.py checks they agree)
 
 
 def why_not(inputs: AttentionInputs) -> Optional[str]:
@@ -31,8 +32,8 @@ def why_not(inputs: AttentionInputs) -> Optional[str]:
     if q.dtype not in DTYPES:
         return f"the tensor-core kernels take float16/bfloat16, not {q.dtype} (use the triton or torch backend)"
     head_dim = q.shape[-1]
-    if head_dim % 8 or head_dim > 128:
-        return f"head_dim must be a multiple of 8 and at most 128, got {head_dim}"
+    if head_dim % 8 or head_dim > MAX_HEAD_DIM:
+        return f"head_dim must be a multiple of 8 and at most {MAX_HEAD_DIM}, got {head_dim}"
     if q.shape[-2] > MAX_GRID_YZ or inputs.batch > MAX_GRID_YZ:
         return f"at most {MAX_GRID_YZ} heads and sequences per call, got {q.shape[-2]} and {inputs.batch}"
     return None

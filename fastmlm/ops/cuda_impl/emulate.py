@@ -6,6 +6,13 @@ the same signatures, as the registered ops ``torch.ops.fastmlm_C``, but takes CP
 The library is compiled once per source version (about 20 s) into a cache folder
 (``$FASTMLM_EMULATOR_CACHE``, default: the temp dir). Needs g++ and the CUDA headers
 (``cuda_fp16.h`` and friends; no GPU and no CUDA runtime library).
+
+The seams with the real extension are tested without a GPU or a compiler
+(tests/test_cuda_emulator_schema.py): :data:`OP_FUNCTIONS` names the C function behind each op,
+:data:`C_SIGNATURES` gives the ctypes argument types of each, in the order of the C prototypes
+in csrc/emulate/emulated_kernels.cpp, and every :class:`EmulatedOps` method takes the arguments
+of its ``TORCH_LIBRARY`` schema in csrc/bindings.cpp, by name and in order. What the emulator
+cannot check (wgmma/TMA, timing, real memory ordering, ...) is listed in csrc/README.md.
 """
 from __future__ import annotations
 
@@ -24,8 +31,28 @@ from ...tools.compile_cuda import cuda_include_dir
 CSRC = Path(__file__).resolve().parents[3] / "csrc"
 _LIB = None
 
+# The dtype codes of the C interface: fastmlm::DType (csrc/launchers.h) as an integer.
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+# The C function behind each op of torch.ops.fastmlm_C (one serves both attention ops).
+OP_FUNCTIONS = {
+    "attention_fwd": "fastmlm_emu_attention",
+    "attention_bwd": "fastmlm_emu_attention",
+    "gather_rows": "fastmlm_emu_gather_rows",
+    "masked_ce_chunk_stats": "fastmlm_emu_chunk_stats",
+    "masked_ce_finish": "fastmlm_emu_finish",
+    "masked_ce_chunk_grad": "fastmlm_emu_chunk_grad",
+}
+# The ctypes argument types of each exported C function, in the order of its prototype
+# (pointer, int, int64_t, float); every one returns a cudaError_t code as an int.
+C_SIGNATURES = {
+    "fastmlm_emu_attention": [_I, _I] + [_P] * 13 + [_I, _I, _I, _I, _L, _F],
+    "fastmlm_emu_gather_rows": [_I, _P, _P, _P, _L, _L, _L],
+    "fastmlm_emu_chunk_stats": [_I, _P, _P, _P, _L, _P, _P, _P, _L, _L],
+    "fastmlm_emu_finish": [_P, _P, _P, _L, _F, _F, _P, _P, _P, _L],
+    "fastmlm_emu_chunk_grad": [_I, _P, _P, _P, _P, _P, _L, _L, _F, _F, _P, _L, _L],
+}
 
 
 def unavailable() -> str | None:
@@ -47,7 +74,9 @@ def library() -> ctypes.CDLL:
     why = unavailable()
     if why:
         raise RuntimeError(f"the kernel emulator cannot be built: {why}")
-    sources = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("emulate/*"))
+    # Everything the emulator's translation unit may include (it takes masked_ce.cu whole).
+    sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h"))
+    sources += sorted(CSRC.glob("emulate/*"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     cache = Path(os.environ.get("FASTMLM_EMULATOR_CACHE", tempfile.gettempdir()))
     target = cache / f"libfastmlm_emulated_{digest}.so"
@@ -62,11 +91,9 @@ def library() -> ctypes.CDLL:
             raise RuntimeError(f"building the kernel emulator failed:\n{' '.join(cmd)}\n{done.stderr[-4000:]}")
         partial.replace(target)  # atomic: parallel test workers never load half a file
     lib = ctypes.CDLL(str(target))
-    lib.fastmlm_emu_attention.argtypes = [_I, _I] + [_P] * 13 + [_I, _I, _I, _I, _L, _F]
-    lib.fastmlm_emu_gather_rows.argtypes = [_I, _P, _P, _P, _L, _L, _L]
-    lib.fastmlm_emu_chunk_stats.argtypes = [_I, _P, _P, _P, _L, _P, _P, _P, _L, _L]
-    lib.fastmlm_emu_finish.argtypes = [_P, _P, _P, _L, _F, _F, _P, _P, _P, _L]
-    lib.fastmlm_emu_chunk_grad.argtypes = [_I, _P, _P, _P, _P, _P, _L, _L, _F, _F, _P, _L, _L]
+    for name, argtypes in C_SIGNATURES.items():
+        function = getattr(lib, name)
+        function.argtypes, function.restype = argtypes, ctypes.c_int
     _LIB = lib
     return lib
 
