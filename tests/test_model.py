@@ -1,5 +1,6 @@
 """fastmlm.model: layouts (padded / packed / masked_positions), the MLM loss, backends,
-block-sparse patterns, bad inputs, save / load. Hugging Face equivalence is in test_hf.py."""
+block-sparse patterns, save / load. Edge cases and bad inputs are in test_model_inputs.py, Hugging Face
+equivalence in test_hf.py."""
 import math
 
 import pytest
@@ -9,40 +10,7 @@ import torch.nn.functional as F
 from fastmlm.config import preset
 from fastmlm.model import FastMLMForMaskedLM, MLMOutput
 from helpers import cu_seqlens_of
-
-# Small enough for the Triton interpreter: 2 layers, hidden 32, 2 heads, vocab 123 (not a multiple of 8).
-SMALL = dict(vocab_size=123, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
-             max_position_embeddings=64, hidden_dropout=0.0)
-
-
-def make_model(dtype=torch.float32, **overrides):
-    model = FastMLMForMaskedLM(preset("tiny", **{**SMALL, **overrides})).to(dtype).eval()
-    with torch.no_grad():  # non-trivial LayerNorm affine parameters and biases
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def make_batch(lengths, seqlen, vocab=123, mask_prob=0.3):
-    """Right-padded ids, mask and labels; every real row gets at least one masked token."""
-    lengths = torch.tensor(lengths)
-    mask = torch.arange(seqlen)[None, :] < lengths[:, None]
-    ids = torch.randint(1, vocab, (len(lengths), seqlen)) * mask
-    masked = (torch.rand(ids.shape) < mask_prob) & mask
-    masked[lengths > 0, 0] = True
-    return ids, mask, torch.where(masked, ids, -100)
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def run(model, *args, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(*args, **kwargs)
-    out.loss.backward()
-    return out, grads(model)
+from model_fixtures import SMALL, make_batch, make_model, run
 
 
 # --------------------------------------------------------------------------- the loss
@@ -127,82 +95,6 @@ def test_left_padding_and_token_types():
                                model(ids[:, :5], token_type_ids=types[:, :5]).hidden_states)
     assert not torch.allclose(model(ids[:, :5]).hidden_states, model(ids[:, :5], token_type_ids=types[:, :5]).hidden_states)
 
-
-# --------------------------------------------------------------------------- edge cases
-def test_no_masked_tokens_gives_zero_loss_and_zero_grads():
-    model = make_model()
-    ids, mask, labels = make_batch([7, 4], 7)
-    for kwargs in (dict(), dict(masked_positions=torch.full((4,), -1))):
-        out, g = run(model, ids, attention_mask=mask, labels=torch.full_like(labels, -100), **kwargs)
-        assert out.loss.item() == 0.0 and out.n_masked.item() == 0 and out.n_correct.item() == 0
-        assert all(torch.isfinite(t).all() and (t == 0).all() for t in g.values())
-
-
-@pytest.mark.parametrize("shape", [(3, 6), (0, 6)])
-def test_all_padding_batch(shape):
-    model = make_model()
-    ids = torch.zeros(shape, dtype=torch.long)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    out, g = run(model, ids, attention_mask=mask, labels=torch.full(shape, -100))
-    assert out.loss.item() == 0.0 and out.hidden_states.shape == shape + (32,) and (out.hidden_states == 0).all()
-    assert all(torch.isfinite(t).all() for t in g.values())
-
-
-def test_a_sequence_of_length_one_and_an_empty_one_in_a_batch():
-    model = make_model()
-    ids, mask, labels = make_batch([5, 1, 0], 5)
-    out, g = run(model, ids, attention_mask=mask, labels=labels)
-    assert torch.isfinite(out.loss) and out.loss > 0 and (out.hidden_states[2] == 0).all()
-    torch.testing.assert_close(out.hidden_states[1, :1], model(ids[1:2, :1]).hidden_states[0])
-    assert all(torch.isfinite(t).all() for t in g.values())
-
-
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_sequence_length_zero_gives_the_empty_result(with_mask):
-    """(B, 0) input_ids hold no token: empty hidden states, loss 0, zero grads, zero logits rows."""
-    model = make_model()
-    ids = torch.zeros(3, 0, dtype=torch.long)
-    mask = torch.zeros(3, 0, dtype=torch.bool) if with_mask else None
-    out, g = run(model, ids, attention_mask=mask, labels=torch.full((3, 0), -100))
-    assert out.hidden_states.shape == (3, 0, 32) and out.loss.item() == 0.0 and out.n_masked.item() == 0
-    assert all((t == 0).all() for t in g.values())
-    logits = model.masked_logits(ids, attention_mask=mask, positions=torch.full((2,), -1))
-    assert logits.shape == (2, 123) and (logits == 0).all()
-
-
-# NaN in must mean NaN out, and padding must never contribute. Short sequences (< 16 tokens)
-# on purpose: there ATen's CPU attention kernel turned a NaN query into a finite output.
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_nan_in_a_weight_or_a_used_embedding_gives_a_nan_loss(backend, padded):
-    ids, mask, labels = make_batch([8, 5] if padded else [8, 8], 8)
-    kwargs = dict(attention_mask=mask if padded else None, labels=labels)
-    poisons = {"query weight": lambda m: m.layers[0].qkv.weight[0],  # row 0 = head 0 of the query
-               "word embedding": lambda m: m.embeddings.word.weight[ids[0, 3]]}
-    for what, row in poisons.items():
-        model = make_model(attention_backend=backend, loss_backend=backend)
-        with torch.no_grad():
-            row(model)[0] = float("nan")
-        out = model(ids, **kwargs)
-        assert torch.isnan(out.loss), f"{what}: finite loss {out.loss.item()} from a NaN weight"
-        # attention spreads the NaN to every token of row 0 (and the query weight's to every row)
-        assert torch.isnan(out.hidden_states[0][mask[0]]).all(), what
-
-
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_nan_under_padding_does_not_reach_real_rows(backend):
-    model = make_model(attention_backend=backend, loss_backend=backend)
-    ids, mask, labels = make_batch([9, 5], 11)  # positions 9 and 10 hold padding only
-    ids[~mask] = 77
-    clean = model(ids, attention_mask=mask, labels=labels)
-    with torch.no_grad():
-        model.embeddings.position.weight[9:] = float("nan")
-    poisoned = model(ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(poisoned.loss, clean.loss)
-    torch.testing.assert_close(poisoned.hidden_states, clean.hidden_states)
-    with torch.no_grad():  # the word under the padding; the loss would see it through the tied decoder
-        model.embeddings.word.weight[77] = float("nan")
-    torch.testing.assert_close(model(ids, attention_mask=mask).hidden_states, clean.hidden_states)
 
 
 def test_pooler_is_dense_tanh_of_each_first_token():
@@ -341,47 +233,6 @@ def test_pattern_model_trains_and_builds_each_layout_once():
     run(model, ids[:, :7], attention_mask=mask[:, :7], labels=labels[:, :7])  # a new max_seqlen: one more
     assert len(model._layouts) == 2
 
-
-# --------------------------------------------------------------------------- bad inputs
-def test_bad_inputs_get_clear_errors():
-    model = make_model()
-    ids, mask, labels = make_batch([6, 3], 6)
-    cases = [
-        (dict(input_ids=ids.float()), ValueError, "input_ids must be an int32/int64 tensor"),
-        (dict(input_ids=ids[None]), ValueError, r"must be \(B, S\) padded or \(T,\) packed"),
-        (dict(input_ids=ids, attention_mask=mask.float()), ValueError, "not a float additive bias"),
-        (dict(input_ids=ids, attention_mask=mask[:, :5]), ValueError, r"attention_mask is \(2, 5\) on cpu, expected"),
-        (dict(input_ids=ids, attention_mask=mask.to("meta")), ValueError, r"attention_mask is \(2, 6\) on meta"),
-        (dict(input_ids=ids, labels=labels.to("meta")), ValueError, "labels is on meta but input_ids is on cpu"),
-        (dict(input_ids=ids, labels=labels, masked_positions=torch.tensor([0.0])), ValueError,
-         "masked_positions has dtype torch.float32"),
-        (dict(input_ids=ids, labels=labels[:, :5]), ValueError, r"labels has shape \(2, 5\)"),
-        (dict(input_ids=ids, token_type_ids=ids[:1]), ValueError, "token_type_ids has shape"),
-        (dict(input_ids=ids[mask]), ValueError, "packed .* need cu_seqlens"),
-        (dict(input_ids=ids, cu_seqlens=cu_seqlens_of([6, 3]), max_seqlen=6), ValueError, "are for packed"),
-        (dict(input_ids=ids, labels=labels, loss_reduction="none"), ValueError, "loss_reduction must be"),
-        (dict(input_ids=ids, masked_positions=torch.tensor([0])), ValueError, "masked_positions needs labels"),
-        (dict(input_ids=torch.zeros(1, 65, dtype=torch.long)), ValueError, "exceeds max_position_embeddings=64"),
-        (dict(input_ids=ids + 200), RuntimeError, r"input_ids must lie in \[0, 123\)"),
-        # a packed sequence longer than max_seqlen (here also than the 64 positions): caught before the embedding
-        (dict(input_ids=torch.ones(70, dtype=torch.long), cu_seqlens=cu_seqlens_of([3, 67]), max_seqlen=10),
-         RuntimeError, r"no packed sequence may be longer than max_seqlen=10 \(at most max_position_embeddings=64"),
-        (dict(input_ids=torch.ones(12, dtype=torch.long), cu_seqlens=cu_seqlens_of([12]), max_seqlen=4),
-         RuntimeError, "no packed sequence may be longer than max_seqlen=4"),
-        (dict(input_ids=ids, token_type_ids=ids), RuntimeError, r"token_type_ids must lie in \[0, 2\)"),
-        (dict(input_ids=ids, labels=torch.full_like(ids, 500)), RuntimeError, "labels must be -100 or a token id"),
-        (dict(input_ids=ids, attention_mask=mask, labels=torch.where(mask, -100, 5)), RuntimeError,
-         "labels must be -100 at padding"),
-        (dict(input_ids=ids, labels=labels, masked_positions=torch.tensor([12])), RuntimeError,
-         r"masked_positions must lie in \[-1, 12\)"),
-    ]
-    for kwargs, error, message in cases:
-        with pytest.raises(error, match=message):
-            model(**kwargs)
-    with pytest.raises(ValueError, match="masked_logits needs positions"):
-        model.masked_logits(ids)
-    with pytest.raises(ValueError, match="expected a ModelConfig"):
-        FastMLMForMaskedLM({"hidden_size": 8})
 
 
 # --------------------------------------------------------------------------- save / load
