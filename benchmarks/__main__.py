@@ -22,7 +22,7 @@ from . import tables
 from .harness import REPO, RESULTS, Settings, environment, latest_run, read_rows, run_bench
 
 OPS = {"attention": "bench_attention", "masked_ce": "bench_masked_ce", "block_sparse": "bench_block_sparse",
-       "train_step": "bench_train_step"}
+       "train_step": "bench_train_step", "hf_patch": "bench_hf_patch"}
 PRESETS = ("smoke", "cpu", "gpu-check", "gpu")
 
 

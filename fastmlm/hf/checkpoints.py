@@ -42,9 +42,9 @@ from torch import Tensor
 
 # CheckpointError is fastmlm.checkpoint's (fastmlm.hf.CheckpointError is the same class); here it means a
 # Hugging Face checkpoint that fastmlm cannot load or write as it is, and the message says why.
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_safetensors
-from .config import ModelConfig
-from .model import FastMLMForMaskedLM
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_safetensors
+from ..config import ModelConfig
+from ..model import FastMLMForMaskedLM
 
 BIN_NAME = "pytorch_model.bin"
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}

@@ -1,0 +1,28 @@
+"""fastmlm and Hugging Face transformers.
+
+Two things live here:
+
+- checkpoints (``fastmlm/hf/checkpoints.py``): BERT checkpoints in and out of fastmlm's own
+  model, by key mapping: ``load_hf(path)``, ``save_hf(model, path)``;
+- the drop-in for transformers models, with no conversion:
+  ``register()`` (``fastmlm/hf/attention.py``) adds ``attn_implementation="fastmlm"`` to
+  transformers' attention and mask interfaces; ``patch(model)`` / ``unpatch(model)``
+  (``fastmlm/hf/patch.py``) give a ``*ForMaskedLM`` fastmlm attention and a loss that
+  projects only the masked rows.
+
+Importing this package does not import transformers.
+"""
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from .attention import FastMLMUnsupported, SlidingWindowMask, fastmlm_attention, fastmlm_mask, is_registered, register
+from .checkpoints import (BIN_NAME, check_output_dir, config_from_hf, config_to_hf, load_hf, read_hf_config,
+                          read_hf_weights, save_hf, state_dict_from_hf, state_dict_to_hf)
+from .patch import ARCHITECTURES, is_patched, masked_capacity, masked_rows_loss, patch, unpatch
+
+__all__ = [
+    # checkpoints
+    "BIN_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "CheckpointError", "check_output_dir", "config_from_hf", "config_to_hf",
+    "load_hf", "read_hf_config", "read_hf_weights", "save_hf", "state_dict_from_hf", "state_dict_to_hf",
+    # the transformers drop-in
+    "ARCHITECTURES", "FastMLMUnsupported", "SlidingWindowMask", "fastmlm_attention", "fastmlm_mask", "is_patched",
+    "is_registered", "masked_capacity", "masked_rows_loss", "patch", "register", "unpatch",
+]

@@ -1,0 +1,229 @@
+"""fastmlm attention inside Hugging Face transformers models: ``register()`` and the two functions it registers.
+
+transformers 5 builds an encoder's mask through ``masking_utils.AttentionMaskInterface`` and runs its
+attention through ``AttentionInterface``, both looked up by ``config._attn_implementation``.
+:func:`register` adds ``"fastmlm"`` to both, so ``attn_implementation="fastmlm"`` gives:
+
+    encoder forward
+      create_bidirectional_mask(config, embeds, attention_mask)         (B, S) 1 = real token, 0 = padding
+        └── fastmlm_mask(...) ──> the (B, S) bool key-padding mask, or None
+            (a local layer's create_bidirectional_sliding_window_mask ──> SlidingWindowMask(padding, window))
+      every attention module: q, k, v (B, H, S, D)
+        └── fastmlm_attention(module, q, k, v, mask, scaling=..., dropout=...)
+              dense    fastmlm.ops.attention(q, k, v as (B, S, H, D) views, attention_mask=mask, softmax_scale=scaling)
+              window   fastmlm.ops.block_sparse_attention(..., sliding_window(S, window) layout, ...)
+            returns (out (B, S, H, D), None)         transformers reshapes out to (B, S, H * D)
+
+Both halves are needed: transformers skips mask creation for a name its mask interface does
+not know, so registering the attention function alone would silently drop the padding.
+The kernels get the padded layout with its key mask, so they skip padded key tiles.
+
+What fastmlm cannot compute raises :class:`FastMLMUnsupported` naming what to change:
+attention dropout in training mode (fastmlm's kernels have none: set the config field it
+names to 0), ``output_attentions`` (no probabilities are formed), a causal mask or
+``is_causal`` module (fastmlm attention is bidirectional), cross-attention, caches and
+prefixes, custom mask functions, ``head_mask``, and any 4-D mask other than a
+(B, 1, 1, S) boolean key-padding mask. A model that never calls the interfaces (its
+attention is written inline, e.g. DeBERTa-v2) cannot be reached from here;
+:func:`fastmlm.hf.patch` refuses such models.
+
+Checked against transformers 5.17 and 5.24, whose mask builders pass the same arguments
+(``allow_is_bidirectional_skip`` only from the bidirectional builders, ``local_size`` from
+the sliding-window ones). transformers is imported when a function runs, never at import.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import torch
+from packaging import version
+from torch import Tensor
+
+from ..ops import attention, block_sparse_attention
+from ..ops.block_layout import BlockSparseLayout, sliding_window
+
+NAME = "fastmlm"
+MIN_TRANSFORMERS = "5.0"  # encoders build their masks through AttentionMaskInterface from 5.0 on
+# Where configs keep the attention dropout: BERT / RoBERTa / XLM-R / ELECTRA, then DistilBERT / ModernBERT.
+DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+WINDOW_BLOCK = 64  # block size of the sliding-window layouts (the Triton kernels want a power of two)
+
+
+class FastMLMUnsupported(ValueError):
+    """A model, input or setting that fastmlm's attention or loss cannot run as it is; the message says what
+    to change."""
+
+
+@dataclass(frozen=True)
+class SlidingWindowMask:
+    """What :func:`fastmlm_mask` returns for a local (sliding-window) layer.
+
+    padding: (B, S) bool, True = real token, or None without padding.
+    window:  a query attends to the real keys at most ``window`` positions away (|i - j| <= window).
+    """
+
+    padding: Optional[Tensor]
+    window: int
+
+
+def _transformers():
+    import transformers
+
+    if version.parse(transformers.__version__) < version.parse(MIN_TRANSFORMERS):
+        raise FastMLMUnsupported(f"fastmlm.hf needs transformers >= {MIN_TRANSFORMERS} (found "
+                                 f"{transformers.__version__}): earlier versions build encoder masks outside "
+                                 "AttentionMaskInterface")
+    return transformers
+
+
+def register() -> None:
+    """Register ``"fastmlm"`` in transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
+
+    Idempotent. Afterwards ``from_pretrained(path, attn_implementation="fastmlm")`` (or
+    ``model.set_attn_implementation("fastmlm")``) runs fastmlm attention in every encoder
+    that routes attention through the interfaces.
+    """
+    transformers = _transformers()
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for interface, function in ((transformers.AttentionInterface, fastmlm_attention),
+                                (AttentionMaskInterface, fastmlm_mask)):
+        if interface._global_mapping.get(NAME) is not function:
+            interface.register(NAME, function)
+
+
+def is_registered() -> bool:
+    """Whether both halves of :func:`register` are in place."""
+    import transformers
+    from transformers.masking_utils import AttentionMaskInterface
+
+    return (transformers.AttentionInterface._global_mapping.get(NAME) is fastmlm_attention
+            and AttentionMaskInterface._global_mapping.get(NAME) is fastmlm_mask)
+
+
+# --------------------------------------------------------------------------- the mask function
+def _is_zero(offset) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def fastmlm_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask: Optional[Tensor] = None, local_size: Optional[int] = None, use_vmap: bool = False,
+                 **kwargs):
+    """transformers' mask-interface signature; returns the (B, S) bool key-padding mask (or None), or a
+    :class:`SlidingWindowMask` for a sliding-window layer. Anything else raises FastMLMUnsupported."""
+    from transformers.masking_utils import bidirectional_mask_function
+
+    if "allow_is_bidirectional_skip" not in kwargs:  # only the causal builders leave it out
+        raise FastMLMUnsupported("the model asks for a causal mask (a decoder: config.is_decoder=True?); fastmlm "
+                                 "attention is bidirectional: use it in encoders, with is_decoder=False")
+    if use_vmap:  # set by transformers when a model adds its own or/and mask functions
+        raise FastMLMUnsupported("the model combines its mask with a custom mask function; fastmlm attention takes "
+                                 "a key-padding mask (and a sliding window) only")
+    if not (_is_zero(q_offset) and _is_zero(kv_offset)):
+        raise FastMLMUnsupported(f"mask offsets q_offset={q_offset!r}, kv_offset={kv_offset!r} (a cache or prefix "
+                                 "tuning): fastmlm attention runs full sequences without a cache")
+    if q_length != kv_length:
+        raise FastMLMUnsupported(f"queries ({q_length}) and keys ({kv_length}) differ in length (cross-attention or a "
+                                 "prefix); fastmlm attention is self-attention")
+    padding = attention_mask
+    if padding is not None:
+        if padding.dim() != 2 or tuple(padding.shape) != (batch_size, kv_length):
+            raise FastMLMUnsupported(f"attention_mask has shape {tuple(padding.shape)}; fastmlm attention takes a "
+                                     f"(batch, seqlen) = ({batch_size}, {kv_length}) key-padding mask")
+        padding = padding.bool()
+    if local_size is not None:
+        return SlidingWindowMask(padding, int(local_size))
+    if mask_function is not bidirectional_mask_function:
+        name = getattr(mask_function, "__name__", mask_function)
+        raise FastMLMUnsupported(f"the model builds its mask with {name!r}; fastmlm attention supports plain "
+                                 "bidirectional (and sliding-window) masks")
+    return padding
+
+
+# --------------------------------------------------------------------------- the attention function
+def _dropout_message(module, p: float) -> str:
+    config = getattr(module, "config", None)
+    fields = [f for f in DROPOUT_FIELDS if isinstance(getattr(config, f, None), (int, float))
+              and math.isclose(float(getattr(config, f)), p)]
+    field = fields[0] if fields else "the attention dropout field"
+    where = type(config).__name__ if config is not None else type(module).__name__
+    return (f"{where}.{field}={p} and the model is in training mode, but fastmlm attention has no dropout: "
+            f"set {field}=0.0 (e.g. from_pretrained(path, attn_implementation='fastmlm', {field}=0.0), "
+            f"or model.config.{field} = 0.0 before building the model), or run it in eval mode")
+
+
+def _check_call(module, query: Tensor, key: Tensor, value: Tensor, dropout: float, kwargs: dict) -> None:
+    name = type(module).__name__
+    if dropout:
+        raise FastMLMUnsupported(_dropout_message(module, float(dropout)))
+    config = getattr(module, "config", None)
+    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+        raise FastMLMUnsupported("output_attentions=True: fastmlm attention never forms the attention probabilities; "
+                                 "use attn_implementation='eager' to inspect them")
+    if kwargs.get("head_mask") is not None:
+        raise FastMLMUnsupported("head_mask is not supported by fastmlm attention")
+    if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
+        raise FastMLMUnsupported(f"{name} is causal (a decoder); fastmlm attention is bidirectional")
+    if "CrossAttention" in name or getattr(module, "is_cross_attention", False):
+        raise FastMLMUnsupported(f"{name} is cross-attention; fastmlm attention is self-attention")
+    if query.dim() != 4:
+        raise FastMLMUnsupported(f"{name} passes a query of shape {tuple(query.shape)}; expected "
+                                 "(batch, heads, seqlen, head_dim)")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise FastMLMUnsupported(f"{name}: query {tuple(query.shape)}, key {tuple(key.shape)}, value "
+                                 f"{tuple(value.shape)}; fastmlm attention needs one shape for all three "
+                                 "(self-attention, as many key/value heads as query heads)")
+
+
+def _key_padding(mask, batch: int, seqlen: int) -> Optional[Tensor]:
+    """The (B, S) bool key mask fastmlm.ops takes, from what reached the attention function."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise FastMLMUnsupported(f"attention mask of type {type(mask).__name__}; fastmlm attention takes the (batch, "
+                                 "seqlen) key-padding mask its mask function builds (call fastmlm.hf.register())")
+    if mask.dim() == 4 and tuple(mask.shape) == (batch, 1, 1, seqlen) and mask.dtype == torch.bool:
+        return mask[:, 0, 0, :]
+    if mask.dim() == 2 and tuple(mask.shape) == (batch, seqlen) and not mask.dtype.is_floating_point:
+        return mask.bool()
+    raise FastMLMUnsupported(
+        f"a {mask.dim()}-D {mask.dtype} attention mask of shape {tuple(mask.shape)} reached fastmlm attention; it "
+        f"takes a key-padding mask: pass attention_mask as (batch, seqlen) = ({batch}, {seqlen}) with 1 = real "
+        "token, 0 = padding (a custom 4-D or additive mask cannot be represented)")
+
+
+@lru_cache(maxsize=64)
+def _window_layout(seqlen: int, window: int, device: torch.device) -> BlockSparseLayout:
+    """One sliding-window layout per (seqlen, window, device), built once and reused by every layer and step."""
+    return sliding_window(seqlen, window, block_size=WINDOW_BLOCK).to(device)
+
+
+def fastmlm_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
+                      scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
+    """transformers' attention-interface signature: (B, H, S, D) q, k, v -> ((B, S, H, D) output, None).
+
+    ``attention_mask`` is what :func:`fastmlm_mask` built: the (B, S) key-padding mask, None, or a
+    :class:`SlidingWindowMask`. ``scaling`` is the module's softmax scale (default head_dim ** -0.5).
+    Other keyword arguments transformers passes along (position ids, loss counts) are ignored.
+    """
+    _check_call(module, query, key, value, dropout, kwargs)
+    batch, _, seqlen, _ = query.shape
+    window = None
+    if isinstance(attention_mask, SlidingWindowMask):
+        window, attention_mask = attention_mask.window, attention_mask.padding
+    asked = kwargs.get("sliding_window")  # ModernBERT passes its window + 1 (flash attention's convention)
+    if asked is not None and (window is None or asked != window + 1):
+        raise FastMLMUnsupported(f"{type(module).__name__} asks for sliding_window={asked} but its mask says "
+                                 f"{'no window' if window is None else f'window {window}'}: the mask did not come from "
+                                 "fastmlm's mask function (call fastmlm.hf.register())")
+    mask = _key_padding(attention_mask, batch, seqlen)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views; fastmlm.ops takes any strides
+    if window is None or window >= seqlen - 1:  # a window covering the whole sequence is dense attention
+        out = attention(q, k, v, attention_mask=mask, softmax_scale=scaling)
+    else:
+        out = block_sparse_attention(q, k, v, _window_layout(seqlen, window, q.device), attention_mask=mask,
+                                     softmax_scale=scaling)
+    return out, None
