@@ -7,8 +7,11 @@ Layouts (the ``layout`` field of a shape):
           packed entry point, so only fastmlm and FlexAttention (document mask) run it
 
 Providers: reference (fastmlm's fp32 oracle), fastmlm-torch / -triton / -cuda,
-sdpa-flash / -efficient / -cudnn / -math (one SDPA backend each, forced with
-``sdpa_kernel``, given the padding mask as a boolean ``attn_mask``), and flex
+fastmlm-torch-sdpa (padded, GPU: the torch backend's SDPA route instead of its default
+unpad -> varlen -> repad, to say which is faster), sdpa-flash / -efficient / -cudnn / -math
+(one SDPA backend each, forced with ``sdpa_kernel``, given the padding mask as a boolean
+``attn_mask``), torch-varlen (packed, GPU: ``torch.nn.attention.varlen.varlen_attn``
+called directly, with its own autograd: the peer of fastmlm's packed path), and flex
 (``torch.compile``d FlexAttention; the padded and packed layouts get a BlockMask
 built once, outside the timed call).
 
@@ -28,7 +31,7 @@ from fastmlm.ops import attention, attention_reference
 from fastmlm.testing import check_error_ratios, cu_seqlens_of, oracle_dtype, outputs_and_grads, reference_runs
 
 from .common import (fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, random_lengths,
-                     require_backend_device, require_module, zero_grads)
+                     require_backend_device, require_cuda, require_module, zero_grads)
 from .harness import Skip, Workload
 
 OP = "attention"
@@ -65,8 +68,12 @@ def label(shape: dict) -> str:
 
 def providers(shape: dict, device: str) -> list[str]:
     names = ["reference", "fastmlm-torch", "fastmlm-triton", "fastmlm-cuda"]
+    if shape["layout"] == "padded" and device != "cpu":
+        names.append("fastmlm-torch-sdpa")
     if shape["layout"] != "packed":
         names += ["sdpa-flash", "sdpa-math"] if device == "cpu" else list(SDPA_BACKENDS)
+    else:
+        names.append("torch-varlen")
     return names + (["flex"] if shape.get("flex", True) else [])
 
 
@@ -126,6 +133,22 @@ def _flex(layout: str, lengths: torch.Tensor, cu: torch.Tensor | None, device: s
     return run
 
 
+def _varlen(cu: torch.Tensor, max_seqlen: int):
+    """varlen_attn itself on the packed batch (its autograd gives the backward)."""
+    varlen = require_module("torch.nn.attention.varlen", "torch.nn.attention.varlen (torch >= 2.10)")
+    return lambda q, k, v: varlen.varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen)
+
+
+def _fastmlm_sdpa(mask):
+    from fastmlm.ops.torch_impl.attention_cuda import prefer
+
+    def run(q, k, v):
+        with prefer("sdpa"):
+            return attention(q, k, v, attention_mask=mask, backend="torch")
+
+    return run
+
+
 def _fastmlm(backend: str, layout: str, mask, cu, max_seqlen):
     if layout == "packed":
         return lambda q, k, v: attention(q, k, v, cu_seqlens=cu, max_seqlen=max_seqlen, backend=backend)
@@ -154,6 +177,12 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
     elif backend is not None:
         require_backend_device(backend, device)
         fn = _fastmlm(backend, layout, mask, cu, s)
+    elif provider == "fastmlm-torch-sdpa":
+        require_cuda(provider, device, "the torch backend's GPU route through memory-efficient SDPA")
+        fn = _fastmlm_sdpa(mask)
+    elif provider == "torch-varlen":
+        require_cuda(provider, device, "varlen_attn wraps FlashAttention's CUDA kernels")
+        fn = _varlen(cu, s)
     elif provider in SDPA_BACKENDS:
         if provider == "sdpa-math" and b * h * s * s > MAX_DENSE_SCORES:
             raise Skip(f"sdpa-math materialises {b * h * s * s / 2**30:.0f} Gi scores; too large to time")

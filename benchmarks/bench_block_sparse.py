@@ -2,7 +2,9 @@
 
 Layouts are BigBird-style random blocks (``block_layout.random_blocks``), the same
 for every head, with ``round(density * nb)`` key blocks per query block, so the
-kept fraction is exact up to rounding (the label shows the real one).
+kept fraction is exact up to rounding (the label shows the real one); a shape with a
+``window`` is a pure sliding window (``block_layout.sliding_window``, |i - j| <= window)
+instead, where varlen_attn's own sliding window is a peer.
 
 Providers:
   reference               the dense fp32 oracle under the layout's token mask
@@ -11,6 +13,8 @@ Providers:
                           the baseline a sparse kernel must beat ("ideal" = dense x density)
   flex                    compiled FlexAttention with a BlockMask of the same tiles
                           (block size 128, FlexAttention's own tile size)
+  torch-varlen-window     window shapes, GPU: ``varlen_attn(..., window_size=(w, w))`` on the
+                          batch as one packed sequence per row (its own autograd)
 
 FLOPs count the kept tiles only: forward = 4 * B * H * D * (kept tiles * block²),
 fwd+bwd = 3.5 x forward; the dense baselines are charged the same useful work.
@@ -20,46 +24,69 @@ from __future__ import annotations
 import torch
 
 from fastmlm.ops import attention, attention_reference, block_sparse_attention, block_sparse_attention_reference
-from fastmlm.ops.block_layout import random_blocks
+from fastmlm.ops.block_layout import random_blocks, sliding_window
 from fastmlm.testing import check_error_ratios, oracle_dtype, outputs_and_grads, reference_runs
 
 from . import bench_attention
 from .bench_attention import NAMES, RATIOS
-from .common import fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, require_backend_device, zero_grads
+from .common import (fastmlm_backend, generator, preset_dtypes, preset_shapes, randn, require_backend_device,
+                     require_cuda, require_module, zero_grads)
 from .harness import Skip, Workload
 
 OP = "block_sparse_attention"
 MAX_DENSE_SCORES = 1 << 31
 
 
-def _shape(seqlen, heads, density, batch=1, head_dim=64, block=128):
-    return {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim, "density": density,
-            "block": block, "pass": "fwd+bwd"}
+def _shape(seqlen, heads, density, batch=1, head_dim=64, block=128, window=None):
+    shape = {"batch": batch, "seqlen": seqlen, "heads": heads, "head_dim": head_dim, "density": density,
+             "block": block, "pass": "fwd+bwd"}
+    if window is not None:  # a pure sliding window; density is then what the window keeps
+        shape["window"] = window
+    return shape
 
 
 SHAPES = {  # preset -> its shapes
-    "smoke": [_shape(64, 2, d, head_dim=16, block=16) for d in (0.5, 1.0)],
+    "smoke": [_shape(64, 2, d, head_dim=16, block=16) for d in (0.5, 1.0)] + [
+        _shape(64, 2, None, head_dim=16, block=16, window=8)],
     "cpu": [_shape(2048, 4, d) for d in (0.1, 0.25, 0.5, 1.0)],
-    "gpu-check": [_shape(8192, 12, d) for d in (0.1, 0.5, 1.0)],
-    "gpu": [_shape(s, 12, d) for s in (8192, 16384) for d in (0.1, 0.25, 0.5, 0.75, 1.0)],  # issue 9
+    "gpu-check": [_shape(8192, 12, d) for d in (0.1, 0.5, 1.0)] + [_shape(8192, 12, None, window=512)],
+    "gpu": [_shape(s, 12, d) for s in (8192, 16384) for d in (0.1, 0.25, 0.5, 0.75, 1.0)]  # issue 9
+           + [_shape(s, 12, None, window=w) for s in (8192, 16384) for w in (256, 1024)],
 }
 shapes, dtypes = preset_shapes(SHAPES), preset_dtypes
 
 
 def layout_of(shape: dict):
+    if shape.get("window") is not None:
+        return sliding_window(shape["seqlen"], shape["window"], shape["block"])
     nb = -(-shape["seqlen"] // shape["block"])
     per_row = max(1, round(shape["density"] * nb))
     return random_blocks(shape["seqlen"], per_row, shape["block"], num_heads=1, seed=0)
 
 
 def label(shape: dict) -> str:
+    kind = f"window={shape['window']} " if shape.get("window") is not None else ""
     return (f"b={shape['batch']} s={shape['seqlen']} h={shape['heads']} d={shape['head_dim']} "
-            f"block={shape['block']} density={layout_of(shape).density:.3f}")
+            f"block={shape['block']} {kind}density={layout_of(shape).density:.3f}")
 
 
 def providers(shape: dict, device: str) -> list[str]:
-    return (["reference"] + [f"fastmlm-{b}" for b in ("torch", "triton", "cuda")]
-            + [f"dense-{b}" for b in ("torch", "triton", "cuda")] + ["flex"])
+    names = (["reference"] + [f"fastmlm-{b}" for b in ("torch", "triton", "cuda")]
+             + [f"dense-{b}" for b in ("torch", "triton", "cuda")] + ["flex"])
+    return names + (["torch-varlen-window"] if shape.get("window") is not None else [])
+
+
+def _varlen_window(shape: dict, device: str):
+    """varlen_attn with window_size=(w, w): the batch's rows as packed sequences of seqlen tokens."""
+    varlen = require_module("torch.nn.attention.varlen", "torch.nn.attention.varlen (torch >= 2.10)")
+    b, s, w = shape["batch"], shape["seqlen"], shape["window"]
+    cu = torch.arange(0, b * s + 1, s, dtype=torch.int32, device=device)
+
+    def run(q, k, v):
+        flat = [t.reshape(b * s, *t.shape[2:]) for t in (q, k, v)]
+        return varlen.varlen_attn(*flat, cu, cu, s, s, window_size=(w, w)).reshape(q.shape)
+
+    return run
 
 
 def _flex(layout, shape, device):
@@ -95,6 +122,9 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
         if device == "cpu":
             raise Skip("FlexAttention has no backward on the CPU")
         fn = _flex(layout, shape, device)
+    elif provider == "torch-varlen-window":
+        require_cuda(provider, device, "varlen_attn wraps FlashAttention's CUDA kernels")
+        fn = _varlen_window(shape, device)
     else:
         raise ValueError(f"unknown block_sparse_attention provider {provider!r}")
 

@@ -27,8 +27,13 @@ def require_backend_device(backend: str, device: str) -> None:
     """Skip the kernel backends where timing them would be meaningless."""
     if backend in ("triton", "cuda") and not device.startswith("cuda"):
         raise Skip(f"the {backend} backend runs on CUDA devices (the Triton interpreter is for tests, not timing)")
-    if backend == "torch" and device.startswith("cuda"):
-        raise Skip("fastmlm's torch backend is the CPU path")
+    # The torch backend runs everywhere: ATen CPU flash attention, or varlen_attn / SDPA / FlexAttention on CUDA.
+
+
+def require_cuda(provider: str, device: str, why: str) -> None:
+    """Skip a GPU-only peer on the CPU, saying why it is GPU-only."""
+    if not device.startswith("cuda"):
+        raise Skip(f"{provider} runs on CUDA only ({why})")
 
 
 def require_module(name: str, what: str):

@@ -17,9 +17,11 @@ of time is stopped and noted, and the next one still runs:
 
 It uses the Python, torch and triton it runs under and installs nothing. Without a
 CUDA GPU it fails soft: it skips the build, the GPU tier and the GPU benchmarks,
-writes a report saying so, and exits 0 (--cpu-smoke runs the benchmark pipeline at
-tiny CPU shapes instead, to try the script itself). Exit status on a GPU: 0 when
-every step passed, 1 otherwise. The summary table is printed last.
+writes a report saying so, and exits 0 (--cpu-smoke tries the script itself: the
+tests step runs a few CPU tests through the same pytest parsing, the benchmark step
+runs the pipeline at tiny CPU shapes, and the report and plots are written as on a
+GPU, marked as a smoke run; tests/test_gpu_check.py runs it). Exit status on a GPU:
+0 when every step passed, 1 otherwise. The summary table is printed last.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from benchmarks.harness import environment, read_rows  # noqa: E402
 STEP_BUDGET = {"build": 200, "tests": 150, "bench": 200}
 BENCH_SHARE = {"attention": 0.35, "masked_ce": 0.2, "block_sparse": 0.25, "train_step": 0.2}
 PER_TEST_TIMEOUT_S = 90
+SMOKE_TESTS = ["tests/test_dispatch.py", "-k", "score_elements or order or precise"]  # CPU-only, seconds
 LOG_TAIL_LINES = 300
 
 
@@ -134,16 +137,17 @@ def parse_pytest(output: str) -> tuple[dict, list[str]]:
     return groups, failed
 
 
-def step_tests(has_gpu: bool, log: Path, budget: float) -> tuple[Step, dict, list[str]]:
+def step_tests(has_gpu: bool, log: Path, budget: float, cpu_smoke: bool = False) -> tuple[Step, dict, list[str]]:
     step, start = Step("tests"), time.monotonic()
-    if not has_gpu:
+    if not has_gpu and not cpu_smoke:
         return step.done("skipped", start, "no CUDA GPU: the gpu tier would only skip"), {}, []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # real kernels, not the interpreter
     # One Triton config per kernel in the tests: tuning every test shape would not fit the budget.
     # The benchmarks step keeps autotuning on.
     env["FASTMLM_TRITON_AUTOTUNE"] = "0"
-    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", "-m", "gpu or interpreter",
-           f"--timeout={PER_TEST_TIMEOUT_S}", "-rfE", "tests/"]
+    selection = ["-m", "gpu or interpreter", "tests/"] if has_gpu else ["-m", "not gpu", *SMOKE_TESTS]
+    cmd = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", f"--timeout={PER_TEST_TIMEOUT_S}",
+           "-rfE", *selection]
     code, output = run_logged(cmd, log, budget, env)
     groups, failed = parse_pytest(output)
     ran = sum(sum(c.values()) for c in groups.values())
@@ -153,7 +157,9 @@ def step_tests(has_gpu: bool, log: Path, budget: float) -> tuple[Step, dict, lis
         return step.done("no tests", start, "pytest collected no gpu/interpreter tests"), groups, failed
     status = "passed" if code == 0 else "failed"
     skipped = sum(c.get("SKIPPED", 0) for c in groups.values())
-    return step.done(status, start, f"{ran} tests: {len(failed)} failed or errored, {skipped} skipped"), groups, failed
+    what = "" if has_gpu else "CPU smoke selection, not the GPU tier: "
+    return step.done(status, start, f"{what}{ran} tests: {len(failed)} failed or errored, {skipped} skipped"), \
+        groups, failed
 
 
 def step_bench(has_gpu: bool, rows_path: Path, log: Path, budget: float, args) -> tuple[Step, list[dict]]:
@@ -206,11 +212,13 @@ def describe_machine(has_gpu: bool) -> list[str]:
 
 
 def write_report(path: Path, machine: list[str], steps: list[Step], groups: dict, failed: list[str],
-                 rows: list[dict], files: list[Path], started: float) -> str:
+                 rows: list[dict], files: list[Path], started: float, preset: str = "gpu-check") -> str:
     summary = ["| step | status | seconds | note |", "|---|---|---|---|"]
     summary += [f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.note} |" for s in steps]
     lines = [f"# GPU check: {path.stem.replace('-report', '')}", "", *machine,
              f"- total wall time {time.monotonic() - started:.0f} s", "", "## Steps", "", *summary, ""]
+    if preset == "smoke":
+        lines[2:2] = ["**CPU smoke run** (`--cpu-smoke`): tries this script; no GPU figure comes from it.", ""]
     if groups:
         lines += ["## GPU test tier", "", "| test file | passed | failed | error | skipped |", "|---|---|---|---|---|"]
         for file, c in sorted(groups.items()):
@@ -220,7 +228,7 @@ def write_report(path: Path, machine: list[str], steps: list[Step], groups: dict
             lines += ["", "Failed or errored:", ""] + [f"- `{t}`" for t in failed[:40]]
         lines.append("")
     if rows:
-        lines += ["## Benchmarks (preset gpu-check)", "", tables.headline(rows), "", tables.op_tables(rows), ""]
+        lines += [f"## Benchmarks (preset {preset})", "", tables.headline(rows), "", tables.op_tables(rows), ""]
     lines += ["## Files", ""] + [f"- `{f.name}`" for f in files]
     path.write_text("\n".join(lines) + "\n")
     return "\n".join(summary) + ("\n\n" + tables.headline(rows) if rows else "")
@@ -251,7 +259,7 @@ def main(argv=None) -> int:
 
     steps = [step_build(has_gpu, build_log, budget("build", ("tests", "bench")), args)]
     print(f"[gpu_check] build: {steps[-1].status} ({steps[-1].seconds:.0f} s) {steps[-1].note}", flush=True)
-    test_step, groups, failed = step_tests(has_gpu, test_log, budget("tests", ("bench",)))
+    test_step, groups, failed = step_tests(has_gpu, test_log, budget("tests", ("bench",)), args.cpu_smoke)
     steps.append(test_step)
     print(f"[gpu_check] tests: {test_step.status} ({test_step.seconds:.0f} s) {test_step.note}", flush=True)
     bench_step, rows = step_bench(has_gpu, rows_path, bench_log, budget("bench", ()), args)
@@ -266,10 +274,15 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - plots are a nicety; the report must still be written
             print(f"[gpu_check] plots skipped: {exc}")
     files.insert(0, report)
-    summary = write_report(report, describe_machine(has_gpu), steps, groups, failed, rows, files, started)
+    summary = write_report(report, describe_machine(has_gpu), steps, groups, failed, rows, files, started,
+                           "gpu-check" if has_gpu else "smoke")
     print(f"\n[gpu_check] report: {report}\n")
     print(summary)
     if not has_gpu:
+        if args.cpu_smoke:  # the smoke run tries the script: its own steps must pass
+            ok = all(s.status in ("passed", "skipped") for s in steps)
+            print(f"\n[gpu_check] CPU smoke run (no GPU figures): {'passed' if ok else 'FAILED'}")
+            return 0 if ok else 1
         print("\n[gpu_check] no CUDA GPU here: build, GPU tests and GPU benchmarks were skipped (exit 0)")
         return 0
     return 0 if all(s.status in ("passed", "skipped") for s in steps) else 1

@@ -4,16 +4,14 @@ import math
 import pytest
 import torch
 
+from backend_params import params, running
 from fastmlm.ops import BackendUnavailable, attention, attention_reference
-from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, backend_device, cu_seqlens_of,
-                     random_mask, strided_view)
+from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, cu_seqlens_of, random_mask,
+                     strided_view)
 
-# Backends checked against the reference. Kernel issues append theirs with the right marker.
-FAST_BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
-]
+# Backends checked against the reference (see backend_params.py): torch-cuda-emulated is the torch
+# backend's GPU paths with the kernels replaced by reference math, torch-cuda the real thing.
+FAST_BACKENDS = params("torch", "torch-cuda-emulated", "triton", "cuda", "torch-cuda")
 
 
 def plain_dtype(backend):
@@ -78,7 +76,16 @@ def _grads(out, inputs, dout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seqlen,head_dim", [(1, 32), (17, 64), (113, 40)])
 def test_padded_backend_error_ratio(backend, dtype, seqlen, head_dim):
-    device = backend_device(backend)
+    from fastmlm.ops.torch_impl.attention_cuda import prefer
+
+    # The torch backend's CUDA path has two routes for padded batches (unpad -> varlen -> repad, and SDPA).
+    routes = ("varlen", "sdpa") if backend in ("torch-cuda", "torch-cuda-emulated") else (None,)
+    for route in routes:
+        with running(backend) as (name, device), prefer(route):
+            _padded_error_ratio(name, device, dtype, seqlen, head_dim)
+
+
+def _padded_error_ratio(backend, device, dtype, seqlen, head_dim):
     if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter's bf16 dot is wrong; bf16 runs on the GPU tier")
     if backend == "cuda" and dtype == torch.float32:
@@ -105,8 +112,16 @@ def test_padded_backend_error_ratio(backend, dtype, seqlen, head_dim):
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
-def test_packed_backend_matches_reference(backend):
-    lengths, device, dtype = [17, 0, 1, 33], backend_device(backend), plain_dtype(backend)
+@pytest.mark.parametrize("dtype", [None, torch.float16], ids=["plain", "fp16"])
+def test_packed_backend_matches_reference(backend, dtype):
+    with running(backend) as (backend, device):
+        _packed_matches_reference(backend, device, dtype or plain_dtype(backend))
+
+
+def _packed_matches_reference(backend, device, dtype):
+    if dtype == torch.float16 and device == "cpu" and backend == "torch":
+        pytest.skip("fp16 on the CPU path is not a target (ATen's CPU flash kernel upcasts)")
+    lengths = [17, 0, 1, 33]
     exact_in = [torch.randn(sum(lengths), 2, 32, dtype=torch.float64, device=device, requires_grad=True)
                 for _ in range(3)]
     low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
@@ -125,7 +140,11 @@ def test_packed_backend_matches_reference(backend):
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
 def test_all_padding_row_outputs_zeros_and_zero_grads(backend):
-    device, dtype = backend_device(backend), plain_dtype(backend)
+    with running(backend) as (name, device):
+        _all_padding_row(name, device, plain_dtype(backend))
+
+
+def _all_padding_row(backend, device, dtype):
     q, k, v = (torch.randn(2, 6, 2, 16, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
     mask = torch.ones(2, 6, dtype=torch.bool, device=device)
     mask[1] = False
@@ -138,7 +157,11 @@ def test_all_padding_row_outputs_zeros_and_zero_grads(backend):
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
 def test_empty_batch(backend):
-    device, dtype = backend_device(backend), plain_dtype(backend)
+    with running(backend) as (name, device):
+        _empty_batch(name, device, plain_dtype(backend))
+
+
+def _empty_batch(backend, device, dtype):
     q = torch.randn(0, 4, 2, 8, device=device, dtype=dtype)
     assert attention(q, q, q, backend=backend).shape == q.shape
     packed = torch.randn(0, 2, 8, device=device, dtype=dtype)
@@ -226,8 +249,19 @@ def test_torch_backend_fp64_gradients():
 
 
 # --------------------------------------------------------------------------- strides, NaN and padding
-# The reference and torch backends; the kernel backends have the same checks in their own test files.
-CPU_BACKENDS = ["reference", "torch"]
+# The reference and the torch backend's paths (CPU, emulated CUDA, real CUDA in fp32 and fp16: the
+# sdpa and varlen routes); the kernel backends have the same checks in their own test files.
+CPU_BACKENDS = ["reference"] + params("torch", "torch-cuda-emulated", "torch-cuda")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+
+
+def _on(device, kw):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+
+
+def _skip_fp16_on_cpu(param, dtype):
+    if dtype == torch.float16 and param in ("reference", "torch"):
+        pytest.skip("fp16 checks the torch backend's CUDA (varlen) route; the CPU paths are checked in fp32")
 
 
 def _batch(layout):
@@ -240,67 +274,81 @@ def _batch(layout):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("kind", STRIDED_KINDS)
-def test_strided_inputs(backend, layout, kind):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_inputs(backend, layout, kind, dtype):
     """Sliced, interleaved, fused-QKV and transposed views give the right outputs and gradients."""
-    shape, kw, max_seqlen = _batch(layout)
-    valid = kw["attention_mask"][:, :, None, None] if layout == "padded" else None
-    assert_backend_matches(
-        lambda q, k, v: attention(*(strided_view(t, kind) for t in (q, k, v)), **kw, max_seqlen=max_seqlen,
-                                  backend=backend),
-        lambda q, k, v, upcast: attention_reference(q, k, v, **kw, upcast=upcast)[0],
-        [torch.randn(shape) for _ in range(3)], valid)
+    _skip_fp16_on_cpu(backend, dtype)
+    with running(backend) as (backend, device):
+        shape, kw, max_seqlen = _batch(layout)
+        kw = _on(device, kw)
+        valid = kw["attention_mask"][:, :, None, None] if layout == "padded" else None
+        assert_backend_matches(
+            lambda q, k, v: attention(*(strided_view(t, kind) for t in (q, k, v)), **kw, max_seqlen=max_seqlen,
+                                      backend=backend),
+            lambda q, k, v, upcast: attention_reference(q, k, v, **kw, upcast=upcast)[0],
+            [torch.randn(shape, device=device) for _ in range(3)], valid, dtype=dtype,
+            floor=1e-5 if dtype == torch.float32 else 0.0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("seqlen,masked", [(5, False), (5, True), (40, False)])
-def test_nonfinite_inputs_give_nan_rows(backend, seqlen, masked):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonfinite_inputs_give_nan_rows(backend, seqlen, masked, dtype):
     """NaN/inf in q makes its row NaN (ATen's short-sequence kernel used to hide a NaN query);
     NaN in a real key or value reaches every row of its sequence and head."""
-    q, k, v = (torch.randn(2, seqlen, 2, 8) for _ in range(3))
-    q[0, 2, 0, 3], q[1, 1, 1, 0] = float("nan"), float("inf")
-    k[0, 1, 1, 5], v[1, 0, 0, 2] = float("nan"), float("nan")
-    expected = torch.zeros(2, seqlen, 2, dtype=torch.bool)
-    expected[0, 2, 0] = expected[1, 1, 1] = True
-    expected[0, :, 1] = expected[1, :, 0] = True
-    mask = torch.ones(2, seqlen, dtype=torch.bool) if masked else None
-    out = attention(q, k, v, attention_mask=mask, backend=backend)
-    assert torch.equal(~out.isfinite().all(-1), expected)
-    assert out[expected].isnan().any(-1).all()
+    _skip_fp16_on_cpu(backend, dtype)
+    with running(backend) as (backend, device):
+        q, k, v = (torch.randn(2, seqlen, 2, 8) for _ in range(3))
+        q[0, 2, 0, 3], q[1, 1, 1, 0] = float("nan"), float("inf")
+        k[0, 1, 1, 5], v[1, 0, 0, 2] = float("nan"), float("nan")
+        expected = torch.zeros(2, seqlen, 2, dtype=torch.bool)
+        expected[0, 2, 0] = expected[1, 1, 1] = True
+        expected[0, :, 1] = expected[1, :, 0] = True
+        mask = torch.ones(2, seqlen, dtype=torch.bool, device=device) if masked else None
+        out = attention(*(t.to(device, dtype) for t in (q, k, v)), attention_mask=mask, backend=backend).cpu()
+        assert torch.equal(~out.isfinite().all(-1), expected)
+        assert out[expected].isnan().any(-1).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_under_padding_never_reaches_real_rows(backend):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_under_padding_never_reaches_real_rows(backend, dtype):
     """Whatever is stored at padded keys and values (here NaN and inf) changes no real row,
     in outputs or gradients, and they get zero gradients."""
-    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    clean = [torch.randn(2, 7, 2, 8) for _ in range(3)]
-    dirty = [t.clone() for t in clean]
-    dirty[1][1, 4:], dirty[2][1, 5:], dirty[2][1, 4, 0, 0] = float("nan"), float("nan"), float("inf")
-    dout = torch.randn(2, 7, 2, 8) * mask[:, :, None, None]
-    results = []
-    for tensors in (clean, dirty):
-        inputs = [t.clone().requires_grad_() for t in tensors]
-        out = attention(*inputs, attention_mask=mask, backend=backend)
-        results.append([out[mask], *(g for g in torch.autograd.grad(out, inputs, dout))])
-    for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
-        assert torch.isfinite(d).all(), name
-        torch.testing.assert_close(d, c, msg=name)
-    assert (results[1][2][~mask] == 0).all() and (results[1][3][~mask] == 0).all()
+    _skip_fp16_on_cpu(backend, dtype)
+    with running(backend) as (backend, device):
+        mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3], device=device)
+        clean = [torch.randn(2, 7, 2, 8, device=device, dtype=dtype) for _ in range(3)]
+        dirty = [t.clone() for t in clean]
+        dirty[1][1, 4:], dirty[2][1, 5:], dirty[2][1, 4, 0, 0] = float("nan"), float("nan"), float("inf")
+        dout = torch.randn(2, 7, 2, 8, device=device, dtype=dtype) * mask[:, :, None, None]
+        results = []
+        for tensors in (clean, dirty):
+            inputs = [t.clone().requires_grad_() for t in tensors]
+            out = attention(*inputs, attention_mask=mask, backend=backend)
+            results.append([out[mask], *(g for g in torch.autograd.grad(out, inputs, dout))])
+        for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
+            assert torch.isfinite(d).all(), name
+            torch.testing.assert_close(d, c, msg=name)
+        assert (results[1][2][~mask] == 0).all() and (results[1][3][~mask] == 0).all()
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_nan_in_one_packed_sequence_stays_there(backend):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_in_one_packed_sequence_stays_there(backend, dtype):
     """A NaN key and value of sequence 0 make its rows NaN and leave sequence 1 exactly as if run alone."""
-    lengths, cu = [3, 4], cu_seqlens_of([3, 4])
-    q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
-    k[1, 0, 0], v[2, 1, 0] = float("nan"), float("nan")
-    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = attention(*inputs, cu_seqlens=cu, max_seqlen=4, backend=backend)
-    dout = torch.randn_like(out)
-    grads = torch.autograd.grad(out, inputs, dout)
-    assert out[:3].isnan().any(-1).all()
-    alone = [t[3:].clone().requires_grad_() for t in (q, k, v)]
-    out_alone = attention(*alone, cu_seqlens=cu_seqlens_of([4]), max_seqlen=4, backend=backend)
-    torch.testing.assert_close(out[3:], out_alone)
-    for g, g_alone in zip(grads, torch.autograd.grad(out_alone, alone, dout[3:])):
-        torch.testing.assert_close(g[3:], g_alone)
+    _skip_fp16_on_cpu(backend, dtype)
+    with running(backend) as (backend, device):
+        cu = cu_seqlens_of([3, 4], device)
+        q, k, v = (torch.randn(7, 2, 8, device=device, dtype=dtype) for _ in range(3))
+        k[1, 0, 0], v[2, 1, 0] = float("nan"), float("nan")
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, cu_seqlens=cu, max_seqlen=4, backend=backend)
+        dout = torch.randn_like(out)
+        grads = torch.autograd.grad(out, inputs, dout)
+        assert out[:3].isnan().any(-1).all()
+        alone = [t[3:].clone().requires_grad_() for t in (q, k, v)]
+        out_alone = attention(*alone, cu_seqlens=cu_seqlens_of([4], device), max_seqlen=4, backend=backend)
+        torch.testing.assert_close(out[3:], out_alone)
+        for g, g_alone in zip(grads, torch.autograd.grad(out_alone, alone, dout[3:])):
+            torch.testing.assert_close(g[3:], g_alone)

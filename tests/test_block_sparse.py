@@ -2,15 +2,14 @@
 import pytest
 import torch
 
+from backend_params import params, running
 from fastmlm.ops import attention, block_sparse_attention, block_sparse_attention_reference
 from fastmlm.ops import block_layout as L
-from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, backend_device, cu_seqlens_of,
-                     random_mask, strided_view)
+from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, cu_seqlens_of, random_mask,
+                     strided_view)
 
-FAST_BACKENDS = [
-    pytest.param("torch", id="torch"),
-    pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
-]
+# torch-cuda(-emulated): the torch backend's GPU routes (varlen windows, FlexAttention; see backend_params.py).
+FAST_BACKENDS = params("torch", "torch-cuda-emulated", "triton", "torch-cuda")
 # No CUDA C++ block-sparse kernel exists yet (fastmlm/ops/cuda_impl/block_sparse.py says so).
 
 
@@ -57,7 +56,11 @@ def test_dilated_and_random_are_block_level():
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
 def test_full_density_equals_dense_attention(backend):
-    device = backend_device(backend)
+    with running(backend) as (backend, device):
+        _full_density(backend, device)
+
+
+def _full_density(backend, device):
     q, k, v = (torch.randn(2, 19, 2, 16, device=device) for _ in range(3))
     mask = random_mask(2, 19, 1).to(device)
     layout = L.from_dense_mask(torch.ones(19, 19, dtype=torch.bool), 8)
@@ -66,14 +69,28 @@ def test_full_density_equals_dense_attention(backend):
                                attention(q, k, v, attention_mask=mask, backend="reference"), atol=1e-5, rtol=1e-5)
 
 
+LAYOUTS = {  # name -> (heads, seqlen) -> layout
+    "window+global+random": lambda h, s: L.sliding_window(s, 5, 8) | L.global_tokens(s, 1, 8) | L.random_blocks(s, 1, 8, h),
+    "window": lambda h, s: L.sliding_window(s, 5, 8),  # pure: the varlen window route on CUDA (padded + mask: flex)
+    "dense-mask": lambda h, s: L.from_dense_mask(torch.rand(h, s, s) < 0.4, 8),  # per-head token mask
+}
+
+
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backend_error_ratio_per_head_layouts(backend, dtype):
-    device = backend_device(backend)
+@pytest.mark.parametrize("pattern", list(LAYOUTS))
+def test_backend_error_ratio_per_head_layouts(backend, dtype, pattern):
+    if pattern != "window+global+random" and backend not in ("torch-cuda", "torch-cuda-emulated"):
+        pytest.skip("the other layouts pick other routes of the torch backend's CUDA path only")
+    with running(backend) as (backend, device):
+        _error_ratio_per_head(backend, device, dtype, LAYOUTS[pattern])
+
+
+def _error_ratio_per_head(backend, device, dtype, make_layout):
     if backend == "triton" and dtype == torch.bfloat16 and device == "cpu":
         pytest.skip("the Triton interpreter's bf16 dot is wrong; bf16 runs on the GPU tier")
     heads, seqlen = 3, 37
-    layout = L.sliding_window(seqlen, 5, 8) | L.global_tokens(seqlen, 1, 8) | L.random_blocks(seqlen, 1, 8, heads)
+    layout = make_layout(heads, seqlen)
     exact_in = [torch.randn(2, seqlen, heads, 32, dtype=torch.float64, device=device, requires_grad=True)
                 for _ in range(3)]
     low_in = [t.detach().to(dtype).requires_grad_() for t in exact_in]
@@ -96,8 +113,27 @@ def reference_lowp(inputs, layout, mask):
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
 def test_packed_layout_and_empty_rows(backend):
+    with running(backend) as (backend, device):
+        _packed_and_empty_rows(backend, device)
+
+
+@pytest.mark.parametrize("backend", params("torch-cuda-emulated", "torch-cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_packed_pure_window_error_ratio(backend, dtype):
+    """Packed sequences under a pure sliding window: varlen_attn's window_size in fp16 on CUDA, flex in fp32."""
+    with running(backend) as (backend, device):
+        lengths, window = [40, 0, 1, 77], 9
+        layout = L.sliding_window(80, window, 16)
+        cu = cu_seqlens_of(lengths, device)
+        exact_in = [torch.randn(sum(lengths), 2, 32, dtype=torch.float64, device=device) for _ in range(3)]
+        assert_backend_matches(
+            lambda q, k, v: block_sparse_attention(q, k, v, layout, cu_seqlens=cu, max_seqlen=77, backend=backend),
+            lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, layout, cu_seqlens=cu, upcast=upcast)[0],
+            exact_in, dtype=dtype, floor=1e-5 if dtype == torch.float32 else 0.0)
+
+
+def _packed_and_empty_rows(backend, device):
     lengths = [9, 0, 20]
-    device = backend_device(backend)
     q, k, v = (torch.randn(sum(lengths), 2, 16, device=device, requires_grad=True) for _ in range(3))
     # Query 3 of every sequence sees no key at all.
     token_mask = torch.ones(24, 24, dtype=torch.bool)
@@ -135,64 +171,73 @@ def test_opcheck_torch_backend():
 
 # --------------------------------------------------------------------------- strides, NaN, padding, bad layouts
 CPU_BACKENDS = ["reference", "torch"]  # the Triton kernel has the same checks in test_block_sparse_triton.py
+CUDA_PATHS = params("torch-cuda-emulated", "torch-cuda")  # the torch backend's CUDA routes, same checks
 
 
 def _layout(seqlen):
     return L.sliding_window(seqlen, 2, 4) | L.global_tokens(seqlen, 1, 4)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + CUDA_PATHS)
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("kind", STRIDED_KINDS)
 def test_strided_inputs(backend, layout, kind):
     """Sliced, interleaved, fused-QKV and transposed views give the right outputs and gradients."""
-    if layout == "padded":
-        shape, kw, max_seqlen = (2, 11, 2, 16), dict(attention_mask=random_mask(2, 11, 1)), 11
-        valid = kw["attention_mask"][:, :, None, None]
-    else:
-        shape, kw, max_seqlen, valid = (13, 2, 16), dict(cu_seqlens=cu_seqlens_of([9, 0, 4])), 9, None
-    bsl = _layout(max_seqlen)
-    assert_backend_matches(
-        lambda q, k, v: block_sparse_attention(*(strided_view(t, kind) for t in (q, k, v)), bsl, **kw,
-                                               max_seqlen=max_seqlen, backend=backend),
-        lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, bsl, **kw, upcast=upcast)[0],
-        [torch.randn(shape) for _ in range(3)], valid)
+    if backend == "torch-cuda" and kind != "fused_slice":
+        pytest.skip("one strided kind on the GPU (each FlexAttention graph compiles); the emulated path runs all")
+    with running(backend) as (backend, device):
+        if layout == "padded":
+            shape, kw, max_seqlen = (2, 11, 2, 16), dict(attention_mask=random_mask(2, 11, 1).to(device)), 11
+            valid = kw["attention_mask"][:, :, None, None]
+        else:
+            shape, kw, max_seqlen, valid = (13, 2, 16), dict(cu_seqlens=cu_seqlens_of([9, 0, 4], device)), 9, None
+        bsl = _layout(max_seqlen)
+        assert_backend_matches(
+            lambda q, k, v: block_sparse_attention(*(strided_view(t, kind) for t in (q, k, v)), bsl, **kw,
+                                                   max_seqlen=max_seqlen, backend=backend),
+            lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, bsl, **kw, upcast=upcast)[0],
+            [torch.randn(shape, device=device) for _ in range(3)], valid)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + CUDA_PATHS)
 def test_nan_under_padding_never_reaches_real_rows(backend):
-    mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4])
-    clean = [torch.randn(2, 10, 2, 8) for _ in range(3)]
-    dirty = [t.clone() for t in clean]
-    dirty[1][1, 6:], dirty[2][1, 7:] = float("nan"), float("inf")
-    dout = torch.randn(2, 10, 2, 8) * mask[:, :, None, None]
-    results = []
-    for tensors in (clean, dirty):
-        inputs = [t.clone().requires_grad_() for t in tensors]
-        out = block_sparse_attention(*inputs, _layout(10), attention_mask=mask, backend=backend)
-        results.append([out[mask], *torch.autograd.grad(out, inputs, dout)])
-    for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
-        assert torch.isfinite(d).all(), name
-        torch.testing.assert_close(d, c, msg=name)
+    with running(backend) as (backend, device):
+        mask = torch.tensor([[True] * 10, [True] * 6 + [False] * 4], device=device)
+        clean = [torch.randn(2, 10, 2, 8, device=device) for _ in range(3)]
+        dirty = [t.clone() for t in clean]
+        dirty[1][1, 6:], dirty[2][1, 7:] = float("nan"), float("inf")
+        dout = torch.randn(2, 10, 2, 8, device=device) * mask[:, :, None, None]
+        results = []
+        for tensors in (clean, dirty):
+            inputs = [t.clone().requires_grad_() for t in tensors]
+            out = block_sparse_attention(*inputs, _layout(10), attention_mask=mask, backend=backend)
+            results.append([out[mask], *torch.autograd.grad(out, inputs, dout)])
+        for name, c, d in zip(["out", "dq", "dk", "dv"], *results):
+            assert torch.isfinite(d).all(), name
+            torch.testing.assert_close(d, c, msg=name)
 
 
+@pytest.mark.parametrize("backend", params("torch", "torch-cuda-emulated", "torch-cuda"))
 @pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_layout_longer_than_the_batch(layout):
-    """One layout serves shorter batches: the reference and torch backends agree, values and gradients."""
-    bsl = L.from_dense_mask(torch.rand(2, 24, 24) < 0.5, 4) | _layout(24)
-    if layout == "padded":
-        shape, kw = (2, 13, 2, 8), dict(attention_mask=random_mask(2, 13, 1))
-    else:
-        shape, kw = (15, 2, 8), dict(cu_seqlens=cu_seqlens_of([10, 5]), max_seqlen=10)
-    inputs = [torch.randn(shape, dtype=torch.float64) for _ in range(3)]
-    dout = torch.randn(shape, dtype=torch.float64)
-    results = []
-    for backend in ("reference", "torch"):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        out = block_sparse_attention(*leaves, bsl, **kw, backend=backend)
-        results.append([out, *torch.autograd.grad(out, leaves, dout)])
-    for ref, fast in zip(*results):
-        torch.testing.assert_close(fast, ref)
+def test_layout_longer_than_the_batch(backend, layout):
+    """One layout serves shorter batches: the reference and the torch backend agree, values and gradients
+    (fp64 on the CPU path; fp32, which is what the CUDA routes take, within fp32 tolerance there)."""
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    with running(backend) as (backend, device):
+        bsl = L.from_dense_mask(torch.rand(2, 24, 24) < 0.5, 4) | _layout(24)
+        if layout == "padded":
+            shape, kw = (2, 13, 2, 8), dict(attention_mask=random_mask(2, 13, 1).to(device))
+        else:
+            shape, kw = (15, 2, 8), dict(cu_seqlens=cu_seqlens_of([10, 5], device), max_seqlen=10)
+        inputs = [torch.randn(shape, dtype=torch.float64, device=device) for _ in range(3)]
+        dout = torch.randn(shape, dtype=torch.float64, device=device)
+        results = []
+        for name in ("reference", backend):
+            leaves = [t.clone().to(dtype if name != "reference" else torch.float64).requires_grad_() for t in inputs]
+            out = block_sparse_attention(*leaves, bsl, **kw, backend=name)
+            results.append([out, *torch.autograd.grad(out, leaves, dout.to(out.dtype))])
+        for ref, fast in zip(*results):
+            torch.testing.assert_close(fast.double(), ref.double(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ holds: a NaN stored at a padded key or value (or, packed, in another sequence)
 stays there. A NaN or inf that a row does see makes that row NaN (non-finite).
 
 Backends: ``reference`` (below, fp32/fp64 math, plain autograd), ``torch``
-(CPU flash attention through ATen), ``triton`` (kernels/attention.py),
+(CPU flash attention through ATen; on CUDA varlen_attn / memory-efficient SDPA,
+torch_impl/attention_cuda.py), ``triton`` (kernels/attention.py),
 ``cuda`` (csrc/). The non-reference ones run as the ``fastmlm::attention_fwd``
 / ``fastmlm::attention_bwd`` custom ops, so torch.compile traces through them; below
 those ops every backend receives one :class:`AttentionInputs` bundle.
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .dispatch import Registry
+from .dispatch import Registry, score_elements
 
 REGISTRY = Registry(
     "attention",
@@ -47,6 +48,8 @@ REGISTRY = Registry(
         "triton": "fastmlm_kernels.attention",
         "cuda": "fastmlm.ops.cuda_impl.attention",
     },
+    work=score_elements,  # what the reference materialises: auto refuses it beyond a small size on CUDA
+    oracle="fastmlm.ops.torch_impl.oracle:attention",
 )
 
 

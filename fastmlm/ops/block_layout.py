@@ -24,12 +24,13 @@ whose sequences are at most ``seqlen`` long.
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 SKIP, FULL, PARTIAL = 0, 1, 2  # tile states; the Triton kernels (kernels/_flash.py) import these
 
@@ -50,6 +51,22 @@ def visit_list(keep: Tensor) -> tuple[Tensor, Tensor]:
     slots = torch.arange(keep.shape[-1], device=keep.device)
     index = torch.where(slots < count[..., None], order, -1).to(torch.int32)
     return index.contiguous(), count.contiguous()
+
+
+# A device copy's tile states -> the host tensor it was copied from, so a backend that needs the
+# layout's structure on the host (which route to take) reads it without a device-to-host copy.
+_HOST_BLOCKS = WeakIdKeyDictionary()
+
+
+def host_blocks(blocks: Tensor) -> Tensor:
+    """The tile states of ``blocks`` on the CPU: itself, the host tensor a :meth:`BlockSparseLayout.to`
+    copy came from, or (for a layout built on the device) one copy to the host, remembered."""
+    if blocks.device.type == "cpu":
+        return blocks
+    host = _HOST_BLOCKS.get(blocks)
+    if host is None:
+        host = _HOST_BLOCKS[blocks] = blocks.cpu()  # once per device layout
+    return host
 
 
 def _block_bounds(seqlen: int, block_size: int) -> tuple[Tensor, Tensor]:
@@ -105,6 +122,7 @@ class BlockSparseLayout:
     window: int = -1
     num_global: int = 0
     token_mask: Optional[Tensor] = None
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> layout there
 
     def __post_init__(self):
         nb = _check_sizes(self.seqlen, self.block_size)
@@ -152,10 +170,19 @@ class BlockSparseLayout:
         return visit_list(self.blocks != SKIP)
 
     def to(self, device) -> "BlockSparseLayout":
-        if self.blocks.device == torch.device(device):  # keep the cached kv_blocks
+        """This layout on ``device``: itself when already there, else one copy per device, kept, so
+        repeated calls (every layer, every step) reuse its tensors and whatever backends cache on them."""
+        device = torch.device(device)
+        if self.blocks.device == device:  # keep the cached kv_blocks
             return self
-        tm = None if self.token_mask is None else self.token_mask.to(device)
-        return replace(self, blocks=self.blocks.to(device), token_mask=tm)
+        key = str(device)
+        if key not in self._copies:
+            tm = None if self.token_mask is None else self.token_mask.to(device)
+            copy = replace(self, blocks=self.blocks.to(device), token_mask=tm)
+            if self.blocks.device.type == "cpu":
+                _HOST_BLOCKS[copy.blocks] = self.blocks
+            self._copies[key] = copy
+        return self._copies[key]
 
     def __or__(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
         if (self.block_size, self.seqlen) != (other.block_size, other.seqlen):

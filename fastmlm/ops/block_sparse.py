@@ -23,7 +23,7 @@ from torch import Tensor
 from . import checks
 from .attention import AttentionInputs, attention_reference, validated_inputs
 from .block_layout import BlockSparseLayout
-from .dispatch import Registry
+from .dispatch import Registry, score_elements
 
 REGISTRY = Registry(
     "block_sparse_attention",
@@ -32,6 +32,8 @@ REGISTRY = Registry(
         "triton": "fastmlm_kernels.block_sparse",
         "cuda": "fastmlm.ops.cuda_impl.block_sparse",
     },
+    work=lambda inputs: score_elements(inputs.dense),  # the reference is dense under the layout's mask
+    oracle="fastmlm.ops.torch_impl.oracle:block_sparse_attention",
 )
 
 

@@ -1,4 +1,4 @@
-"""One dispatcher for every op: pick a backend, or say exactly why none fits.
+"""One dispatcher for every op: pick a backend, fall back loudly, or say exactly why none fits.
 
 Each op owns a :class:`Registry` naming its backends. A backend is a module with
 
@@ -12,6 +12,30 @@ where ``inputs`` is the op's one named bundle, the same for every backend of the
 (``forward -> (loss, lse, correct)`` per row, ``backward(inputs, lse, grad_rows) ->
 (d_hidden, d_weight, d_bias)``). The custom ops build the bundle from their flat schemas.
 
+``backend="auto"`` walks the op's priority list for the inputs' device (CUDA:
+cuda, triton, torch, reference; elsewhere torch, reference; the Triton interpreter
+is too slow to pick on its own) and takes the first backend whose ``why_not`` is None,
+with two rules that keep a GPU user off a cliff:
+
+- **No silent O(S²) oracle on a GPU.** For CUDA inputs larger than
+  :data:`REFERENCE_LIMIT` units of work (score elements for attention, logits for the
+  loss; the op's ``work`` function counts them) ``auto`` never picks ``reference``: when
+  every fast backend declines, :class:`BackendUnavailable` lists each one's reason.
+  ``backend="reference"`` still runs it.
+- **A failing kernel degrades loudly.** Under ``auto`` the custom ops receive
+  ``"auto:<name>"``: the backend chosen first, and permission to move on. When it raises
+  while compiling or launching (a Triton compile error, a missing symbol, a CUDA launch
+  failure), the dispatcher warns once per op, input signature and backend (a
+  :class:`BackendFailed` warning with the reason), remembers the failure, and runs the
+  next backend of the priority list that can take the inputs, in the same call, forward
+  or backward. Every later call with that input signature skips the failed backend.
+  An explicit backend (``backend="triton"``) still raises its own error.
+
+Because every backend of an op honours the same contract (outputs, saved statistics and
+gradients mean the same thing), a backward may run on another backend than its forward.
+The reference joins a fallback chain through :mod:`fastmlm.ops.torch_impl.oracle` (the
+references in bundle form), and only where ``auto`` may pick it.
+
 Backend modules are imported lazily, on the first call that needs them, so
 importing fastmlm never imports triton, never loads the CUDA extension and never
 queries CUDA. The choice is made per call from the inputs, never at import time.
@@ -19,35 +43,122 @@ The Triton backends live in the package ``fastmlm_kernels`` (see kernels_path.py
 """
 from __future__ import annotations
 
+import threading
+import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
+
+import torch
 
 from . import kernels_path
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
+PRIORITY = {"cuda": ("cuda", "triton", "torch", "reference")}  # device type -> auto's order
+DEFAULT_PRIORITY = ("torch", "reference")  # every other device (the Triton interpreter is for tests)
+REFERENCE_LIMIT = 1 << 20  # units of work above which auto never runs the reference on CUDA inputs
+AUTO_PREFIX = "auto:"
 
 
 class BackendUnavailable(ValueError):
     """Raised when the requested backend (or every backend, for ``auto``) cannot run."""
 
 
+class BackendFailed(RuntimeWarning):
+    """Warned (once per op, input signature and backend) when a backend chosen by ``auto`` raised
+    while compiling or launching and the dispatcher moved on to the next one."""
+
+
+def priority(device_type: str) -> tuple[str, ...]:
+    """``auto``'s order of backends for tensors of ``device_type``."""
+    return PRIORITY.get(device_type, DEFAULT_PRIORITY)
+
+
+def device_type(t: torch.Tensor) -> str:
+    """The device type whose priority list a fallback chain walks (tests stub it)."""
+    return t.device.type
+
+
+def first_tensor(bundle) -> torch.Tensor:
+    """The first tensor of a bundle (q, or hidden), walking nested bundles in field order."""
+    for item in bundle:
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, tuple):
+            try:
+                return first_tensor(item)
+            except LookupError:
+                continue
+    raise LookupError("the bundle holds no tensor")
+
+
+def signature(bundle) -> tuple:
+    """What a kernel specialises on, per field: (dtype, device type, rank, last dim) of a tensor,
+    None for an absent one; nested bundles recurse; scalars do not count (a Triton config
+    that fails for one sequence length fails for the next)."""
+    parts = []
+    for item in bundle:
+        if isinstance(item, torch.Tensor):
+            parts.append((item.dtype, item.device.type, item.dim(), item.shape[-1] if item.dim() else None))
+        elif item is None:
+            parts.append(None)
+        elif isinstance(item, tuple):
+            parts.append(signature(item))
+    return tuple(parts)
+
+
+def score_elements(inputs) -> int:
+    """Attention scores the reference materialises for an ``AttentionInputs``: B·H·S² padded,
+    H·T·max_seqlen packed (a bound on H·Σ len², known without reading cu_seqlens)."""
+    q = inputs.q
+    if inputs.cu_seqlens is not None:
+        return q.shape[0] * q.shape[1] * inputs.max_seqlen
+    return q.shape[0] * q.shape[2] * q.shape[1] ** 2
+
+
+def _never_fall_back(exc: BaseException) -> bool:
+    """Errors that another backend would not cure: out of memory is the caller's budget, not a defect."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
 class Registry:
     """The backends of one op, by name, as importable module paths.
 
-    The reference backend lives in the op's own file and is always available.
+    Arguments:
+        op: the public op's name, for messages.
+        modules: backend name -> module path (the reference needs none: it lives in the op's file).
+        work: ``work(inputs) -> int``, the size of a call in the units of :data:`REFERENCE_LIMIT`
+            (score elements, logits); None: the reference is never refused.
+        oracle: module path of the reference in bundle form (``forward`` / ``backward``), so a
+            fallback chain can end there.
     """
 
-    def __init__(self, op: str, modules: dict[str, str]):
+    def __init__(self, op: str, modules: dict[str, str], work: Optional[Callable] = None,
+                 oracle: Optional[str] = None):
         unknown = set(modules) - set(BACKENDS)
         if unknown:
             raise ValueError(f"unknown backend names {sorted(unknown)}")
         self.op = op
         self.modules = modules
+        self.work = work
+        self.oracle = oracle
         self._loaded: dict[str, ModuleType] = {}
+        self._failed: dict[tuple, dict[str, str]] = {}  # input signature -> {backend: reason}
+        self._lock = threading.Lock()
 
-    def module(self, name: str) -> ModuleType:
+    # ------------------------------------------------------------------ backends
+    def module(self, name: str):
+        """The backend module ``name``; for ``"auto:<name>"`` a :class:`_Fallback` that starts there."""
+        if name.startswith(AUTO_PREFIX):
+            if name not in self._loaded:
+                self._loaded[name] = _Fallback(self, name[len(AUTO_PREFIX):])
+            return self._loaded[name]
         if name not in self._loaded:
-            self._loaded[name] = kernels_path.import_module(self.modules[name])
+            path = self.oracle if name == "reference" else self.modules[name]
+            if path is None:
+                raise LookupError(f"fastmlm.ops.{self.op} has no reference in bundle form")
+            module_path, _, attr = path.partition(":")  # "package.module:namespace"
+            mod = kernels_path.import_module(module_path)
+            self._loaded[name] = getattr(mod, attr) if attr else mod
         return self._loaded[name]
 
     def why_not(self, name: str, inputs) -> Optional[str]:
@@ -62,21 +173,124 @@ class Registry:
             return f"cannot be imported ({type(exc).__name__}: {exc})"
         return mod.why_not(inputs)
 
-    def select(self, backend: str, device_type: str, inputs) -> str:
-        """Return the backend name to run ``inputs`` (the op's bundle), or raise listing every reason."""
-        if backend == "auto":
-            # The Triton interpreter is a debugging aid, far too slow to pick on
-            # its own: on the CPU, auto stays with the torch backends.
-            order = ("cuda", "triton", "torch", "reference") if device_type == "cuda" else ("torch", "reference")
-        elif backend in BACKENDS:
-            order = (backend,)
-        else:
-            raise ValueError(f"fastmlm.ops.{self.op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
-        reasons = []
+    def refuses_reference(self, device_type: str, inputs) -> Optional[str]:
+        """Why ``auto`` must not run the reference on these inputs (None: it may)."""
+        if device_type != "cuda" or self.work is None:
+            return None
+        work = self.work(inputs)
+        if work <= REFERENCE_LIMIT:
+            return None
+        return (f"not picked by auto for CUDA inputs this large ({work:,} > {REFERENCE_LIMIT:,} elements of "
+                f"work): it is the fp32 O(S²) oracle, 10-100x slower; pass backend='reference' to run it anyway")
+
+    # ------------------------------------------------------------------ failures
+    def failures(self, inputs) -> dict[str, str]:
+        """Backends that raised under ``auto`` for inputs of this signature, with their reasons."""
+        return dict(self._failed.get(signature(inputs), {}))
+
+    def forget_failures(self) -> None:
+        """Try every backend again (tests; after fixing an installation)."""
+        with self._lock:
+            self._failed.clear()
+
+    def _record_failure(self, name: str, inputs, exc: BaseException) -> str:
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        with self._lock:
+            self._failed.setdefault(signature(inputs), {})[name] = reason
+        return reason
+
+    # ------------------------------------------------------------------ choice
+    def _candidates(self, device_type: str, inputs, after: Optional[str] = None):
+        """(name, None) for each backend auto may run, in priority order (after ``after``),
+        and (name, reason) for each one it may not."""
+        order = priority(device_type)
+        if after is not None:
+            order = order[order.index(after) + 1:] if after in order else ()
+        failed = self._failed.get(signature(inputs), {})
         for name in order:
-            why = self.why_not(name, inputs)
+            if name in failed:
+                yield name, f"failed earlier on inputs like these ({failed[name]})"
+                continue
+            why = self.refuses_reference(device_type, inputs) if name == "reference" else self.why_not(name, inputs)
+            yield name, why
+
+    def select(self, backend: str, device_type: str, inputs) -> str:
+        """The backend to run ``inputs`` (the op's bundle), or raise listing every reason.
+
+        Returns the backend's name for an explicit choice, ``"reference"`` when ``auto`` picks
+        the reference, and ``"auto:<name>"`` when ``auto`` picks a fast backend (the custom ops
+        pass it to :meth:`module`, which falls back past a backend that raises).
+        """
+        if backend == "auto":
+            reasons = []
+            for name, why in self._candidates(device_type, inputs):
+                if why is None:
+                    return name if name == "reference" else AUTO_PREFIX + name
+                reasons.append(f"  {name}: {why}")
+            raise BackendUnavailable(f"fastmlm.ops.{self.op}: no backend can run these inputs:\n" + "\n".join(reasons))
+        if backend not in BACKENDS:
+            raise ValueError(f"fastmlm.ops.{self.op}: backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+        why = self.why_not(backend, inputs)
+        if why is None:
+            return backend
+        raise BackendUnavailable(f"fastmlm.ops.{self.op}: backend {backend!r} cannot run these inputs:\n"
+                                 f"  {backend}: {why}")
+
+    def chosen(self, backend: str, device_type: str, inputs) -> str:
+        """The plain name of the backend :meth:`select` would run first (for reports and tests)."""
+        name = self.select(backend, device_type, inputs)
+        return name[len(AUTO_PREFIX):] if name.startswith(AUTO_PREFIX) else name
+
+    def _next(self, failed_name: str, device_type: str, inputs, tried: list[str]) -> str:
+        """The backend after ``failed_name`` that auto may run, or raise listing why none."""
+        failed = self._failed.get(signature(inputs), {})
+        reasons = [f"  {name}: failed ({failed[name]})" for name in tried if name in failed]
+        for name, why in self._candidates(device_type, inputs, after=failed_name):
+            if why is None and name == "reference" and self.oracle is None:
+                why = "cannot join a fallback chain for this op"
             if why is None:
                 return name
-            reasons.append(f"  {name}: {why}")
-        head = "no backend can" if backend == "auto" else f"backend {backend!r} cannot"
-        raise BackendUnavailable(f"fastmlm.ops.{self.op}: {head} run these inputs:\n" + "\n".join(reasons))
+            if name not in tried:
+                reasons.append(f"  {name}: {why}")
+        raise BackendUnavailable(f"fastmlm.ops.{self.op}: every backend auto may use failed or declined "
+                                 f"these inputs:\n" + "\n".join(reasons))
+
+    def run(self, first: str, inputs, call: Callable[[object], object]):
+        """``call(module)`` on backend ``first``, then on each next one auto may use while they raise."""
+        where = device_type(first_tensor(inputs))
+        name, tried = first, []
+        if name in self._failed.get(signature(inputs), {}):  # a forward fell back earlier: skip it here too
+            tried.append(name)
+            name = self._next(name, where, inputs, tried)
+        while True:
+            try:
+                return call(self.module(name))
+            except Exception as exc:  # noqa: BLE001 - any compile or launch failure; re-raised when none is left
+                if _never_fall_back(exc):
+                    raise
+                reason = self._record_failure(name, inputs, exc)
+                tried.append(name)
+                try:
+                    following = self._next(name, where, inputs, tried)
+                except BackendUnavailable as none_left:
+                    raise none_left from exc
+                warnings.warn(f"fastmlm.ops.{self.op}: the {name} backend failed on these inputs ({reason}); "
+                              f"using the {following} backend for inputs like these from now on",
+                              BackendFailed, stacklevel=4)
+                name = following
+
+
+class _Fallback:
+    """What the custom ops get for ``"auto:<name>"``: a backend that is ``name``, then the next ones."""
+
+    def __init__(self, registry: Registry, first: str):
+        self.registry, self.first = registry, first
+
+    def why_not(self, inputs) -> Optional[str]:
+        return self.registry.why_not(self.first, inputs)
+
+    def forward(self, inputs):
+        return self.registry.run(self.first, inputs, lambda mod: mod.forward(inputs))
+
+    def backward(self, inputs, *args):
+        return self.registry.run(self.first, inputs, lambda mod: mod.backward(inputs, *args))

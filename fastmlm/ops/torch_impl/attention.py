@@ -1,4 +1,8 @@
-"""``torch`` backend of attention: ATen's CPU flash-attention kernels.
+"""``torch`` backend of attention: ATen's CPU flash-attention kernels, and PyTorch's GPU kernels.
+
+CUDA tensors go to attention_cuda.py (varlen_attn / memory-efficient SDPA); this file is the
+CPU path, described below.
+
 
 Uses ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward,
 which return and consume the log-sum-exp, so forward and backward are the
@@ -22,6 +26,7 @@ from torch import Tensor
 
 from .. import checks, padding
 from ..attention import AttentionInputs
+from . import attention_cuda
 
 _ATEN_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -29,9 +34,11 @@ _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.
 
 def why_not(inputs: AttentionInputs) -> Optional[str]:
     """Why these inputs cannot run here (None: they can)."""
-    device = inputs.q.device.type
+    device = attention_cuda.device_type(inputs.q)
+    if device == "cuda":
+        return attention_cuda.why_not(inputs)
     if device != "cpu":
-        return f"runs on the CPU only; {device} tensors go to the triton or cuda backend"
+        return f"runs on CPU and CUDA tensors, got {device}"
     return None
 
 
@@ -82,11 +89,15 @@ def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) ->
 
 def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
     """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous."""
+    if attention_cuda.device_type(inputs.q) == "cuda":
+        return attention_cuda.forward(inputs)
     return masked_forward(inputs, None)
 
 
 def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv) shaped like q, contiguous."""
+    if attention_cuda.device_type(inputs.q) == "cuda":
+        return attention_cuda.backward(inputs, out, lse, dout)
     return masked_backward(inputs, out, lse, dout, None)
 
 

@@ -1,0 +1,69 @@
+"""benchmarks/gpu_check.py --cpu-smoke, end to end in a subprocess: every step's code path that needs no
+CUDA (the tests step's pytest run and parsing, the benchmark subprocesses per op), the report writer
+and the plots, checked in the report it writes. About 50 s on two cores."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-check")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU run even where a GPU exists: this tests the script, not the GPU
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--cpu-smoke", "--out", str(out),
+                           "--budget-s", "240"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return out, done
+
+
+def test_smoke_run_exits_0_and_prints_the_summary_last(smoke_run):
+    out, done = smoke_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "CPU smoke run (no GPU figures): passed" in done.stdout
+    assert "| step | status | seconds | note |" in done.stdout
+
+
+def test_the_report_has_every_step_and_says_it_is_a_smoke_run(smoke_run):
+    out, _ = smoke_run
+    reports = list(out.glob("*-report.md"))
+    assert len(reports) == 1 and reports[0].name.endswith("-nogpu-report.md")
+    text = reports[0].read_text()
+    assert "**CPU smoke run**" in text and "no GPU figure comes from it" in text
+    assert "| build | skipped |" in text and "no CUDA GPU" in text
+    assert "| tests | passed |" in text and "CPU smoke selection, not the GPU tier" in text
+    assert "| bench | passed |" in text
+    assert "## GPU test tier" in text and "| tests/test_dispatch.py |" in text  # parsed from pytest -v
+    assert "## Benchmarks (preset smoke)" in text
+    for op in ("attention", "masked_lm_loss", "block_sparse_attention", "train_step"):
+        assert f"| {op} |" in text, op
+    for line in ("python ", "torch ", "git commit "):
+        assert line in text
+    assert len(list(out.iterdir())) <= 8  # flat and small
+
+
+def test_rows_cover_every_op_and_skip_the_gpu_peers_with_their_reason(smoke_run):
+    out, _ = smoke_run
+    rows = [json.loads(line) for line in next(out.glob("*-rows.jsonl")).read_text().splitlines()]
+    assert {r["op"] for r in rows} == {"attention", "masked_lm_loss", "block_sparse_attention", "train_step"}
+    assert not [r for r in rows if r["status"] in ("failed check", "error")]
+    by = {(r["op"], r["provider"]): r for r in rows}
+    assert by[("attention", "torch-varlen")]["status"] == "skipped"
+    assert "runs on CUDA only" in by[("attention", "torch-varlen")]["note"]
+    assert "runs on CUDA only" in by[("block_sparse_attention", "torch-varlen-window")]["note"]
+    assert any(r["provider"] == "fastmlm-torch" and r["metric"] == "time" and r["status"] == "ok" for r in rows)
+
+
+def test_plots_and_logs_are_written(smoke_run):
+    out, _ = smoke_run
+    plots = sorted(p.name.split("-nogpu-")[1] for p in out.glob("*.png"))
+    assert "attention-tflops.png" in plots and "block_sparse-time.png" in plots
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
+    assert next(out.glob("*-pytest.log")).read_text().count("PASSED") >= 3
+    assert "benchmarks" in next(out.glob("*-bench.log")).read_text()
