@@ -51,7 +51,7 @@ def test_the_report_has_every_step_and_says_it_is_a_smoke_run(smoke_run):
 def test_rows_cover_every_op_and_skip_the_gpu_peers_with_their_reason(smoke_run):
     out, _ = smoke_run
     rows = [json.loads(line) for line in next(out.glob("*-rows.jsonl")).read_text().splitlines()]
-    assert {r["op"] for r in rows} == {"attention", "masked_lm_loss", "block_sparse_attention", "train_step"}
+    assert {r["op"] for r in rows} == {"attention", "masked_lm_loss", "block_sparse_attention", "train_step", "hf_patch"}
     assert not [r for r in rows if r["status"] in ("failed check", "error")]
     by = {(r["op"], r["provider"]): r for r in rows}
     assert by[("attention", "torch-varlen")]["status"] == "skipped"
