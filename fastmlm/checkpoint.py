@@ -148,7 +148,7 @@ def write_manifest(folder: Path, names, **fields) -> dict:
 
 # --------------------------------------------------------------------------- trainer state
 def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, scaler, train_config: dict,
-                          device: torch.device, world_size: int = 1) -> dict:
+                          device: torch.device, world_size: int = 1, data_epoch_batches: Optional[int] = None) -> dict:
     """What ``trainer_state.pt`` holds to continue a run exactly (read back by :func:`restore_trainer_state`).
 
     Arguments:
@@ -159,24 +159,30 @@ def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, s
         train_config: the run's ``TrainConfig.to_dict()``, kept as JSON text.
         device: the training device; on a GPU its CUDA RNG state is kept too.
         world_size: the number of ranks. Above 1 this is a collective (every rank's RNG states
-            are gathered with ``all_gather_object``): call it on every rank.
+            and epoch lengths are gathered with ``all_gather_object``): call it on every rank.
+        data_epoch_batches: this rank's batches per epoch (``BatchStream.epoch_batches``), None
+            before the stream has finished its first epoch; a resumed stream skips whole epochs with it.
     Returns:
-        ``{"step", "data_position", "optimizer", "scheduler", "scaler", "rng_cpu", "rng_cuda",
-        "train_config"}``; ``rng_cpu`` and ``rng_cuda`` hold one ByteTensor per rank, in rank
-        order (``rng_cuda`` is empty on the CPU). Plain tensors and containers only, so
-        :func:`load_trainer_state` reads it with ``weights_only=True``.
+        ``{"step", "data_position", "data_epoch_batches", "optimizer", "scheduler", "scaler",
+        "rng_cpu", "rng_cuda", "train_config"}``; ``rng_cpu``, ``rng_cuda`` and
+        ``data_epoch_batches`` hold one entry per rank, in rank order (``rng_cuda`` is empty on
+        the CPU). Plain tensors and containers only, so :func:`load_trainer_state` reads it with
+        ``weights_only=True``.
     """
     rng_cpu = [torch.get_rng_state()]
     rng_cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    epoch_batches = [data_epoch_batches]
     if world_size > 1:
         import torch.distributed as dist
 
         rng_cpu = [None] * world_size
         dist.all_gather_object(rng_cpu, torch.get_rng_state())
+        epoch_batches = [None] * world_size
+        dist.all_gather_object(epoch_batches, data_epoch_batches)
         if device.type == "cuda":
             rng_cuda = [None] * world_size
             dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
-    return {"step": step, "data_position": data_position,
+    return {"step": step, "data_position": data_position, "data_epoch_batches": epoch_batches,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
             "train_config": json.dumps(train_config)}
@@ -193,8 +199,8 @@ def restore_trainer_state(state: dict, optimizer, scheduler, scaler, device: tor
         rank, world_size: this process's rank and the number of ranks now.
     Returns:
         whether the RNG states came back: False when the run was saved with another number of
-        ranks, and then the CPU (and CUDA) RNGs keep the seed they have. ``step`` and
-        ``data_position`` are the caller's to read from ``state``.
+        ranks, and then the CPU (and CUDA) RNGs keep the seed they have. ``step``,
+        ``data_position`` and :func:`saved_epoch_batches` are the caller's to read from ``state``.
     """
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -206,6 +212,12 @@ def restore_trainer_state(state: dict, optimizer, scheduler, scaler, device: tor
     if device.type == "cuda" and len(state.get("rng_cuda", [])) == world_size:
         torch.cuda.set_rng_state(state["rng_cuda"][rank], device)
     return restored
+
+
+def saved_epoch_batches(state: dict, rank: int = 0, world_size: int = 1) -> Optional[int]:
+    """This rank's saved batches per epoch, or None (not known yet, an older checkpoint, another world size)."""
+    saved = state.get("data_epoch_batches") or []
+    return saved[rank] if len(saved) == world_size else None
 
 
 # ---- model files: config.json + model.safetensors + manifest.json ------------------------------

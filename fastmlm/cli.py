@@ -5,10 +5,13 @@
     fastmlm eval CHECKPOINT [--data FILE ...]     masked-token accuracy and perplexity
     fastmlm fill-mask CHECKPOINT "text with [MASK]" [--top-k 5]
     fastmlm export-hf CHECKPOINT OUT_DIR          a transformers BertForMaskedLM folder
-    fastmlm bench [ARGS ...]                      the benchmark suite (python -m benchmarks)
+    fastmlm plot RUN [RUN ...] [--out FILE]       training curves of runs, overlaid
+    fastmlm bench [ARGS ...]                      the benchmark suite (python -m benchmarks; --help lists its flags)
 
-Every TrainConfig field is a ``train`` flag (``--seq-len``, ``--lr``, ``--whole-word`` …);
-``--set key=value`` overrides a model config field (``--set hidden_size=128``).
+Every TrainConfig field is a ``train`` flag (``--seq-len``, ``--lr``, ``--whole-word`` …), its
+help text taken from the field's metadata; ``--set key=value`` overrides a model config field
+(``--set hidden_size=128``). Every flag's help says what it does, its default and its choices.
+CHECKPOINT is a run folder, a checkpoint folder or a Hugging Face BertForMaskedLM folder.
 
 Errors in what the user asked for (ValueError, and fastmlm.checkpoint.CheckpointError, a
 ValueError that fastmlm.hf raises too) print ``fastmlm <command>: error: ...`` and
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,40 +58,74 @@ def _rate(text: str) -> float:
     return value
 
 
+# --------------------------------------------------------------------------- help texts
+def _help(text: str, default=None, choices=None, *, default_text: str = None) -> str:
+    """A flag's help: what it does, then its default and (when it has them) its choices."""
+    if default_text is None:
+        default_text = "off" if default is False else "on" if default is True else \
+            "none" if default is None else " ".join(map(str, default)) if isinstance(default, (list, tuple)) \
+            else str(default)
+    tail = f"default: {default_text}"
+    if choices:
+        tail += "; choices: " + ", ".join(map(str, choices))
+    return f"{text} ({tail})".replace("%", "%%")  # argparse %-formats help texts
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wider help columns, so each flag's description, default and choices read as one paragraph."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=min(120, shutil.get_terminal_size().columns))
+
+
 # --------------------------------------------------------------------------- train flags from TrainConfig
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .config import RESUMABLE, TRAIN_PRESETS, TrainConfig
 
-    parser.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS),
-                        help="starting point; any flag below overrides it (default: demo)")
+    defaults = {**TrainConfig().to_dict(), **TRAIN_PRESETS["demo"]}
+    parser.add_argument("--preset", default=None, choices=sorted(TRAIN_PRESETS), metavar="NAME",
+                        help=_help("starting point of the run's settings; any flag below overrides it (the "
+                                   "defaults below are the demo preset's)", "demo", sorted(TRAIN_PRESETS)))
     resumable = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue the run in --out-dir from its latest checkpoint (or from CHECKPOINT). "
                              f"These flags may change on resume and take effect: {resumable}; any other "
                              "flag given must match the run, or the resume is refused "
                              "with the list of differences (with --preset, every setting of the preset counts as "
-                             "given). A finished run is left as it is.")
+                             "given). A finished run is left as it is. (default: a new run)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing run in --out-dir (refused while another process trains there)")
+                        help=_help("replace an existing run in --out-dir (refused while another process trains "
+                                   "there)", False))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model config field, e.g. --set hidden_size=128 (repeatable)")
+                        help=_help("override a model config field, e.g. --set hidden_size=128 --set "
+                                   "norm_position=pre (repeatable; fields: fastmlm.config.ModelConfig)",
+                                   default_text=_model_overrides_text(defaults["model_overrides"])))
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.name == "model_overrides":
+        if f.name in ("model_overrides", "made_by"):
             continue
-        flag, hint = "--" + f.name.replace("_", "-"), str(hints[f.name])
+        flag, hint, default = "--" + f.name.replace("_", "-"), str(hints[f.name]), defaults[f.name]
+        choices = f.metadata.get("choices")
+        kwargs = dict(default=None, help=_help(f.metadata["help"], default, choices,
+                                               default_text=f.metadata.get("default_text") if default is None else None))
+        if choices:
+            kwargs.update(choices=choices, metavar=f.name.upper().replace("_", "-"))
         if f.name in ("data", "valid_data"):
-            parser.add_argument(flag, nargs="+", default=None, metavar="PATH", help="text/JSONL files or folders")
+            parser.add_argument(flag, nargs="+", metavar="PATH", **kwargs)
         elif f.name == "betas":
-            parser.add_argument(flag, nargs=2, type=float, default=None)
+            parser.add_argument(flag, nargs=2, type=float, metavar=("BETA1", "BETA2"), **kwargs)
         elif "bool" in hint:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif "int" in hint:
-            parser.add_argument(flag, type=int, default=None)
+            parser.add_argument(flag, type=int, **kwargs)
         elif "float" in hint:
-            parser.add_argument(flag, type=float, default=None)
+            parser.add_argument(flag, type=float, **kwargs)
         else:
-            parser.add_argument(flag, default=None)
+            parser.add_argument(flag, **kwargs)
+
+
+def _model_overrides_text(overrides: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in overrides.items()) + " (the demo preset's)" if overrides else "none"
 
 
 def _parse_value(text: str):
@@ -182,11 +221,14 @@ def _print_summary(summary: dict) -> None:
 def cmd_eval(args) -> int:
     from .corpus_reader import bundled_corpus
     from .distributed import resolve_device
-    from .predict import evaluate_text, load_checkpoint
+    from .predict import evaluate_text, load_checkpoint, run_settings
 
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
     paths = args.data or [bundled_corpus("valid")]
-    metrics = evaluate_text(model, tokenizer, paths, args.seq_len, args.batch_size, args.mask_rate, args.max_batches)
+    run = run_settings(args.checkpoint)  # a run's own masking and row length, unless flags say otherwise
+    pick = lambda name, fallback: getattr(args, name) if getattr(args, name) is not None else run.get(name, fallback)  # noqa: E731
+    metrics = evaluate_text(model, tokenizer, paths, pick("seq_len", 128), pick("batch_size", 32),
+                            pick("mask_rate", 0.15), args.max_batches, whole_word=pick("whole_word", False))
     print(json.dumps(metrics) if args.json else
           f"masked-token accuracy {metrics['accuracy']:.2%}, perplexity {metrics['perplexity']:.2f}, "
           f"loss {metrics['loss']:.4f} over {metrics['n_masked']} masked tokens")
@@ -223,40 +265,55 @@ def cmd_demo(args) -> int:
 
     from . import data
     from .config import train_preset
-    from .corpus_reader import bundled_corpus
+    from .corpus_reader import bundled_corpus, training_sources
+    from .distributed import resolve_device
     from .predict import fill_mask, load_checkpoint
-    from .train import train
+    from .run_dir import check_demo_may_replace
+    from .train import evaluate, train
 
-    overrides = {"out_dir": args.out_dir, "progress": not args.no_progress}
+    name = "demo-gpu" if resolve_device(args.device).type == "cuda" else "demo"
+    overrides = {"out_dir": args.out_dir, "progress": not args.no_progress, "device": args.device, "made_by": "demo"}
     if args.max_steps is not None:
         overrides["max_steps"] = args.max_steps
-    cfg = train_preset("demo", **overrides)
+    cfg = train_preset(name, **overrides)
+    check_demo_may_replace(cfg.out_dir)  # never a run that `fastmlm train` made
     start = time.perf_counter()
     try:
         summary = train(cfg, overwrite=True)
     except KeyboardInterrupt:
         return _interrupted("demo", cfg.out_dir)
-    model, tokenizer = load_checkpoint(summary["checkpoint"])
-    collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate)
-    train_files = cfg.data or [bundled_corpus("train")]
-    valid_files = cfg.valid_data or [bundled_corpus("valid")]
+    model, tokenizer = load_checkpoint(summary["checkpoint"], summary["device"])
+    collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word)
+    train_files, valid_files = training_sources(cfg.data, cfg.valid_data, cfg.valid_holdout)
     valid = data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches)  # the masks train used
     baseline = data.unigram_baseline(data.unigram_counts(train_files, tokenizer), valid)
     losses = [float(r["loss"]) for r in _csv_rows(Path(cfg.out_dir) / "log.csv") if r["split"] == "train"]
     ours = summary["valid"]
     print()
-    print(f"fastmlm demo: {summary['step']} steps on {summary['device']}, {time.perf_counter() - start:.0f} s "
-          f"in all, {summary['tokens_per_s']:,.0f} training tokens/s")
+    print(f"fastmlm demo ({name} preset): {summary['step']} steps on {summary['device']}, "
+          f"{time.perf_counter() - start:.0f} s in all, {summary['tokens_per_s']:,.0f} training tokens/s")
     if losses:
         thirds = np.array_split(np.array(losses), 3)
         print("train loss (mean of each third of the run): " + " -> ".join(f"{t.mean():.3f}" for t in thirds if len(t)))
-    print(f"validation ({ours['n_masked']} masked tokens)      accuracy   perplexity")
-    print(f"  fastmlm model                         {ours['accuracy']:7.1%}   {ours['perplexity']:10.1f}")
-    print(f"  unigram-frequency baseline            {baseline['accuracy']:7.1%}   {baseline['perplexity']:10.1f}")
+    how = f"{cfg.mask_rate:.0%} of the tokens masked" + (", whole words" if cfg.whole_word else "")
+    print(f"validation split ({ours['n_masked']} masked tokens, {how})   accuracy   perplexity")
+    print(f"  fastmlm model                                    {ours['accuracy']:7.1%}   {ours['perplexity']:10.1f}")
+    print(f"  unigram-frequency baseline                       {baseline['accuracy']:7.1%}   "
+          f"{baseline['perplexity']:10.1f}")
+    if cfg.mask_rate != 0.15 or cfg.whole_word:  # beside the figures of earlier demos, measured at 15%
+        at15 = evaluate(model, data.eval_batches(valid_files, tokenizer, data.MaskingCollator(
+            tokenizer, cfg.seq_len, cfg.batch_size, 0.15), max_batches=cfg.eval_batches), model.embeddings.word.weight.device)
+        print(f"  fastmlm model, 15% of the tokens masked ({at15['n_masked']})     {at15['accuracy']:7.1%}   "
+              f"{at15['perplexity']:10.1f}")
+    print("  (accuracy: the share of masked tokens whose most likely token is right, 80% of them shown as [MASK], "
+          "10% random, 10% unchanged; perplexity: exp of their mean cross-entropy)")
     print()
     for text in DEMO_SENTENCES:
         _print_fills(text, fill_mask(model, tokenizer, text, top_k=5))
-    print(f"\ncheckpoint: {summary['checkpoint']}  (try: fastmlm fill-mask {summary['checkpoint']} \"...[MASK]...\")")
+    curves = Path(cfg.out_dir) / "curves.png"
+    print(f"\ncheckpoint: {summary['checkpoint']}  (try: fastmlm fill-mask {cfg.out_dir} \"...[MASK]...\")")
+    if curves.exists():
+        print(f"curves: {curves}")
     return 0
 
 
@@ -269,59 +326,126 @@ def _csv_rows(path: Path):
         return list(csv.DictReader(f))
 
 
-def cmd_bench(args) -> int:
-    if not (Path.cwd() / "benchmarks").is_dir():
-        raise SystemExit("fastmlm bench runs `python -m benchmarks` from a source checkout; no benchmarks/ here")
-    return subprocess.call([sys.executable, "-m", "benchmarks", *args.bench_args])
+def cmd_plot(args) -> int:
+    from .plot import CURVES, plot_runs
+
+    out = args.out or (Path(args.runs[0]) / CURVES if len(args.runs) == 1 else Path(CURVES))
+    try:
+        written = plot_runs(args.runs, out, title=args.title)
+    except ImportError:
+        raise ValueError("drawing needs matplotlib (pip install matplotlib)") from None
+    print(f"wrote {written}")
+    return 0
+
+
+BENCH_HELP = "run the benchmark suite (python -m benchmarks ARGS; fastmlm bench --help lists its options)"
+
+
+def cmd_bench(bench_args: list) -> int:
+    """``python -m benchmarks`` with every argument passed through (``--help`` too), from a source checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "benchmarks" / "__main__.py").is_file():
+        raise ValueError(f"fastmlm bench runs `python -m benchmarks` from a source checkout; {repo} has no "
+                         f"benchmarks/ (clone the repository and install it with pip install -e .)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    if bench_args[:1] in (["-h"], ["--help"]):
+        print("fastmlm bench: every argument goes to `python -m benchmarks`, whose options are:\n", flush=True)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args], env=env)
 
 
 # --------------------------------------------------------------------------- entry point
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmlm", description="Masked-language-model training on fused kernels.")
-    sub = parser.add_subparsers(dest="command", required=True)
+_DEVICE_HELP = "auto (a GPU when there is one), cpu, cuda or cuda:N"
 
-    p = sub.add_parser("demo", help="train a small MLM on the bundled corpus, report accuracy/perplexity, fill masks")
-    p.add_argument("--out-dir", default="runs/demo")
-    p.add_argument("--max-steps", type=_positive_int, default=None, help="override the demo's step count")
-    p.add_argument("--no-progress", action="store_true")
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmlm", description="Masked-language-model training on fused kernels. "
+                                     "`fastmlm COMMAND --help` explains each command's flags.",
+                                     formatter_class=_Formatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, description=None):
+        return sub.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+    p = command("demo", "train a small MLM on the bundled corpus, report accuracy/perplexity, fill masks",
+                "Train the demo preset (the demo-gpu preset on a GPU) on the bundled corpus, then print the "
+                "validation masked-token accuracy and perplexity beside a unigram-frequency baseline, and fill "
+                "the masks of a few sentences. The run folder gets curves.png. It replaces an earlier demo "
+                "run in --out-dir, never a run that `fastmlm train` made.")
+    p.add_argument("--out-dir", default="runs/demo", help=_help("the run folder", "runs/demo"))
+    p.add_argument("--max-steps", type=_positive_int, default=None,
+                   help=_help("override the demo's step count", default_text="the preset's"))
+    p.add_argument("--device", default="auto", help=_help(_DEVICE_HELP, "auto"))
+    p.add_argument("--no-progress", action="store_true",
+                   help=_help("no progress bar or progress lines, only validations and the report", False))
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train (or resume) an MLM; every TrainConfig field is a flag")
+    p = command("train", "train (or resume) an MLM; every TrainConfig field is a flag",
+                "Train (or resume) a masked language model. Every field of fastmlm.train.TrainConfig is a flag; "
+                "the defaults shown are the demo preset's (another --preset changes them). On a terminal a "
+                "progress bar shows loss, tokens/s and ETA; with the output redirected, one plain line per "
+                "--log-every steps. Each run folder gets log.csv and curves.png (redrawn at each validation).")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="masked-token accuracy and perplexity of a checkpoint on text")
-    p.add_argument("checkpoint", help="a checkpoint folder or a run folder (its latest checkpoint)")
-    p.add_argument("--data", nargs="+", default=None, help="text/JSONL files or folders (default: bundled validation)")
-    p.add_argument("--seq-len", type=_positive_int, default=128)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--mask-rate", type=_rate, default=0.15)
-    p.add_argument("--max-batches", type=_positive_int, default=None)
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    checkpoint_help = ("a run folder (its latest checkpoint), a checkpoint folder, or a Hugging Face "
+                       "BertForMaskedLM folder (config.json + weights + tokenizer.json or vocab.txt)")
+    p = command("eval", "masked-token accuracy and perplexity of a checkpoint on text")
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("--data", nargs="+", default=None, metavar="PATH",
+                   help=_help("text/JSONL files or folders", default_text="the bundled validation split"))
+    run_default = "the run's own setting for a fastmlm run, else {}"
+    p.add_argument("--seq-len", type=_positive_int, default=None,
+                   help=_help("tokens per packed row", default_text=run_default.format(128)))
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help=_help("rows per batch", default_text=run_default.format(32)))
+    p.add_argument("--mask-rate", type=_rate, default=None,
+                   help=_help("share of the tokens masked (fixed masks, seed 1234, as training validates)",
+                              default_text=run_default.format(0.15)))
+    p.add_argument("--whole-word", action=argparse.BooleanOptionalAction, default=None,
+                   help=_help("mask whole words", default_text=run_default.format("off")))
+    p.add_argument("--max-batches", type=_positive_int, default=None,
+                   help=_help("evaluate at most this many batches", default_text="all"))
+    p.add_argument("--device", default="auto", help=_help(_DEVICE_HELP, "auto"))
+    p.add_argument("--json", action="store_true", help=_help("print the metrics as JSON", False))
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("fill-mask", help="top-k tokens for each [MASK] in a text")
-    p.add_argument("checkpoint")
-    p.add_argument("text")
-    p.add_argument("--top-k", type=_positive_int, default=5, help="how many tokens to list (at most the vocabulary)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p = command("fill-mask", "top-k tokens for each [MASK] in a text")
+    p.add_argument("checkpoint", help=checkpoint_help)
+    p.add_argument("text", help="the text, with one or more [MASK] tokens")
+    p.add_argument("--top-k", type=_positive_int, default=5,
+                   help=_help("how many tokens to list (at most the vocabulary)", 5))
+    p.add_argument("--device", default="auto", help=_help(_DEVICE_HELP, "auto"))
     p.set_defaults(func=cmd_fill_mask)
 
-    p = sub.add_parser("export-hf", help="write a Hugging Face BertForMaskedLM folder")
-    p.add_argument("checkpoint")
-    p.add_argument("out_dir")
+    p = command("export-hf", "write a Hugging Face BertForMaskedLM folder")
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("out_dir", help="a new or empty folder")
     p.set_defaults(func=cmd_export_hf)
 
-    p = sub.add_parser("bench", help="run the benchmark suite (python -m benchmarks ARGS)")
+    p = command("plot", "draw the training curves of one or more runs into one picture",
+                "Draw loss (train and validation), validation accuracy and perplexity, and the learning rate "
+                "by step from each run's log.csv, overlaid, one colour per run.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or their log.csv files)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help=_help("the PNG to write", default_text="RUN/curves.png for one run, ./curves.png for several"))
+    p.add_argument("--title", default=None, help=_help("the picture's title", default_text="the run names"))
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("bench", help=BENCH_HELP, add_help=False)  # main() passes its arguments straight through
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every argument is the benchmark's, --help included
+        try:
+            return cmd_bench(argv[1:])
+        except ValueError as exc:
+            print(f"fastmlm bench: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -6,7 +6,8 @@
 joined); ``.jsonl`` files hold one ``{"text": ...}`` object per line; ``.gz`` versions of
 both work, and folders are searched recursively. Files are streamed, so a corpus larger
 than memory is fine. The bundled corpus (``fastmlm/corpus/{train,valid}.txt.gz``) is the
-default (:func:`bundled_corpus`).
+default (:func:`bundled_corpus`). :func:`split_holdout` cuts a fixed validation slice out of
+a corpus (:class:`HeldOut`: by a hash of each document's text).
 
 Text is UTF-8 (a byte-order mark is skipped). Bytes that are not UTF-8 are read as
 U+FFFD, which the tokenizer drops, with one :class:`CorpusWarning` per file giving their
@@ -17,12 +18,14 @@ count). A file with no text is skipped with a warning; a JSONL line that is not
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import os
 import re
 import warnings
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -156,11 +159,75 @@ def _documents_of(path: Path) -> Iterator[str]:
         warnings.warn(f"{path} holds no text; skipped", CorpusWarning)
 
 
-def read_documents(paths: Sequence[os.PathLike | str], rank: int = 0, world_size: int = 1) -> Iterator[str]:
-    """Stream the documents of ``paths``; with ``world_size > 1`` only every world_size-th one, from ``rank``."""
-    index = 0
-    for path in corpus_files(paths):
-        for doc in _documents_of(path):
-            if index % world_size == rank:
+def read_documents(paths: "Sequence[os.PathLike | str] | HeldOut", rank: int = 0, world_size: int = 1) -> Iterator[str]:
+    """Stream the documents of ``paths`` (or of a :class:`HeldOut` part of them); with ``world_size > 1``
+    only every world_size-th one, from ``rank``."""
+    if isinstance(paths, HeldOut):
+        documents = paths.documents()
+    else:
+        documents = (doc for path in corpus_files(paths) for doc in _documents_of(path))
+    for index, doc in enumerate(documents):
+        if index % world_size == rank:
+            yield doc
+
+
+# --------------------------------------------------------------------------- the held-out validation slice
+def _hash_share(text: str) -> float:
+    """Where the text's 64-bit BLAKE2b hash falls in [0, 1): the same on every machine and Python."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """One part of a corpus split into training text and a held-out validation slice.
+
+    The validation slice (``part="valid"``) is the first document of the corpus (of its first
+    file, files sorted) and every document whose 64-bit BLAKE2b hash of its text falls in
+    the lowest ``fraction`` of the hash range; ``part="train"`` is every other document. The
+    rule depends on each document's text alone, so the slice is the same on every machine,
+    in every file order and for every number of ranks, adding documents never moves others
+    between the parts, and it is never empty. Pass it wherever corpus paths go
+    (:func:`read_documents` and everything built on it).
+    """
+
+    paths: tuple
+    part: str  # "train" or "valid"
+    fraction: float
+
+    def __post_init__(self):
+        if self.part not in ("train", "valid"):
+            raise ValueError(f"part must be 'train' or 'valid', got {self.part!r}")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"the held-out fraction must lie in (0, 1), got {self.fraction!r}")
+
+    def documents(self) -> Iterator[str]:
+        want_valid = self.part == "valid"
+        for index, doc in enumerate(doc for path in corpus_files(list(self.paths)) for doc in _documents_of(path)):
+            if (index == 0 or _hash_share(doc) < self.fraction) == want_valid:
                 yield doc
-            index += 1
+
+    def __str__(self) -> str:
+        share = f"{self.fraction * 100:.3g}%"
+        what = "the held-out validation slice" if self.part == "valid" else "all but the held-out validation slice"
+        return f"{what} ({share} of the documents) of {', '.join(map(str, self.paths))}"
+
+
+def split_holdout(paths, fraction: float) -> tuple[HeldOut, HeldOut]:
+    """(training part, validation part) of the corpus ``paths`` (see :class:`HeldOut`)."""
+    paths = (paths,) if isinstance(paths, (str, os.PathLike)) else tuple(paths)
+    return HeldOut(paths, "train", fraction), HeldOut(paths, "valid", fraction)
+
+
+def training_sources(data, valid_data, holdout: float):
+    """(training text, validation text or None) of a run, as TrainConfig's fields say: the bundled
+    corpus and its validation split when ``data`` is None; ``data`` and ``valid_data`` when both are
+    given; with ``data`` alone, ``data`` split by :func:`split_holdout` (no validation when
+    ``holdout`` is 0)."""
+    if data is None:
+        return [bundled_corpus("train")], list(valid_data) if valid_data else [bundled_corpus("valid")]
+    if valid_data:
+        return list(data), list(valid_data)
+    if holdout > 0:
+        return split_holdout(data, holdout)
+    return list(data), None

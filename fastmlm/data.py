@@ -252,16 +252,26 @@ class BatchStream:
     packed, rows are shuffled through a buffer of ``shuffle_rows`` rows (seeded
     by ``(seed, epoch)``) and grouped into batches; batch ``i`` is masked with
     ``(seed, i)``. ``position`` counts the batches yielded; a new stream made
-    with ``start=position`` replays the data up to there (tokenising it again,
-    but not masking it) and continues with exactly the batches that follow.
+    with ``start=position`` continues with exactly the batches that follow.
+
+    Getting there: every epoch yields the same number of batches (the same rows,
+    shuffled differently; the rows left over at its end are dropped), counted in
+    ``epoch_batches`` once the stream has finished an epoch. Given that count
+    (``epoch_batches=``, from the checkpoint), a restarted stream starts at the
+    epoch of ``start`` at once; within that epoch it re-reads and re-tokenises the
+    documents up to ``start`` (without masking them): at most one epoch's
+    tokenisation, which the first ``next()`` pays (:func:`fastmlm.train` times it
+    as a phase of its own). Pretokenised shards would remove that too.
     Packing efficiency (real tokens / batch slots) is kept in ``efficiency``.
     """
 
     def __init__(self, paths, tokenizer, collator: MaskingCollator, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle_rows: int = 2048, start: int = 0):
+                 world_size: int = 1, shuffle_rows: int = 2048, start: int = 0,
+                 epoch_batches: Optional[int] = None):
         self.paths, self.tokenizer, self.collator = paths, tokenizer, collator
         self.seed, self.rank, self.world_size, self.shuffle_rows = seed, rank, world_size, shuffle_rows
         self.position = start
+        self.epoch_batches = epoch_batches
         self.real_tokens = 0
         self.slots = 0
 
@@ -269,9 +279,8 @@ class BatchStream:
     def efficiency(self) -> float:
         return self.real_tokens / self.slots if self.slots else 0.0
 
-    def _row_batches(self) -> Iterator[list[Row]]:
+    def _row_batches(self, epoch: int = 0) -> Iterator[list[Row]]:
         B, S = self.collator.batch_size, self.collator.seq_len
-        epoch = 0
         while True:
             rng = np.random.default_rng([self.seed, epoch, 1])
             buffer: list[Row] = []
@@ -308,11 +317,19 @@ class BatchStream:
                 produced = True
             if not produced:
                 raise ValueError(f"the training data ({self.paths}) holds no text for rank {self.rank}")
+            yield None  # the epoch's end
             epoch += 1
 
     def __iter__(self) -> Iterator[Batch]:
-        index = 0
-        for rows in self._row_batches():
+        epoch = 0
+        if self.epoch_batches:  # skip whole epochs without reading them
+            epoch = self.position // self.epoch_batches
+        index = epoch_start = epoch * (self.epoch_batches or 0)
+        for rows in self._row_batches(epoch):
+            if rows is None:
+                self.epoch_batches = index - epoch_start
+                epoch_start = index
+                continue
             if index >= self.position:
                 batch = self.collator(rows, np.random.default_rng([self.seed, index, 2]))
                 self.position = index + 1
@@ -324,8 +341,10 @@ class BatchStream:
 
 def eval_batches(paths, tokenizer, collator: MaskingCollator, seed: int = 1234,
                  max_batches: Optional[int] = None, rank: int = 0, world_size: int = 1) -> list[Batch]:
-    """The validation set as a fixed list of masked batches (same masks on every call)."""
-    rows = list(iter_rows(read_documents(paths, rank, world_size), tokenizer, collator.seq_len))
+    """The validation set as a fixed list of masked batches (same masks on every call); with
+    ``max_batches``, the first ones only (and only their text is read)."""
+    rows = iter_rows(read_documents(paths, rank, world_size), tokenizer, collator.seq_len)
+    rows = list(rows if max_batches is None else itertools.islice(rows, max_batches * collator.batch_size))
     if not rows:  # no batches would mean no validation at all, not a validation of nothing
         raise ValueError(f"the validation data ({paths}) holds no text for rank {rank}")
     batches = []

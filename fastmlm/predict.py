@@ -1,9 +1,11 @@
 """Using a trained checkpoint: load it, fill masks, evaluate on text, export to Hugging Face.
 
-Every checkpoint loaded here is verified against its manifest.json first, as training resume
-does: a folder without one (or with an edited or corrupt file) is refused. Training
-checkpoints and FastMLMForMaskedLM.save_pretrained folders carry a manifest; a Hugging Face
-folder loads with ``fastmlm.hf.load_hf`` instead.
+Every fastmlm checkpoint loaded here is verified against its manifest.json first, as training
+resume does: a folder without one (or with an edited or corrupt file) is refused. Training
+checkpoints and FastMLMForMaskedLM.save_pretrained folders carry a manifest. A Hugging Face
+``BertForMaskedLM`` folder (a ``config.json`` whose ``model_type`` is not ``"fastmlm"``, as
+``export-hf`` and ``transformers`` write it, with its ``tokenizer.json`` or ``vocab.txt``) loads
+too, through ``fastmlm.hf.load_hf``; it has no manifest to verify.
 """
 from __future__ import annotations
 
@@ -27,8 +29,19 @@ def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be {wanted}, got {value!r}")
 
 
+def is_hf_folder(path) -> bool:
+    """Whether ``path`` is a Hugging Face model folder: its config.json names a ``model_type`` other
+    than ``"fastmlm"`` (which fastmlm checkpoints write)."""
+    config = Path(path) / "config.json"
+    try:
+        kind = json.loads(config.read_text()).get("model_type", "fastmlm")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return kind != "fastmlm"
+
+
 def resolve_checkpoint(path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    """A checkpoint folder, or a run folder (its latest checkpoint), or a Hugging Face folder."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         latest = ckpt.latest_checkpoint(path / "checkpoints")
@@ -41,17 +54,26 @@ def resolve_checkpoint(path) -> Path:
 
 
 def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, object]:
-    """(model in eval mode, tokenizer) from a checkpoint or run folder, verified against its manifest."""
+    """(model in eval mode, tokenizer) from a checkpoint or run folder, verified against its manifest,
+    or from a Hugging Face BertForMaskedLM folder (see the module docstring)."""
     path = resolve_checkpoint(path)
-    ckpt.verify_checkpoint(path)  # refuses a folder without manifest.json, as resume does
+    hf = is_hf_folder(path)
+    if not hf:
+        ckpt.verify_checkpoint(path)  # refuses a folder without manifest.json, as resume does
     for name in ("tokenizer.json", "vocab.txt"):
         if (path / name).exists():
             tokenizer = load_tokenizer(path / name)
             break
     else:
-        raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt")
-    model = FastMLMForMaskedLM.from_pretrained(path).to(device).eval()
-    return model, tokenizer
+        raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt" +
+                                   (" (a Hugging Face folder needs its tokenizer beside the weights)" if hf else ""))
+    if hf:
+        from .hf import load_hf  # fastmlm.hf imports transformers-free helpers only; loaded when needed
+
+        model = load_hf(path)
+    else:
+        model = FastMLMForMaskedLM.from_pretrained(path)
+    return model.to(device).eval(), tokenizer
 
 
 @torch.no_grad()
@@ -77,8 +99,9 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[st
 
 
 def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int = 32, mask_rate: float = 0.15,
-                  max_batches: Optional[int] = None, seed: int = 1234) -> dict:
-    """Masked-token accuracy and perplexity on text files (fixed masks from ``seed``)."""
+                  max_batches: Optional[int] = None, seed: int = 1234, whole_word: bool = False) -> dict:
+    """Masked-token accuracy and perplexity on text files (fixed masks from ``seed``; the seed
+    training validations use, so a run's own settings reproduce its validation figures)."""
     from .train import evaluate
 
     _check_int("seq_len", seq_len, 3)  # [CLS], at least one token, [SEP]
@@ -88,11 +111,25 @@ def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int =
     _check_int("batch_size", batch_size, 1)
     if max_batches is not None:
         _check_int("max_batches", max_batches, 1)
-    collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate)
+    collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate, whole_word)
     batches = data.eval_batches(paths, tokenizer, collator, seed=seed, max_batches=max_batches)
     if not batches:
         raise ValueError(f"no text to evaluate in {paths}")
     return evaluate(model, batches, next(model.parameters()).device)
+
+
+def run_settings(path) -> dict:
+    """The TrainConfig (as a dict) a checkpoint or run folder was trained with; {} for other folders."""
+    try:
+        folder = resolve_checkpoint(path)
+    except ckpt.CheckpointError:
+        return {}
+    for candidate in (Path(path) / "train_config.json", folder.parent.parent / "train_config.json"):
+        try:
+            return json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def export_hf(checkpoint, out_dir) -> Path:

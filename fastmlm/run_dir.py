@@ -4,6 +4,7 @@
     <run>/train_config.json   the run's TrainConfig
     <run>/tokenizer.json      the tokenizer a fresh run trained
     <run>/log.csv             one row per log step and validation (:class:`Logger`; TensorBoard beside it)
+    <run>/curves.png          loss, accuracy, perplexity and lr by step, redrawn at each validation (fastmlm.plot)
     <run>/summary.json        written when the run ends
     <run>/checkpoints/        the checkpoints (fastmlm.checkpoint)
 
@@ -11,7 +12,8 @@
 temporaries of saves a killed run left behind are removed (:func:`remove_stale_temporaries`;
 :func:`locked` does both). A fresh run clears what an earlier one left (:func:`start_fresh`);
 a resumed one reopens its newest checkpoint (:func:`open_resumed`), and its log drops the
-rows a killed run wrote after that checkpoint.
+rows a killed run wrote after that checkpoint. What the run shows on the console meanwhile is
+fastmlm.progress's.
 """
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -
 def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist) -> None:
     """Clear what an earlier run left in ``out_dir``: always its logs (a run killed before its
     first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``."""
-    names = ["log.csv", "summary.json", "tensorboard"]
+    names = ["log.csv", "summary.json", "tensorboard", "curves.png"]
     if ckpt.list_checkpoints(out_dir / "checkpoints"):
         if not overwrite:
             raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
@@ -172,6 +174,30 @@ def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist) -> None:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+
+def check_demo_may_replace(out_dir) -> None:
+    """Refuse (ValueError) to let ``fastmlm demo`` replace a run in ``out_dir`` that it did not make.
+
+    A demo run says ``"made_by": "demo"`` in its train_config.json (runs of the demo from before
+    that field are known by their settings); a folder without checkpoints holds no run to lose.
+    """
+    out_dir = Path(out_dir)
+    if not ckpt.list_checkpoints(out_dir / "checkpoints"):
+        return
+    try:
+        saved = json.loads((out_dir / "train_config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    legacy_demo = "made_by" not in saved and all(saved.get(k) == v for k, v in _LEGACY_DEMO.items())
+    if saved.get("made_by") != "demo" and not legacy_demo:
+        raise ValueError(f"{out_dir} holds a run that `fastmlm train` made, which the demo does not replace; "
+                         f"give the demo another --out-dir, or move that run away")
+
+
+# The settings of `fastmlm demo` runs made before train_config.json said "made_by".
+_LEGACY_DEMO = {"model": "mini", "data": None, "vocab_size": 4000, "seq_len": 64, "batch_size": 16, "lr": 1e-3,
+                "warmup_steps": 30, "min_lr_ratio": 0.1, "eval_every": 250, "save_every": 250, "log_every": 20}
 
 
 def write_config(cfg: TrainConfig, ranks: Dist) -> None:

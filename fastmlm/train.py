@@ -1,17 +1,26 @@
 """The MLM training loop: one linear function, :func:`train`.
 
-    tokenizer (trained or loaded) ─► model (preset + vocab) ─► AdamW + warm-up/decay schedule
+    tokenizer (trained or loaded) ─► model (preset + vocab) ─► fused AdamW + warm-up/decay schedule
     for each step:
         grad_accum micro-batches from the BatchStream (dynamic masking, packed rows)
         loss = Σ masked-token losses / (masked tokens in all micro-batches, all ranks)
         backward (DDP syncs on the last micro-batch), clip, step, schedule
-        every log_every: CSV row + progress bar;  every eval_every: validation accuracy/ppl
+        every log_every: CSV row + progress (a bar on a terminal, plain lines otherwise)
+        every eval_every: validation accuracy/ppl, and curves.png redrawn (fastmlm.plot)
         every save_every: atomic checkpoint (fastmlm/checkpoint.py)
+
+Data: the bundled corpus and its validation split by default; ``data`` with ``valid_data``;
+or ``data`` alone, with a fixed held-out slice of it for validation (``valid_holdout``,
+fastmlm.corpus_reader.split_holdout). ``compile`` runs the training forward and backward
+under ``torch.compile``.
 
 ``resume`` continues a stopped run exactly: the model, optimizer, scheduler, grad scaler,
 every rank's RNG state and the data position come back from the checkpoint, so the
 remaining steps see the same batches, masks and dropout as an uninterrupted run. Only the
 RESUMABLE fields of the config (fastmlm.config) may change on resume; a finished run is left alone.
+Moving the data stream to the saved position is a phase of its own before the loop (its
+epoch is re-tokenised up to there; whole epochs are skipped), so the first steps' rate and
+ETA count training only.
 
 The run folder is locked while a run trains in it (fastmlm.run_dir.RunLock). A loss or
 weight that becomes NaN/inf stops the run (TrainingDiverged, naming the step) without
@@ -23,12 +32,13 @@ every ``world_size``-th document, and the loss is normalised by the global maske
 count. Gloo on the CPU, NCCL on GPUs.
 
 Elsewhere: the run folder (lock, fresh or resumed start, log.csv) in fastmlm.run_dir, the
-trainer state a checkpoint holds in fastmlm.checkpoint, TrainConfig (also importable from
-here) and its presets in fastmlm.config.
+running totals and console progress in fastmlm.progress, the trainer state a checkpoint holds in fastmlm.checkpoint, TrainConfig
+(also importable from here) and its presets in fastmlm.config.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -38,11 +48,12 @@ from typing import Optional
 import torch
 
 from . import checkpoint as ckpt
-from . import data, run_dir
+from . import data, plot, run_dir
 from .config import TrainConfig, preset  # fastmlm.train.TrainConfig is the README's name for it
-from .corpus_reader import bundled_corpus
+from .corpus_reader import training_sources
 from .distributed import Dist, launch_rank, resolve_device, setup_distributed
 from .model import FastMLMForMaskedLM
+from .progress import Meter, Progress
 from .tokenizer import load_tokenizer, special_ids
 
 
@@ -64,14 +75,39 @@ def model_config(cfg: TrainConfig, tokenizer):
                                 "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
 
 
+UNIGRAM_DOCUMENTS = 2000  # documents counted for unigram_bias
+
+
+def unigram_log_probs(counts) -> torch.Tensor:
+    """(V,) fp32 add-one smoothed log-frequencies, centred (mean 0): the ``unigram_bias`` start of the
+    MLM head's bias, with which the model's first predictions are the token frequencies.
+
+    Why it helps: at a zero bias the first steps teach the model token frequencies through the
+    decoder, which is the word-embedding matrix; that gradient moves every embedding along one
+    shared direction (the masked positions' nearly constant hidden state), and embeddings that
+    all point one way no longer tell the encoder which token it reads, so training sits on the
+    unigram plateau. Starting at the frequencies, that gradient is about context from step one.
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float64) + 1.0
+    logp = (counts / counts.sum()).log()
+    return (logp - logp.mean()).float()
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW (decoupled weight decay); biases and LayerNorm weights (1-d parameters) are not decayed."""
+    """AdamW (decoupled weight decay); biases and LayerNorm weights (1-d parameters) are not decayed.
+
+    PyTorch's fused AdamW where the parameters allow it (CPU or CUDA floating-point tensors): one
+    kernel for all parameters instead of a Python loop over them, which took a fifth of a CPU
+    training step of the demo model.
+    """
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    params = decay + no_decay
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -138,9 +174,55 @@ def accumulate_gradients(net, micro, device, amp_dtype=None, scaler=None, ranks:
     return step_loss
 
 
-def _say(ranks: Dist, msg: str, bar=None):
+def _say(ranks: Dist, msg: str, progress: Optional[Progress] = None):
     if ranks.main:
-        (bar.write if bar is not None else print)(msg)
+        (progress.write if progress is not None else print)(msg)
+
+
+def _skip_to(batches, position: int, ranks: Dist):
+    """The stream of a resumed run, moved to ``position`` before the loop (and its clocks) start.
+
+    Getting there re-reads and re-tokenises the data since the start of the saved epoch
+    (fastmlm.data.BatchStream). Done here, as a phase of its own that says what it does and
+    how long it took, it no longer stalls the first step nor skews the first rate and ETA.
+    """
+    if not position:
+        return batches
+    _say(ranks, f"resume: moving the training data to batch {position} (re-reading and re-tokenising its epoch "
+                f"up to there) ...")
+    start = time.perf_counter()
+    first = next(batches)
+    _say(ranks, f"resume: the data is at batch {position} after {time.perf_counter() - start:.1f} s")
+    return itertools.chain([first], batches)
+
+
+def _validate(model, valid, device, amp_dtype, ranks: Dist, step: int, logger, meter, progress, cfg) -> dict:
+    """One validation: its metrics, logged and shown; TrainingDiverged when they are NaN/inf."""
+    metrics = evaluate(model, valid, device, amp_dtype, ranks)
+    if metrics["n_masked"] and not math.isfinite(metrics["loss"]):  # finite weights, NaN outputs
+        raise _diverged(step, "the validation loss", Path(cfg.out_dir), cfg)
+    logger.log(step=step, split="valid", loss=metrics["loss"], accuracy=metrics["accuracy"],
+               perplexity=metrics["perplexity"], elapsed_s=meter.elapsed())
+    _say(ranks, f"step {step}: validation loss {metrics['loss']:.3f}, masked-token accuracy "
+                f"{metrics['accuracy']:.1%}, perplexity {metrics['perplexity']:.1f}", progress)
+    return metrics
+
+
+def _save(model, tokenizer, optimizer, scheduler, scaler, stream, step: int, final: bool, cfg, device,
+          ranks: Dist, progress) -> None:
+    """A checkpoint of the run at ``step`` (every rank takes part; rank 0 writes), after the weights'
+    finiteness check."""
+    out_dir = Path(cfg.out_dir)
+    if not _weights_finite(model):  # identical on every rank (DDP), so every rank stops here
+        raise _diverged(step, "a model weight", out_dir, cfg)
+    trainer_state = ckpt.capture_trainer_state(step, stream.position, optimizer, scheduler, scaler, cfg.to_dict(),
+                                               device, ranks.world_size, stream.epoch_batches)  # every rank
+    if ranks.main:
+        where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
+                                     keep=cfg.keep_checkpoints)
+        if final:
+            _say(ranks, f"checkpoint: {where}", progress)
+    ranks.barrier()
 
 
 # --------------------------------------------------------------------------- stopping a diverged run
@@ -158,51 +240,6 @@ def _diverged(step: int, what: str, out_dir: Path, cfg: TrainConfig) -> Training
 def _weights_finite(model) -> bool:
     """Whether every parameter is finite: one host sync, before each save only."""
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
-
-
-class _Meter:
-    """The loop's running totals between log rows: the loss stays on the device (summed, with the
-    first step whose loss was NaN/inf), so a step reads nothing back; token counts are host integers."""
-
-    def __init__(self, device: torch.device):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # since the last log, this rank
-        self.first_bad = torch.full((), torch.iinfo(torch.int64).max, device=device)  # first step with a NaN/inf loss
-        self.masked, self.tokens = 0, 0  # since the last log, this rank
-        self.run_tokens = 0  # the whole run, all ranks
-        self.last_loss = float("nan")
-        self.run_start = self.start = time.perf_counter()
-
-    def add(self, step: int, step_loss: torch.Tensor, micro) -> None:
-        """Count optimizer step ``step``: its summed loss (on the device) and its micro-batches."""
-        self.masked += sum(b.n_masked for b in micro)
-        self.tokens += sum(b.n_tokens for b in micro)
-        self.loss_sum += step_loss
-        self.first_bad = torch.where(step_loss.isfinite(), self.first_bad, self.first_bad.clamp(max=step))  # no sync
-
-    def interval(self, ranks: Dist) -> tuple[float, float]:
-        """(loss, tokens/s) since the last log row, over all ranks; the loss is NaN/inf when any step's was.
-
-        The one host sync of a log interval. Resets the sums (:meth:`restart_clock` resets the clock).
-        """
-        totals = ranks.all_sum(torch.stack([self.loss_sum, torch.tensor(float(self.masked), dtype=torch.float64,
-                                                                         device=self.loss_sum.device)]))
-        loss_total, masked_total = totals.tolist()  # host sync once per log interval
-        if not math.isfinite(loss_total):  # NaN/inf on some rank: all ranks see it in the sum and stop
-            return loss_total, 0.0
-        self.last_loss = loss_total / max(masked_total, 1.0)
-        tokens_per_s = self.tokens * ranks.world_size / max(time.perf_counter() - self.start, 1e-9)
-        self.run_tokens += self.tokens * ranks.world_size
-        self.loss_sum.zero_()
-        self.masked, self.tokens = 0, 0
-        return self.last_loss, tokens_per_s
-
-    def restart_clock(self) -> None:
-        """Start timing the next interval (after a log row, and after an evaluation: not training time)."""
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        """Seconds since the loop started."""
-        return time.perf_counter() - self.run_start
 
 
 # --------------------------------------------------------------------------- the loop
@@ -243,8 +280,7 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
         run_dir.start_fresh(out_dir, overwrite, ranks)
     run_dir.write_config(cfg, ranks)
 
-    train_files = cfg.data or [bundled_corpus("train")]
-    valid_files = cfg.valid_data or ([bundled_corpus("valid")] if cfg.data is None else None)
+    train_files, valid_files = training_sources(cfg.data, cfg.valid_data, cfg.valid_holdout)
     tokenizer = (load_tokenizer(resume_from / "tokenizer.json") if resume_from
                  else run_dir.prepare_tokenizer(cfg, train_files, ranks))
 
@@ -252,6 +288,10 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
     torch.manual_seed(cfg.seed)
     model_cfg = model_config(cfg, tokenizer)
     model = FastMLMForMaskedLM(model_cfg).to(device)
+    if cfg.unigram_bias and state is None:  # a resumed run loads its bias with the other weights
+        counts = data.unigram_counts(train_files, tokenizer, max_documents=UNIGRAM_DOCUMENTS)
+        with torch.no_grad():
+            model.head.bias.copy_(unigram_log_probs(counts).to(device))
     torch.manual_seed(cfg.seed + 1000 * ranks.rank)
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
@@ -267,11 +307,14 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
     net = model
     if ranks.world_size > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the training forward and backward; evaluation runs the plain model
+        net = torch.compile(net)
 
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word, cfg.layout)
     stream = data.BatchStream(train_files, tokenizer, collator, seed=cfg.seed, rank=ranks.rank,
-                              world_size=ranks.world_size, start=position)
-    batches = iter(stream)
+                              world_size=ranks.world_size, start=position,
+                              epoch_batches=ckpt.saved_epoch_batches(state, ranks.rank, ranks.world_size)
+                              if state is not None else None)
     valid = (data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches, rank=ranks.rank,
                                world_size=ranks.world_size) if valid_files else [])
     logger = run_dir.Logger(out_dir, ranks.main, resume_step=step)
@@ -279,17 +322,18 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
     _say(ranks, f"fastmlm train: {cfg.model} model ({n_params / 1e6:.1f}M parameters, vocab "
                 f"{model_cfg.vocab_size}) on {device}{f' x{ranks.world_size}' if ranks.world_size > 1 else ''}, "
                 f"precision {amp_dtype or torch.float32}, {cfg.max_steps} steps of {cfg.grad_accum} x "
-                f"{cfg.batch_size} x {cfg.seq_len} tokens" + (f", resumed at step {step}" if step else ""))
+                f"{cfg.batch_size} x {cfg.seq_len} tokens" + (f", resumed at step {step}" if step else "")
+                + (", torch.compile" if cfg.compile else ""))
+    if valid_files is not None and cfg.data is not None and not cfg.valid_data:
+        _say(ranks, f"validation: {valid_files} ({sum(b.n_masked for b in valid)} masked tokens)")
+    batches = _skip_to(iter(stream), position, ranks)  # a resumed run's data replay, timed as its own phase
 
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and ranks.main), unit="step",
-               dynamic_ncols=True)
     model.train()
-    meter = _Meter(device)
+    meter = Meter(device)
     metrics: dict = {}
+    progress = Progress(cfg.max_steps, step, enabled=cfg.progress and ranks.main)
     # ---- the loop: one optimizer step, then a log row, a validation, a checkpoint when due
-    with logger, bar:  # closed however the loop ends (an error, Ctrl-C)
+    with logger, progress:  # closed however the loop ends (an error, Ctrl-C)
         while step < stop:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)
@@ -302,7 +346,7 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
             optimizer.zero_grad(set_to_none=True)
             step += 1
             meter.add(step, step_loss, micro)
-            bar.update(1)
+            progress.update(step)
 
             final = step == stop
             if step % cfg.log_every == 0 or final:
@@ -310,30 +354,19 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
                 if not math.isfinite(loss):
                     raise _diverged(min(step, int(ranks.all_min(meter.first_bad))), "the training loss", out_dir, cfg)
                 lr = scheduler.get_last_lr()[0]
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
+                progress.log(loss, lr, tokens_per_s)
                 logger.log(step=step, split="train", loss=loss, lr=lr, tokens_per_s=tokens_per_s,
                            packing_efficiency=stream.efficiency, elapsed_s=meter.elapsed())
                 meter.restart_clock()
-            if valid and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = evaluate(model, valid, device, amp_dtype, ranks)
-                if metrics["n_masked"] and not math.isfinite(metrics["loss"]):  # finite weights, NaN outputs
-                    raise _diverged(step, "the validation loss", out_dir, cfg)
-                logger.log(step=step, split="valid", loss=metrics["loss"], accuracy=metrics["accuracy"],
-                           perplexity=metrics["perplexity"], elapsed_s=meter.elapsed())
-                _say(ranks, f"step {step}: validation loss {metrics['loss']:.3f}, masked-token accuracy "
-                            f"{metrics['accuracy']:.1%}, perplexity {metrics['perplexity']:.1f}", bar)
-                meter.restart_clock()  # evaluation time is not training throughput
-            if step % cfg.save_every == 0 or final:
-                if not _weights_finite(model):  # identical on every rank (DDP), so every rank stops here
-                    raise _diverged(step, "a model weight", out_dir, cfg)
-                trainer_state = ckpt.capture_trainer_state(step, stream.position, optimizer, scheduler, scaler,
-                                                           cfg.to_dict(), device, ranks.world_size)  # every rank
-                if ranks.main:
-                    where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
-                                                 keep=cfg.keep_checkpoints)
-                    if final:
-                        _say(ranks, f"checkpoint: {where}", bar)
-                ranks.barrier()
+            due = step % cfg.eval_every == 0 or step == cfg.max_steps
+            with meter.paused():  # evaluating, drawing and saving are not training throughput
+                if valid and due:
+                    metrics = _validate(model, valid, device, amp_dtype, ranks, step, logger, meter, progress, cfg)
+                if (due or final) and ranks.main:
+                    plot.write_curves(out_dir, title=f"{out_dir.name}: step {step} of {cfg.max_steps}")
+                if step % cfg.save_every == 0 or final:
+                    _save(model, tokenizer, optimizer, scheduler, scaler, stream, step, final, cfg, device, ranks,
+                          progress)
     # ---- finish: the summary
     wall = meter.elapsed()
     summary = {"step": step, "final_train_loss": meter.last_loss, "valid": metrics, "wall_s": wall,

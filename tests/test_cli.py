@@ -1,5 +1,7 @@
 """The fastmlm command on tiny configs: train, eval, fill-mask, export-hf, demo, and its errors."""
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,8 @@ def test_train_writes_a_run(run, capsys):
     assert config["max_steps"] == 2 and config["model_overrides"]["hidden_size"] == 32
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 2 and Path(summary["checkpoint"]).is_dir()
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn at the validation
     assert json.loads((Path(summary["checkpoint"]) / "config.json").read_text())["hidden_size"] == 32
 
 
@@ -108,7 +112,8 @@ def test_train_flags_cover_the_config():
     from fastmlm.train import TrainConfig
 
     text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for name in (f.name for f in __import__("dataclasses").fields(TrainConfig) if f.name != "model_overrides"):
+    for name in (f.name for f in __import__("dataclasses").fields(TrainConfig)
+                 if f.name not in ("model_overrides", "made_by")):
         assert "--" + name.replace("_", "-") in text, name
     assert "--resume" in text and "--set" in text
 
@@ -205,3 +210,175 @@ def test_train_help_says_which_flags_may_change_on_resume():
     (text,) = [action.help for action in train_parser._actions if "--resume" in action.option_strings]
     listed = text.split("These flags may change on resume and take effect: ")[1].split(";")[0]
     assert listed.split(", ") == ["--" + name.replace("_", "-") for name in RESUMABLE]
+
+
+# --------------------------------------------------------------------------- a CLI that explains itself (issue 17)
+def _subparsers():
+    return cli.build_parser()._subparsers._group_actions[0].choices
+
+
+def test_every_flag_explains_itself_with_its_default_and_choices():
+    for name, parser in _subparsers().items():
+        if name == "bench":  # its flags are the benchmark's own (next test)
+            continue
+        for action in parser._actions:
+            if action.help == "show this help message and exit":
+                continue
+            text = parser._get_formatter()._expand_help(action)
+            where = f"fastmlm {name} {'/'.join(action.option_strings) or action.dest}"
+            assert len(text.split("(default")[0]) > 10, where  # a description, not a bare name
+            if action.option_strings:
+                assert "default: " in text, where
+            for choice in action.choices or ():
+                assert str(choice) in text.split("choices: ")[-1], (where, choice)
+    train = _subparsers()["train"].format_help()
+    assert "--lr LR" in train and "peak learning rate" in train and "(default: " in train
+    assert "--schedule SCHEDULE" in train and "choices: linear, cosine" in train
+
+
+def test_bench_help_shows_the_benchmark_options(capfd):
+    assert cli.main(["bench", "--help"]) == 0
+    out = capfd.readouterr().out
+    assert "every argument goes to `python -m benchmarks`" in out
+    assert "usage: python -m benchmarks" in out and "--preset" in out and "--ops" in out
+
+
+def test_eval_and_fill_mask_take_hugging_face_folders(run, tmp_path, capsys):
+    """The run and its export-hf folder give the same figures and fills."""
+    root, out = run
+    hf = tmp_path / "hf"
+    assert cli.main(["export-hf", str(out), str(hf)]) == 0
+    capsys.readouterr()
+    results = []
+    for folder in (out, hf):
+        assert cli.main(["eval", str(folder), "--data", str(root / "valid.txt"), "--seq-len", "32", "--batch-size",
+                         "8", "--mask-rate", "0.15", "--json"]) == 0  # the run's own settings: the same for both
+        metrics = json.loads(capsys.readouterr().out)
+        assert cli.main(["fill-mask", str(folder), "A [MASK] holds items.", "--top-k", "3"]) == 0
+        results.append((metrics, capsys.readouterr().out))
+    (ours, our_fill), (theirs, their_fill) = results
+    assert ours["n_masked"] == theirs["n_masked"] > 0
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5) and our_fill == their_fill
+    (hf / "tokenizer.json").unlink()
+    (hf / "vocab.txt").unlink()
+    assert cli.main(["eval", str(hf)]) == 2
+    assert "needs its tokenizer beside the weights" in capsys.readouterr().err
+
+
+def test_a_transformers_folder_is_evaluated_as_transformers_scores_it(run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from fastmlm.predict import load_checkpoint
+
+    root, out = run
+    hf = tmp_path / "bert"
+    config = transformers.BertConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64,
+                                     attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(config).save_pretrained(hf)
+    shutil.copy(root / "tokenizer.json", hf / "tokenizer.json")
+    assert cli.main(["fill-mask", str(hf), "A [MASK] holds items.", "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.startswith("A [MASK] holds items.\n  [MASK]: ")
+    assert cli.main(["eval", str(hf), "--data", str(root / "valid.txt"), "--seq-len", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_masked"] > 0
+    model, _ = load_checkpoint(hf)
+    ids = torch.tensor([[2, 10, 11, 4, 12, 3]])
+    want = transformers.BertForMaskedLM.from_pretrained(hf).eval()(input_ids=ids).logits[0]
+    torch.testing.assert_close(model.masked_logits(ids, positions=torch.arange(6)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_train_without_valid_data_validates_on_a_held_out_slice(run, tmp_path, capsys):
+    root, _ = run
+    out = tmp_path / "r"
+    args = ["train", "--preset", "tiny", "--data", str(root / "train.txt"), "--tokenizer", str(root / "tokenizer.json"),
+            "--out-dir", str(out), "--max-steps", "2", "--eval-every", "2", "--no-progress",
+            "--set", "hidden_size=32", "--set", "num_heads=2", "--valid-holdout", "0.05"]
+    assert cli.main(args) == 0
+    text = capsys.readouterr().out
+    assert "validation: the held-out validation slice (5% of the documents) of " in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["valid"]["n_masked"] > 0
+    from fastmlm.corpus_reader import read_documents, split_holdout
+
+    train_docs, valid_docs = (list(read_documents(p)) for p in split_holdout([root / "train.txt"], 0.05))
+    assert valid_docs and not set(train_docs) & set(valid_docs)
+
+
+def test_progress_is_plain_lines_when_the_output_is_redirected(run, tmp_path, capsys):
+    root, _ = run
+    args = _train_args(root, tmp_path / "r", "--max-steps", "3", "--log-every", "1", "--progress")
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()  # not a terminal
+    lines = [line for line in captured.out.splitlines() if line.startswith("step ") and "|" in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3 (33%)", "step 2/3 (67%)", "step 3/3 (100%)"]
+    assert all("tokens/s" in line and "ETA" in line for line in lines)
+    assert "\r" not in captured.out + captured.err
+
+
+def test_progress_is_a_bar_on_a_terminal(monkeypatch, capsys):
+    import sys
+
+    from fastmlm.progress import Progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    with Progress(10, 0, enabled=True) as bar:
+        assert bar.mode == "bar" and bar.bar is not None
+        bar.update(1)
+        bar.log(5.0, 1e-3, 1000.0)
+    assert Progress(10, 0, enabled=False).mode == "off"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert Progress(10, 0, enabled=True).mode == "lines"
+
+
+def test_compile_runs_the_training_step_under_torch_compile(run, tmp_path, monkeypatch):
+    """--compile wraps the training model in torch.compile; here with a quick backend and fullgraph=True,
+    so a graph break in the training step fails the test (Inductor's C++ build is too slow for the tier)."""
+    root, _ = run
+    calls = []
+    real = torch.compile
+
+    def quick_compile(model, **kwargs):
+        calls.append(model)
+        return real(model, backend="aot_eager", fullgraph=True, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", quick_compile)
+    torch._dynamo.reset()
+    out = tmp_path / "r"
+    assert cli.main(_train_args(root, out, "--max-steps", "2", "--eval-every", "2", "--compile")) == 0
+    assert len(calls) == 1 and type(calls[0]).__name__ == "FastMLMForMaskedLM"
+    assert json.loads((out / "train_config.json").read_text())["compile"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == 2 and summary["valid"]["n_masked"] > 0
+
+
+def test_demo_never_replaces_a_train_run(run, tmp_path, capsys):
+    from fastmlm.run_dir import check_demo_may_replace
+
+    _, out = run
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert cli.main(["demo", "--out-dir", str(out), "--max-steps", "1", "--no-progress"]) == 2
+    assert "holds a run that `fastmlm train` made" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    demo = tmp_path / "demo"
+    shutil.copytree(out, demo)
+    config = json.loads((demo / "train_config.json").read_text())
+    (demo / "train_config.json").write_text(json.dumps({**config, "made_by": "demo"}))
+    check_demo_may_replace(demo)  # a demo run may be replaced by the next demo
+    check_demo_may_replace(tmp_path / "empty")  # and so may nothing
+
+
+def test_resume_moves_the_data_before_the_first_step(run, tmp_path, capsys):
+    root, _ = run
+    out = tmp_path / "r"
+    assert cli.main(_train_args(root, out, "--max-steps", "4", "--stop-after", "2", "--save-every", "2")) == 0
+    capsys.readouterr()
+    assert cli.main(_train_args(root, out, "--max-steps", "4", "--resume", "--log-every", "1", "--progress")) == 0
+    lines = capsys.readouterr().out.splitlines()
+    skip = next(i for i, line in enumerate(lines) if line.startswith("resume: the data is at batch 2 after "))
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step 3/4 (75%) | "))
+    assert skip < first_step
+    from fastmlm import checkpoint as ckpt
+
+    state = ckpt.load_trainer_state(ckpt.latest_checkpoint(out / "checkpoints"))
+    assert state["data_position"] == 4 and len(state["data_epoch_batches"]) == 1

@@ -79,3 +79,41 @@ def test_dict_round_trip_through_json():
     assert back == cfg
     with pytest.raises(ValueError, match=r"unknown fields \['num_hidden_layers'\]"):
         ModelConfig.from_dict({**cfg.to_dict(), "num_hidden_layers": 3})
+
+
+# --------------------------------------------------------------------------- TrainConfig (issue 17)
+def test_every_train_field_carries_its_help_and_choices():
+    from fastmlm.config import TRAIN_PRESETS, TrainConfig, train_preset
+
+    for f in dataclasses.fields(TrainConfig):
+        assert len(f.metadata.get("help", "")) > 10, f.name
+        for choice in f.metadata.get("choices", ()):
+            assert isinstance(choice, str), f.name
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}
+    assert choices["schedule"] == ("linear", "cosine") and "mini" in choices["model"]
+    for name in TRAIN_PRESETS:
+        cfg = train_preset(name)
+        for f in dataclasses.fields(TrainConfig):
+            if f.metadata.get("choices"):
+                assert getattr(cfg, f.name) in f.metadata["choices"], (name, f.name)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("valid_holdout", 1.0, r"valid_holdout must lie in \[0, 1\)"),
+    ("valid_holdout", -0.1, r"valid_holdout must lie in \[0, 1\)"),
+    ("made_by", "someone", "made_by must be one of"),
+])
+def test_train_config_refuses_bad_new_fields(field, value, message):
+    from fastmlm.config import TrainConfig
+
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_demo_presets_train_apart_from_plain_train_runs():
+    from fastmlm.config import RESUMABLE, TrainConfig, train_preset
+
+    assert TrainConfig().out_dir == "runs/train" and train_preset("demo").out_dir == "runs/train"
+    assert train_preset("demo").made_by == "train"  # `fastmlm demo` marks its own runs
+    assert train_preset("demo-gpu").model_overrides["norm_position"] in ("pre", "post")
+    assert "compile" in RESUMABLE

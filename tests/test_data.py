@@ -356,3 +356,73 @@ def test_unigram_baseline_by_hand():
     probs = (counts + 1) / (counts + 1).sum()
     assert out["accuracy"] == pytest.approx(2 / 3) and out["n_masked"] == 3
     assert out["perplexity"] == pytest.approx(np.exp(-(2 * np.log(probs[5]) + np.log(probs[6])) / 3))
+
+
+# --------------------------------------------------------------------------- resuming a stream without replaying epochs
+def test_stream_counts_its_epochs_and_a_restart_skips_whole_epochs(tokenizer, tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(itertools.islice(read_documents([bundled_corpus("train")]), 6)))
+    collator = data.MaskingCollator(tokenizer, 32, 8)
+    make = lambda **kw: data.BatchStream([path], tokenizer, collator, seed=3, shuffle_rows=16, **kw)  # noqa: E731
+    stream = make()
+    first = list(itertools.islice(stream, 40))
+    per_epoch = stream.epoch_batches
+    assert per_epoch is not None and 2 <= per_epoch <= 15  # the test runs past two epoch ends
+    start = 2 * per_epoch + 1  # inside the third epoch
+
+    reads = []
+    real_read = data.read_documents
+    monkeypatch.setattr(data, "read_documents", lambda *a, **k: reads.append(1) or real_read(*a, **k))
+    resumed = iter(make(start=start, epoch_batches=per_epoch))
+    again = [next(resumed)]
+    assert len(reads) == 1  # the first two epochs were not read again
+    again += itertools.islice(resumed, 40 - start - 1)
+    for a, b in zip(first[start:], again):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.masked_positions, b.masked_positions)
+    reads.clear()
+    list(itertools.islice(make(start=start), 1))  # without the count: every epoch up to there is re-read
+    assert len(reads) == 3
+
+
+# --------------------------------------------------------------------------- the held-out validation slice
+def test_held_out_slice_is_fixed_disjoint_and_never_empty(tmp_path):
+    from fastmlm.corpus_reader import HeldOut, split_holdout
+
+    docs = [f"document {i}: lists hold items and tuples hold {i} values" for i in range(400)]
+    (tmp_path / "a.txt").write_text("\n\n".join(docs[:200]))
+    (tmp_path / "b.txt").write_text("\n\n".join(docs[200:]))
+    train, valid = split_holdout([tmp_path / "a.txt", tmp_path / "b.txt"], 0.05)
+    t, v = list(read_documents(train)), list(read_documents(valid))
+    assert sorted(t + v) == sorted(docs) and not set(t) & set(v)
+    assert docs[0] in v and 5 <= len(v) <= 45  # the first document, and about 5% by hash
+    # the same slice whatever the file order or the folder: each document's own text decides
+    _, swapped = split_holdout([tmp_path / "b.txt", tmp_path / "a.txt"], 0.05)
+    assert set(read_documents(swapped)) - {docs[200]} == set(v) - {docs[0]}
+    # never empty: a corpus too small for a hash share still holds out its first document
+    (tmp_path / "small.txt").write_text("one document\n\nand another")
+    assert list(read_documents(HeldOut((tmp_path / "small.txt",), "valid", 0.001))) == ["one document"]
+    # ranks share the slice out
+    shards = [list(read_documents(valid, rank=r, world_size=2)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(v)
+    assert "held-out validation slice (5% of the documents)" in str(valid)
+    with pytest.raises(ValueError, match="held-out fraction"):
+        HeldOut((tmp_path / "a.txt",), "valid", 0.0)
+
+
+def test_training_sources_follow_the_config(tmp_path):
+    from fastmlm.corpus_reader import HeldOut, training_sources
+
+    assert training_sources(None, None, 0.01) == ([bundled_corpus("train")], [bundled_corpus("valid")])
+    assert training_sources(["t.txt"], ["v.txt"], 0.01) == (["t.txt"], ["v.txt"])
+    train, valid = training_sources(["t.txt"], None, 0.01)
+    assert isinstance(train, HeldOut) and (train.part, valid.part) == ("train", "valid")
+    assert training_sources(["t.txt"], None, 0.0) == (["t.txt"], None)
+
+
+def test_eval_batches_reads_only_what_max_batches_needs(tokenizer, tmp_path):
+    collator = data.MaskingCollator(tokenizer, 32, 4)
+    everything = data.eval_batches([bundled_corpus("valid")], tokenizer, collator)
+    some = data.eval_batches([bundled_corpus("valid")], tokenizer, collator, max_batches=3)
+    assert len(some) == 3 and len(everything) > 3
+    for a, b in zip(everything, some):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)

@@ -206,3 +206,28 @@ def test_ddp_two_cpu_processes_gloo(corpus, tmp_path):
     assert summary["world_size"] == 2 and summary["step"] == 3 and math.isfinite(summary["final_train_loss"])
     state = ckpt.load_trainer_state(Path(summary["checkpoint"]))
     assert len(state["rng_cpu"]) == 2 and not torch.equal(state["rng_cpu"][0], state["rng_cpu"][1])
+
+
+# --------------------------------------------------------------------------- the demo recipe's pieces (issue 17)
+def test_unigram_bias_starts_the_model_at_the_token_frequencies(corpus, tmp_path):
+    counts = np.array([0, 0, 3, 1, 7])
+    start = train.unigram_log_probs(counts)
+    assert float(start.mean()) == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(start.double().softmax(0), torch.tensor((counts + 1) / (counts + 1).sum()))
+
+    first_losses = {}
+    for flag in (False, True):
+        out = tmp_path / f"bias_{flag}"
+        train.train(tiny(corpus, out, max_steps=2, unigram_bias=flag, eval_every=2, save_every=2, log_every=1))
+        first_losses[flag] = train_losses(out)[1]
+    assert first_losses[True] < first_losses[False] - 0.3  # no steps spent learning frequencies
+    from fastmlm.predict import load_checkpoint
+
+    model, tokenizer = load_checkpoint(tmp_path / "bias_True")
+    the = tokenizer.token_to_id("the")
+    assert int(model.head.bias.argmax()) in (the, tokenizer.token_to_id("."), tokenizer.token_to_id(","))
+
+
+def test_fused_adamw_is_used_on_the_cpu():
+    opt = train.make_optimizer(FastMLMForMaskedLM(preset("tiny")), train.TrainConfig())
+    assert opt.defaults.get("fused") is True
