@@ -269,7 +269,7 @@ def cmd_demo(args) -> int:
     from .distributed import resolve_device
     from .predict import fill_mask, load_checkpoint
     from .run_dir import check_demo_may_replace
-    from .train import evaluate, train
+    from .train import UNIGRAM_DOCUMENTS, evaluate, train
 
     name = "demo-gpu" if resolve_device(args.device).type == "cuda" else "demo"
     overrides = {"out_dir": args.out_dir, "progress": not args.no_progress, "device": args.device, "made_by": "demo"}
@@ -286,7 +286,8 @@ def cmd_demo(args) -> int:
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word)
     train_files, valid_files = training_sources(cfg.data, cfg.valid_data, cfg.valid_holdout)
     valid = data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches)  # the masks train used
-    baseline = data.unigram_baseline(data.unigram_counts(train_files, tokenizer), valid)
+    counts = data.unigram_counts(train_files, tokenizer, max_documents=UNIGRAM_DOCUMENTS)  # as unigram_bias took
+    baseline = data.unigram_baseline(counts, valid)
     losses = [float(r["loss"]) for r in _csv_rows(Path(cfg.out_dir) / "log.csv") if r["split"] == "train"]
     ours = summary["valid"]
     print()

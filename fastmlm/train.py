@@ -75,7 +75,7 @@ def model_config(cfg: TrainConfig, tokenizer):
                                 "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
 
 
-UNIGRAM_DOCUMENTS = 2000  # documents counted for unigram_bias
+UNIGRAM_DOCUMENTS = 10_000  # documents counted for unigram_bias (the whole bundled corpus: 4,266)
 
 
 def unigram_log_probs(counts) -> torch.Tensor:
