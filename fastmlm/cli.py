@@ -26,15 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import typing
 from pathlib import Path
 
-DEMO_SENTENCES = (
-    "A [MASK] is an ordered collection of items.",
-    "The for [MASK] iterates over the items of a sequence.",
-    "If the file does not exist, an [MASK] is raised.",
-)
 
 
 # --------------------------------------------------------------------------- argument types
@@ -236,19 +230,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_fill_mask(args) -> int:
+    from .demo import print_fills
     from .distributed import resolve_device
     from .predict import fill_mask, load_checkpoint
 
     model, tokenizer = load_checkpoint(args.checkpoint, resolve_device(args.device))
-    _print_fills(args.text, fill_mask(model, tokenizer, args.text, args.top_k))
+    print_fills(args.text, fill_mask(model, tokenizer, args.text, args.top_k))
     return 0
-
-
-def _print_fills(text: str, fills) -> None:
-    print(text)
-    for n, options in enumerate(fills, 1):
-        shown = ", ".join(f"{token} {prob:.1%}" for token, prob in options)
-        print(f"  [MASK] {n}: {shown}" if len(fills) > 1 else f"  [MASK]: {shown}")
 
 
 def cmd_export_hf(args) -> int:
@@ -260,71 +248,13 @@ def cmd_export_hf(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Train the demo config, then report accuracy/perplexity against a unigram baseline and fill masks."""
-    import numpy as np
+    from .demo import run_demo
 
-    from . import data
-    from .config import train_preset
-    from .corpus_reader import bundled_corpus, training_sources
-    from .distributed import resolve_device
-    from .predict import fill_mask, load_checkpoint
-    from .run_dir import check_demo_may_replace
-    from .train import UNIGRAM_DOCUMENTS, evaluate, train
-
-    name = "demo-gpu" if resolve_device(args.device).type == "cuda" else "demo"
-    overrides = {"out_dir": args.out_dir, "progress": not args.no_progress, "device": args.device, "made_by": "demo"}
-    if args.max_steps is not None:
-        overrides["max_steps"] = args.max_steps
-    cfg = train_preset(name, **overrides)
-    check_demo_may_replace(cfg.out_dir)  # never a run that `fastmlm train` made
-    start = time.perf_counter()
     try:
-        summary = train(cfg, overwrite=True)
+        run_demo(args.out_dir, args.device, args.max_steps, progress=not args.no_progress)
     except KeyboardInterrupt:
-        return _interrupted("demo", cfg.out_dir)
-    model, tokenizer = load_checkpoint(summary["checkpoint"], summary["device"])
-    collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word)
-    train_files, valid_files = training_sources(cfg.data, cfg.valid_data, cfg.valid_holdout)
-    valid = data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches)  # the masks train used
-    counts = data.unigram_counts(train_files, tokenizer, max_documents=UNIGRAM_DOCUMENTS)  # as unigram_bias took
-    baseline = data.unigram_baseline(counts, valid)
-    losses = [float(r["loss"]) for r in _csv_rows(Path(cfg.out_dir) / "log.csv") if r["split"] == "train"]
-    ours = summary["valid"]
-    print()
-    print(f"fastmlm demo ({name} preset): {summary['step']} steps on {summary['device']}, "
-          f"{time.perf_counter() - start:.0f} s in all, {summary['tokens_per_s']:,.0f} training tokens/s")
-    if losses:
-        thirds = np.array_split(np.array(losses), 3)
-        print("train loss (mean of each third of the run): " + " -> ".join(f"{t.mean():.3f}" for t in thirds if len(t)))
-    how = f"{cfg.mask_rate:.0%} of the tokens masked" + (", whole words" if cfg.whole_word else "")
-    print(f"validation split ({ours['n_masked']} masked tokens, {how})   accuracy   perplexity")
-    print(f"  fastmlm model                                    {ours['accuracy']:7.1%}   {ours['perplexity']:10.1f}")
-    print(f"  unigram-frequency baseline                       {baseline['accuracy']:7.1%}   "
-          f"{baseline['perplexity']:10.1f}")
-    if cfg.mask_rate != 0.15 or cfg.whole_word:  # beside the figures of earlier demos, measured at 15%
-        at15 = evaluate(model, data.eval_batches(valid_files, tokenizer, data.MaskingCollator(
-            tokenizer, cfg.seq_len, cfg.batch_size, 0.15), max_batches=cfg.eval_batches), model.embeddings.word.weight.device)
-        print(f"  fastmlm model, 15% of the tokens masked ({at15['n_masked']})     {at15['accuracy']:7.1%}   "
-              f"{at15['perplexity']:10.1f}")
-    print("  (accuracy: the share of masked tokens whose most likely token is right, 80% of them shown as [MASK], "
-          "10% random, 10% unchanged; perplexity: exp of their mean cross-entropy)")
-    print()
-    for text in DEMO_SENTENCES:
-        _print_fills(text, fill_mask(model, tokenizer, text, top_k=5))
-    curves = Path(cfg.out_dir) / "curves.png"
-    print(f"\ncheckpoint: {summary['checkpoint']}  (try: fastmlm fill-mask {cfg.out_dir} \"...[MASK]...\")")
-    if curves.exists():
-        print(f"curves: {curves}")
+        return _interrupted("demo", args.out_dir)
     return 0
-
-
-def _csv_rows(path: Path):
-    import csv
-
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def cmd_plot(args) -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fastmlm import cli
+from fastmlm.demo import DEMO_SENTENCES
 from mlm_corpus import make_small_corpus, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_demo_command_end_to_end(run, tmp_path, capsys, monkeypatch):
     assert cli.main(["demo", "--max-steps", "2", "--out-dir", str(tmp_path / "demo"), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "unigram-frequency baseline" in text and "fastmlm model" in text
-    assert text.count("[MASK]:") == len(cli.DEMO_SENTENCES)
+    assert text.count("[MASK]:") == len(DEMO_SENTENCES)
 
 
 def test_train_flags_cover_the_config():
