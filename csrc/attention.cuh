@@ -15,6 +15,16 @@
 //                    dS = P ∘ (dO Vᵀ - delta),  dQ += scale · dS K.
 //             (Recomputing P twice costs one extra Q Kᵀ product; it buys determinism.)
 //
+// Block-sparse attention is the same three kernels with another walk (TileWalk): instead of
+// every tile up to the last real key, each block visits the tiles of the layout blocks on its
+// visit list (launchers.h, BlockSparseParams: per query block the key blocks for the forward
+// and dQ, per key block the query blocks for dK/dV). A skipped layout block is never loaded; a
+// full one needs only the key mask; a partial one applies the token rule per element (window,
+// global tokens, token mask), as a -inf score or a zero probability. A layout block is a
+// multiple of the 64-row query tile, so every tile lies in one layout block and takes its state
+// (the Triton kernel also pools smaller layout blocks; here the Python driver refuses them).
+// A block-sparse row whose kept set is empty outputs 0 with lse = -inf, like a row without keys.
+//
 // Layouts: packed (T, H, D) with cu_seqlens, or padded (B, S, H, D) with an optional
 // (B, S) key mask applied element-wise, so left-padding or holes work too; key tiles past
 // the last real key of a sequence (key_len, computed on the device) are skipped. Padded
@@ -34,7 +44,8 @@
 // double-buffers the tiles of its inner loop with cp.async (16-byte copies, zero-fill past
 // the ends): the next tile is in flight while the warps work on the current one. Not done
 // (yet): wgmma / TMA on sm_90a, larger tiles with 8 warps, a split-KV forward for long
-// sequences; no GPU timing has been taken of any variant.
+// sequences, an unmasked fast path for interior full tiles, layout blocks smaller than 64; no
+// GPU timing has been taken of any variant.
 #pragma once
 
 #include <cmath>
@@ -85,6 +96,92 @@ FASTMLM_DEVICE int64_t row_offset(const AttentionParams& p, int64_t token, int h
 
 FASTMLM_DEVICE bool key_is_real(Sequence seq, int key) {
   return key < seq.keys && (seq.key_mask == nullptr || seq.key_mask[key]);
+}
+
+// =========================================================================== the walk
+// Which tiles of the inner loop a block visits, in ascending order, and which of them need the
+// layout's token rule. One code path for both ops: dense attention walks every tile of [0, end); block-sparse attention
+// walks, for each layout block on this block's visit list, the tiles of that layout block,
+// cut at end. (A layout block is a whole number of tiles: the binding and the Python driver
+// require block_size to be a multiple of kBlockRows, and kInner divides kBlockRows.)
+// end is seq.keys for the key walks (forward, dQ) and seq.len for the query walk (dK/dV).
+struct TileWalk {
+  const int* visits;  // the visit list: layout block indices, ascending; null = dense
+  int count;          // entries of visits
+  int block_size;     // layout block edge in tokens (dense: unused)
+  int end;            // tiles start before end
+  int step;           // tile edge: kInner
+  int slot = 0;       // the entry of visits the last tile returned lies in
+
+  // The first tile's start, or -1 when there is none.
+  FASTMLM_DEVICE int first() {
+    if (visits == nullptr) return end > 0 ? 0 : -1;
+    slot = 0;
+    return count > 0 && visits[0] * block_size < end ? visits[0] * block_size : -1;
+  }
+  // The tile after the one at pos, or -1. Called once per tile, in order (it moves slot on).
+  FASTMLM_DEVICE int next(int pos) {
+    const int after = pos + step;
+    if (visits == nullptr) return after < end ? after : -1;
+    const int block_end = (visits[slot] + 1) * block_size;
+    if (after < block_end && after < end) return after;
+    ++slot;
+    return slot < count && visits[slot] * block_size < end ? visits[slot] * block_size : -1;
+  }
+};
+
+constexpr int8_t kPartial = 2;  // the tile states of fastmlm/ops/block_layout.py: 0 skip, 1 full, 2 partial
+
+// The layout's head for attention head `head` (one layout may serve every head).
+FASTMLM_DEVICE int layout_head(const BlockSparseParams& s, int head) { return s.layout_heads == 1 ? 0 : head; }
+
+// The walk of one block: over key tiles for the query block at row0 (kv_index: forward, dQ),
+// or over query tiles for the key block at key0 (q_index: dK/dV).
+FASTMLM_DEVICE TileWalk make_walk(const AttentionParams& p, int head, int outer0, bool over_queries, int end,
+                                  int step) {
+  const BlockSparseParams& s = p.sparse;
+  if (s.blocks == nullptr) return {nullptr, 0, 0, end, step};
+  const int64_t row = static_cast<int64_t>(layout_head(s, head)) * s.num_blocks + outer0 / s.block_size;
+  const int* index = over_queries ? s.q_index : s.kv_index;
+  const int* count = over_queries ? s.q_count : s.kv_count;
+  return {index + row * s.num_blocks, count[row], s.block_size, end, step};
+}
+
+// Whether the tile of queries q0.. and keys k0.. needs the token rule: a partial layout block
+// (never in dense attention, where the key mask alone decides).
+FASTMLM_DEVICE bool tile_is_partial(const AttentionParams& p, int head, int q0, int k0) {
+  const BlockSparseParams& s = p.sparse;
+  if (s.blocks == nullptr) return false;
+  const int64_t at = (static_cast<int64_t>(layout_head(s, head)) * s.num_blocks + q0 / s.block_size) * s.num_blocks +
+                     k0 / s.block_size;
+  return s.blocks[at] == kPartial;
+}
+
+// The token rule of a partial tile for query i and key j (positions in the sequence):
+// |i - j| <= window, or a global token on either side, or token_mask[i, j].
+FASTMLM_DEVICE bool rule_keeps(const AttentionParams& p, int head, int i, int j) {
+  const BlockSparseParams& s = p.sparse;
+  const int d = i - j;
+  if ((d < 0 ? -d : d) <= s.window || i < s.num_global || j < s.num_global) return true;
+  if (s.token_mask == nullptr || i >= s.layout_len || j >= s.layout_len) return false;
+  const int64_t mask_head = s.mask_heads == 1 ? 0 : head;
+  return s.token_mask[(mask_head * s.layout_len + i) * s.layout_len + j];
+}
+
+// In a partial tile, set the entries of this warp's accumulator tile that the token rule drops
+// to `dropped` (-inf for a score, 0 for a probability or dS): a select, so whatever the product
+// held there (even NaN) is gone. The accumulator's rows are row0 + g and row0 + g + 8, its
+// columns col0 + 8n + 2t (+1); KEY_ROWS says the rows are keys (dK/dV's Pᵀ), else queries.
+// Called only for partial tiles, so the dense walk runs none of it.
+template <int COLS, bool KEY_ROWS>
+FASTMLM_DEVICE void drop_by_rule(float (&acc)[COLS / 8][4], const AttentionParams& p, int head, int row0, int col0,
+                                 float dropped) {
+  const int g = thread_x() % kWarpSize / 4, t = thread_x() % 4;
+  for (int n = 0; n < COLS / 8; ++n)
+    for (int i = 0; i < 4; ++i) {
+      const int row = row0 + g + 8 * (i / 2), col = col0 + n * 8 + 2 * t + (i & 1);
+      if (!(KEY_ROWS ? rule_keeps(p, head, col, row) : rule_keeps(p, head, row, col))) acc[n][i] = dropped;
+    }
 }
 
 // Which rows of a tile are read from memory: query and dO rows up to the end of the
@@ -263,13 +360,13 @@ FASTMLM_DEVICE void issue_kv_tile(T* dst, int tile, float* key_bias, const Atten
   for (int j = thread_x(); j < kKeys; j += kThreads) key_bias[j] = key_is_real(seq, key0 + j) ? 0.f : -INFINITY;
 }
 
-// The head of every double-buffered inner loop: start copying the tile at next0 (if it is
-// before end) into the other buffer with issue(next0, buffer), then wait until this tile has
-// landed and every thread's copies of it are visible. (The other buffer was last read in the
+// The head of every double-buffered inner loop: start copying the tile at next0 (if there is
+// one: next0 >= 0, see TileWalk) into the other buffer with issue(next0, buffer), then wait
+// until this tile has landed and every thread's copies of it are visible. (The other buffer was last read in the
 // previous step, which ended with a barrier.)
 template <class Issue>
-FASTMLM_DEVICE void prefetch_and_wait(int next0, int end, int tile, const Issue& issue) {
-  if (next0 < end) {
+FASTMLM_DEVICE void prefetch_and_wait(int next0, int tile, const Issue& issue) {
+  if (next0 >= 0) {
     issue(next0, (tile + 1) % 2);
     cp_async_wait<1>();
   } else {
@@ -314,19 +411,26 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
   float m[2] = {-INFINITY, -INFINITY};  // running max of rows g and g+8, log2 units
   float l[2] = {0.f, 0.f};              // running sum of 2^(s - m), this lane's columns only
 
-  if (seq.keys > 0) issue_tile(0, 0);
-  for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
+  // The key tiles to visit: all up to the last real key, or the layout's visit list.
+  TileWalk walk = make_walk(p, head, row0, /*over_queries=*/false, seq.keys, kKeys);
+  int key0 = walk.first();
+  if (key0 >= 0) issue_tile(key0, 0);
+  for (int tile = 0; key0 >= 0; ++tile) {
     // Stage 2: prefetch the next K/V tile into the other buffer, wait for this one.
-    prefetch_and_wait(key0 + kKeys, seq.keys, tile, issue_tile);
+    const int next0 = walk.next(key0);
+    prefetch_and_wait(next0, tile, issue_tile);
     const T* k_s = smem + (tile % 2) * Smem::kBuffer;
     const T* v_s = k_s + Smem::kTile;
     const float* key_bias = key_bias_buffers + (tile % 2) * Smem::kStats;
 
-    // Stage 3: scores in log2 units, s = (q · k) · scale · log2(e), -inf at keys that are not real.
+    // Stage 3: scores in log2 units, s = (q · k) · scale · log2(e), -inf at keys that are not
+    // real and, in a partial block-sparse tile, at pairs the layout's token rule drops.
     float s[kKeys / 8][4] = {};
     mma_a_bt<T, kKeys, HEAD_DIM>(s, q_frag, k_s);
     for (int n = 0; n < kKeys / 8; ++n)
       for (int i = 0; i < 4; ++i) s[n][i] = s[n][i] * scale_log2 + key_bias[n * 8 + 2 * t + (i & 1)];
+    if (tile_is_partial(p, head, row0, key0))
+      drop_by_rule<kKeys, /*KEY_ROWS=*/false>(s, p, head, row0 + warp * kRowsPerWarp, key0, -INFINITY);
 
     // Stage 4: online softmax. Accumulator entries 0,1 belong to row g, entries 2,3 to row g+8.
     float tile_max[2] = {m[0], m[1]};
@@ -353,17 +457,20 @@ FASTMLM_KERNEL void forward_kernel(const AttentionParams p) {
     // Stage 5: O += P V, P straight from the accumulators (rounded to the input dtype).
     mma_p_b<T, kKeys, HEAD_DIM>(o, s, v_s);
     sync_block();  // every warp is done with this buffer before it is refilled
+    key0 = next0;
   }
 
   // Stage 6: O / l and lse = ln(2) · (m + log2 l). l = 0 means no key contributed: a sequence
-  // without real keys outputs 0 with lse = -inf; in a sequence with one, every score of the row
-  // was -inf, which only an infinite input can cause, so the row is NaN. (The comparisons are
+  // without real keys, or a row whose block-sparse kept set is empty, outputs 0 with
+  // lse = -inf; in dense attention over a sequence with a real key, every score of the row was
+  // -inf, which only an infinite input can cause, so the row is NaN. (The comparisons are
   // `l == 0`, not `l > 0`: a NaN l must stay NaN, not turn into a row of zeros.)
   float inv_l[2];
   const int warp_row0 = row0 + warp * kRowsPerWarp;
+  const bool dense = p.sparse.blocks == nullptr;
   for (int r = 0; r < 2; ++r) {
     l[r] = row_sum4(l[r]);
-    if (l[r] == 0.f && seq.keys > 0) l[r] = NAN;
+    if (l[r] == 0.f && seq.keys > 0 && dense) l[r] = NAN;
     inv_l[r] = l[r] == 0.f ? 0.f : 1.f / l[r];
   }
   store_rows<T, HEAD_DIM>(static_cast<T*>(p.out), p, seq, head, warp_row0, o, inv_l);
@@ -450,25 +557,31 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
     load_row_stats(lse2_dst, lse2_dst + kQueries, kQueries, p, seq, head, q0);
   };
 
-  // Keys past the last real one get zero gradients: such a block skips the loop.
-  const int queries = key0 < seq.keys ? seq.len : 0;
+  // The query tiles to visit: all of them, or those of the query blocks that visit this key
+  // block (the transposed visit list). Keys past the last real one get zero gradients: such a
+  // block skips the loop.
+  TileWalk walk = make_walk(p, head, key0, /*over_queries=*/true, key0 < seq.keys ? seq.len : 0, kQueries);
   float dk[HEAD_DIM / 8][4] = {}, dv[HEAD_DIM / 8][4] = {};
-  if (queries > 0) issue_tile(0, 0);
-  for (int q0 = 0, tile = 0; q0 < queries; q0 += kQueries, ++tile) {
+  int q0 = walk.first();
+  if (q0 >= 0) issue_tile(q0, 0);
+  for (int tile = 0; q0 >= 0; ++tile) {
     // Stage 2: prefetch the next Q/dO tile, wait for this one. Q and dO are the B operands
     // of K Qᵀ and V dOᵀ (plain loads) and of dSᵀ Q and Pᵀ dO (ldmatrix.trans).
-    prefetch_and_wait(q0 + kQueries, queries, tile, issue_tile);
+    const int next0 = walk.next(q0);
+    prefetch_and_wait(next0, tile, issue_tile);
     const T* q_s = smem + (tile % 2) * Smem::kBuffer;
     const T* do_s = q_s + Smem::kTile;
     const float* lse2_s = stats + (tile % 2) * Smem::kStats;
     const float* delta_s = lse2_s + kQueries;
 
-    // Stage 3: Pᵀ[key][query] = exp2(scale·log2e · k·q - lse2[query]), 0 at keys that are not real.
+    // Stage 3: Pᵀ[key][query] = exp2(scale·log2e · k·q - lse2[query]), 0 at keys that are not
+    // real and, in a partial block-sparse tile, at pairs the token rule drops.
     float pt[kQueries / 8][4] = {};
     mma_a_bt<T, kQueries, HEAD_DIM>(pt, k_frag, q_s);
     for (int n = 0; n < kQueries / 8; ++n)
       for (int i = 0; i < 4; ++i)
         pt[n][i] = key_real[i / 2] ? exp2f(pt[n][i] * scale_log2 - lse2_s[n * 8 + 2 * t + (i & 1)]) : 0.f;
+    if (tile_is_partial(p, head, q0, key0)) drop_by_rule<kQueries, /*KEY_ROWS=*/true>(pt, p, head, warp_key0, q0, 0.f);
 
     // Stage 4: dV += Pᵀ dO.
     mma_p_b<T, kQueries, HEAD_DIM>(dv, pt, do_s);
@@ -482,6 +595,7 @@ FASTMLM_KERNEL void dkdv_kernel(const AttentionParams p) {
     // Stage 6: dK += dSᵀ Q (the softmax scale is applied once, at the store).
     mma_p_b<T, kQueries, HEAD_DIM>(dk, ds, q_s);
     sync_block();  // every warp is done with this buffer before it is refilled
+    q0 = next0;
   }
 
   // Stage 7: write this warp's 16 rows of dK (× scale) and dV.
@@ -526,12 +640,15 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
                                seq, head, key0);
   };
 
+  TileWalk walk = make_walk(p, head, row0, /*over_queries=*/false, seq.keys, kKeys);  // as the forward's
   float dq[HEAD_DIM / 8][4] = {};
-  if (seq.keys > 0) issue_tile(0, 0);
-  for (int key0 = 0, tile = 0; key0 < seq.keys; key0 += kKeys, ++tile) {
+  int key0 = walk.first();
+  if (key0 >= 0) issue_tile(key0, 0);
+  for (int tile = 0; key0 >= 0; ++tile) {
     // Stage 2: prefetch the next K/V tile, wait for this one. K is the B operand of Q Kᵀ
     // (plain loads) and of dS K (ldmatrix.trans), V of dO Vᵀ.
-    prefetch_and_wait(key0 + kKeys, seq.keys, tile, issue_tile);
+    const int next0 = walk.next(key0);
+    prefetch_and_wait(next0, tile, issue_tile);
     const T* k_s = smem + (tile % 2) * Smem::kBuffer;
     const T* v_s = k_s + Smem::kTile;
     const float* key_bias = key_bias_buffers + (tile % 2) * Smem::kStats;
@@ -540,16 +657,20 @@ FASTMLM_KERNEL void dq_kernel(const AttentionParams p) {
     float pr[kKeys / 8][4] = {}, ds[kKeys / 8][4] = {};
     mma_a_bt<T, kKeys, HEAD_DIM>(pr, q_frag, k_s);
     mma_a_bt<T, kKeys, HEAD_DIM>(ds, do_frag, v_s);
-    // Stage 4: dS = P ∘ (dP - delta[row]), 0 at keys that are not real.
+    // Stage 4: dS = P ∘ (dP - delta[row]), 0 at keys that are not real and at pairs the token
+    // rule of a partial tile drops.
     for (int n = 0; n < kKeys / 8; ++n)
       for (int i = 0; i < 4; ++i) {
         const int key = n * 8 + 2 * t + (i & 1);
         const float prob = key_bias[key] == 0.f ? exp2f(pr[n][i] * scale_log2 - lse2[i / 2]) : 0.f;
         ds[n][i] = prob * (ds[n][i] - delta[i / 2]);
       }
+    if (tile_is_partial(p, head, row0, key0))
+      drop_by_rule<kKeys, /*KEY_ROWS=*/false>(ds, p, head, warp_row0, key0, 0.f);
     // Stage 5: dQ += dS K.
     mma_p_b<T, kKeys, HEAD_DIM>(dq, ds, k_s);
     sync_block();  // every warp is done with this buffer before it is refilled
+    key0 = next0;
   }
 
   // Stage 6: write dQ × scale.

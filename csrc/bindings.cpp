@@ -137,10 +137,62 @@ AttentionParams attention_params(const Tensor& q, const Tensor& k, const Tensor&
   return p;
 }
 
-void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_mask,
-                   const OptTensor& key_len, const OptTensor& cu_seqlens, int64_t max_seqlen, double scale,
-                   const Tensor& out, const Tensor& lse) {
-  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+// The block-sparse layout of p (already filled for q): the tile states, both visit lists and
+// the token rule, as launchers.h (BlockSparseParams) describes them.
+void set_block_sparse(AttentionParams& p, const Tensor& q, const Tensor& blocks, const Tensor& kv_index,
+                      const Tensor& kv_count, const Tensor& q_index, const Tensor& q_count,
+                      const OptTensor& token_mask, int64_t block_size, int64_t window, int64_t num_global) {
+  const c10::Device device = q.device();
+  check_on(blocks, "blocks", device);
+  TORCH_CHECK(blocks.scalar_type() == at::kChar && blocks.dim() == 3 && blocks.size(1) == blocks.size(2) &&
+                  blocks.is_contiguous(),
+              "fastmlm._C: blocks must be a contiguous int8 (Hl, nb, nb) tensor, got ", blocks.scalar_type(), " ",
+              blocks.sizes());
+  const int64_t heads = blocks.size(0), nb = blocks.size(1);
+  TORCH_CHECK(heads == 1 || heads == p.heads, "fastmlm._C: blocks has ", heads, " heads, q has ", p.heads);
+  TORCH_CHECK(block_size > 0 && block_size % 64 == 0, "fastmlm._C: block_size must be a positive multiple of 64 "
+              "(the kernels' query tile), got ", block_size);
+  TORCH_CHECK(nb * block_size >= p.max_seqlen && nb * block_size < (int64_t{1} << 31), "fastmlm._C: ", nb,
+              " blocks of ", block_size, " do not cover max_seqlen = ", p.max_seqlen);
+  const auto check_list = [&](const Tensor& t, const char* name, at::IntArrayRef shape) {
+    check_on(t, name, device);
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.sizes() == shape && t.is_contiguous(), "fastmlm._C: ", name,
+                " must be a contiguous int32 tensor of shape ", shape, ", got ", t.scalar_type(), " ", t.sizes());
+  };
+  check_list(kv_index, "kv_index", blocks.sizes());
+  check_list(q_index, "q_index", blocks.sizes());
+  check_list(kv_count, "kv_count", blocks.sizes().slice(0, 2));
+  check_list(q_count, "q_count", blocks.sizes().slice(0, 2));
+  TORCH_CHECK(window >= -1 && window < (int64_t{1} << 31), "fastmlm._C: window must be >= -1, got ", window);
+  TORCH_CHECK(num_global >= 0 && num_global < (int64_t{1} << 31), "fastmlm._C: num_global must be >= 0, got ",
+              num_global);
+  BlockSparseParams& s = p.sparse;
+  if (token_mask.has_value()) {
+    check_on(*token_mask, "token_mask", device);
+    const int64_t mask_heads = token_mask->dim() == 3 ? token_mask->size(0) : 0;
+    TORCH_CHECK(token_mask->scalar_type() == at::kBool && (mask_heads == 1 || mask_heads == p.heads) &&
+                    token_mask->size(1) == token_mask->size(2) && token_mask->size(1) >= p.max_seqlen &&
+                    token_mask->is_contiguous(),
+                "fastmlm._C: token_mask must be a contiguous bool (1 or ", p.heads,
+                ", L, L) tensor with L >= max_seqlen, got ", token_mask->scalar_type(), " ", token_mask->sizes());
+    s.token_mask = token_mask->data_ptr<bool>();
+    s.mask_heads = static_cast<int>(mask_heads);
+    s.layout_len = static_cast<int>(token_mask->size(1));
+  }
+  s.blocks = blocks.data_ptr<int8_t>();
+  s.kv_index = kv_index.data_ptr<int>();
+  s.kv_count = kv_count.data_ptr<int>();
+  s.q_index = q_index.data_ptr<int>();
+  s.q_count = q_count.data_ptr<int>();
+  s.layout_heads = static_cast<int>(heads);
+  s.num_blocks = static_cast<int>(nb);
+  s.block_size = static_cast<int>(block_size);
+  s.window = static_cast<int>(window);
+  s.num_global = static_cast<int>(num_global);
+}
+
+// Forward (dense or block-sparse, as p says): writes out and lse.
+void run_forward(AttentionParams& p, const Tensor& q, const Tensor& out, const Tensor& lse) {
   check_like(out, "out", q, "q");
   check_float32(lse, "lse", q.sizes().slice(0, q.dim() - 1), q.device());
   p.out = out.data_ptr();
@@ -149,11 +201,9 @@ void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptT
   check_launch(attention_forward(p, dtype_of(q, false), stream_of(q)), "attention forward");
 }
 
-void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                   const Tensor& lse, const OptTensor& key_mask, const OptTensor& key_len,
-                   const OptTensor& cu_seqlens, int64_t max_seqlen, double scale, const Tensor& delta,
-                   const Tensor& dq, const Tensor& dk, const Tensor& dv) {
-  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+// Backward (dense or block-sparse, as p says): delta (scratch), dq, dk, dv.
+void run_backward(AttentionParams& p, const Tensor& dout, const Tensor& q, const Tensor& out, const Tensor& lse,
+                  const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
   const auto rows = q.sizes().slice(0, q.dim() - 1);
   check_like(dout, "dout", q, "q");
   check_like(out, "out", q, "q");
@@ -171,6 +221,42 @@ void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const T
   p.dv = dv.data_ptr();
   c10::cuda::CUDAGuard guard(q.device());
   check_launch(attention_backward(p, dtype_of(q, false), stream_of(q)), "attention backward");
+}
+
+void attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_mask,
+                   const OptTensor& key_len, const OptTensor& cu_seqlens, int64_t max_seqlen, double scale,
+                   const Tensor& out, const Tensor& lse) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+  run_forward(p, q, out, lse);
+}
+
+void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                   const Tensor& lse, const OptTensor& key_mask, const OptTensor& key_len,
+                   const OptTensor& cu_seqlens, int64_t max_seqlen, double scale, const Tensor& delta,
+                   const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+  run_backward(p, dout, q, out, lse, delta, dq, dk, dv);
+}
+
+void block_sparse_fwd(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& key_mask,
+                      const OptTensor& key_len, const OptTensor& cu_seqlens, int64_t max_seqlen, double scale,
+                      const Tensor& blocks, const Tensor& kv_index, const Tensor& kv_count, const Tensor& q_index,
+                      const Tensor& q_count, const OptTensor& token_mask, int64_t block_size, int64_t window,
+                      int64_t num_global, const Tensor& out, const Tensor& lse) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+  set_block_sparse(p, q, blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global);
+  run_forward(p, q, out, lse);
+}
+
+void block_sparse_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                      const Tensor& lse, const OptTensor& key_mask, const OptTensor& key_len,
+                      const OptTensor& cu_seqlens, int64_t max_seqlen, double scale, const Tensor& blocks,
+                      const Tensor& kv_index, const Tensor& kv_count, const Tensor& q_index, const Tensor& q_count,
+                      const OptTensor& token_mask, int64_t block_size, int64_t window, int64_t num_global,
+                      const Tensor& delta, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+  AttentionParams p = attention_params(q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale);
+  set_block_sparse(p, q, blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global);
+  run_backward(p, dout, q, out, lse, delta, dq, dk, dv);
 }
 
 // ----------------------------------------------------------------- masked LM loss
@@ -297,6 +383,14 @@ TORCH_LIBRARY(fastmlm_C, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
         "Tensor? key_len, Tensor? cu_seqlens, int max_seqlen, float scale, Tensor(a!) delta, Tensor(b!) dq, "
         "Tensor(c!) dk, Tensor(d!) dv) -> ()");
+  m.def("block_sparse_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? key_len, Tensor? cu_seqlens, "
+        "int max_seqlen, float scale, Tensor blocks, Tensor kv_index, Tensor kv_count, Tensor q_index, "
+        "Tensor q_count, Tensor? token_mask, int block_size, int window, int num_global, Tensor(a!) out, "
+        "Tensor(b!) lse) -> ()");
+  m.def("block_sparse_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_mask, "
+        "Tensor? key_len, Tensor? cu_seqlens, int max_seqlen, float scale, Tensor blocks, Tensor kv_index, "
+        "Tensor kv_count, Tensor q_index, Tensor q_count, Tensor? token_mask, int block_size, int window, "
+        "int num_global, Tensor(a!) delta, Tensor(b!) dq, Tensor(c!) dk, Tensor(d!) dv) -> ()");
   m.def("gather_rows(Tensor hidden, Tensor positions, Tensor(a!) rows) -> ()");
   m.def("masked_ce_chunk_stats(Tensor logits, Tensor? bias, Tensor targets, int v0, Tensor(a!) stats, "
         "Tensor(b!) best, Tensor(c!) best_logit) -> ()");
@@ -309,6 +403,8 @@ TORCH_LIBRARY(fastmlm_C, m) {
 TORCH_LIBRARY_IMPL(fastmlm_C, CUDA, m) {
   m.impl("attention_fwd", &fastmlm::attention_fwd);
   m.impl("attention_bwd", &fastmlm::attention_bwd);
+  m.impl("block_sparse_fwd", &fastmlm::block_sparse_fwd);
+  m.impl("block_sparse_bwd", &fastmlm::block_sparse_bwd);
   m.impl("gather_rows", &fastmlm::gather_rows_op);
   m.impl("masked_ce_chunk_stats", &fastmlm::masked_ce_chunk_stats_op);
   m.impl("masked_ce_finish", &fastmlm::masked_ce_finish_op);

@@ -13,6 +13,33 @@
 namespace fastmlm {
 
 // ----------------------------------------------------------------- attention
+// Block-sparse attention: the layout (fastmlm/ops/block_layout.py) as the kernels walk it. A
+// layout block of block_size tokens (a multiple of the kernels' 64-row query tile, so every
+// kernel tile lies in one layout block and takes its state) is 0 = skip, 1 = full, 2 = partial;
+// a partial tile keeps pair (i, j) where |i - j| <= window, i < num_global, j < num_global or
+// token_mask[i, j]. Per head (layout_heads = heads) or one for all (layout_heads = 1), every
+// array is contiguous with nb = num_blocks:
+//   blocks (Hl, nb, nb) int8; kv_index (Hl, nb, nb) / kv_count (Hl, nb) int32: per query block
+//   the visited key blocks, ascending (visit_list); q_index / q_count: per key block the query
+//   blocks that visit it (the transposed list, for dK/dV); token_mask (Hm, L, L) bool or null,
+//   Hm = mask_heads (1 or heads, independent of Hl: a union of layouts may have either).
+// blocks == null means dense attention: every tile up to the last real key.
+struct BlockSparseParams {
+  const int8_t* blocks = nullptr;
+  const int* kv_index = nullptr;
+  const int* kv_count = nullptr;
+  const int* q_index = nullptr;
+  const int* q_count = nullptr;
+  const bool* token_mask = nullptr;
+  int layout_heads = 0;
+  int mask_heads = 0;
+  int num_blocks = 0;
+  int layout_len = 0;  // L, the token mask's side
+  int block_size = 0;
+  int window = -1;
+  int num_global = 0;
+};
+
 // Every tensor is contiguous. q, k, v, out, dout, dq, dk, dv share the layout
 //   padded: (B, S, H, D)    packed: (T, H, D)
 // and lse / delta the same without D. Sequence b's tokens start at token
@@ -41,6 +68,7 @@ struct AttentionParams {
   int64_t total_rows = 0;  // tokens * heads (lse / delta entries)
   // options
   float scale = 1.f;
+  BlockSparseParams sparse;  // blocks == null: dense
 };
 
 // The element types. The emulator's C interface passes them as these integers, in this order

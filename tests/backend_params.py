@@ -5,6 +5,8 @@
                       math (fastmlm.ops.torch_impl.emulate): CPU tier
   torch-cuda          the same paths on a GPU with the real kernels (varlen_attn, SDPA, FlexAttention): GPU tier
   triton / cuda       the kernels (interpreter / GPU tier)
+  cuda-emulated       the cuda backend's kernels on CPU tensors, in the CPU kernel emulator
+                      (fastmlm.ops.cuda_impl.emulation, csrc/emulate/): CPU tier, skipped without g++
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ PARAMS = {
     "torch-cuda": pytest.param("torch-cuda", id="torch-cuda", marks=pytest.mark.gpu),
     "triton": pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
     "cuda": pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+    "cuda-emulated": pytest.param("cuda-emulated", id="cuda-emulated"),
 }
 
 
@@ -33,6 +36,8 @@ def split(param: str) -> tuple[str, str]:
         return "torch", "cuda"
     if param == "torch-cuda-emulated":
         return "torch", "cpu"
+    if param == "cuda-emulated":
+        return "cuda", "cpu"
     return param, backend_device(param)
 
 
@@ -44,6 +49,15 @@ def running(param: str):
         from fastmlm.ops.torch_impl.emulate import emulation
 
         with emulation():
+            yield backend, device
+    elif param == "cuda-emulated":
+        from fastmlm.ops import cuda_impl
+        from fastmlm.ops.cuda_impl import emulate
+
+        why = emulate.unavailable()
+        if why:
+            pytest.skip(f"kernel emulator unavailable: {why}")
+        with cuda_impl.emulation():
             yield backend, device
     else:
         yield backend, device

@@ -1,6 +1,6 @@
 """The seams of the CUDA extension, checked without a GPU or a compiler (CPU tier, fast).
 
-Three descriptions of the same six ops must agree, and only the GPU would otherwise notice
+Three descriptions of the same eight ops must agree, and only the GPU would otherwise notice
 when they drift: the ``TORCH_LIBRARY`` schemas in csrc/bindings.cpp (with the C++ functions
 that implement them), the C interface of the emulator (csrc/emulate/emulated_kernels.cpp) and
 its ctypes signatures and call sites in fastmlm/ops/cuda_impl/emulate.py. The sources are
@@ -76,8 +76,8 @@ def c_functions():
 
 
 def test_the_parsers_see_every_op():
-    assert set(schemas()) == {"attention_fwd", "attention_bwd", "gather_rows", "masked_ce_chunk_stats",
-                              "masked_ce_finish", "masked_ce_chunk_grad"}
+    assert set(schemas()) == {"attention_fwd", "attention_bwd", "block_sparse_fwd", "block_sparse_bwd",
+                              "gather_rows", "masked_ce_chunk_stats", "masked_ce_finish", "masked_ce_chunk_grad"}
     assert len(c_functions()) == 5
 
 
@@ -151,6 +151,12 @@ def _example_arguments(op):
                      dout=torch.zeros(b, s, h, d, **half), delta=torch.zeros(b, s, h),
                      dq=torch.zeros(b, s, h, d, **half), dk=torch.zeros(b, s, h, d, **half),
                      dv=torch.zeros(b, s, h, d, **half))
+    nb, layout_len = 2, 5  # the block-sparse layout: tile states, visit lists, a one-head token mask
+    attention.update(blocks=torch.ones(h, nb, nb, dtype=torch.int8), kv_index=torch.zeros(h, nb, nb, dtype=torch.int32),
+                     kv_count=torch.ones(h, nb, dtype=torch.int32), q_index=torch.zeros(h, nb, nb, dtype=torch.int32),
+                     q_count=torch.ones(h, nb, dtype=torch.int32),
+                     token_mask=torch.zeros(1, layout_len, layout_len, dtype=torch.bool), block_size=64, window=3,
+                     num_global=1)
     chunk = dict(logits=torch.zeros(r, c, **half), bias=torch.zeros(c, **half),
                  targets=torch.zeros(r, dtype=torch.long), v0=12, vocab=30, label_smoothing=0.1, z_loss=0.01,
                  stats=torch.zeros(r, 4), best=torch.zeros(r, dtype=torch.long), best_logit=torch.zeros(r),
@@ -159,15 +165,22 @@ def _example_arguments(op):
     gather = dict(hidden=torch.zeros(7, d, **half), positions=torch.zeros(r, dtype=torch.long),
                   rows=torch.zeros(r, d, **half))
     # The C parameters that are not schema arguments: derived from the shapes.
+    dense_layout = dict(layout_heads=0, mask_heads=0, num_blocks=0, layout_len=0, block_size=0, window=-1,
+                        num_global=0)  # blocks is null: dense
+    sparse_layout = dict(layout_heads=h, mask_heads=1, num_blocks=nb, layout_len=layout_len)
     derived = {
-        "attention_fwd": dict(backward=0, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h),
-        "attention_bwd": dict(backward=1, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h),
+        "attention_fwd": dict(backward=0, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h, **dense_layout),
+        "attention_bwd": dict(backward=1, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h, **dense_layout),
+        "block_sparse_fwd": dict(backward=0, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h,
+                                 **sparse_layout),
+        "block_sparse_bwd": dict(backward=1, dtype=0, batch=b, heads=h, head_dim=d, total_rows=b * s * h,
+                                 **sparse_layout),
         "gather_rows": dict(dtype=0, num_rows=r, num_tokens=7, hidden_size=d),
         "masked_ce_chunk_stats": dict(dtype=0, num_rows=r, chunk=c),
         "masked_ce_finish": dict(num_rows=r),
         "masked_ce_chunk_grad": dict(dtype=0, num_rows=r, chunk=c),
     }[op]
-    values = gather if op == "gather_rows" else attention if op.startswith("attention") else chunk
+    values = gather if op == "gather_rows" else attention if op.startswith(("attention", "block_sparse")) else chunk
     return values, derived
 
 

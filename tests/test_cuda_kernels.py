@@ -236,8 +236,8 @@ def test_emulated_gather_rows(emulated):
 # --------------------------------------------------------------------------- GPU tier
 @pytest.mark.gpu
 def test_extension_registers_its_ops(on_gpu):
-    for name in ("attention_fwd", "attention_bwd", "gather_rows", "masked_ce_chunk_stats", "masked_ce_finish",
-                 "masked_ce_chunk_grad"):
+    for name in ("attention_fwd", "attention_bwd", "block_sparse_fwd", "block_sparse_bwd", "gather_rows",
+                 "masked_ce_chunk_stats", "masked_ce_finish", "masked_ce_chunk_grad"):
         assert hasattr(torch.ops.fastmlm_C, name)
 
 

@@ -20,16 +20,25 @@ using fastmlm::MaskedCEParams;
 extern "C" {
 
 // dtype: a fastmlm::DType as an integer (launchers.h): 0 = fp16, 1 = bf16, 2 = fp32 (masked CE only).
+// Dense and block-sparse attention, forward and backward: blocks == null is dense (the layout
+// arguments after it are then unused); see BlockSparseParams in launchers.h.
 int fastmlm_emu_attention(int backward, int dtype, const void* q, const void* k, const void* v, void* out, float* lse,
                           const bool* key_mask, const int* key_len, const int* cu_seqlens, const void* dout,
                           float* delta, void* dq, void* dk, void* dv, int batch, int heads, int max_seqlen,
-                          int head_dim, int64_t total_rows, float scale) {
+                          int head_dim, int64_t total_rows, float scale, const int8_t* blocks, const int* kv_index,
+                          const int* kv_count, const int* q_index, const int* q_count, const bool* token_mask,
+                          int layout_heads, int mask_heads, int num_blocks, int layout_len, int block_size,
+                          int window, int num_global) {
   AttentionParams p;
   p.q = q, p.k = k, p.v = v, p.out = out, p.lse = lse, p.key_mask = key_mask, p.key_len = key_len,
   p.cu_seqlens = cu_seqlens;
   p.dout = dout, p.delta = delta, p.dq = dq, p.dk = dk, p.dv = dv;
   p.batch = batch, p.heads = heads, p.max_seqlen = max_seqlen, p.head_dim = head_dim, p.total_rows = total_rows;
   p.scale = scale;
+  fastmlm::BlockSparseParams& s = p.sparse;
+  s.blocks = blocks, s.kv_index = kv_index, s.kv_count = kv_count, s.q_index = q_index, s.q_count = q_count;
+  s.token_mask = token_mask, s.layout_heads = layout_heads, s.mask_heads = mask_heads, s.num_blocks = num_blocks;
+  s.layout_len = layout_len, s.block_size = block_size, s.window = window, s.num_global = num_global;
   return backward ? fastmlm::attention_backward(p, static_cast<DType>(dtype), nullptr)
                   : fastmlm::attention_forward(p, static_cast<DType>(dtype), nullptr);
 }

@@ -1,6 +1,6 @@
 """The ``cuda`` backends: thin Python drivers over the compiled extension ``fastmlm._C`` (csrc/).
 
-The drivers (attention.py, masked_ce.py) allocate outputs and call the registered ops
+The drivers (attention.py, block_sparse.py, masked_ce.py) allocate outputs and call the registered ops
 ``torch.ops.fastmlm_C.*``, which check their inputs and launch the kernels. For tests on a
 machine without a GPU, :func:`emulation` swaps those ops for the same kernel templates
 built for a CPU emulator (csrc/emulate/, see emulate.py): the drivers and kernels then run

@@ -51,22 +51,29 @@ def _layout(inputs: AttentionInputs):
     return key_mask, inputs.key_lengths().contiguous(), None
 
 
-def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-    """Returns (out shaped like q, lse shaped q.shape[:-1] fp32), contiguous."""
+def forward(inputs: AttentionInputs, sparse: tuple = ()) -> tuple[Tensor, Tensor]:
+    """Returns (out shaped like q, lse shaped q.shape[:-1] fp32), contiguous.
+
+    sparse: the block-sparse layout arguments of the ``block_sparse_fwd`` op (built by
+    block_sparse.py), or () for dense attention: one driver, one kernel, two ops.
+    """
     q, k, v = (contiguous_aligned16(t) for t in inputs[:3])
     key_mask, key_len, cu_seqlens = _layout(inputs)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    kernel_ops().attention_fwd(q, k, v, key_mask, key_len, cu_seqlens, inputs.max_seqlen, inputs.scale, out, lse)
+    op = kernel_ops().block_sparse_fwd if sparse else kernel_ops().attention_fwd
+    op(q, k, v, key_mask, key_len, cu_seqlens, inputs.max_seqlen, inputs.scale, *sparse, out, lse)
     return out, lse
 
 
-def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv) shaped like q, contiguous."""
+def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor,
+             sparse: tuple = ()) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv) shaped like q, contiguous. sparse: as for :func:`forward`."""
     dout, q, k, v, out, lse = (contiguous_aligned16(t) for t in (dout, *inputs[:3], out, lse))
     key_mask, key_len, cu_seqlens = _layout(inputs)
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    kernel_ops().attention_bwd(dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, inputs.max_seqlen,
-                               inputs.scale, delta, dq, dk, dv)
+    op = kernel_ops().block_sparse_bwd if sparse else kernel_ops().attention_bwd
+    op(dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, inputs.max_seqlen, inputs.scale, *sparse,
+       delta, dq, dk, dv)
     return dq, dk, dv

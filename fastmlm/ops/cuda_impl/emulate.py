@@ -35,10 +35,12 @@ _LIB = None
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 
-# The C function behind each op of torch.ops.fastmlm_C (one serves both attention ops).
+# The C function behind each op of torch.ops.fastmlm_C (one serves the dense and block-sparse attention ops).
 OP_FUNCTIONS = {
     "attention_fwd": "fastmlm_emu_attention",
     "attention_bwd": "fastmlm_emu_attention",
+    "block_sparse_fwd": "fastmlm_emu_attention",
+    "block_sparse_bwd": "fastmlm_emu_attention",
     "gather_rows": "fastmlm_emu_gather_rows",
     "masked_ce_chunk_stats": "fastmlm_emu_chunk_stats",
     "masked_ce_finish": "fastmlm_emu_finish",
@@ -47,7 +49,7 @@ OP_FUNCTIONS = {
 # The ctypes argument types of each exported C function, in the order of its prototype
 # (pointer, int, int64_t, float); every one returns a cudaError_t code as an int.
 C_SIGNATURES = {
-    "fastmlm_emu_attention": [_I, _I] + [_P] * 13 + [_I, _I, _I, _I, _L, _F],
+    "fastmlm_emu_attention": [_I, _I] + [_P] * 13 + [_I, _I, _I, _I, _L, _F] + [_P] * 6 + [_I] * 7,
     "fastmlm_emu_gather_rows": [_I, _P, _P, _P, _L, _L, _L],
     "fastmlm_emu_chunk_stats": [_I, _P, _P, _P, _L, _P, _P, _P, _L, _L],
     "fastmlm_emu_finish": [_P, _P, _P, _L, _F, _F, _P, _P, _P, _L],
@@ -117,12 +119,21 @@ class EmulatedOps:
         self.lib = library()
 
     def _attention(self, backward, q, k, v, out, lse, key_mask, key_len, cu_seqlens, dout, delta, dq, dk, dv,
-                   max_seqlen, scale):
+                   max_seqlen, scale, sparse=None):
+        """sparse: (blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global)
+        of a block-sparse call, as the schema orders them; None for dense attention."""
         batch = q.shape[0] if q.dim() == 4 else cu_seqlens.numel() - 1
+        if sparse is None:
+            layout = [None] * 6 + [0, 0, 0, 0, 0, -1, 0]
+        else:
+            blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global = sparse
+            mask_heads, layout_len = (0, 0) if token_mask is None else token_mask.shape[:2]
+            layout = [_ptr(t) for t in (blocks, kv_index, kv_count, q_index, q_count, token_mask)]
+            layout += [blocks.shape[0], mask_heads, blocks.shape[1], layout_len, block_size, window, num_global]
         code = self.lib.fastmlm_emu_attention(
             int(backward), _DTYPES[q.dtype], _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), _ptr(key_mask),
             _ptr(key_len), _ptr(cu_seqlens), _ptr(dout), _ptr(delta), _ptr(dq), _ptr(dk), _ptr(dv), batch, q.shape[-2],
-            max_seqlen, q.shape[-1], q.numel() // q.shape[-1], scale)
+            max_seqlen, q.shape[-1], q.numel() // q.shape[-1], scale, *layout)
         _check(code, "attention")
 
     def attention_fwd(self, q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale, out, lse):
@@ -133,6 +144,19 @@ class EmulatedOps:
                       dv):
         self._attention(True, q, k, v, out, lse, key_mask, key_len, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen,
                         scale)
+
+    def block_sparse_fwd(self, q, k, v, key_mask, key_len, cu_seqlens, max_seqlen, scale, blocks, kv_index, kv_count,
+                         q_index, q_count, token_mask, block_size, window, num_global, out, lse):
+        self._attention(False, q, k, v, out, lse, key_mask, key_len, cu_seqlens, None, None, None, None, None,
+                        max_seqlen, scale,
+                        (blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global))
+
+    def block_sparse_bwd(self, dout, q, k, v, out, lse, key_mask, key_len, cu_seqlens, max_seqlen, scale, blocks,
+                         kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global, delta, dq,
+                         dk, dv):
+        self._attention(True, q, k, v, out, lse, key_mask, key_len, cu_seqlens, dout, delta, dq, dk, dv, max_seqlen,
+                        scale,
+                        (blocks, kv_index, kv_count, q_index, q_count, token_mask, block_size, window, num_global))
 
     def gather_rows(self, hidden, positions, rows):
         _check(self.lib.fastmlm_emu_gather_rows(_DTYPES[hidden.dtype], _ptr(hidden), _ptr(positions), _ptr(rows),
