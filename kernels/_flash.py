@@ -62,7 +62,8 @@ with masked loads); fp16, bf16 and fp32 (fp32 uses IEEE dot products, not TF32).
 How these kernels differ from the CUDA ones (csrc/attention.cuh):
 
   * dtypes: fp16, bf16 and fp32 here; CUDA takes fp16/bf16 only (mma.sync, sm_80+).
-  * block-sparse attention: here (visit lists); CUDA has dense attention only.
+  * block-sparse attention: both walk the same visit lists; CUDA needs layout blocks that
+    are multiples of 64 (its query tile), with no pooling of smaller blocks.
   * tiles: autotuned BLOCK_M x BLOCK_N from per-head-dim lists (attention.py); CUDA has
     fixed tiles, 64 query rows per block (4 warps x 16) and 64 keys (32 at head dim 128).
   * head dims: any multiple of 8 up to 128, padded to a power of two with masked loads;
