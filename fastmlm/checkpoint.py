@@ -68,7 +68,16 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep: 
     model.save_pretrained(tmp)
     tokenizer.save(str(tmp / "tokenizer.json"))
     torch.save(state, tmp / STATE)
-    files = sorted(p.name for p in tmp.iterdir() if p.name != MANIFEST)  # replacing save_pretrained's manifest
+    return publish_checkpoint(root, tmp, step, keep)
+
+
+def publish_checkpoint(root: Path, tmp: Path, step: int, keep: int = 2) -> Path:
+    """Make the fully written folder ``tmp`` checkpoint ``step`` of ``root``: manifest (sha256 of every file,
+    sub-folders included), fsync, rename into place, ``latest``, and keep only the newest ``keep``."""
+    root, tmp = Path(root), Path(tmp)
+    final = root / f"step_{step:08d}"
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")  # replacing save_pretrained's manifest
+                   if p.is_file() and p.name != MANIFEST)
     for name in files:  # on disk before the rename makes the checkpoint visible
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
@@ -148,7 +157,8 @@ def write_manifest(folder: Path, names, **fields) -> dict:
 
 # --------------------------------------------------------------------------- trainer state
 def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, scaler, train_config: dict,
-                          device: torch.device, world_size: int = 1, data_epoch_batches: Optional[int] = None) -> dict:
+                          device: torch.device, world_size: int = 1, data_epoch_batches: Optional[int] = None,
+                          sharded: bool = False) -> dict:
     """What ``trainer_state.pt`` holds to continue a run exactly (read back by :func:`restore_trainer_state`).
 
     Arguments:
@@ -162,6 +172,8 @@ def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, s
             and epoch lengths are gathered with ``all_gather_object``): call it on every rank.
         data_epoch_batches: this rank's batches per epoch (``BatchStream.epoch_batches``), None
             before the stream has finished its first epoch; a resumed stream skips whole epochs with it.
+        sharded: the optimizer state is in the checkpoint's sharded part (fastmlm.sharded_checkpoint),
+            so ``"optimizer"`` is None here.
     Returns:
         ``{"step", "data_position", "data_epoch_batches", "optimizer", "scheduler", "scaler",
         "rng_cpu", "rng_cuda", "train_config"}``; ``rng_cpu``, ``rng_cuda`` and
@@ -183,7 +195,8 @@ def capture_trainer_state(step: int, data_position: int, optimizer, scheduler, s
             rng_cuda = [None] * world_size
             dist.all_gather_object(rng_cuda, torch.cuda.get_rng_state(device))
     return {"step": step, "data_position": data_position, "data_epoch_batches": epoch_batches,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "rng_cpu": rng_cpu, "rng_cuda": rng_cuda,
             "train_config": json.dumps(train_config)}
 
@@ -202,7 +215,8 @@ def restore_trainer_state(state: dict, optimizer, scheduler, scaler, device: tor
         ranks, and then the CPU (and CUDA) RNGs keep the seed they have. ``step``,
         ``data_position`` and :func:`saved_epoch_batches` are the caller's to read from ``state``.
     """
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # else it came back with the sharded weights
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     rng = state["rng_cpu"]

@@ -362,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default=None, help=_help("the picture's title", default_text="the run names"))
     p.set_defaults(func=cmd_plot)
 
+    from .shards import add_parser as add_prepare_data
+
+    add_prepare_data(sub, formatter_class=_Formatter)
+
     p = sub.add_parser("bench", help=BENCH_HELP, add_help=False)  # main() passes its arguments straight through
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser

@@ -23,8 +23,10 @@
   shapes never change from step to step.
 
 Randomness is derived from ``(seed, epoch)`` for shuffling and ``(seed,
-batch index)`` for masking, so a stream restarted at a saved position yields
-exactly the batches an uninterrupted one would.
+batch index, rank)`` for masking (:func:`batch_rng`), so a stream restarted at a
+saved position yields exactly the batches an uninterrupted one would.
+Pretokenised shards (:mod:`fastmlm.shards`) pack the same rows from token files
+and jump to any position at once.
 """
 from __future__ import annotations
 
@@ -145,6 +147,16 @@ class Batch:
         return inputs
 
 
+def batch_rng(seed: int, index: int, rank: int = 0) -> np.random.Generator:
+    """The masking randomness of batch ``index`` (``step * grad_accum + micro-batch``) on ``rank``.
+
+    A pure function of its arguments, so any batch's masks can be made again without the
+    batches before it. Rank 0 keeps the stream single-process runs always used (so their
+    saved runs resume unchanged); other ranks draw their own instead of repeating rank 0's.
+    """
+    return np.random.default_rng([seed, index, 2] + ([rank] if rank else []))
+
+
 def masked_slots(batch_size: int, seq_len: int, mask_rate: float) -> int:
     """The static length R of ``masked_positions``: enough for ``mask_rate`` of a full batch."""
     return max(1, math.ceil(mask_rate * batch_size * seq_len))
@@ -261,7 +273,7 @@ class BatchStream:
     epoch of ``start`` at once; within that epoch it re-reads and re-tokenises the
     documents up to ``start`` (without masking them): at most one epoch's
     tokenisation, which the first ``next()`` pays (:func:`fastmlm.train` times it
-    as a phase of its own). Pretokenised shards would remove that too.
+    as a phase of its own). Pretokenised shards (fastmlm.shard_stream) jump there at once.
     Packing efficiency (real tokens / batch slots) is kept in ``efficiency``.
     """
 
@@ -331,7 +343,7 @@ class BatchStream:
                 epoch_start = index
                 continue
             if index >= self.position:
-                batch = self.collator(rows, np.random.default_rng([self.seed, index, 2]))
+                batch = self.collator(rows, batch_rng(self.seed, index, self.rank))
                 self.position = index + 1
                 self.real_tokens += batch.n_tokens
                 self.slots += self.collator.batch_size * self.collator.seq_len
@@ -344,9 +356,16 @@ def eval_batches(paths, tokenizer, collator: MaskingCollator, seed: int = 1234,
     """The validation set as a fixed list of masked batches (same masks on every call); with
     ``max_batches``, the first ones only (and only their text is read)."""
     rows = iter_rows(read_documents(paths, rank, world_size), tokenizer, collator.seq_len)
+    return fixed_batches(rows, collator, seed, max_batches, f"the validation data ({paths})", rank)
+
+
+def fixed_batches(rows: Iterable[Row], collator: MaskingCollator, seed: int, max_batches: Optional[int],
+                  what: str, rank: int = 0) -> list[Batch]:
+    """Consecutive rows as masked batches with fixed masks (:func:`eval_batches`; shards' validation too);
+    ValueError naming ``what`` when there are no rows."""
     rows = list(rows if max_batches is None else itertools.islice(rows, max_batches * collator.batch_size))
     if not rows:  # no batches would mean no validation at all, not a validation of nothing
-        raise ValueError(f"the validation data ({paths}) holds no text for rank {rank}")
+        raise ValueError(f"{what} holds no text for rank {rank}")
     batches = []
     for start in range(0, len(rows), collator.batch_size):
         if max_batches is not None and len(batches) >= max_batches:

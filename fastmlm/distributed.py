@@ -1,14 +1,22 @@
-"""Devices and data-parallel ranks: which device a run uses, and the process group under ``torchrun``.
+"""Devices and data-parallel ranks: which device a run uses, the process group under ``torchrun``, DDP or FSDP.
 
 Distributed data parallel: run under ``torchrun``; each rank trains on its own device
 (``cuda:LOCAL_RANK``, or the CPU), gloo on the CPU and NCCL on GPUs. :class:`Dist` is this
 process's place in the group, with the few collectives the training loop needs (a no-op
 for a single process). CUDA is queried when a command runs, never at import.
+
+:func:`wrap_model` makes the training module: the model itself (one process), DDP, or FSDP2
+(``fully_shard`` per encoder layer, then the root; on GPUs bf16/fp16 parameters with fp32
+gradient reductions). :func:`no_sync` skips the gradient communication of every micro-batch
+but the last (DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -87,3 +95,56 @@ def launch_rank() -> int:
     """This process's rank, known before the process group exists (torchrun sets RANK)."""
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
+
+
+def wrap_model(model: torch.nn.Module, ranks: Dist, device: torch.device, fsdp: bool = False,
+               amp_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The module the training step runs: ``model`` itself, DDP around it, or ``model`` sharded in place by FSDP2.
+
+    With ``fsdp`` on one process nothing is sharded (there is nothing to shard over), but the
+    run still saves sharded checkpoints, which load on any number of ranks. Build the optimizer
+    after this: FSDP2 replaces the parameters by sharded DTensors.
+    """
+    if ranks.world_size == 1:
+        return model
+    if not fsdp:
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                         else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # On GPUs the layers compute on low-precision copies of the weights and reduce gradients in
+    # fp32; the sharded master weights and the optimizer stay fp32. On the CPU all is fp32.
+    low = amp_dtype if device.type == "cuda" else None
+    policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None)
+    # The model returns hidden_states as a view (the repadded layout); nothing modifies it in place, which is
+    # what FSDP2 warns about on every forward.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the embeddings, the head (tied to the word embeddings), the norms
+    return model
+
+
+def no_sync(net: torch.nn.Module):
+    """A context in which a backward accumulates gradients locally, without communicating them."""
+    if hasattr(net, "no_sync"):  # DDP
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(net)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(net):
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 has sharded ``model``'s parameters (they are DTensors then)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())

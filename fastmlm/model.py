@@ -22,6 +22,7 @@ repadding the caller's batch is fastmlm/ops/packing.py; the files of ``save_pret
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import operator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from . import checkpoint, ops
@@ -152,6 +154,23 @@ class Pooler(nn.Module):
         return torch.where((ends > starts)[:, None], torch.tanh(self.dense(first)), 0.0)  # ...and is zeroed
 
 
+# --------------------------------------------------------------------------- activation checkpointing policies
+def _keep_attention_context():
+    """Selective checkpointing: keep what the fused attention forwards return, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    keep = {torch.ops.fastmlm.attention_fwd.default, torch.ops.fastmlm.block_sparse_attention_fwd.default}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def _no_context():
+    return contextlib.nullcontext(), contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------- the model
 class FastMLMForMaskedLM(nn.Module):
     """BERT-style encoder + MLM head. See the module docstring and :meth:`forward`.
@@ -176,6 +195,7 @@ class FastMLMForMaskedLM(nn.Module):
         self.pooler = Pooler(cfg) if pooler else None  # last: without it, initialisation draws as before
         # Block-sparse layouts, built once per (pattern, seqlen, device) and reused by every step.
         self._layouts: dict[tuple, BlockSparseLayout] = {}
+        self._checkpointing: Optional[str] = None  # set_activation_checkpointing
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module):
@@ -218,11 +238,31 @@ class FastMLMForMaskedLM(nn.Module):
         """
         return packing.pack(self._limits, input_ids, attention_mask, token_type_ids, cu_seqlens, max_seqlen, count)
 
+    def set_activation_checkpointing(self, mode: Optional[str] = "selective") -> None:
+        """Recompute each encoder layer's activations in the backward instead of keeping them.
+
+        ``"selective"``: every layer runs under ``torch.utils.checkpoint`` (non-reentrant), but
+        the fused attention's outputs (the fastmlm attention ops' out and log-sum-exp) are kept,
+        so the backward recomputes the projections, MLP and norms, never the attention itself.
+        ``"full"``: everything in the layer is recomputed. None: off. Dropout masks are the same
+        in the recomputation (the RNG state is restored), so gradients equal the run without it.
+        Only while gradients are enabled; evaluation runs as usual.
+        """
+        if mode not in (None, "selective", "full"):
+            _fail(f"activation checkpointing mode must be None, 'selective' or 'full', got {mode!r}")
+        self._checkpointing = mode
+
     def encode(self, batch: PackedBatch) -> Tensor:
         """Packed batch -> (T, hidden) encoder output."""
         x = self.embeddings(batch)  # (T, H)
         for layer in self.layers:
-            x = layer(x, batch, self.layout(layer.pattern, batch.max_seqlen, x.device))
+            layout = self.layout(layer.pattern, batch.max_seqlen, x.device)
+            if self._checkpointing and torch.is_grad_enabled():
+                context = _keep_attention_context if self._checkpointing == "selective" else _no_context
+                x = torch.utils.checkpoint.checkpoint(layer, x, batch, layout, use_reentrant=False,
+                                                      context_fn=context)
+            else:
+                x = layer(x, batch, layout)
         return x if self.final_norm is None else self.final_norm(x)
 
     # ------------------------------------------------------------------ public API

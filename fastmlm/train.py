@@ -11,8 +11,12 @@
 
 Data: the bundled corpus and its validation split by default; ``data`` with ``valid_data``;
 or ``data`` alone, with a fixed held-out slice of it for validation (``valid_holdout``,
-fastmlm.corpus_reader.split_holdout). ``compile`` runs the training forward and backward
-under ``torch.compile``.
+fastmlm.corpus_reader.split_holdout). ``data`` may be a shard folder (``fastmlm prepare-data``,
+fastmlm.shards): then nothing is tokenised and a resume reads nothing before its position.
+Batches are made ahead on a background thread (fastmlm.prefetch); fastmlm.run_data picks the
+source. ``compile`` runs the training forward and backward under ``torch.compile``;
+``activation_checkpointing`` recomputes each encoder layer in the backward (keeping the fused
+attention's outputs); ``dry_run`` prints the memory plan (fastmlm.memory_plan) and returns.
 
 ``resume`` continues a stopped run exactly: the model, optimizer, scheduler, grad scaler,
 every rank's RNG state and the data position come back from the checkpoint, so the
@@ -28,8 +32,10 @@ writing it to a checkpoint; the check reads only what the loop reads anyway (the
 each log step, the weights once before each save).
 
 Distributed data parallel (fastmlm.distributed): run under ``torchrun``; each rank reads
-every ``world_size``-th document, and the loss is normalised by the global masked-token
-count. Gloo on the CPU, NCCL on GPUs.
+every ``world_size``-th document (from shards: every world_size-th batch of rows), and the
+loss is normalised by the global masked-token count. Gloo on the CPU, NCCL on GPUs. With
+``fsdp``, FSDP2 shards the model instead of DDP copying it, and checkpoints are sharded
+(fastmlm.sharded_checkpoint), resumable on another number of ranks.
 
 Elsewhere: the run folder (lock, fresh or resumed start, log.csv) in fastmlm.run_dir, the
 running totals and console progress in fastmlm.progress, the trainer state a checkpoint holds in fastmlm.checkpoint, TrainConfig
@@ -38,6 +44,7 @@ running totals and console progress in fastmlm.progress, the trainer state a che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -50,11 +57,12 @@ import torch
 from . import checkpoint as ckpt
 from . import data, plot, run_dir
 from .config import TrainConfig, preset  # fastmlm.train.TrainConfig is the README's name for it
-from .corpus_reader import training_sources
-from .distributed import Dist, launch_rank, resolve_device, setup_distributed
+from .distributed import Dist, launch_rank, no_sync, resolve_device, setup_distributed, wrap_model
 from .model import FastMLMForMaskedLM
 from .progress import Meter, Progress
-from .tokenizer import load_tokenizer, special_ids
+from .run_data import UNIGRAM_DOCUMENTS, RunData  # noqa: F401 (UNIGRAM_DOCUMENTS: the demo reads it here)
+from .sharded_checkpoint import is_sharded_checkpoint, load_sharded, save_sharded
+from .tokenizer import special_ids
 
 
 # --------------------------------------------------------------------------- pieces
@@ -70,12 +78,13 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def model_config(cfg: TrainConfig, tokenizer):
     """The run's ModelConfig: the preset, sized to the tokenizer, with the run's overrides."""
-    return preset(cfg.model, **{"vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-                                "pad_token_id": special_ids(tokenizer).pad,
+    return sized_model_config(cfg, tokenizer.get_vocab_size(with_added_tokens=True), special_ids(tokenizer).pad)
+
+
+def sized_model_config(cfg: TrainConfig, vocab_size: int, pad_token_id: int = 0):
+    """:func:`model_config` for a vocabulary of ``vocab_size`` (the memory plan has no tokenizer at hand)."""
+    return preset(cfg.model, **{"vocab_size": vocab_size, "pad_token_id": pad_token_id,
                                 "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
-
-
-UNIGRAM_DOCUMENTS = 10_000  # documents counted for unigram_bias (the whole bundled corpus: 4,266)
 
 
 def unigram_log_probs(counts) -> torch.Tensor:
@@ -165,7 +174,7 @@ def accumulate_gradients(net, micro, device, amp_dtype=None, scaler=None, ranks:
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         last = i == len(micro) - 1
-        with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+        with contextlib.nullcontext() if last else no_sync(net):  # communicate on the last micro-batch only
             with autocast(device, amp_dtype):
                 out = net(**batch.to(device, non_blocking=True).model_inputs(), loss_reduction="sum")
             loss = out.loss * scale.to(out.loss.dtype)
@@ -182,14 +191,16 @@ def _say(ranks: Dist, msg: str, progress: Optional[Progress] = None):
 def _skip_to(batches, position: int, ranks: Dist):
     """The stream of a resumed run, moved to ``position`` before the loop (and its clocks) start.
 
-    Getting there re-reads and re-tokenises the data since the start of the saved epoch
-    (fastmlm.data.BatchStream). Done here, as a phase of its own that says what it does and
-    how long it took, it no longer stalls the first step nor skews the first rate and ETA.
+    From text, getting there re-reads and re-tokenises the data since the start of the saved
+    epoch (fastmlm.data.BatchStream); from shards it reads nothing before it. Done here, as a
+    phase of its own that says what it does and how long it took, it no longer stalls the first
+    step nor skews the first rate and ETA.
     """
     if not position:
         return batches
-    _say(ranks, f"resume: moving the training data to batch {position} (re-reading and re-tokenising its epoch "
-                f"up to there) ...")
+    how = ("re-reading and re-tokenising its epoch up to there" if batches.replays
+           else "pretokenised shards: no replay")
+    _say(ranks, f"resume: moving the training data to batch {position} ({how}) ...")
     start = time.perf_counter()
     first = next(batches)
     _say(ranks, f"resume: the data is at batch {position} after {time.perf_counter() - start:.1f} s")
@@ -213,10 +224,17 @@ def _save(model, tokenizer, optimizer, scheduler, scaler, stream, step: int, fin
     """A checkpoint of the run at ``step`` (every rank takes part; rank 0 writes), after the weights'
     finiteness check."""
     out_dir = Path(cfg.out_dir)
-    if not _weights_finite(model):  # identical on every rank (DDP), so every rank stops here
+    if not _weights_finite(model, ranks):  # agreed by all ranks, so every rank stops here
         raise _diverged(step, "a model weight", out_dir, cfg)
     trainer_state = ckpt.capture_trainer_state(step, stream.position, optimizer, scheduler, scaler, cfg.to_dict(),
-                                               device, ranks.world_size, stream.epoch_batches)  # every rank
+                                               device, ranks.world_size, stream.epoch_batches,
+                                               sharded=cfg.fsdp)  # every rank
+    if cfg.fsdp:  # every rank writes its shard
+        where = save_sharded(out_dir / "checkpoints", step, model, optimizer, tokenizer, trainer_state, ranks,
+                             keep=cfg.keep_checkpoints)
+        if final:
+            _say(ranks, f"checkpoint: {where}", progress)
+        return
     if ranks.main:
         where = ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state,
                                      keep=cfg.keep_checkpoints)
@@ -237,9 +255,14 @@ def _diverged(step: int, what: str, out_dir: Path, cfg: TrainConfig) -> Training
                             f"start again with a lower --lr (it is {cfg.lr:g}) or more --warmup-steps")
 
 
-def _weights_finite(model) -> bool:
-    """Whether every parameter is finite: one host sync, before each save only."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+def _weights_finite(model, ranks: Dist = Dist()) -> bool:
+    """Whether every parameter is finite on every rank (each checks its FSDP shard): one host sync, before
+    each save only."""
+    from torch.distributed.tensor import DTensor
+
+    local = [(p.to_local() if isinstance(p, DTensor) else p).detach() for p in model.parameters()]  # FSDP: shards
+    finite = torch.stack([t.isfinite().all() for t in local]).all().to(torch.float32).reshape(1)
+    return bool(ranks.all_min(finite).item())
 
 
 # --------------------------------------------------------------------------- the loop
@@ -261,6 +284,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     if changes and not resume:
         raise ValueError("train(changes=...) applies to a resumed run; for a new run put the values in cfg")
     cfg.validate()
+    if cfg.dry_run:  # the memory plan only: nothing is read, written or trained
+        from .memory_plan import dry_run
+
+        plan = dry_run(cfg)
+        return {"nothing_to_do": "dry run", "memory_plan": dataclasses.asdict(plan), "total_bytes": plan.total}
     resolve_device(cfg.device)  # a wrong device fails before the run folder is touched
     with run_dir.locked(cfg.out_dir, main=launch_rank() == 0):
         return _train_locked(cfg, resume, overwrite, changes)
@@ -280,52 +308,54 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
         run_dir.start_fresh(out_dir, overwrite, ranks)
     run_dir.write_config(cfg, ranks)
 
-    train_files, valid_files = training_sources(cfg.data, cfg.valid_data, cfg.valid_holdout)
-    tokenizer = (load_tokenizer(resume_from / "tokenizer.json") if resume_from
-                 else run_dir.prepare_tokenizer(cfg, train_files, ranks))
+    run_data = RunData(cfg)  # text or a shard folder
+    tokenizer = run_data.tokenizer(resume_from, ranks)
 
     # Model: identical initial weights on every rank, then a per-rank dropout stream.
     torch.manual_seed(cfg.seed)
     model_cfg = model_config(cfg, tokenizer)
     model = FastMLMForMaskedLM(model_cfg).to(device)
+    if cfg.activation_checkpointing:  # the same gradients, less activation memory
+        model.set_activation_checkpointing("selective")
     if cfg.unigram_bias and state is None:  # a resumed run loads its bias with the other weights
-        counts = data.unigram_counts(train_files, tokenizer, max_documents=UNIGRAM_DOCUMENTS)
+        counts = run_data.unigram_counts(tokenizer)
         with torch.no_grad():
             model.head.bias.copy_(unigram_log_probs(counts).to(device))
     torch.manual_seed(cfg.seed + 1000 * ranks.rank)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     amp_dtype = autocast_dtype(cfg, device)
+    net = wrap_model(model, ranks, device, cfg.fsdp, amp_dtype)  # DDP, or FSDP2 sharding model in place
+    optimizer = make_optimizer(model, cfg)  # after FSDP2 has made the parameters sharded DTensors
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step, position = 0, 0
     if state is not None:
-        model.load_weights(ckpt.read_safetensors(resume_from / ckpt.WEIGHTS_NAME))
+        if is_sharded_checkpoint(resume_from):  # an FSDP run's: any number of ranks
+            load_sharded(resume_from, model, optimizer)
+        else:
+            model.load_weights(ckpt.read_safetensors(resume_from / ckpt.WEIGHTS_NAME))
         if not ckpt.restore_trainer_state(state, optimizer, scheduler, scaler, device, ranks.rank, ranks.world_size):
             _say(ranks, f"resume: saved with {len(state['rng_cpu'])} ranks, now {ranks.world_size}: "
                         f"dropout RNG reseeded")
         step, position = state["step"], state["data_position"]
-    net = model
-    if ranks.world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:  # the training forward and backward; evaluation runs the plain model
         net = torch.compile(net)
 
     collator = data.MaskingCollator(tokenizer, cfg.seq_len, cfg.batch_size, cfg.mask_rate, cfg.whole_word, cfg.layout)
-    stream = data.BatchStream(train_files, tokenizer, collator, seed=cfg.seed, rank=ranks.rank,
-                              world_size=ranks.world_size, start=position,
-                              epoch_batches=ckpt.saved_epoch_batches(state, ranks.rank, ranks.world_size)
-                              if state is not None else None)
-    valid = (data.eval_batches(valid_files, tokenizer, collator, max_batches=cfg.eval_batches, rank=ranks.rank,
-                               world_size=ranks.world_size) if valid_files else [])
+    stream = run_data.stream(tokenizer, collator, ranks, position,  # made ahead on a background thread
+                             ckpt.saved_epoch_batches(state, ranks.rank, ranks.world_size) if state is not None
+                             else None)
+    valid = run_data.validation(tokenizer, collator, ranks)
     logger = run_dir.Logger(out_dir, ranks.main, resume_step=step)
     n_params = sum(p.numel() for p in model.parameters())
     _say(ranks, f"fastmlm train: {cfg.model} model ({n_params / 1e6:.1f}M parameters, vocab "
                 f"{model_cfg.vocab_size}) on {device}{f' x{ranks.world_size}' if ranks.world_size > 1 else ''}, "
                 f"precision {amp_dtype or torch.float32}, {cfg.max_steps} steps of {cfg.grad_accum} x "
                 f"{cfg.batch_size} x {cfg.seq_len} tokens" + (f", resumed at step {step}" if step else "")
-                + (", torch.compile" if cfg.compile else ""))
-    if valid_files is not None and cfg.data is not None and not cfg.valid_data:
-        _say(ranks, f"validation: {valid_files} ({sum(b.n_masked for b in valid)} masked tokens)")
+                + (", torch.compile" if cfg.compile else "")
+                + (", activation checkpointing" if cfg.activation_checkpointing else "")
+                + (", FSDP" if cfg.fsdp else ""))
+    if run_data.describe_validation():
+        _say(ranks, f"validation: {run_data.describe_validation()} ({sum(b.n_masked for b in valid)} masked tokens)")
     batches = _skip_to(iter(stream), position, ranks)  # a resumed run's data replay, timed as its own phase
 
     model.train()
@@ -333,7 +363,7 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
     metrics: dict = {}
     progress = Progress(cfg.max_steps, step, enabled=cfg.progress and ranks.main)
     # ---- the loop: one optimizer step, then a log row, a validation, a checkpoint when due
-    with logger, progress:  # closed however the loop ends (an error, Ctrl-C)
+    with logger, progress, stream:  # closed however the loop ends (an error, Ctrl-C)
         while step < stop:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)

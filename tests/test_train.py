@@ -231,3 +231,51 @@ def test_unigram_bias_starts_the_model_at_the_token_frequencies(corpus, tmp_path
 def test_fused_adamw_is_used_on_the_cpu():
     opt = train.make_optimizer(FastMLMForMaskedLM(preset("tiny")), train.TrainConfig())
     assert opt.defaults.get("fused") is True
+
+
+# --------------------------------------------------------------------------- activation checkpointing (issue 19)
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_the_attention(monkeypatch):
+    """Selective checkpointing recomputes the layers but not the fused attention (its forward runs once per
+    layer, as without checkpointing; full checkpointing runs it twice); dropout and every gradient are the same."""
+    import importlib
+
+    attention, block_sparse = (importlib.import_module(f"fastmlm.ops.{op}") for op in ("attention", "block_sparse"))
+    torch.manual_seed(0)
+    model = FastMLMForMaskedLM(preset("tiny", hidden_dropout=0.1, attention_pattern=("dense", "window:3"),
+                                      block_size=16))
+    ids = torch.randint(5, 512, (3, 37))
+    labels = torch.where(torch.rand(3, 37) < 0.3, ids, -100)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, 29:] = False
+    labels[1, 29:] = -100
+    calls = []
+    for registry in (attention.REGISTRY, block_sparse.REGISTRY):  # the backends auto picks on the CPU
+        module = registry.module("torch")
+        monkeypatch.setattr(module, "forward", lambda *a, _f=module.forward, **k: calls.append(1) or _f(*a, **k))
+    grads, counts = {}, {}
+    for mode in (None, "selective", "full"):
+        model.set_activation_checkpointing(mode)
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(1)  # the same dropout draws
+        model(ids[:, 1:].transpose(0, 1).t(), attention_mask=mask[:, 1:], labels=labels[:, 1:]).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
+        counts[mode] = len(calls)
+    assert counts == {None: 2, "selective": 2, "full": 4}
+    for mode in ("selective", "full"):
+        for name, grad in grads[None].items():
+            torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-7, msg=f"{mode}: {name}")
+    with pytest.raises(ValueError, match="'selective' or 'full', got 'some'"):
+        model.set_activation_checkpointing("some")
+
+
+def test_activation_checkpointing_run_has_the_same_losses(corpus, tmp_path, capsys):
+    runs = {flag: tmp_path / f"ac_{flag}" for flag in (False, True)}
+    for flag, out in runs.items():
+        train.train(tiny(corpus, out, max_steps=3, eval_every=3, save_every=3, log_every=1,
+                         activation_checkpointing=flag))
+        assert ("activation checkpointing" in capsys.readouterr().out) == flag
+    losses = {flag: train_losses(out) for flag, out in runs.items()}
+    assert len(losses[True]) == 3
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, rel=1e-6)
