@@ -10,6 +10,8 @@ Providers:
   torch-gathered  the plain-PyTorch user fix: gather the R masked rows, F.linear in
                   the input dtype, F.cross_entropy on fp32 logits
   fastmlm-torch / -triton / -cuda   masked_lm_loss(..., positions=positions)
+  fastmlm-<backend>-labels          masked_lm_loss(hidden, weight, bias, labels): as the README
+                  calls it, full hidden and labels with -100, no positions
   liger           Liger Kernel's fused linear cross-entropy on the gathered rows
   cce             Cut Cross-Entropy's linear_cross_entropy on the gathered rows
 
@@ -32,6 +34,7 @@ from .harness import Skip, Workload
 
 OP = "masked_lm_loss"
 NAMES = ("loss", "dh", "dw", "db")  # the checked tensors: the loss, then the gradients of hidden, weight, bias
+LABELS = "-labels"  # provider suffix: called without positions
 RATIOS = {"loss": 2.0, "dh": 3.0, "dw": 3.0, "db": 3.0}  # the error-ratio rule: outputs 2x, gradients 3x
 
 
@@ -54,7 +57,8 @@ def label(shape: dict) -> str:
 
 
 def providers(shape: dict, device: str) -> list[str]:
-    return ["reference", "torch-gathered", "fastmlm-torch", "fastmlm-triton", "fastmlm-cuda", "liger", "cce"]
+    fastmlm = [f"fastmlm-{b}{how}" for b in ("torch", "triton", "cuda") for how in ("", LABELS)]
+    return ["reference", "torch-gathered", *fastmlm, "liger", "cce"]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -96,6 +100,12 @@ def _cce():
 
 
 def _provider_fn(provider: str, device: str):
+    if provider.endswith(LABELS):  # no positions: the op finds the masked rows itself
+        backend = fastmlm_backend(provider[: -len(LABELS)])
+        if backend is None:
+            raise ValueError(f"unknown masked_lm_loss provider {provider!r}")
+        require_backend_device(backend, device)
+        return lambda h, w, b, labels, positions: masked_lm_loss(h, w, b, labels, backend=backend)
     backend = fastmlm_backend(provider)
     if provider == "reference":
         return lambda h, w, b, labels, positions: masked_lm_loss(h, w, b, labels, backend="reference")

@@ -26,13 +26,18 @@ SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 TYPES = {"tokens_ptr": "*i64", "targets_ptr": "*i64", "n_rows_ptr": "*i32", "argbest_ptr": "*i32",
          "label_smoothing": "fp32", "z_loss": "fp32"}
 FP32_POINTERS = ("max_ptr", "sumexp_ptr", "target_logit_ptr", "logit_sum_ptr", "best_ptr", "lse_ptr", "grad_ptr",
-                 "drows_ptr")
+                 "drows_ptr", "logits_ptr")
+# The switches of forward_and_grads (store the logits, read them back, accumulate d_weight):
+# each kernel is compiled with them off (forward, backward) and on (forward_and_grads).
+FUSED_FLAGS = ("STORE_LOGITS", "LOAD_LOGITS", "ACCUMULATE")
+NOT_DIVISIBLE = ("V", "stride_logits_row")  # the vocabulary, 30522, and strides equal to it
 UNIT_STRIDES = {"forward": ("stride_h_hid", "stride_w_hid"), "dlogits": ("stride_h_hid", "stride_w_hid"),
                 "dhidden": ("stride_w_hid",), "dweight": ("stride_h_hid", "stride_dw_hid")}
 
 
-def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 32)):
-    """Compile ``_<name>_kernel`` for ``target`` with the GPU configuration for ``dtype``."""
+def compile_kernel(name: str, dtype: torch.dtype, fused: bool = False, target=GPUTarget("cuda", 90, 32)):
+    """Compile ``_<name>_kernel`` for ``target`` with the GPU configuration for ``dtype``
+    (``fused``: with the switches of forward_and_grads on)."""
     fn = getattr(masked_ce, f"_{name}_kernel")
     configs = masked_ce._configs(dtype)
     meta = dict(configs[name])
@@ -42,6 +47,7 @@ def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 3
     params = list(inspect.signature(fn.fn).parameters)
     if "HAS_BIAS" in params:
         meta["HAS_BIAS"] = True
+    meta.update({flag: fused for flag in FUSED_FLAGS if flag in params})
     element = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
     signature, attrs = {}, {}
     for i, param in enumerate(params):
@@ -50,7 +56,7 @@ def compile_kernel(name: str, dtype: torch.dtype, target=GPUTarget("cuda", 90, 3
             continue
         signature[param] = TYPES.get(param, "*fp32" if param in FP32_POINTERS else
                                      f"*{element}" if param.endswith("_ptr") else "i32")
-        if signature[param] != "fp32" and param != "V":
+        if signature[param] != "fp32" and param not in NOT_DIVISIBLE:
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs={(params.index(p),): v for p, v in meta.items()}, attrs=attrs)
     return triton.compile(source, target=target, options=options)
@@ -62,9 +68,12 @@ def main(dtypes=(torch.bfloat16, torch.float32)) -> None:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter replaces the kernels it would compile")
     for dtype in dtypes:
         for name in UNIT_STRIDES:
-            shared = compile_kernel(name, dtype).metadata.shared
-            verdict = "ok" if shared <= SHARED_LIMIT else "TOO MUCH SHARED MEMORY"
-            print(f"{name:8s} {str(dtype):15s} shared {shared:7d} B  {verdict}")
+            for fused in (False, True):
+                if fused and name == "dhidden":  # no switch there
+                    continue
+                shared = compile_kernel(name, dtype, fused).metadata.shared
+                verdict = "ok" if shared <= SHARED_LIMIT else "TOO MUCH SHARED MEMORY"
+                print(f"{name + (' fused' if fused else ''):14s} {str(dtype):15s} shared {shared:7d} B  {verdict}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,15 @@ atomics.  d_rows (R x H, fp32) is finally added into (T, H) at the row tokens
 computed twice (forward, backward) plus two more matmuls, 4 x 2·n·H·V flops;
 memory beyond the outputs is the workspace plus R x H fp32.
 
+Gradients in the forward (``forward_and_grads``: reduced losses, where the weight g of
+each row is known in the forward).  The compact rows are walked in chunks of rows whose
+fp32 logits (rows x V) stay near WORKSPACE_ELEMENTS; per chunk, the forward kernel also
+stores the logits it computes (STORE_LOGITS), the splits merge into lse, ``_dlogits_kernel``
+reads the stored logits instead of recomputing them (LOAD_LOGITS; for fp32 inputs dz
+overwrites them in place), and ``_dhidden_kernel`` / ``_dweight_kernel`` run over the whole
+vocabulary, the latter adding to d_weight and d_bias chunk after chunk (ACCUMULATE, a fixed
+order; fp32 accumulators when there are several chunks).  Cost: 3 x 2·n·H·V flops.
+
 Limits: fp16 / bf16 / fp32 inputs (fp32 uses IEEE ``tl.dot``, not TF32, so it
 matches an fp32 reference); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
 (where bf16 is refused: the interpreter's ``tl.dot`` is wrong for bf16).  Tile
@@ -143,15 +152,15 @@ def _logits_tile(
 def _forward_kernel(
     # pointers: inputs
     hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, targets_ptr, n_rows_ptr,
-    # pointers: per-split statistics, each (SPLITS, R)
-    max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, best_ptr, argbest_ptr,
+    # pointers: per-split statistics, each (SPLITS, R); the (R, V) fp32 logits (STORE_LOGITS only)
+    max_ptr, sumexp_ptr, target_logit_ptr, logit_sum_ptr, best_ptr, argbest_ptr, logits_ptr,
     # sizes
     R, H, V, vocab_per_split,
     # strides
-    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
+    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid, stride_logits_row,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STORE_LOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -181,6 +190,9 @@ def _forward_kernel(
         z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
                          stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
                          HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+        if STORE_LOGITS:  # kept for forward_and_grads: the logits are computed once
+            tl.store(logits_ptr + rows.to(tl.int64)[:, None] * stride_logits_row + cols[None, :], z,
+                     mask=row_ok[:, None] & col_ok[None, :])
         z = tl.where(col_ok[None, :], z, float("-inf"))  # padding columns: exp() = 0, never the max
 
         # online log-sum-exp: rescale the old sum to the new max, then add the tile
@@ -213,18 +225,22 @@ def _forward_kernel(
 @triton.jit
 def _dlogits_kernel(
     # pointers
-    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, targets_ptr, n_rows_ptr, lse_ptr, grad_ptr, dz_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, targets_ptr, n_rows_ptr, lse_ptr, grad_ptr, logits_ptr, dz_ptr,
     # sizes: the chunk is vocabulary columns [v_begin, v_end)
     H, V, v_begin, v_end,
     # strides
-    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid, stride_dz_row,
+    stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid, stride_logits_row, stride_dz_row,
     # loss options
     label_smoothing, z_loss,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LOAD_LOGITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dz[j, c - v_begin] = g·(p·(1 + 2·zl·lse) - (1 - eps)·[c == t] - eps/V) for the chunk's columns."""
+    """dz[j, c - v_begin] = g·(p·(1 + 2·zl·lse) - (1 - eps)·[c == t] - eps/V) for the chunk's columns.
+
+    The logits are recomputed, or with LOAD_LOGITS read from the (R, V) fp32 buffer the forward
+    kernel stored (then dz may overwrite that buffer: each element is read, then written, by
+    the same program)."""
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
@@ -239,10 +255,14 @@ def _dlogits_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     grad = tl.load(grad_ptr + rows, mask=row_ok, other=0.0)
 
-    # ---- recompute the logits and turn them into the softmax gradient
-    z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
-                     stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
-                     HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
+    # ---- the logits (stored, or recomputed), turned into the softmax gradient
+    if LOAD_LOGITS:
+        z = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_logits_row + cols[None, :],
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    else:
+        z = _logits_tile(hidden_ptr, weight_ptr, bias_ptr, tokens, row_ok, cols, col_ok, H,
+                         stride_h_tok, stride_h_hid, stride_w_vocab, stride_w_hid,
+                         HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, DOT_PRECISION)
     probs = tl.exp(z - lse[:, None])
     dz = probs * (1.0 + 2.0 * z_loss * lse)[:, None] - label_smoothing / V
     dz = tl.where(cols[None, :] == targets[:, None], dz - (1.0 - label_smoothing), dz)
@@ -299,12 +319,16 @@ def _dweight_kernel(
     # strides
     stride_dz_row, stride_h_tok, stride_h_hid, stride_dw_vocab, stride_dw_hid,
     # meta-parameters
-    BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """d_weight[v, h] = Σ_j dz[j, v] · h[tokens[j], h] and d_bias[v] = Σ_j dz[j, v] for one chunk."""
+    """d_weight[v, h] = Σ_j dz[j, v] · h[tokens[j], h] and d_bias[v] = Σ_j dz[j, v] for one chunk
+    (with ACCUMULATE: added to what d_weight and d_bias hold, launch after launch in a fixed order)."""
     pid_v = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_rows = tl.load(n_rows_ptr)
+    if ACCUMULATE and n_rows == 0:  # a row chunk past the counted rows: nothing to add
+        return
     c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     c_ok = c < chunk
     hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -324,9 +348,14 @@ def _dweight_kernel(
         bias_acc += tl.sum(dz_t.to(tl.float32), axis=1)
 
     v = (v_begin + c).to(tl.int64)
-    tl.store(dweight_ptr + v[:, None] * stride_dw_vocab + hs[None, :] * stride_dw_hid,
-             acc.to(dweight_ptr.dtype.element_ty), mask=c_ok[:, None] & h_ok[None, :])
+    dw_ptrs = dweight_ptr + v[:, None] * stride_dw_vocab + hs[None, :] * stride_dw_hid
+    tile_ok = c_ok[:, None] & h_ok[None, :]
+    if ACCUMULATE:  # one program owns this tile in every launch: no race
+        acc += tl.load(dw_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(dw_ptrs, acc.to(dweight_ptr.dtype.element_ty), mask=tile_ok)
     if pid_h == 0:
+        if ACCUMULATE:
+            bias_acc += tl.load(dbias_ptr + v, mask=c_ok, other=0.0).to(tl.float32)
         tl.store(dbias_ptr + v, bias_acc.to(dbias_ptr.dtype.element_ty), mask=c_ok)
 
 
@@ -355,34 +384,30 @@ def _bias_arg(bias, hidden):
     return hidden if bias is None else bias.contiguous()
 
 
-def forward(inputs):
-    """(T, H) hidden -> per-row (loss fp32 (R,), lse fp32 (R,), correct bool (R,)); zeros where a row does not count."""
+def _row_statistics(inputs, tokens, targets, n_rows, rows, logits=None):
+    """Loss, lse and correct of compact rows [0, rows) (those j < n_rows count), in compact order.
+
+    With ``logits`` ((rows, V) fp32) the forward kernel also stores each row's logits there.
+    """
     hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
-    rows_total, vocab = inputs.num_rows, weight.shape[0]
-    device = hidden.device
-    loss = torch.zeros(rows_total, device=device, dtype=torch.float32)
-    lse = torch.zeros(rows_total, device=device, dtype=torch.float32)
-    correct = torch.zeros(rows_total, device=device, dtype=torch.bool)
-    if rows_total == 0 or hidden.shape[0] == 0:
-        return loss, lse, correct
-    order, tokens, targets, n_rows = _compact_rows(inputs)
+    vocab, device = weight.shape[0], hidden.device
     configs = _configs(hidden.dtype)
     cfg = configs["forward"]
     per_split = triton.cdiv(VOCAB_PER_SPLIT, cfg["BLOCK_V"]) * cfg["BLOCK_V"]
     splits = triton.cdiv(vocab, per_split)
 
     # ---- per-split statistics of each compact row (rows j >= n stay unwritten)
-    stats = torch.empty(5, splits, rows_total, device=device, dtype=torch.float32)
-    argbest = torch.empty(splits, rows_total, device=device, dtype=torch.int32)
-    _forward_kernel[(triton.cdiv(rows_total, cfg["BLOCK_M"]), splits)](
+    stats = torch.empty(5, splits, rows, device=device, dtype=torch.float32)
+    argbest = torch.empty(splits, rows, device=device, dtype=torch.int32)
+    _forward_kernel[(triton.cdiv(rows, cfg["BLOCK_M"]), splits)](
         hidden, weight, _bias_arg(bias, hidden), tokens, targets, n_rows,
-        *stats, argbest,
-        rows_total, hidden.shape[1], vocab, per_split,
-        *_strides(hidden, weight),
-        HAS_BIAS=bias is not None, DOT_PRECISION=configs["DOT_PRECISION"], **cfg,
+        *stats, argbest, stats if logits is None else logits,
+        rows, hidden.shape[1], vocab, per_split,
+        *_strides(hidden, weight), 0 if logits is None else logits.stride(0),
+        HAS_BIAS=bias is not None, STORE_LOGITS=logits is not None, DOT_PRECISION=configs["DOT_PRECISION"], **cfg,
     )
 
-    # ---- merge the splits (see the module docstring), then put each row back at its slot
+    # ---- merge the splits (see the module docstring)
     split_max, split_sumexp, target_logit, logit_sum, best = stats
     top = split_max.max(dim=0).values
     row_lse = top + torch.log((split_sumexp * torch.exp(split_max - top)).sum(dim=0))
@@ -393,11 +418,24 @@ def forward(inputs):
     if z_loss:
         row_loss = row_loss + z_loss * row_lse.square()
     winner = best.argmax(dim=0, keepdim=True)  # first split among ties = lowest vocabulary index
-    row_correct = argbest.gather(0, winner)[0] == targets
-    live = torch.arange(rows_total, device=device) < n_rows
-    loss[order] = torch.where(live, row_loss, 0.0)
-    lse[order] = torch.where(live, row_lse, 0.0)
-    correct[order] = live & row_correct
+    live = torch.arange(rows, device=device) < n_rows
+    row_correct = live & (argbest.gather(0, winner)[0] == targets[:rows])
+    return torch.where(live, row_loss, 0.0), torch.where(live, row_lse, 0.0), row_correct
+
+
+def forward(inputs):
+    """(T, H) hidden -> per-row (loss fp32 (R,), lse fp32 (R,), correct bool (R,)); zeros where a row does not count."""
+    hidden = inputs.hidden
+    rows_total = inputs.num_rows
+    device = hidden.device
+    loss = torch.zeros(rows_total, device=device, dtype=torch.float32)
+    lse = torch.zeros(rows_total, device=device, dtype=torch.float32)
+    correct = torch.zeros(rows_total, device=device, dtype=torch.bool)
+    if rows_total == 0 or hidden.shape[0] == 0:
+        return loss, lse, correct
+    order, tokens, targets, n_rows = _compact_rows(inputs)
+    # put each row back at its slot
+    loss[order], lse[order], correct[order] = _row_statistics(inputs, tokens, targets, n_rows, rows_total)
     return loss, lse, correct
 
 
@@ -407,9 +445,50 @@ def _vocab_chunk(rows_total: int, vocab: int) -> int:
     return min(chunk, triton.cdiv(vocab, 128) * 128)
 
 
+def _gradient_chunk(inputs, tokens, targets, n_rows, lse, grad, rows, v_begin, chunk, dz, d_rows, d_weight, d_bias,
+                    logits=None, accumulate=False):
+    """For compact rows [0, rows) and vocabulary columns [v_begin, v_begin + chunk): dz into the
+    workspace, then d_rows += dz·W, d_weight (+)= dzᵀ·h and d_bias (+)= Σ dz for those columns.
+
+    ``logits``: the stored (rows, V) fp32 logits to read instead of recomputing them.
+    """
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    width, vocab = hidden.shape[1], weight.shape[0]
+    configs = _configs(hidden.dtype)
+    precision = configs["DOT_PRECISION"]
+    dlogits, dhidden, dweight = configs["dlogits"], configs["dhidden"], configs["dweight"]
+    _dlogits_kernel[(triton.cdiv(rows, dlogits["BLOCK_M"]), triton.cdiv(chunk, dlogits["BLOCK_V"]))](
+        hidden, weight, _bias_arg(bias, hidden), tokens, targets, n_rows, lse, grad, dz if logits is None else logits,
+        dz, width, vocab, v_begin, v_begin + chunk,
+        *_strides(hidden, weight), dz.stride(0) if logits is None else logits.stride(0), dz.stride(0),
+        float(label_smoothing), float(z_loss),
+        HAS_BIAS=bias is not None, LOAD_LOGITS=logits is not None, DOT_PRECISION=precision, **dlogits,
+    )
+    _dhidden_kernel[(triton.cdiv(rows, dhidden["BLOCK_M"]), triton.cdiv(width, dhidden["BLOCK_H"]))](
+        dz, weight, n_rows, d_rows,
+        width, v_begin, chunk,
+        dz.stride(0), *weight.stride(), d_rows.stride(0),
+        DOT_PRECISION=precision, **dhidden,
+    )
+    _dweight_kernel[(triton.cdiv(chunk, dweight["BLOCK_V"]), triton.cdiv(width, dweight["BLOCK_H"]))](
+        dz, hidden, tokens, n_rows, d_weight, d_bias,
+        width, v_begin, chunk,
+        dz.stride(0), *hidden.stride(), *d_weight.stride(),
+        ACCUMULATE=accumulate, DOT_PRECISION=precision, **dweight,
+    )
+
+
+def _scatter_rows(hidden, tokens, d_rows):
+    """(T, H) d_hidden from the compact rows' gradients. Compact rows j >= n hold zeros, so adding
+    all rows is exact; duplicated positions sum (in the input dtype: exact for distinct tokens,
+    and it keeps no (T, H) fp32 copy)."""
+    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+    return d_hidden.index_add_(0, tokens, d_rows.to(hidden.dtype))
+
+
 def backward(inputs, lse, grad_rows):
     """Gradients of Σ grad_rows · loss_rows: d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
-    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    hidden, weight = inputs.hidden, inputs.weight
     rows_total, (vocab, width) = grad_rows.shape[0], weight.shape
     device = hidden.device
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
@@ -420,36 +499,61 @@ def backward(inputs, lse, grad_rows):
     live = torch.arange(rows_total, device=device) < n_rows
     row_lse = lse[order].contiguous()
     row_grad = torch.where(live, grad_rows[order].float(), 0.0)
-    configs = _configs(hidden.dtype)
-    precision = configs["DOT_PRECISION"]
-    dlogits, dhidden, dweight = configs["dlogits"], configs["dhidden"], configs["dweight"]
-
     chunk_cols = _vocab_chunk(rows_total, vocab)
     dz = torch.empty(rows_total, chunk_cols, device=device, dtype=hidden.dtype)
     d_rows = torch.zeros(rows_total, width, device=device, dtype=torch.float32)
     for v_begin in range(0, vocab, chunk_cols):  # a static loop: vocab is a shape
-        chunk = min(chunk_cols, vocab - v_begin)
-        _dlogits_kernel[(triton.cdiv(rows_total, dlogits["BLOCK_M"]), triton.cdiv(chunk, dlogits["BLOCK_V"]))](
-            hidden, weight, _bias_arg(bias, hidden), tokens, targets, n_rows, row_lse, row_grad, dz,
-            width, vocab, v_begin, v_begin + chunk,
-            *_strides(hidden, weight), dz.stride(0),
-            float(label_smoothing), float(z_loss),
-            HAS_BIAS=bias is not None, DOT_PRECISION=precision, **dlogits,
-        )
-        _dhidden_kernel[(triton.cdiv(rows_total, dhidden["BLOCK_M"]), triton.cdiv(width, dhidden["BLOCK_H"]))](
-            dz, weight, n_rows, d_rows,
-            width, v_begin, chunk,
-            dz.stride(0), *weight.stride(), d_rows.stride(0),
-            DOT_PRECISION=precision, **dhidden,
-        )
-        _dweight_kernel[(triton.cdiv(chunk, dweight["BLOCK_V"]), triton.cdiv(width, dweight["BLOCK_H"]))](
-            dz, hidden, tokens, n_rows, d_weight, d_bias,
-            width, v_begin, chunk,
-            dz.stride(0), *hidden.stride(), *d_weight.stride(),
-            DOT_PRECISION=precision, **dweight,
-        )
+        _gradient_chunk(inputs, tokens, targets, n_rows, row_lse, row_grad, rows_total, v_begin,
+                        min(chunk_cols, vocab - v_begin), dz, d_rows, d_weight, d_bias)
+    return _scatter_rows(hidden, tokens, d_rows), d_weight, d_bias
 
-    # Compact rows j >= n hold zeros, so adding all R rows is exact; duplicated positions sum
-    # (in the input dtype: exact for distinct tokens, and it keeps no (T, H) fp32 copy).
-    d_hidden = torch.zeros(hidden.shape, device=device, dtype=hidden.dtype)
-    return d_hidden.index_add_(0, tokens, d_rows.to(hidden.dtype)), d_weight, d_bias
+
+def _row_chunk(rows_total: int, vocab: int, block: int) -> int:
+    """Rows per forward_and_grads chunk, a multiple of the row tile ``block``: the stored logits
+    stay near WORKSPACE_ELEMENTS; a small problem is one chunk."""
+    chunk = max(block, (WORKSPACE_ELEMENTS // max(vocab, 1)) // block * block)
+    return min(chunk, triton.cdiv(rows_total, block) * block)
+
+
+def forward_and_grads(inputs, grad_rows):
+    """Forward outputs and the gradients of Σ grad_rows · loss, computing each logit once.
+
+    Per chunk of compact rows (a static loop; chunks past the counted rows exit on the device):
+    the forward kernel stores the chunk's fp32 logits while it folds them into the statistics,
+    the splits merge into lse, then dz is made from the stored logits (no recomputation) and
+    multiplied into d_rows and d_weight: three matmuls in all. d_weight and d_bias add up
+    chunk after chunk in a fixed order (fp32 when there is more than one chunk).
+    Returns loss, lse (R,) fp32, correct (R,) bool, d_hidden (T, H), d_weight (V, H), d_bias (V,).
+    """
+    hidden, weight = inputs.hidden, inputs.weight
+    rows_total, (vocab, width) = inputs.num_rows, weight.shape
+    device = hidden.device
+    if rows_total == 0 or hidden.shape[0] == 0:
+        loss, lse, correct = forward(inputs)
+        return (loss, lse, correct, *backward(inputs, lse, grad_rows))
+    order, tokens, targets, n_rows = _compact_rows(inputs)
+    live = torch.arange(rows_total, device=device) < n_rows
+    row_grad = torch.where(live, grad_rows[order].float(), 0.0)
+    step = _row_chunk(rows_total, vocab, _configs(hidden.dtype)["forward"]["BLOCK_M"])
+    several = step < rows_total
+    out_dtype = torch.float32 if several else weight.dtype  # several chunks accumulate in fp32
+    d_weight = torch.empty(weight.shape, device=device, dtype=out_dtype)
+    d_bias = torch.empty(vocab, device=device, dtype=out_dtype)
+    d_rows = torch.zeros(rows_total, width, device=device, dtype=torch.float32)
+    logits = torch.empty(step, vocab, device=device, dtype=torch.float32)
+    dz = logits if hidden.dtype == torch.float32 else torch.empty(step, vocab, device=device, dtype=hidden.dtype)
+    loss, lse, correct = (torch.empty(rows_total, device=device, dtype=dt)
+                          for dt in (torch.float32, torch.float32, torch.bool))
+    for r0 in range(0, rows_total, step):  # a static loop: R is a shape
+        r1 = min(r0 + step, rows_total)
+        chunk_rows = (n_rows - r0).clamp(0, r1 - r0).to(torch.int32)  # counted rows of this chunk, on the device
+        tokens_c, targets_c = tokens[r0:r1], targets[r0:r1]
+        loss[r0:r1], lse[r0:r1], correct[r0:r1] = _row_statistics(inputs, tokens_c, targets_c, chunk_rows, r1 - r0,
+                                                                  logits)
+        _gradient_chunk(inputs, tokens_c, targets_c, chunk_rows, lse[r0:r1], row_grad[r0:r1], r1 - r0, 0, vocab,
+                        dz, d_rows[r0:r1], d_weight, d_bias, logits=logits, accumulate=r0 > 0)
+    # back at each row's slot
+    out = [torch.empty_like(t) for t in (loss, lse, correct)]
+    for slot, compact in zip(out, (loss, lse, correct)):
+        slot[order] = compact
+    return (*out, _scatter_rows(hidden, tokens, d_rows), d_weight.to(weight.dtype), d_bias.to(weight.dtype))

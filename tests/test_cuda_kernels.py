@@ -147,8 +147,11 @@ def test_emulated_attention_nan_in_gives_nan_out(emulated):
     assert_nan_in_gives_nan_out(_cuda_attention, torch.float16, emulated)
 
 
-def check_masked_ce(device, dtype, tokens, hidden, vocab, use_positions, options):
-    """cuda backend vs the fp64 reference under the error-ratio rule: loss, accuracy, three gradients."""
+def check_masked_ce(device, dtype, tokens, hidden, vocab, use_positions, options, per_row=False):
+    """cuda backend vs the fp64 reference under the error-ratio rule: loss, accuracy, three gradients.
+
+    The mean loss runs forward_and_grads; ``per_row`` averages reduction="none" instead, which
+    runs the forward and the backward kernels."""
     h = torch.randn(tokens, hidden, dtype=torch.float64, device=device)
     w = torch.randn(vocab, hidden, dtype=torch.float64, device=device) / hidden**0.5
     b = torch.randn(vocab, dtype=torch.float64, device=device) * 0.1
@@ -167,6 +170,9 @@ def check_masked_ce(device, dtype, tokens, hidden, vocab, use_positions, options
                                          options.get("z_loss", 0.0), upcast=False)[0]
     lowp = lowp_rows.sum() / (lowp_rows != 0).sum()
     fast, correct = masked_lm_loss(*low_in, labels, backend="cuda", return_accuracy=True, **kw)
+    if per_row:
+        rows = masked_lm_loss(*low_in, labels, backend="cuda", reduction="none", **kw)
+        fast = rows.sum() / (rows != 0).sum()
     assert fast.dtype == torch.float32
     floor = 1e-5 if dtype == torch.float32 else 0.0
     assert_error_ratio(fast, exact, lowp, 2.0, floor + torch.finfo(dtype).eps * exact.abs().item(), "loss")
@@ -185,9 +191,10 @@ def small_chunks(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
-def test_emulated_masked_ce(emulated, small_chunks, dtype, use_positions):
+@pytest.mark.parametrize("per_row", [False, True], ids=["reduced", "per-row"])
+def test_emulated_masked_ce(emulated, small_chunks, dtype, use_positions, per_row):
     options = dict(label_smoothing=0.1, z_loss=1e-3) if use_positions else {}
-    check_masked_ce(emulated, dtype, 9, 16, 300, use_positions, options)
+    check_masked_ce(emulated, dtype, 9, 16, 300, use_positions, options, per_row)
 
 
 def test_emulated_masked_ce_argmax_ties_across_chunks(emulated, small_chunks):

@@ -268,3 +268,145 @@ def test_fp64_inputs_give_fp64_loss_and_pass_gradcheck(backend):
         def fn(h, w, b):
             return masked_lm_loss(h, w, b, labels, positions=pos, label_smoothing=0.1, z_loss=1e-2, backend=backend)
         assert torch.autograd.gradcheck(fn, [t.clone().requires_grad_() for t in (h, w, b)])
+
+
+# --------------------------------------------------------------------------- gradients in the forward (issue 16)
+def _reference_loss_and_grads(h, w, b, labels, positions=None, reduction="mean", grad=1.0, **kw):
+    """fp64 reference: the loss and grad * d(loss)/d(h, w, b)."""
+    exact = [t.detach().double().requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*exact, labels, positions=positions, reduction=reduction, backend="reference", **kw)
+    return loss, torch.autograd.grad(loss * grad, exact)
+
+
+def _assert_close_to_reference(got, want, names=("loss", "d_hidden", "d_weight", "d_bias")):
+    for name, g, e in zip(names, got, want):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_reduced_loss_computes_gradients_in_the_forward(monkeypatch):
+    """mean/sum with gradients: the backend runs once, in the forward; the backward only scales."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    calls = []
+    fused = torch_backend.forward_and_grads
+    monkeypatch.setattr(torch_backend, "forward_and_grads", lambda *a: calls.append("fused") or fused(*a))
+    monkeypatch.setattr(torch_backend, "backward", lambda *a: pytest.fail("the backward ran a second pass"))
+    h, w, b, labels = make_batch(30, 8, 37, rate=0.4)
+    labels[0] = 4
+    inputs = [t.requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, backend="torch", label_smoothing=0.1, z_loss=1e-3)
+    assert calls == ["fused"]
+    grads = torch.autograd.grad(loss * -2.5, inputs)  # a grad_output other than 1
+    assert calls == ["fused"]
+    _, want = _reference_loss_and_grads(h, w, b, labels, grad=-2.5, label_smoothing=0.1, z_loss=1e-3)
+    _assert_close_to_reference(grads, want, names=("d_hidden", "d_weight", "d_bias"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_backward_twice_with_retain_graph(reduction):
+    """The first backward hands over the gradients it scaled in place; a second one must still be right."""
+    h, w, b, labels = make_batch(25, 8, 29, rate=0.5)
+    labels[3] = 7
+    inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, reduction=reduction, backend="torch")
+    (loss * 3.0).backward(retain_graph=True)
+    first = [t.grad.clone() for t in inputs]
+    (loss * -0.5).backward()  # accumulates: 3.0 - 0.5
+    _, want3 = _reference_loss_and_grads(h, w, b, labels, reduction=reduction, grad=3.0)
+    _, want = _reference_loss_and_grads(h, w, b, labels, reduction=reduction, grad=2.5)
+    _assert_close_to_reference(first, want3, names=("d_hidden", "d_weight", "d_bias"))
+    _assert_close_to_reference([t.grad for t in inputs], want, names=("d_hidden", "d_weight", "d_bias"))
+
+
+def test_no_gradients_kept_without_requires_grad(monkeypatch):
+    """No input needs gradients (or grad mode is off): the forward-only op runs, no gradient is computed."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    monkeypatch.setattr(torch_backend, "forward_and_grads", lambda *a: pytest.fail("computed unwanted gradients"))
+    h, w, b, labels = make_batch(20, 8, 17, rate=0.5)
+    labels[0] = 1
+    want = masked_lm_loss(h, w, b, labels, backend="reference")
+    torch.testing.assert_close(masked_lm_loss(h, w, b, labels, backend="torch"), want)
+    with torch.no_grad():
+        got = masked_lm_loss(h.requires_grad_(), w, b, labels, backend="torch")
+    torch.testing.assert_close(got, want)
+
+
+def test_only_some_inputs_need_gradients():
+    h, w, b, labels = make_batch(20, 8, 17, rate=0.5)
+    labels[0] = 1
+    hidden = h.clone().requires_grad_()  # weight and bias frozen
+    loss = masked_lm_loss(hidden, w, b, labels, backend="torch")
+    (d_hidden,) = torch.autograd.grad(loss, hidden)
+    _, want = _reference_loss_and_grads(h, w, b, labels)
+    _assert_close_to_reference([d_hidden], want[:1], names=("d_hidden",))
+
+
+@pytest.mark.parametrize("static_rows", [False, True], ids=["compacted", "static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+def test_torch_backend_many_chunks(static_rows, dtype, use_positions, monkeypatch):
+    """Several row chunks (one reused logits buffer, d_weight written then accumulated), duplicated
+    positions, and both row plans: compacted (CPU) and static (every row projected, as on CUDA)."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 3 * 41)  # 3 rows of V = 41 per chunk
+    if static_rows:
+        monkeypatch.setattr(torch_backend, "COMPACT_DEVICES", ())
+    h, w, b, labels = make_batch(23, 16, 41, rate=0.5, dtype=torch.float64)
+    labels[[0, 5]] = torch.tensor([40, 2])
+    h[labels == -100] = float("nan")  # rows that do not count never reach anything
+    positions = torch.tensor([5, -1, 0, 5] + (labels != -100).nonzero()[:, 0].tolist()) if use_positions else None
+    clean = torch.where(torch.isnan(h), 0.0, h)
+    exact_in = [t.clone().requires_grad_() for t in (clean, w, b)]
+    low_in = [t.to(dtype).requires_grad_() for t in (h, w, b)]
+    kw = dict(positions=positions, label_smoothing=0.1, z_loss=1e-3, reduction="sum")
+    exact = masked_lm_loss(*exact_in, labels, backend="reference", **kw)
+    low_ref = [t.to(dtype).requires_grad_() for t in (clean, w, b)]
+    lowp = masked_lm_loss_reference(*low_ref, labels, positions, -100, 0.1, 1e-3, upcast=False)[0].sum()
+    fast = masked_lm_loss(*low_in, labels, backend="torch", **kw)
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    assert_error_ratio(fast, exact, lowp, 2.0, floor + torch.finfo(dtype).eps * exact.abs().item(), "loss")
+    for name, f, e, l in zip(("d_hidden", "d_weight", "d_bias"), torch.autograd.grad(fast, low_in),
+                             torch.autograd.grad(exact, exact_in), torch.autograd.grad(lowp, low_ref)):
+        assert f.dtype == dtype and torch.isfinite(f).all(), name
+        assert_error_ratio(f, e, l, 3.0, floor, name)
+
+
+def test_torch_backend_projects_only_the_counted_rows(monkeypatch):
+    """Without positions, on the CPU, the cost follows the masked count, not the token count."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    rows = []
+    logits = torch_backend._logits
+    monkeypatch.setattr(torch_backend, "_logits", lambda h, *a, **k: rows.append(h.shape[0]) or logits(h, *a, **k))
+    h, w, b, labels = make_batch(200, 8, 31, rate=0.0)
+    labels[[3, 50, 199]] = torch.tensor([1, 2, 3])
+    for requires_grad in (False, True):
+        rows.clear()
+        masked_lm_loss(*[t.clone().requires_grad_(requires_grad) for t in (h, w, b)], labels, backend="torch")
+        assert rows == [3]
+
+
+@pytest.mark.parametrize("mean", [True, False])
+def test_opcheck_reduced_op(mean):
+    h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
+    labels[1] = 2
+    for positions in (None, torch.tensor([1, -1, 5, 1])):
+        args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 1e-3, mean,
+                "torch")
+        torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_reduced.default, args)
+
+
+def test_reduced_loss_under_torch_compile():
+    h, w, b, labels = make_batch(16, 8, 13, rate=0.5)
+    labels[2] = 3
+
+    def step(h, w, b):
+        return masked_lm_loss(h, w, b, labels, label_smoothing=0.1, backend="torch")
+
+    got_in = [t.clone().requires_grad_() for t in (h, w, b)]
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(*got_in)
+    got.backward()
+    want, grads = _reference_loss_and_grads(h, w, b, labels, label_smoothing=0.1)
+    _assert_close_to_reference([got, *(t.grad for t in got_in)], [want, *grads])

@@ -181,9 +181,11 @@ def test_accuracy_counts_correct_predictions(backend, device):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
-def test_triton_many_vocab_chunks_and_splits(dtype, use_positions, device, monkeypatch):
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_triton_many_vocab_chunks_and_splits(dtype, use_positions, reduction, device, monkeypatch):
     """Small shapes fit one backward chunk and one forward split; shrink both so the multi-chunk
-    accumulation and the split merge (what BERT-base shapes use) run here too."""
+    accumulation and the split merge (what BERT-base shapes use) run here too: "none" takes the
+    backward's vocabulary chunks, "sum" forward_and_grads' row chunks (d_weight accumulated)."""
     kernel = REGISTRY.module("triton")
     h, w, b, labels = make_batch(50, 24, 777, rate=0.4, device=device)
     labels[0] = 776
@@ -191,7 +193,9 @@ def test_triton_many_vocab_chunks_and_splits(dtype, use_positions, device, monke
     rows = 50 if positions is None else positions.shape[0]
     monkeypatch.setattr(kernel, "WORKSPACE_ELEMENTS", rows * 256)  # chunks of 256, 256, 256, 9 columns
     monkeypatch.setattr(kernel, "VOCAB_PER_SPLIT", 128)  # one split per forward tile
-    check_backend("triton", h, w, b, labels, dtype, positions, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+    grad = torch.rand(rows, device=device) + 0.5 if reduction == "none" else None
+    check_backend("triton", h, w, b, labels, dtype, positions, reduction=reduction, grad=grad, label_smoothing=0.1,
+                  z_loss=1e-3)
 
 
 # --------------------------------------------------------------------------- strided views, NaN
@@ -273,6 +277,31 @@ def test_opcheck_triton_backend(use_positions, device):
     torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_fwd.default, args)
 
 
+@pytest.mark.interpreter
+def test_opcheck_triton_reduced_op(device):
+    h, w, b, labels = make_batch(12, 16, 19, rate=0.5, device=device)
+    labels[1] = 2
+    positions = torch.tensor([1, -1, 5, 1], device=device)
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, IGNORE, 0.1, 1e-3, True,
+            "triton")
+    torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_reduced.default, args)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_triton_reduced_loss_takes_one_pass(reduction, device, monkeypatch):
+    """mean/sum with gradients: forward_and_grads (logits stored once, several row chunks and
+    vocabulary splits here); the backward kernels never run."""
+    kernel = REGISTRY.module("triton")
+    monkeypatch.setattr(kernel, "backward", lambda *a: pytest.fail("the backward kernels ran"))
+    monkeypatch.setattr(kernel, "WORKSPACE_ELEMENTS", 40 * 300)  # row chunks of one tile (32 rows here)
+    monkeypatch.setattr(kernel, "VOCAB_PER_SPLIT", 128)
+    h, w, b, labels = make_batch(97, 24, 300, rate=0.6, device=device)
+    labels[0] = 299
+    check_backend("triton", h, w, b, labels, torch.float32, masked_positions(labels, pad=3), reduction=reduction,
+                  grad=torch.tensor(-1.3), label_smoothing=0.1, z_loss=1e-3)
+
+
 # --------------------------------------------------------------------------- GPU tier: BERT-base shapes
 def bert_base_batch(seed=0):
     """32k tokens, H = 768, V = 30522, 15% masked, bf16 (on the GPU)."""
@@ -317,6 +346,15 @@ def test_triton_forward_backward_never_sync_and_are_deterministic():
         torch.cuda.set_sync_debug_mode("default")
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+    fused = kernel.forward_and_grads(MaskedCEInputs(*args), grad_rows)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = kernel.forward_and_grads(MaskedCEInputs(*args), grad_rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, c in zip(fused, again):
+        assert torch.equal(a, c)
 
 
 # --------------------------------------------------------------------------- compiles for a GPU, on any machine
@@ -331,4 +369,4 @@ def test_triton_kernels_compile_for_sm90():
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok") == 4, done.stdout  # one line per kernel
+    assert done.stdout.count("ok") == 7, done.stdout  # one line per kernel and variant (fused or not)

@@ -31,8 +31,15 @@ number of counted rows whose argmax (first index among ties) is the target, an
 int64 0-d tensor.
 
 Backends: ``reference`` (below), ``torch`` (row chunks), ``triton`` (kernels/masked_ce.py),
-``cuda`` (csrc/); the non-reference ones run as the ``fastmlm::masked_lm_loss_fwd`` /
-``_bwd`` custom ops, and below those every backend receives one :class:`MaskedCEInputs`.
+``cuda`` (csrc/); the non-reference ones run as custom ops, and below those every backend
+receives one :class:`MaskedCEInputs`:
+
+- ``fastmlm::masked_lm_loss_reduced`` when the loss is reduced ("mean", "sum") and an input
+  needs gradients: the backend's ``forward_and_grads`` computes d_hidden, d_weight and
+  d_bias during the forward (the weight of each row, 1 or 1 / count, is known there), and
+  the backward only multiplies them by grad_output: one pass over the vocabulary;
+- ``fastmlm::masked_lm_loss_fwd`` / ``_bwd`` otherwise (reduction "none", or no gradients
+  wanted: then no gradient is computed or kept).
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ import torch
 from torch import Tensor
 
 from . import checks
-from .dispatch import Registry
+from .dispatch import AUTO_PREFIX, Registry
 
 REGISTRY = Registry(
     "masked_lm_loss",
@@ -205,6 +212,82 @@ def _backward(ctx, grad_rows, _dlse, _dcorrect):
 _masked_lm_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Reduced losses ("mean", "sum") with gradients: the backend computes the gradients during the
+# forward, where every chunk of logits is at hand, so the backward only scales them.
+def forward_and_grads(backend: str, inputs: MaskedCEInputs, grad_rows: Tensor):
+    """Run ``backend``'s ``forward_and_grads(inputs, grad_rows)``, or its forward then its backward
+    where it has none; under ``"auto:<name>"`` through the dispatcher's fallback chain."""
+    def call(module):
+        fused = getattr(module, "forward_and_grads", None)
+        if fused is not None:
+            return fused(inputs, grad_rows)
+        loss, lse, correct = module.forward(inputs)
+        return (loss, lse, correct, *module.backward(inputs, lse, grad_rows))
+
+    if backend.startswith(AUTO_PREFIX):
+        return REGISTRY.run(backend[len(AUTO_PREFIX):], inputs, call)
+    return call(REGISTRY.module(backend))
+
+
+@torch.library.custom_op("fastmlm::masked_lm_loss_reduced", mutates_args=())
+def _masked_lm_loss_reduced(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
+    ignore_index: int, label_smoothing: float, z_loss: float, mean: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss 0-d, correct (R,) bool, d_hidden, d_weight, d_bias): the mean (or sum) of the row
+    losses and its gradients, computed in the forward."""
+    inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+    counted = inputs.row_index()[1]
+    acc = checks.accum_dtype(hidden.dtype)
+    count = counted.sum().clamp(min=1).to(acc)  # stays on the device
+    grad_rows = counted.to(acc) / count if mean else counted.to(acc)
+    rows, _, correct, d_hidden, d_weight, d_bias = forward_and_grads(backend, inputs, grad_rows)
+    loss = rows.to(acc).sum()
+    return (loss / count if mean else loss), correct, d_hidden, d_weight, d_bias
+
+
+@_masked_lm_loss_reduced.register_fake
+def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, mean, backend):
+    num_rows = labels.shape[0] if positions is None else positions.shape[0]
+    return (hidden.new_empty((), dtype=checks.accum_dtype(hidden.dtype)), hidden.new_empty(num_rows, dtype=torch.bool),
+            hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0]))
+
+
+def _setup_reduced(ctx, inputs, output):
+    hidden, weight, bias, labels, positions, *options = inputs
+    _, correct, d_hidden, d_weight, d_bias = output
+    ctx.mark_non_differentiable(correct, d_hidden, d_weight, d_bias)
+    ctx.set_materialize_grads(False)  # else autograd builds zero "gradients" of the gradients (V x H)
+    # The gradients ride on ctx, not in save_for_backward, so that the first backward can scale
+    # them in place and hand them over without a copy (a saved d_weight is V x H). The inputs are
+    # saved (they are alive anyway) for a second backward through a retained graph.
+    ctx.grads = [d_hidden, d_weight, d_bias if bias is not None else None]
+    ctx.save_for_backward(hidden, weight, bias, labels, positions)
+    ctx.options = options
+
+
+def _backward_reduced(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # the loss was not used (grads are not materialised): no gradient
+        return (None,) * 10
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:  # a second backward (retain_graph=True): the first one used the gradients up
+        hidden, weight, bias, labels, positions = ctx.saved_tensors
+        grads = list(_masked_lm_loss_reduced(hidden, weight, bias, labels, positions, *ctx.options)[2:])
+        if bias is None:
+            grads[2] = None
+    # Eager: scale in place, and the tensors become the .grad without a copy. Traced (torch.compile,
+    # opcheck: functional or fake tensors), a backward may not mutate forward outputs: out of place.
+    eager = type(grad_loss) is torch.Tensor
+    # loss.backward() passes 1: on the CPU, reading it is no device sync, and it saves a pass over V x H.
+    unit = eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+    grads = [None if g is None or not need else g if unit else g.mul_(grad_loss) if eager else g * grad_loss
+             for g, need in zip(grads, ctx.needs_input_grad)]
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_masked_lm_loss_reduced.register_autograd(_backward_reduced, setup_context=_setup_reduced)
+
+
 # --------------------------------------------------------------------------- public op
 def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction):
     op = "masked_lm_loss"
@@ -229,6 +312,11 @@ def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoot
         checks.fail(op, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if ignore_index >= 0:
         checks.fail(op, f"ignore_index must be negative so it cannot be a token id, got {ignore_index}")
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (shapes and flags only, no sync)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def masked_lm_loss(
@@ -290,6 +378,9 @@ def masked_lm_loss(
     elif name == "reference" or hidden.shape[-1] == 0:  # hidden size 0: the logits are the bias, nothing to launch
         rows, _, correct = masked_lm_loss_reference(hidden2d, weight, bias, labels1d, positions,
                                                     ignore_index, label_smoothing, z_loss)
+    elif reduction != "none" and _needs_grad(hidden, weight, bias):
+        loss, correct, _, _, _ = _masked_lm_loss_reduced(*inputs, reduction == "mean", name)
+        return (loss, correct.sum()) if return_accuracy else loss
     else:
         rows, _, correct = _masked_lm_loss_fwd(*inputs, name)
     rows = rows.to(checks.accum_dtype(hidden.dtype))

@@ -11,7 +11,13 @@ them into dz with one kernel,
     dz = g · (softmax(z) (1 + 2·zl·lse) - eps / V - (1 - eps) · onehot(t)),
 
 and multiplies dz into d_rows and d_weight with cuBLAS. Never more than one chunk of
-logits in memory. fp32/fp16/bf16. The logits chunk is rounded to the input dtype by the
+logits in memory.
+
+``forward_and_grads`` (reduced losses with gradients) walks the rows instead, in chunks
+whose logits cover the whole vocabulary: one cuBLAS matmul makes a chunk's logits, the
+same kernels give its statistics, lse and dz (the row weights are known in the forward),
+and two more matmuls add dz into d_rows and d_weight: three matmuls, no recomputation,
+d_weight accumulated chunk after chunk in a fixed order (deterministic). fp32/fp16/bf16. The logits chunk is rounded to the input dtype by the
 matmul (as in the torch backend); statistics, loss and the bias add are fp32.
 """
 from __future__ import annotations
@@ -111,3 +117,49 @@ def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Te
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         d_hidden = d_hidden.index_add_(0, index, d_rows).to(hidden.dtype)
     return d_hidden, d_weight, d_bias.to(weight.dtype)
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    return ((r0, min(r0 + step, rows)) for r0 in range(0, rows, step))
+
+
+def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
+    """Forward outputs and the gradients of Σ grad_rows · loss, each chunk's logits made once.
+
+    Returns loss, lse (R,) fp32, correct (R,) bool, d_hidden (T, H), d_weight (V, H), d_bias (V,).
+    """
+    hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
+    ops = kernel_ops()
+    rows, targets, index = _rows_and_targets(inputs)
+    num_rows, vocab = rows.shape[0], weight.shape[0]
+    device, f32 = hidden.device, torch.float32
+    grad = grad_rows.float().contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    stats = torch.zeros(num_rows, 4, device=device, dtype=f32)
+    stats[:, 0] = float("-inf")
+    best = torch.zeros(num_rows, device=device, dtype=torch.int64)
+    best_logit = torch.full((num_rows,), float("-inf"), device=device, dtype=f32)
+    loss, lse = (torch.empty(num_rows, device=device, dtype=f32) for _ in range(2))
+    correct = torch.empty(num_rows, device=device, dtype=torch.bool)
+    d_rows = torch.empty(rows.shape, device=device, dtype=f32)
+    d_weight = torch.zeros(weight.shape, device=device, dtype=f32)
+    d_bias = torch.zeros(vocab, device=device, dtype=f32)
+    for r0, r1 in _row_chunks(num_rows, vocab):
+        h, t = rows[r0:r1], targets[r0:r1]
+        logits = (h @ weight.t()).contiguous()  # (chunk, V): the only matmul over the vocabulary's logits
+        ops.masked_ce_chunk_stats(logits, bias, t, 0, stats[r0:r1], best[r0:r1], best_logit[r0:r1])
+        ops.masked_ce_finish(stats[r0:r1], best[r0:r1], t, vocab, label_smoothing, z_loss, loss[r0:r1], lse[r0:r1],
+                             correct[r0:r1])
+        dlogits = torch.empty_like(logits)
+        ops.masked_ce_chunk_grad(logits, bias, t, lse[r0:r1], grad[r0:r1], 0, vocab, label_smoothing, z_loss,
+                                 dlogits)
+        d_rows[r0:r1] = (dlogits @ weight).float()
+        d_weight += (dlogits.t() @ h).float()
+        d_bias += dlogits.float().sum(0)
+    if positions is None:
+        d_hidden = d_rows.to(hidden.dtype)
+    else:  # rows of -1 positions have dz = 0, so adding them at the clamped index 0 is harmless
+        d_hidden = torch.zeros(hidden.shape, device=device, dtype=f32).index_add_(0, index, d_rows).to(hidden.dtype)
+    return loss, lse, correct, d_hidden, d_weight.to(weight.dtype), d_bias.to(weight.dtype)

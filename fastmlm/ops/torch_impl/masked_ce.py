@@ -1,15 +1,25 @@
-"""``torch`` backend of masked_lm_loss: chunked over rows, never the whole (R, V) logits.
+"""``torch`` backend of masked_lm_loss: only the counted rows, chunked, gradients in the forward.
 
-Forward and backward walk the rows in chunks sized so one chunk's fp32 logits
-stay near 32 MiB; the backward recomputes each chunk's logits from the saved
-log-sum-exp instead of keeping them. The math is fp32 (fp64 for fp64 inputs).
-Rows that do not count are zeroed before the projection, so nothing they hold
-reaches the loss or the gradients. Runs on any device; the chunk loop has a
-static trip count (R is a shape), so there is no host synchronisation.
+Rows.  On the CPU the rows that count are compacted first (``nonzero``: the CPU has no
+device to wait for), so the work follows the number of masked tokens, not T, with or
+without ``positions``.  On other devices the row count must stay static (no host
+synchronisation), so every row is projected and the rows that do not count are zeroed
+before the projection: nothing they hold reaches the loss or the gradients.  (On CUDA
+the ``triton`` and ``cuda`` backends come first; they skip those rows on the device.)
 
-Gradient of one row's loss with respect to its logits z (p = softmax(z)):
+Chunks.  The rows are walked in chunks of about ``CHUNK_ELEMENTS`` fp32 logits, balanced
+so that a small problem is one chunk (bigger chunks run faster on the CPU); one chunk of
+logits is alive at a time. The math is fp32 (fp64 for fp64 inputs).
 
-    dz = g * (p * (1 + 2·zl·lse) - (1 - eps) * onehot(t) - eps / V)
+``forward_and_grads`` (reduction "mean"/"sum" with gradients) does, per chunk, three
+matmuls and no second pass over the vocabulary: z = h·Wᵀ + b, then in place on the
+same buffer p = softmax(z) and, with g the weight of each row's loss,
+
+    dz = g · (p · (1 + 2·zl·lse) - (1 - eps) · onehot(t) - eps / V)
+
+then d_rows = dz·W and d_weight += dzᵀ·h (into one fp32 accumulator, chunk after chunk:
+a fixed order, so the result is deterministic), d_bias += Σ dz. ``backward`` (reduction
+"none") runs the same routine with the incoming row gradients.
 """
 from __future__ import annotations
 
@@ -22,7 +32,8 @@ from torch import Tensor
 from ..checks import accum_dtype
 from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms
 
-CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
+COMPACT_DEVICES = ("cpu",)  # device types where the counted rows are compacted (no device to wait for)
 
 
 def why_not(inputs: MaskedCEInputs) -> Optional[str]:
@@ -31,53 +42,145 @@ def why_not(inputs: MaskedCEInputs) -> Optional[str]:
 
 
 def _chunks(rows: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // vocab)
+    """(start, end) row ranges of about CHUNK_ELEMENTS logits each, of balanced sizes."""
+    count = max(1, -(-rows * vocab // CHUNK_ELEMENTS))
+    step = max(1, -(-rows // count))
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
 
-def _logits(h, weight, bias):
+def _plan(inputs: MaskedCEInputs):
+    """The rows to project: (slots, index, targets, counted).
+
+    slots: (n,) int64, the op's row of each projected row, or None when every row is
+    projected (n = R); index (n,) the token each reads; targets (n,) valid ids (0 where a
+    row does not count); counted (n,) bool, or None when every projected row counts.
+    """
+    index, counted = inputs.row_index()
+    targets = torch.where(counted, inputs.labels[index], 0)
+    if inputs.hidden.device.type in COMPACT_DEVICES:  # nonzero: no device synchronisation there
+        slots = counted.nonzero()[:, 0]
+        return slots, index[slots], targets[slots], None
+    return None, index, targets, counted
+
+
+def _gather(hidden: Tensor, index: Tensor, counted: Optional[Tensor]) -> Tensor:
+    return hidden[index] if counted is None else gather_rows(hidden, index, counted)
+
+
+def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
+    """(n, V) logits in the accumulation dtype, written to ``out`` (n, V) when given (a buffer reused
+    from chunk to chunk: fresh pages cost as much as a pass over them on the CPU)."""
     acc = accum_dtype(h.dtype)
-    logits = (h @ weight.t()).to(acc)
-    return logits if bias is None else logits + bias.to(acc)
+    if h.dtype == acc:
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
+    logits = (h @ weight.t()).to(acc)  # 16-bit: the matmul rounds to the input dtype, as the reference
+    logits = logits if out is None else out.copy_(logits)
+    return logits if bias is None else logits.add_(bias.to(acc))
+
+
+def _scatter(values: Tensor, slots: Optional[Tensor], rows: int) -> Tensor:
+    """(R,) with ``values`` at ``slots`` and 0 elsewhere (``values`` itself when slots is None)."""
+    if slots is None:
+        return values
+    return values.new_zeros(rows).index_copy_(0, slots, values)
 
 
 def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     """Per row: loss, lse (fp32; fp64 for fp64 inputs) and correct (bool), (R,) each; 0 where a row does not count."""
-    hidden, weight, bias, labels, _, _, label_smoothing, z_loss = inputs
-    index, counted = inputs.row_index()
-    targets = torch.where(counted, labels[index], 0)
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    slots, index, targets, counted = _plan(inputs)
     acc = accum_dtype(hidden.dtype)
-    loss, lse, correct = (torch.empty(index.shape[0], device=hidden.device, dtype=dt)
-                          for dt in (acc, acc, torch.bool))
-    for a, b in _chunks(index.shape[0], weight.shape[0]):
-        logits = _logits(gather_rows(hidden, index[a:b], counted[a:b]), weight, bias)
+    n = index.shape[0]
+    loss, lse, correct = (torch.zeros(n, device=hidden.device, dtype=dt) for dt in (acc, acc, torch.bool))
+    for a, b in _chunks(n, weight.shape[0]):
+        logits = _logits(_gather(hidden, index[a:b], None if counted is None else counted[a:b]), weight, bias)
         loss[a:b], lse[a:b], correct[a:b] = per_row_terms(logits, targets[a:b], label_smoothing, z_loss)
-    return torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
+    if counted is not None:
+        loss, lse, correct = torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
+    rows = inputs.num_rows
+    return _scatter(loss, slots, rows), _scatter(lse, slots, rows), _scatter(correct, slots, rows)
+
+
+def _softmax_grad_(logits: Tensor, targets: Tensor, g: Tensor, label_smoothing: float, z_loss: float):
+    """Per-row (loss, lse, correct) of (n, V) logits; overwrites ``logits`` with dz for row weights g (n,).
+
+    Five passes over the buffer (max, exp, sum, scale, and the label-smoothing shift),
+    no (n, V) temporary.
+    """
+    vocab = logits.shape[1]
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    logit_mean = logits.mean(dim=1) if label_smoothing else None
+    top, argmax = logits.max(dim=1)  # the first index among ties, as argmax
+    probs = logits.sub_(top[:, None]).exp_()
+    total = probs.sum(dim=1)
+    lse = top + total.log()
+    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - logit_mean)
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    dz = probs.mul_((g * (1.0 + 2.0 * z_loss * lse) / total)[:, None])  # p = exp(z - top) / total
+    if label_smoothing:
+        dz.sub_((g * (label_smoothing / vocab))[:, None])
+    dz.scatter_add_(1, targets[:, None], (g * (label_smoothing - 1.0))[:, None].to(dz.dtype))
+    return loss, lse, argmax == targets
+
+
+def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
+    """Forward outputs and the gradients of Σ grad_rows · loss, in one pass over the logits.
+
+    grad_rows: (R,) the weight of each row's loss (known in the forward: 1 or 1 / count).
+    Returns loss, lse (R,) fp32 (fp64 for fp64), correct (R,) bool, d_hidden (T, H),
+    d_weight (V, H), d_bias (V,) in the input dtype, all contiguous.
+    """
+    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    slots, index, targets, counted = _plan(inputs)
+    acc = accum_dtype(hidden.dtype)
+    g = grad_rows.to(acc)
+    if slots is not None:
+        g = g[slots]
+    elif counted is not None:  # rows that do not count get dz = 0 exactly, whatever their logits
+        g = torch.where(counted, g, 0.0)
+    n, (vocab, width) = index.shape[0], weight.shape
+    device = hidden.device
+    loss, lse, correct = (torch.zeros(n, device=device, dtype=dt) for dt in (acc, acc, torch.bool))
+    d_rows = torch.empty(n, width, device=device, dtype=acc)
+    # The first chunk writes d_weight (beta=0 ignores its contents): no pass to zero V x H first.
+    d_weight = torch.empty(weight.shape, device=device, dtype=acc)
+    d_bias = torch.zeros(vocab, device=device, dtype=acc)
+    workspace = None
+    for a, b in _chunks(n, vocab):
+        h = _gather(hidden, index[a:b], None if counted is None else counted[a:b])
+        if workspace is None:
+            workspace = torch.empty(b - a, vocab, device=device, dtype=acc)  # the largest chunk is the first
+        dz = _logits(h, weight, bias, out=workspace[: b - a])
+        loss[a:b], lse[a:b], correct[a:b] = _softmax_grad_(dz, targets[a:b], g[a:b], label_smoothing, z_loss)
+        d_bias += dz.sum(0)
+        dz = dz.to(weight.dtype)
+        d_rows[a:b] = dz @ weight
+        if dz.dtype == acc:
+            d_weight.addmm_(dz.t(), h, beta=0.0 if a == 0 else 1.0)  # in place: no (V, H) temporary per chunk
+        elif a == 0:
+            d_weight.copy_(dz.t() @ h)
+        else:
+            d_weight += (dz.t() @ h).to(acc)
+    if n == 0:
+        d_weight.zero_()
+    if counted is not None:
+        loss, lse, correct = torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
+    # Duplicated positions sum their gradients. (index_put_ rather than index_add_: many times
+    # faster on the CPU here, and deterministic there.)
+    d_hidden = torch.zeros(hidden.shape, device=device, dtype=acc).index_put_((index,), d_rows, accumulate=True)
+    rows = inputs.num_rows
+    return (_scatter(loss, slots, rows), _scatter(lse, slots, rows), _scatter(correct, slots, rows),
+            d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype))
 
 
 def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
-    hidden, weight, bias, labels, _, _, label_smoothing, z_loss = inputs
-    index, counted = inputs.row_index()
-    targets = torch.where(counted, labels[index], 0)
-    acc = accum_dtype(hidden.dtype)
-    g = grad_rows.to(acc)
-    vocab = weight.shape[0]
-    d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=acc)
-    d_weight = torch.zeros(weight.shape, device=weight.device, dtype=acc)
-    d_bias = torch.zeros(vocab, device=weight.device, dtype=acc)
-    for a, b in _chunks(index.shape[0], vocab):
-        h = gather_rows(hidden, index[a:b], counted[a:b])
-        probs = torch.exp(_logits(h, weight, bias) - lse[a:b, None])
-        dz = probs * (1.0 + 2.0 * z_loss * lse[a:b, None]) - label_smoothing / vocab
-        dz.scatter_add_(1, targets[a:b, None], torch.full_like(dz[:, :1], label_smoothing - 1.0))
-        # where, not a product: rows that do not count must give exactly 0, even if their
-        # recomputed probabilities (lse was saved as 0 for them) overflow.
-        dz = torch.where(counted[a:b, None], dz * g[a:b, None], 0.0).to(weight.dtype)
-        d_hidden.index_add_(0, index[a:b], (dz @ weight).to(acc))
-        if dz.dtype == acc:
-            d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk
-        else:
-            d_weight += (dz.t() @ h).to(acc)
-        d_bias += dz.to(acc).sum(0)
-    return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype)
+    """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype.
+
+    Recomputes each chunk's logits once (the saved lse is not needed: the same pass finds it).
+    """
+    return forward_and_grads(inputs, grad_rows)[3:]
