@@ -11,7 +11,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 TRITON_SIDE ?= 3.6.0
 TRITON_SIDE_DIR := $(VENV)/triton-$(TRITON_SIDE)
 
-.PHONY: venv test test-cpu compile-cuda compile-triton demo bench gpu-check clean
+.PHONY: venv test test-cpu compile-cuda compile-triton demo bench gpu-check mutate clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ demo: venv
 	$(PY) -m fastmlm demo
 
 # CPU benchmarks: markdown tables under benchmarks/results/ (GPU figures come from gpu-check).
+# Mutation checks (fastmlm/tools/mutate.py): each curated mutant of fastmlm/tools/mutations.py applied
+# alone to a scratch copy, against the tests covering its file. Long; make test runs a 4-mutant subset.
+mutate: venv
+	$(PY) -m fastmlm.tools.mutate --baseline
+
 bench: venv
 	$(PY) -m benchmarks --cpu
 
