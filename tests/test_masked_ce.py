@@ -410,3 +410,128 @@ def test_reduced_loss_under_torch_compile():
     got.backward()
     want, grads = _reference_loss_and_grads(h, w, b, labels, label_smoothing=0.1)
     _assert_close_to_reference([got, *(t.grad for t in got_in)], [want, *grads])
+
+
+# ------------------------------------------------------------- a static bound without positions on CUDA (issue 16)
+BOUNDED_PATHS = ["torch-cuda-emulated", "cuda-emulated"]
+
+
+@pytest.fixture
+def bounded(monkeypatch):
+    """A bound of ceil(0.25 R) + 2 rows without positions, on the CUDA row plan of both backends
+    (the torch backend compacts on the host only on COMPACT_DEVICES)."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    monkeypatch.setattr(torch_backend, "COMPACT_DEVICES", ())
+    monkeypatch.setattr(torch_backend, "MAX_COUNTED_FRACTION", 0.25)
+    monkeypatch.setattr(torch_backend, "SLACK_ROWS", 2)
+    return torch_backend
+
+
+def _batch_with_count(tokens, hidden, vocab, count, dtype=torch.float64):
+    """A batch whose ``count`` counted rows sit at random tokens; NaN in every row that does not count;
+    hidden is a transposed view (strided)."""
+    h = torch.randn(hidden, tokens, dtype=dtype).t()
+    w = torch.randn(vocab, hidden, dtype=dtype) / hidden**0.5
+    b = torch.randn(vocab, dtype=dtype) * 0.1
+    labels = torch.full((tokens,), -100)
+    labels[torch.randperm(tokens)[:count]] = torch.randint(0, vocab, (count,))
+    h[labels == -100] = float("nan")
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("path", BOUNDED_PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_bounded_rows_match_the_reference(bounded, path, dtype, reduction):
+    """(a) Without positions, the bounded row plan: loss and gradients by the error-ratio rule."""
+    from backend_params import running
+
+    h, w, b, labels = _batch_with_count(61, 16, 37, count=13)  # bound: ceil(61 / 4) + 2 = 18 rows
+    clean = torch.where(torch.isnan(h), 0.0, h)
+    grad_rows = torch.rand(61, dtype=torch.float64) + 0.5  # per-row weights other than 1 ("none")
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, reduction=reduction)
+
+    def total(rows):
+        return rows if reduction == "mean" else (rows * grad_rows.to(rows.dtype)).sum()
+
+    exact_in = [t.clone().requires_grad_() for t in (clean, w, b)]
+    exact = total(masked_lm_loss(*exact_in, labels, backend="reference", **kw))
+    low_ref = [t.to(dtype).requires_grad_() for t in (clean, w, b)]
+    lowp_rows = masked_lm_loss_reference(*low_ref, labels, None, -100, 0.1, 1e-3, upcast=False)[0]
+    lowp = total(lowp_rows.sum() / (labels != -100).sum() if reduction == "mean" else lowp_rows)
+    low_in = [t.to(dtype).requires_grad_() for t in (h, w, b)]
+    with running(path) as (backend, _):
+        with torch.no_grad():
+            no_grad = masked_lm_loss(*low_in, labels, backend=backend, **kw)
+        fast = total(masked_lm_loss(*low_in, labels, backend=backend, **kw))
+        grads = torch.autograd.grad(fast, low_in)
+    floor = 1e-5 if dtype == torch.float32 else 0.0
+    torch.testing.assert_close(total(no_grad), fast.detach())
+    assert_error_ratio(fast, exact, lowp, 2.0, floor + torch.finfo(dtype).eps * exact.abs().item(), "loss")
+    for name, f, e, l in zip(("d_hidden", "d_weight", "d_bias"), grads, torch.autograd.grad(exact, exact_in),
+                             torch.autograd.grad(lowp, low_ref)):
+        assert f.dtype == dtype and torch.isfinite(f).all(), name
+        assert_error_ratio(f, e, l, 3.0, floor, name)
+
+
+def _rows_seen(path, monkeypatch):
+    """The list that collects how many rows each projection multiplies, on ``path``."""
+    seen = []
+    if path == "torch-cuda-emulated":
+        from fastmlm.ops.torch_impl import masked_ce as module
+
+        logits = module._logits
+        monkeypatch.setattr(module, "_logits", lambda h, *a, **k: seen.append(h.shape[0]) or logits(h, *a, **k))
+    else:
+        from fastmlm.ops.cuda_impl import masked_ce as module
+
+        rows_and_targets = module._rows_and_targets
+        monkeypatch.setattr(module, "_rows_and_targets",
+                            lambda inputs: seen.append(inputs.num_rows) or rows_and_targets(inputs))
+    return seen
+
+
+@pytest.mark.parametrize("path", BOUNDED_PATHS)
+def test_bounded_rows_follow_the_masked_count(bounded, path, monkeypatch):
+    """(b) The projection multiplies the B bounded rows, not the T tokens; B = T at the default fraction 1.0."""
+    from backend_params import running
+
+    seen = _rows_seen(path, monkeypatch)
+    h, w, b, labels = _batch_with_count(200, 8, 31, count=30, dtype=torch.float32)
+    assert bounded.counted_bound(200) == 52  # ceil(0.25 * 200) + 2
+    with running(path) as (backend, _):
+        for reduction, requires_grad in (("mean", False), ("mean", True), ("none", True)):
+            seen.clear()
+            inputs = [t.clone().requires_grad_(requires_grad) for t in (h, w, b)]
+            loss = masked_lm_loss(*inputs, labels, backend=backend, reduction=reduction)
+            if reduction == "none":
+                torch.autograd.grad(loss.sum(), inputs)  # the separate backward is bounded too
+            assert seen and set(seen) == {52}, (reduction, requires_grad, seen)
+        monkeypatch.setattr(bounded, "MAX_COUNTED_FRACTION", 1.0)
+        seen.clear()
+        masked_lm_loss(h, w, b, labels, backend=backend)
+        assert seen == [200]
+
+
+@pytest.mark.parametrize("path", BOUNDED_PATHS)
+def test_bounded_rows_overflow_stops_with_a_clear_error(bounded, path):
+    """(c) More counted rows than the bound: an error naming the bound and the ways past it, never a
+    loss over some of the rows; exactly the bound still fits, and positions lift the bound."""
+    from backend_params import running
+
+    h, w, b, labels = _batch_with_count(40, 8, 11, count=13, dtype=torch.float32)  # bound: ceil(40 / 4) + 2 = 12 rows
+    h = torch.where(torch.isnan(h), 0.0, h)
+    with running(path) as (backend, _):
+        for requires_grad in (False, True):
+            inputs = [t.clone().requires_grad_(requires_grad) for t in (h, w, b)]
+            with pytest.raises(RuntimeError, match=r"more rows count .* the 12 of 40 rows .*MAX_COUNTED_FRACTION"):
+                masked_lm_loss(*inputs, labels, backend=backend)
+        positions = (labels != -100).nonzero()[:, 0]
+        with_positions = masked_lm_loss(h, w, b, labels, positions=positions, backend=backend)
+        want_positions = masked_lm_loss(h, w, b, labels, backend="reference")
+        labels[positions[0]] = -100  # 12 counted rows: fits
+        fits = masked_lm_loss(h, w, b, labels, backend=backend)
+    want = masked_lm_loss(h, w, b, labels, backend="reference")
+    torch.testing.assert_close(fits, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(with_positions, want_positions, rtol=1e-4, atol=1e-5)

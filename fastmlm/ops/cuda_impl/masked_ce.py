@@ -19,6 +19,12 @@ same kernels give its statistics, lse and dz (the row weights are known in the f
 and two more matmuls add dz into d_rows and d_weight: three matmuls, no recomputation,
 d_weight accumulated chunk after chunk in a fixed order (deterministic). fp32/fp16/bf16. The logits chunk is rounded to the input dtype by the
 matmul (as in the torch backend); statistics, loss and the bias add are fp32.
+
+Without ``positions`` the counted rows are first compacted into a static bound B of rows
+(``bound_rows`` of the torch backend, shared: ``nonzero_static``, no host synchronisation, a
+device-side assertion when more than B rows count; B = R unless
+``fastmlm.ops.torch_impl.masked_ce.MAX_COUNTED_FRACTION`` is set below 1, see that module), so
+cuBLAS, which cannot skip rows on the device, multiplies ~B rows rather than R.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..masked_ce import MaskedCEInputs
+from ..torch_impl.masked_ce import bound_rows, unbound_rows
 from . import contiguous_aligned16, kernel_ops, why_not_device
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,6 +76,12 @@ def _rows_and_targets(inputs: MaskedCEInputs):
 
 def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     """Per row: (loss fp32, lse fp32, correct bool), (R,) each; 0 where a row does not count."""
+    rows = inputs.num_rows
+    inputs, slots = bound_rows(inputs)
+    return tuple(unbound_rows(out, slots, rows) for out in _forward(inputs))
+
+
+def _forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
     ops = kernel_ops()
     rows, targets, _ = _rows_and_targets(inputs)
@@ -92,6 +105,7 @@ def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
 
 def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
+    inputs, _, lse, grad_rows = bound_rows(inputs, lse, grad_rows)
     hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
     ops = kernel_ops()
     rows, targets, index = _rows_and_targets(inputs)
@@ -129,6 +143,13 @@ def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
 
     Returns loss, lse (R,) fp32, correct (R,) bool, d_hidden (T, H), d_weight (V, H), d_bias (V,).
     """
+    rows = inputs.num_rows
+    inputs, slots, grad_rows = bound_rows(inputs, grad_rows)
+    loss, lse, correct, *grads = _forward_and_grads(inputs, grad_rows)
+    return (*(unbound_rows(out, slots, rows) for out in (loss, lse, correct)), *grads)
+
+
+def _forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
     hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
     ops = kernel_ops()
     rows, targets, index = _rows_and_targets(inputs)

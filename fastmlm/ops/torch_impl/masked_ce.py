@@ -3,9 +3,25 @@
 Rows.  On the CPU the rows that count are compacted first (``nonzero``: the CPU has no
 device to wait for), so the work follows the number of masked tokens, not T, with or
 without ``positions``.  On other devices the row count must stay static (no host
-synchronisation), so every row is projected and the rows that do not count are zeroed
-before the projection: nothing they hold reaches the loss or the gradients.  (On CUDA
-the ``triton`` and ``cuda`` backends come first; they skip those rows on the device.)
+synchronisation): the rows given are projected and the rows that do not count are zeroed
+before the projection, so nothing they hold reaches the loss or the gradients.
+
+Static bound without ``positions`` (here on non-CPU devices, and in the ``cuda`` backend,
+which shares :func:`bound_rows`).  A matmul cannot skip rows on the device, as the Triton
+kernel does, so the counted rows are first compacted into a static number of rows, from
+shapes only, ``B = min(R, ceil(MAX_COUNTED_FRACTION · R) + SLACK_ROWS)``
+(``torch.nonzero_static``, -1 padded: they become ``positions``, whose path does the rest),
+and the results are put back at each row's slot.  A call with more than B counted rows is
+never answered wrongly: a device-side assertion (``torch._assert_async``: on a GPU it stops
+the program at the next synchronisation; on the CPU it raises at once) names the bound and
+the two ways past it: pass ``positions`` (a static, -1 padded list of the masked tokens:
+its length is then the bound) or raise ``MAX_COUNTED_FRACTION`` (1.0: B = R, always fits).
+
+The default is 1.0, every row projected, because a fraction below 1 would stop valid calls
+whose rows are already compact (fastmlm's model and ``fastmlm.hf.patch`` pass the gathered
+masked rows, nearly all counted, without ``positions``).  Set it to the masking rate's upper
+bound (say 0.25 for 15% masking) where the rows are whole batches: the projection then
+costs ~B rows instead of R.
 
 Chunks.  The rows are walked in chunks of about ``CHUNK_ELEMENTS`` fp32 logits, balanced
 so that a small problem is one chunk (bigger chunks run faster on the CPU); one chunk of
@@ -23,22 +39,73 @@ a fixed order, so the result is deterministic), d_bias += Σ dz. ``backward`` (r
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
 from torch import Tensor
 
-from ..checks import accum_dtype
+from ..checks import accum_dtype, assert_async
 from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 COMPACT_DEVICES = ("cpu",)  # device types where the counted rows are compacted (no device to wait for)
+MAX_COUNTED_FRACTION = 1.0  # without positions off COMPACT_DEVICES: at most this share of rows may count
+SLACK_ROWS = 64  # rows added to the bound: room for the spread of small batches' masked counts
 
 
 def why_not(inputs: MaskedCEInputs) -> Optional[str]:
     """Runs every input that passed validation, on any device."""
     return None
+
+
+def counted_bound(rows: int) -> int:
+    """B, the static number of rows projected for R = ``rows`` rows without positions (see the module docstring)."""
+    if MAX_COUNTED_FRACTION >= 1.0:
+        return rows
+    return min(rows, math.ceil(MAX_COUNTED_FRACTION * rows) + SLACK_ROWS)
+
+
+def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
+    """Compact the counted rows into B static rows when that saves work: (inputs, slots, *row_values).
+
+    Without positions and with B < R: slots is the (B,) int64 token index of each counted row in
+    order, padded with R (``nonzero_static``: no host synchronisation); inputs get them as
+    positions (-1 padded), and each (R,) tensor of ``row_values`` (lse, row gradients) is read at
+    those slots (0 at the padding).
+    Otherwise everything is returned as given, with slots None. Asserts, on the device, that at
+    most B rows count.
+    """
+    rows = inputs.num_rows
+    bound = counted_bound(rows)
+    if inputs.positions is not None or bound >= rows:
+        return (inputs, None, *row_values)
+    counted = inputs.row_index()[1]
+    assert_async("masked_lm_loss", counted.sum() <= bound,
+                 f"more rows count (labels != ignore_index) than the {bound} of {rows} rows projected without "
+                 f"positions (MAX_COUNTED_FRACTION={MAX_COUNTED_FRACTION} in {__name__}); pass positions (a static "
+                 "list of the masked tokens, -1 padded) or raise MAX_COUNTED_FRACTION (1.0 always fits)")
+    # Padded with R (a spare slot that unbound_rows drops); as positions, the padding is -1.
+    slots = torch.nonzero_static(counted, size=bound, fill_value=rows)[:, 0]
+    valid = slots < rows
+    picked = tuple(torch.where(valid, v[slots.clamp(max=rows - 1)], 0) for v in row_values)
+    return (inputs._replace(positions=torch.where(valid, slots, -1)), slots, *picked)
+
+
+def unbound_rows(values: Tensor, slots: Optional[Tensor], rows: int) -> Tensor:
+    """(R,) with the (n,) ``values`` at their ``slots`` (of :func:`bound_rows` or ``_plan``), 0 elsewhere;
+    ``values`` itself when slots is None. Slots equal to R (padding) write to a spare last element, dropped."""
+    if slots is None:
+        return values
+    return values.new_zeros(rows + 1).index_copy_(0, slots, values)[:rows]
+
+
+def _bounded(inputs: MaskedCEInputs, *row_values: Tensor):
+    """:func:`bound_rows` where this backend does not compact on the host (off COMPACT_DEVICES)."""
+    if inputs.hidden.device.type in COMPACT_DEVICES:
+        return (inputs, None, *row_values)
+    return bound_rows(inputs, *row_values)
 
 
 def _chunks(rows: int, vocab: int):
@@ -80,15 +147,14 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Ten
     return logits if bias is None else logits.add_(bias.to(acc))
 
 
-def _scatter(values: Tensor, slots: Optional[Tensor], rows: int) -> Tensor:
-    """(R,) with ``values`` at ``slots`` and 0 elsewhere (``values`` itself when slots is None)."""
-    if slots is None:
-        return values
-    return values.new_zeros(rows).index_copy_(0, slots, values)
-
-
 def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     """Per row: loss, lse (fp32; fp64 for fp64 inputs) and correct (bool), (R,) each; 0 where a row does not count."""
+    rows = inputs.num_rows
+    inputs, slots = _bounded(inputs)
+    return tuple(unbound_rows(out, slots, rows) for out in _forward(inputs))
+
+
+def _forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
     slots, index, targets, counted = _plan(inputs)
     acc = accum_dtype(hidden.dtype)
@@ -100,7 +166,7 @@ def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     if counted is not None:
         loss, lse, correct = torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
     rows = inputs.num_rows
-    return _scatter(loss, slots, rows), _scatter(lse, slots, rows), _scatter(correct, slots, rows)
+    return unbound_rows(loss, slots, rows), unbound_rows(lse, slots, rows), unbound_rows(correct, slots, rows)
 
 
 def _softmax_grad_(logits: Tensor, targets: Tensor, g: Tensor, label_smoothing: float, z_loss: float):
@@ -135,6 +201,13 @@ def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
     Returns loss, lse (R,) fp32 (fp64 for fp64), correct (R,) bool, d_hidden (T, H),
     d_weight (V, H), d_bias (V,) in the input dtype, all contiguous.
     """
+    rows = inputs.num_rows
+    inputs, slots, grad_rows = _bounded(inputs, grad_rows)
+    loss, lse, correct, *grads = _forward_and_grads(inputs, grad_rows)
+    return (*(unbound_rows(out, slots, rows) for out in (loss, lse, correct)), *grads)
+
+
+def _forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
     hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
     slots, index, targets, counted = _plan(inputs)
     acc = accum_dtype(hidden.dtype)
@@ -174,7 +247,7 @@ def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
     # faster on the CPU here, and deterministic there.)
     d_hidden = torch.zeros(hidden.shape, device=device, dtype=acc).index_put_((index,), d_rows, accumulate=True)
     rows = inputs.num_rows
-    return (_scatter(loss, slots, rows), _scatter(lse, slots, rows), _scatter(correct, slots, rows),
+    return (unbound_rows(loss, slots, rows), unbound_rows(lse, slots, rows), unbound_rows(correct, slots, rows),
             d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype))
 
 
