@@ -10,6 +10,7 @@ the tables and plots use the rows of this run only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import shlex
 import sys
@@ -22,7 +23,7 @@ from . import tables
 from .harness import REPO, RESULTS, Settings, environment, latest_run, read_rows, run_bench
 
 OPS = {"attention": "bench_attention", "masked_ce": "bench_masked_ce", "block_sparse": "bench_block_sparse",
-       "train_step": "bench_train_step", "hf_patch": "bench_hf_patch"}
+       "train_step": "bench_train_step", "hf_patch": "bench_hf_patch", "overhead": "bench_overhead"}
 PRESETS = ("smoke", "cpu", "gpu-check", "gpu")
 
 
@@ -57,6 +58,16 @@ def _shown(path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+def bench_reports(rows: list[dict]) -> str:
+    """The ``report(rows)`` of each bench module that has one (overhead: µs per call), for its ops' rows."""
+    parts = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        bench = importlib.import_module(f"benchmarks.{OPS[op]}") if op in OPS else None
+        if hasattr(bench, "report"):
+            parts.append(f"## {op}: report\n\n" + bench.report(rows))
+    return "\n\n".join(parts)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -79,7 +90,9 @@ def main(argv=None) -> int:
         settings.run_id = rows[0]["run"] if rows else settings.run_id
     for op in [] if args.report_only else args.ops.split(","):
         bench = importlib.import_module(f"benchmarks.{OPS[op]}")
-        rows += run_bench(bench, preset, device, settings, out, deadline, echo=lambda line: print(line, flush=True))
+        # A bench may declare MEASURE_MEMORY = False (per-call overhead: there is no memory to speak of).
+        op_settings = dataclasses.replace(settings, memory=settings.memory and getattr(bench, "MEASURE_MEMORY", True))
+        rows += run_bench(bench, preset, device, op_settings, out, deadline, echo=lambda line: print(line, flush=True))
 
     env = rows[0] if args.report_only and rows else environment(device)
     command = "python -m benchmarks " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -96,6 +109,8 @@ def main(argv=None) -> int:
              "during one call above the resident set before it, in a fresh process; GPU peak memory is "
              "torch.cuda.max_memory_allocated above the memory allocated before the call.", "",
              "## Headline", "", tables.headline(rows), "", "## Per op", tables.op_tables(rows)]
+    extra = bench_reports(rows)
+    lines += [extra] if extra else []
     summary.parent.mkdir(parents=True, exist_ok=True)
     summary.write_text("\n".join(lines) + "\n")
     if str(args.plots) != "none":
@@ -106,6 +121,8 @@ def main(argv=None) -> int:
         except plot.MissingMatplotlib as exc:
             print(f"plots skipped: {exc}")
     print(tables.op_tables(rows))
+    if extra:
+        print(extra)
     print("\n## Headline\n\n" + tables.headline(rows))
     print(f"\nrows appended to {out}; summary in {summary}")
     return 0

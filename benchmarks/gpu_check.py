@@ -49,12 +49,13 @@ except ImportError:  # a python without torch (e.g. a bare python3 on a CPU mach
     sys.exit(0)
 
 from benchmarks import tables  # noqa: E402
-from benchmarks.__main__ import device_tag  # noqa: E402
+from benchmarks.__main__ import bench_reports, device_tag  # noqa: E402
 from benchmarks.harness import environment, read_rows  # noqa: E402
 
 # Seconds per step (the overall budget caps their sum); benchmarks are split per op.
 STEP_BUDGET = {"build": 200, "tests": 150, "bench": 200}
-BENCH_SHARE = {"attention": 0.3, "masked_ce": 0.2, "block_sparse": 0.2, "train_step": 0.15, "hf_patch": 0.15}
+BENCH_SHARE = {"attention": 0.3, "masked_ce": 0.2, "block_sparse": 0.2, "train_step": 0.15, "hf_patch": 0.15,
+               "overhead": 0.1}
 PER_TEST_TIMEOUT_S = 90
 SMOKE_TESTS = ["tests/test_dispatch.py", "-k", "score_elements or order or precise"]  # CPU-only, seconds
 LOG_TAIL_LINES = 300
@@ -168,7 +169,9 @@ def step_bench(has_gpu: bool, rows_path: Path, log: Path, budget: float, args) -
         return step.done("skipped", start, "no CUDA GPU: no GPU figures (CPU figures come from `make bench`)"), []
     preset, extra = ("gpu-check", []) if has_gpu else ("smoke", ["--cpu", "--no-memory", "--cpu-time-s", "0.2"])
     notes, ok = [], True
-    ops = list(BENCH_SHARE)
+    # The overhead bench times the Python layer per call: on the CPU smoke run its figures would mean
+    # nothing (CPU figures: python -m benchmarks --cpu --ops overhead --threads 1), so only a GPU runs it.
+    ops = [op for op in BENCH_SHARE if has_gpu or op != "overhead"]
     for i, op in enumerate(ops):
         # Share what is left among the ops still to run, so time one op leaves unused goes to the next.
         remaining = budget - (time.monotonic() - start)
@@ -229,6 +232,7 @@ def write_report(path: Path, machine: list[str], steps: list[Step], groups: dict
         lines.append("")
     if rows:
         lines += [f"## Benchmarks (preset {preset})", "", tables.headline(rows), "", tables.op_tables(rows), ""]
+        lines += [bench_reports(rows), ""]  # per-bench reports (overhead: the µs the Python layer adds)
     lines += ["## Files", ""] + [f"- `{f.name}`" for f in files]
     path.write_text("\n".join(lines) + "\n")
     return "\n".join(summary) + ("\n\n" + tables.headline(rows) if rows else "")

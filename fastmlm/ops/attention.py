@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, dispatch
 from .dispatch import Registry, score_elements
 
 REGISTRY = Registry(
@@ -152,6 +152,15 @@ def attention_reference(
 # --------------------------------------------------------------------------- validation
 def validate(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> int:
     """Check the attention inputs of either layout; return max_seqlen (S when padded)."""
+    max_seqlen = validate_metadata(op, q, k, v, attention_mask, cu_seqlens, max_seqlen)
+    if cu_seqlens is not None:
+        checks.check_cu_seqlens(op, cu_seqlens, q.shape[0], max_seqlen)
+    return max_seqlen
+
+
+def validate_metadata(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> int:
+    """The checks of :func:`validate` that read only types, shapes, dtypes and devices (the
+    public op memoises them per signature); return max_seqlen (S when padded)."""
     checks.check_tensor(op, "q", q, ndim=(3, 4), dtypes=checks.FLOAT_DTYPES)
     for name, t in (("k", k), ("v", v)):
         checks.check_tensor(op, name, t, dtypes=(q.dtype,), device=q.device)
@@ -176,15 +185,8 @@ def validate(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> int:
     checks.check_tensor(op, "cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
     if cu_seqlens.numel() < 1:
         checks.fail(op, "cu_seqlens needs at least one entry (0)")
-    if not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         checks.fail(op, f"max_seqlen must be a non-negative Python int, got {max_seqlen!r}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    checks.assert_async(
-        op,
-        (cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lengths >= 0).all() & (lengths <= max_seqlen).all(),
-        f"cu_seqlens must start at 0, be non-decreasing, end at total_tokens={q.shape[0]}, "
-        f"and no sequence may exceed max_seqlen={max_seqlen}",
-    )
     return max_seqlen
 
 
@@ -249,12 +251,51 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attention_mask, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(dout.contiguous(), q, k, v, out, lse, attention_mask, cu_seqlens,
-                                ctx.max_seqlen, ctx.scale, ctx.backend)
+    dout = dout.contiguous()
+    if dispatch.plain_eager(dout, q, k, v, out, lse, attention_mask, cu_seqlens) and not torch.is_grad_enabled():
+        inputs = AttentionInputs(q, k, v, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        dq, dk, dv = REGISTRY.module(ctx.backend).backward(inputs, out, lse, dout)
+    else:  # traced, under a mode, or create_graph=True: the custom op (not differentiable again)
+        dq, dk, dv = _attention_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens,
+                                    ctx.max_seqlen, ctx.scale, ctx.backend)
     return dq, dk, dv, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``fastmlm::attention_fwd`` with its autograd rule (the same setup_context and backward)
+    but without the custom op's dispatcher round trips, for the plain eager path."""
+
+    @staticmethod
+    def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend):
+        inputs = AttentionInputs(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
+        return REGISTRY.module(backend).forward(inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _run_forward(inputs: AttentionInputs, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse) from backend ``backend`` (a :meth:`Registry.select` name): through the custom op
+    when traced or under a mode, else the same call with the same autograd rule, unwrapped."""
+    q, k, v, attention_mask, cu_seqlens = inputs[:5]
+    if not dispatch.plain_eager(q, k, v, attention_mask, cu_seqlens):
+        return _attention_fwd(*inputs, backend)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(*inputs, backend)
+    return REGISTRY.module(backend).forward(inputs)
+
+
+def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> tuple[int, float, str]:
+    """What the public op derives from metadata alone, memoised per signature:
+    (max_seqlen, softmax scale, the backend name :meth:`Registry.select` returns)."""
+    max_seqlen = validate_metadata("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
+    scale = validate_options("attention", backend, softmax_scale, q.shape[-1])
+    mask = None if attention_mask is None else attention_mask.bool()
+    bundle = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
+    return max_seqlen, scale, REGISTRY.select(backend, q.device.type, bundle)
 
 
 # --------------------------------------------------------------------------- public op
@@ -288,10 +329,14 @@ def attention(
             (total_tokens, nheads), fp32 (fp64 for fp64 inputs): the logsumexp of each row of
             q·kᵀ·scale over its real keys, -inf for a row with no real key.
     """
-    inputs = validated_inputs("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
-    name = REGISTRY.select(backend, q.device.type, inputs)
+    key = dispatch.call_key(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
+    max_seqlen, scale, name = REGISTRY.memo(
+        key, lambda: _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
+    if cu_seqlens is not None:  # a value check: every call
+        checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], max_seqlen)
     if name == "reference" or q.numel() == 0:  # nothing to launch for an empty batch
-        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, inputs.scale)
+        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, scale)
     else:
-        out, lse = _attention_fwd(*inputs, name)
+        mask = None if attention_mask is None else attention_mask.bool()
+        out, lse = _run_forward(AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale), name)
     return (out, lse) if return_lse else out

@@ -13,6 +13,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+SHORT_CHECK = 64  # entries up to which a CPU value check reads a Python list rather than a NumPy array
 
 
 def fail(op: str, msg: str) -> None:
@@ -38,6 +39,54 @@ def assert_async(op: str, cond: torch.Tensor, msg: str) -> None:
     device-side assertion that stops the program at the next synchronisation.
     """
     torch._assert_async(cond, f"fastmlm.ops.{op}: {msg}")
+
+
+def host_readable(t: torch.Tensor) -> bool:
+    """True when ``t``'s values can be read in place at no cost: a plain CPU tensor in eager mode
+    (nothing to synchronise with), not a fake or traced one."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """``cu_seqlens`` ((B+1,) int32) starts at 0, never decreases, ends at ``total`` and no step
+    exceeds ``max_seqlen``; a RuntimeError naming them otherwise.
+
+    On the CPU the values are read in place, in Python up to :data:`SHORT_CHECK` entries and with
+    NumPy beyond (a handful of tensor ops would cost more than the attention of a short batch);
+    elsewhere one fused device-side assertion, no host sync.
+    """
+    msg = (f"cu_seqlens must start at 0, be non-decreasing, end at total_tokens={total}, "
+           f"and no sequence may exceed max_seqlen={max_seqlen}")
+    if host_readable(cu_seqlens):
+        if cu_seqlens.numel() <= SHORT_CHECK:  # a short list: plain Python beats any vectorised call
+            c = cu_seqlens.tolist()
+            ok = c[0] == 0 and c[-1] == total and all(0 <= b - a <= max_seqlen for a, b in zip(c, c[1:]))
+        else:
+            c = cu_seqlens.numpy().astype("int64")  # int32 differences could wrap
+            lengths = c[1:] - c[:-1]
+            in_range = not lengths.size or 0 <= lengths.min() <= lengths.max() <= max_seqlen
+            ok = c[0] == 0 and c[-1] == total and in_range
+        if not ok:
+            raise RuntimeError(f"fastmlm.ops.{op}: {msg}")
+        return
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    assert_async(op, (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total) & (lengths >= 0).all()
+                 & (lengths <= max_seqlen).all(), msg)
+
+
+def check_ids(op: str, t: torch.Tensor, low: int, high: int, msg: str, allowed: int | None = None) -> None:
+    """Every entry of the integer tensor ``t`` lies in [low, high) or equals ``allowed``; a
+    RuntimeError with ``msg`` otherwise. On the CPU one NumPy pass over the values in place;
+    elsewhere one device-side assertion, no host sync."""
+    if host_readable(t):
+        a = t.numpy()
+        if allowed is not None:
+            a = a[a != allowed]
+        if a.size and not low <= a.min() <= a.max() < high:
+            raise RuntimeError(f"fastmlm.ops.{op}: {msg}")
+        return
+    ok = (t >= low) & (t < high)
+    assert_async(op, (ok if allowed is None else ok | (t == allowed)).all(), msg)
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:

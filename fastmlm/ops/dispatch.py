@@ -36,6 +36,16 @@ gradients mean the same thing), a backward may run on another backend than its f
 The reference joins a fallback chain through :mod:`fastmlm.ops.torch_impl.oracle` (the
 references in bundle form), and only where ``auto`` may pick it.
 
+**What depends only on the input signature is worked out once.** The public ops memoise,
+per :func:`call_key` (every argument's metadata: type, dtype, device, shape, strides,
+requires_grad; options by type and value), what their boundary derives from it: the metadata
+checks and the backend choice (:meth:`Registry.memo`). Value checks (index ranges,
+``cu_seqlens`` contents) still run on every call. A recorded failure or
+:meth:`Registry.forget_failures` empties the memo. Under torch.compile nothing is memoised
+(dynamo traces the plain path once), nor for meta tensors (tests stand them in for other
+devices with stubbed probes). The eager path also skips the custom-op wrapping where nothing
+needs it (:func:`plain_eager`): the custom ops stay for torch.compile, dispatch modes and opcheck.
+
 Backend modules are imported lazily, on the first call that needs them, so
 importing fastmlm never imports triton, never loads the CUDA extension and never
 queries CUDA. The choice is made per call from the inputs, never at import time.
@@ -49,6 +59,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import kernels_path
 
@@ -57,6 +68,9 @@ PRIORITY = {"cuda": ("cuda", "triton", "torch", "reference")}  # device type -> 
 DEFAULT_PRIORITY = ("torch", "reference")  # every other device (the Triton interpreter is for tests)
 REFERENCE_LIMIT = 1 << 20  # units of work above which auto never runs the reference on CUDA inputs
 AUTO_PREFIX = "auto:"
+MEMO_SIZE = 1024  # signatures remembered per op before the memo starts over (a bound, not a tuning knob)
+_SCALARS = (bool, int, float, str)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types that carry no dispatch behaviour of their own
 
 
 class BackendUnavailable(ValueError):
@@ -106,6 +120,40 @@ def signature(bundle) -> tuple:
     return tuple(parts)
 
 
+def call_key(*args) -> Optional[tuple]:
+    """A hashable summary of a call's arguments without any tensor value, for :meth:`Registry.memo`.
+
+    Tensors count by (type, dtype, device, shape, strides, requires_grad); None, bool, int,
+    float and str by (type, value), so 16 and 16.0 differ and NaN never matches itself.
+    None (do not memoise) under torch.compile, for a meta tensor, or for an argument of
+    any other kind (it will fail validation, which must then run).
+    """
+    if torch.compiler.is_compiling():
+        return None
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.device.type == "meta":
+                return None
+            parts.append((type(a), a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
+        elif a is None or isinstance(a, _SCALARS):
+            parts.append((type(a), a))
+        else:
+            return None
+    return tuple(parts)
+
+
+def plain_eager(*tensors) -> bool:
+    """True when a call may skip the custom-op wrapping: eager mode, no torch function or dispatch
+    mode (fake tensors, selective checkpointing, FlopCounter), no functorch transform, and plain
+    ``torch.Tensor`` or ``nn.Parameter`` arguments (None allowed; a Parameter adds no dispatch
+    behaviour, and the loss's weight is one). Anything else goes through the custom ops."""
+    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+            or _current_dispatch_mode() is not None or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
 def score_elements(inputs) -> int:
     """Attention scores the reference materialises for an ``AttentionInputs``: B·H·S² padded,
     H·T·max_seqlen packed (a bound on H·Σ len², known without reading cu_seqlens)."""
@@ -143,7 +191,23 @@ class Registry:
         self.oracle = oracle
         self._loaded: dict[str, ModuleType] = {}
         self._failed: dict[tuple, dict[str, str]] = {}  # input signature -> {backend: reason}
+        self._memo: dict[tuple, object] = {}  # call_key -> what the boundary derived from it
         self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ memo
+    def memo(self, key: Optional[tuple], derive: Callable[[], object]):
+        """``derive()`` once per ``key`` (a :func:`call_key`), its result remembered; every call
+        when ``key`` is None. ``derive`` must read only metadata: its errors are not remembered."""
+        if key is None:
+            return derive()
+        found = self._memo.get(key)
+        if found is None:
+            found = derive()
+            with self._lock:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = found
+        return found
 
     # ------------------------------------------------------------------ backends
     def module(self, name: str):
@@ -192,11 +256,13 @@ class Registry:
         """Try every backend again (tests; after fixing an installation)."""
         with self._lock:
             self._failed.clear()
+            self._memo.clear()
 
     def _record_failure(self, name: str, inputs, exc: BaseException) -> str:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
         with self._lock:
             self._failed.setdefault(signature(inputs), {})[name] = reason
+            self._memo.clear()  # choices remembered before the failure may name the failed backend
         return reason
 
     # ------------------------------------------------------------------ choice
@@ -257,11 +323,10 @@ class Registry:
 
     def run(self, first: str, inputs, call: Callable[[object], object]):
         """``call(module)`` on backend ``first``, then on each next one auto may use while they raise."""
-        where = device_type(first_tensor(inputs))
         name, tried = first, []
-        if name in self._failed.get(signature(inputs), {}):  # a forward fell back earlier: skip it here too
+        if self._failed and name in self._failed.get(signature(inputs), {}):  # a forward fell back earlier: skip it
             tried.append(name)
-            name = self._next(name, where, inputs, tried)
+            name = self._next(name, device_type(first_tensor(inputs)), inputs, tried)
         while True:
             try:
                 return call(self.module(name))
@@ -271,7 +336,7 @@ class Registry:
                 reason = self._record_failure(name, inputs, exc)
                 tried.append(name)
                 try:
-                    following = self._next(name, where, inputs, tried)
+                    following = self._next(name, device_type(first_tensor(inputs)), inputs, tried)
                 except BackendUnavailable as none_left:
                     raise none_left from exc
                 warnings.warn(f"fastmlm.ops.{self.op}: the {name} backend failed on these inputs ({reason}); "

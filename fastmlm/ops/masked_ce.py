@@ -48,7 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import checks
+from . import checks, dispatch
 from .dispatch import AUTO_PREFIX, Registry
 
 REGISTRY = Registry(
@@ -212,6 +212,19 @@ def _backward(ctx, grad_rows, _dlse, _dcorrect):
 _masked_lm_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerLoss(torch.autograd.Function):
+    """``fastmlm::masked_lm_loss_fwd`` with its autograd rule, without the custom op's dispatcher
+    round trips (the plain eager path; see :func:`fastmlm.ops.dispatch.plain_eager`)."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, backend):
+        inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+        return REGISTRY.module(backend).forward(inputs)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
 # Reduced losses ("mean", "sum") with gradients: the backend computes the gradients during the
 # forward, where every chunk of logits is at hand, so the backward only scales them.
 def forward_and_grads(backend: str, inputs: MaskedCEInputs, grad_rows: Tensor):
@@ -234,6 +247,10 @@ def _masked_lm_loss_reduced(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
     ignore_index: int, label_smoothing: float, z_loss: float, mean: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _reduced(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, mean, backend)
+
+
+def _reduced(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, mean, backend):
     """(loss 0-d, correct (R,) bool, d_hidden, d_weight, d_bias): the mean (or sum) of the row
     losses and its gradients, computed in the forward."""
     inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
@@ -288,6 +305,14 @@ def _backward_reduced(ctx, grad_loss, *_unused):
 _masked_lm_loss_reduced.register_autograd(_backward_reduced, setup_context=_setup_reduced)
 
 
+class _EagerReducedLoss(torch.autograd.Function):
+    """``fastmlm::masked_lm_loss_reduced`` with its autograd rule, without the custom op's round trips."""
+
+    forward = staticmethod(_reduced)
+    setup_context = staticmethod(_setup_reduced)
+    backward = staticmethod(_backward_reduced)
+
+
 # --------------------------------------------------------------------------- public op
 def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction):
     op = "masked_lm_loss"
@@ -312,6 +337,14 @@ def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoot
         checks.fail(op, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if ignore_index >= 0:
         checks.fail(op, f"ignore_index must be negative so it cannot be a token id, got {ignore_index}")
+
+
+def _bundle(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss) -> MaskedCEInputs:
+    """The backends' bundle of validated inputs: hidden as (T, H), labels as (T,)."""
+    labels1d = labels.reshape(-1)
+    hidden2d = hidden.reshape(labels1d.shape[0], hidden.shape[-1])  # not -1: ambiguous when hidden_size is 0
+    return MaskedCEInputs(hidden2d, weight, bias, labels1d, positions, ignore_index, float(label_smoothing),
+                          float(z_loss))
 
 
 def _needs_grad(*tensors) -> bool:
@@ -354,21 +387,24 @@ def masked_lm_loss(
         n_correct [with return_accuracy]: int64 0-d tensor, the counted rows whose argmax
             (first index among ties) is the target.
     """
-    _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction)
+    def plan():  # what the signature alone decides, memoised: the metadata checks and the backend
+        _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, reduction)
+        return REGISTRY.select(backend, hidden.device.type, _bundle(hidden, weight, bias, labels, positions,
+                                                                    ignore_index, label_smoothing, z_loss))
+
+    key = dispatch.call_key(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
+                            reduction, backend)
+    name = REGISTRY.memo(key, plan)
+    inputs = _bundle(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss)
+    hidden2d, _, _, labels1d = inputs[:4]
     out_shape = labels.shape if positions is None else positions.shape
-    labels1d = labels.reshape(-1)
     vocab, tokens = weight.shape[0], labels1d.shape[0]
-    hidden2d = hidden.reshape(tokens, hidden.shape[-1])  # not -1: that is ambiguous when hidden_size is 0
-    if positions is not None:
-        checks.assert_async("masked_lm_loss", ((positions >= -1) & (positions < tokens)).all(),
-                            f"positions must lie in [-1, {tokens})")
-    checks.assert_async("masked_lm_loss", ((labels1d == ignore_index) | ((labels1d >= 0) & (labels1d < vocab))).all(),
-                        f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})")
-    inputs = MaskedCEInputs(hidden2d, weight, bias, labels1d, positions, ignore_index, float(label_smoothing),
-                            float(z_loss))
+    if positions is not None:  # value checks: every call
+        checks.check_ids("masked_lm_loss", positions, -1, tokens, f"positions must lie in [-1, {tokens})")
+    checks.check_ids("masked_lm_loss", labels1d, 0, vocab,
+                     f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
     index, counted = inputs.row_index()
 
-    name = REGISTRY.select(backend, hidden.device.type, inputs)
     if tokens == 0 or index.numel() == 0:  # nothing to project: zero loss, still differentiable
         # Sums of empty slices: 0 whatever the inputs hold (0 * NaN would be NaN), and on
         # every input's graph, so each gets a zero gradient.
@@ -379,10 +415,15 @@ def masked_lm_loss(
         rows, _, correct = masked_lm_loss_reference(hidden2d, weight, bias, labels1d, positions,
                                                     ignore_index, label_smoothing, z_loss)
     elif reduction != "none" and _needs_grad(hidden, weight, bias):
-        loss, correct, _, _, _ = _masked_lm_loss_reduced(*inputs, reduction == "mean", name)
+        reduced = _EagerReducedLoss.apply if dispatch.plain_eager(*inputs[:5]) else _masked_lm_loss_reduced
+        loss, correct, _, _, _ = reduced(*inputs, reduction == "mean", name)
         return (loss, correct.sum()) if return_accuracy else loss
-    else:
+    elif not dispatch.plain_eager(*inputs[:5]):
         rows, _, correct = _masked_lm_loss_fwd(*inputs, name)
+    elif _needs_grad(hidden, weight, bias):
+        rows, _, correct = _EagerLoss.apply(*inputs, name)
+    else:
+        rows, _, correct = REGISTRY.module(name).forward(inputs)
     rows = rows.to(checks.accum_dtype(hidden.dtype))
     if reduction == "none":
         loss = rows.reshape(out_shape)

@@ -74,15 +74,17 @@ def _from_padded(tensors, cu_seqlens, coords):
     return [t.contiguous() for t in tensors]
 
 
-def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype, shape) -> tuple[Optional[Tensor], Tensor]:
-    """Additive float bias and the (B, H, S) "row has a key" flags."""
+def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype,
+          shape) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Additive float bias and the (B, H, S) "row has a key" flags; (None, None) without any mask
+    (every row sees every key: nothing to add, nothing to zero)."""
+    if mask is None and extra_mask is None:
+        return None, None
     b, h, s = shape
     keep = torch.ones(b, 1, 1, s, dtype=torch.bool) if mask is None else mask[:, None, None, :]
     if extra_mask is not None:
         keep = keep & extra_mask[None, :, :s, :s]  # (B, H or 1, S, S)
     has_key = keep.any(dim=-1).expand(b, h, s)
-    if mask is None and extra_mask is None:
-        return None, has_key
     bias = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)
     return bias, has_key
 
@@ -110,8 +112,10 @@ def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor]) -> tup
     # ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
     # non-finite query makes its row NaN in the exact math, so say so explicitly.
     finite = qp.isfinite().all(dim=-1)
-    out = out.masked_fill(~finite[..., None], float("nan")).masked_fill(~has_key[..., None], 0.0)
-    lse = lse.masked_fill(~finite, float("nan")).masked_fill(~has_key, float("-inf"))  # (B, H, S)
+    out, lse = torch.where(finite[..., None], out, float("nan")), torch.where(finite, lse, float("nan"))
+    if has_key is not None:
+        out = out.masked_fill(~has_key[..., None], 0.0)
+        lse = lse.masked_fill(~has_key, float("-inf"))  # (B, H, S)
     lse = lse.to(checks.accum_dtype(q.dtype))
     out, lse = _from_padded([out, lse], cu_seqlens, coords)
     return out, lse
@@ -127,7 +131,9 @@ def masked_backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Ten
         lse, _ = padding.pad(lse, cu_seqlens, max_seqlen, coords)
     bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
     # Rows without keys: zero upstream gradient and a finite lse, so ATen yields zeros.
-    doutp = doutp.masked_fill(~has_key[..., None], 0.0).contiguous()
-    lse = lse.transpose(1, 2).masked_fill(~has_key, 0.0).to(checks.accum_dtype(q.dtype))
+    lse = lse.transpose(1, 2)
+    if has_key is not None:
+        doutp, lse = doutp.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, 0.0)
+    doutp, lse = doutp.contiguous(), lse.to(checks.accum_dtype(q.dtype))
     dq, dk, dv = _ATEN_BWD(doutp, qp, kp, vp, outp, lse.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
     return tuple(_from_padded([dq, dk, dv], cu_seqlens, coords))

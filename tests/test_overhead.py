@@ -1,0 +1,224 @@
+"""The per-signature memo and the unwrapped eager path (issue 22): what is remembered never skips a check.
+
+Speed is measured by benchmarks/bench_overhead.py, not here; these tests pin down correctness:
+a changed signature is checked again, value checks run on every call, a backend failure
+empties the memo, and the eager path gives what the custom op gives (and yields to it under
+a dispatch mode).
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastmlm.ops import attention, attention_reference, checks, dispatch, masked_lm_loss
+from fastmlm.ops.attention import REGISTRY as ATTENTION
+from fastmlm.ops.dispatch import BackendFailed, call_key
+from helpers import cu_seqlens_of
+
+
+def _packed(lengths=(5, 3), heads=2, head_dim=8, dtype=torch.float64, grad=False):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, heads, head_dim, dtype=dtype, requires_grad=grad) for _ in range(3))
+    return q, k, v, cu_seqlens_of(list(lengths))
+
+
+# --------------------------------------------------------------------------- the key
+def test_call_key_tells_apart_what_validation_tells_apart():
+    x = torch.zeros(2, 3)
+    assert call_key(x, 16) == call_key(torch.ones(2, 3), 16)  # values never count
+    assert call_key(x, 16) != call_key(x, 16.0)  # an int max_seqlen passes, a float one fails
+    assert call_key(x, 1) != call_key(x, True)
+    assert call_key(x, float("nan")) != call_key(x, float("nan"))  # NaN never matches: always re-checked
+    assert call_key(x) != call_key(x.t())  # strides count
+    assert call_key(x) != call_key(x.double()) != call_key(x.requires_grad_())
+    assert call_key(torch.zeros(2, device="meta")) is None  # tests stub devices with meta tensors
+    assert call_key(x, [1, 2]) is None  # any other kind of argument: validate every time
+
+
+# --------------------------------------------------------------------------- checks still fire
+def test_a_changed_signature_is_checked_again():
+    q, k, v, cu = _packed()
+    attention(q, k, v, cu_seqlens=cu, max_seqlen=5)  # remembered
+    with pytest.raises(ValueError, match="k has dtype torch.float32"):
+        attention(q, k.float(), v, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="max_seqlen must be a non-negative Python int, got 5.0"):
+        attention(q, k, v, cu_seqlens=cu, max_seqlen=5.0)
+    with pytest.raises(ValueError, match="max_seqlen must be a non-negative Python int, got True"):
+        attention(q, k, v, cu_seqlens=cu, max_seqlen=True)
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite float, got nan"):
+        attention(q, k, v, cu_seqlens=cu, max_seqlen=5, softmax_scale=math.nan)
+    with pytest.raises(ValueError, match="v has shape"):
+        attention(q, k, v[:-1], cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="k must be a torch.Tensor, got list"):
+        attention(q, [1.0], v, cu_seqlens=cu, max_seqlen=5)
+
+
+@pytest.mark.parametrize("bad,why", [([1, 5, 8], "starts past 0"), ([0, 6, 4], "decreases"),
+                                     ([0, 5, 7], "ends short of total"), ([0, 2, 8], "too long for max_seqlen")])
+def test_value_checks_run_on_every_call_of_a_remembered_signature(bad, why):
+    q, k, v, cu = _packed()
+    attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+    attention(q, k, v, cu_seqlens=cu, max_seqlen=5)  # the same signature again: from the memo
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0, be non-decreasing, end at total_tokens=8"):
+        attention(q, k, v, cu_seqlens=torch.tensor(bad, dtype=torch.int32), max_seqlen=5)
+
+
+@pytest.mark.parametrize("path", ["python", "numpy", "assert_async"])
+def test_every_cu_seqlens_check_agrees(monkeypatch, path):
+    """The CPU checks (a Python list when short, NumPy when long) and the device-side assertion
+    accept and refuse the same offsets."""
+    monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
+    monkeypatch.setattr(checks, "SHORT_CHECK", 64 if path == "python" else 0)
+    good = [[0], [0, 0], [0, 3, 3, 8], [0, 5, 8]]
+    bad = [[1, 8], [0, 9], [0, 6, 5, 8], [0, 6, 8], [0, -2, 8], [0, 2**31 - 1, -2**31 + 2, 8]]
+    for offsets in good:
+        checks.check_cu_seqlens("attention", torch.tensor(offsets, dtype=torch.int32), offsets[-1], 5)
+    for offsets in bad:
+        with pytest.raises(RuntimeError, match="fastmlm.ops.attention: cu_seqlens must start at 0"):
+            checks.check_cu_seqlens("attention", torch.tensor(offsets, dtype=torch.int32), 8, 5)
+
+
+def test_a_failure_after_the_choice_was_remembered_still_falls_back(monkeypatch):
+    q, k, v = (torch.randn(2, 7, 2, 8, dtype=torch.float64) for _ in range(3))
+    ATTENTION.forget_failures()
+    attention(q, k, v)  # auto -> torch, remembered
+    monkeypatch.setattr(ATTENTION.module("torch"), "forward", lambda inputs: (_ for _ in ()).throw(
+        RuntimeError("simulated launch failure")))
+    try:
+        with pytest.warns(BackendFailed, match="simulated launch failure"):
+            out = attention(q, k, v)
+        torch.testing.assert_close(out, attention_reference(q, k, v)[0])
+        assert not ATTENTION._memo  # the failure emptied the memo: the next call chooses afresh
+        with pytest.raises(RuntimeError, match="simulated launch failure"):
+            attention(q, k, v, backend="torch")  # an explicit backend still raises its own error
+    finally:
+        ATTENTION.forget_failures()
+
+
+# --------------------------------------------------------------------------- the eager path
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["padded", "masked", "packed"])
+def test_the_eager_path_matches_the_custom_op(layout):
+    """Outputs and gradients of the unwrapped eager path equal the custom op's, bit for bit (same backend);
+    under a dispatch mode (fake tensors, selective checkpointing) the custom op itself runs."""
+    if layout == "packed":
+        q, k, v, cu = _packed(grad=True)
+        kwargs = {"cu_seqlens": cu, "max_seqlen": 5}
+    else:
+        q, k, v = (torch.randn(2, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2], dtype=torch.bool) if layout == "masked" else None
+        kwargs = {"attention_mask": mask}
+    upstream = torch.randn_like(q)
+    out, lse = attention(q, k, v, return_lse=True, **kwargs)
+    grads = torch.autograd.grad(out, (q, k, v), upstream)
+    with _Ops() as mode:
+        out2, lse2 = attention(q, k, v, return_lse=True, **kwargs)
+        grads2 = torch.autograd.grad(out2, (q, k, v), upstream)
+    assert torch.ops.fastmlm.attention_fwd.default in mode.seen
+    assert torch.ops.fastmlm.attention_bwd.default in mode.seen
+    for a, b in zip((out, lse, *grads), (out2, lse2, *grads2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():  # no autograd record at all
+        out3 = attention(q.detach(), k.detach(), v.detach(), **kwargs)
+    torch.testing.assert_close(out3, out, rtol=0, atol=0)
+    assert not out3.requires_grad and not lse.requires_grad
+
+
+def test_plain_eager_yields_to_modes_subclasses_and_transforms():
+    x = torch.zeros(2)
+    assert dispatch.plain_eager(x, None)
+    assert dispatch.plain_eager(torch.nn.Parameter(x))  # the loss's tied weight is one
+    assert not dispatch.plain_eager(torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), x))
+    with _Ops():
+        assert not dispatch.plain_eager(x)
+    seen = []
+    torch.func.grad(lambda t: seen.append(dispatch.plain_eager(t)) or t.sum())(torch.ones(2))
+    assert seen == [False]
+
+
+# --------------------------------------------------------------------------- the benchmark entry
+def test_overhead_bench_runs_every_provider_or_says_why_and_reports_the_difference():
+    from benchmarks import bench_overhead as bench
+    from benchmarks.harness import Skip
+
+    rows = []
+    for shape in bench.shapes("smoke")[:2] + bench.shapes("smoke")[-2:]:  # attention-padded and the loss
+        shape["calls"] = 1
+        for provider in bench.providers(shape, "cpu"):
+            try:
+                bench.make(provider, shape, torch.float32, "cpu").check()
+            except Skip as skip:
+                assert str(skip), provider
+                continue
+            median_ms = {"fastmlm": 6.0, "backend": 4.0}.get(provider, 1.0)  # per step of 200 calls
+            rows.append({"op": bench.OP, "metric": "time", "provider": provider, "dtype": "fp32",
+                         "params": {**shape, "calls": 200}, "median": median_ms})
+    report = bench.report(rows)
+    assert "| attention-padded | fwd | fp32 | 30.0 | 20.0 | 10.0 | 5.0 | 25.0 |" in report  # ms per 200 calls -> µs
+    assert "| masked_lm_loss | fwd+bwd | fp32 | 30.0 | 20.0 | 10.0 | 5.0 | 25.0 |" in report
+
+
+# --------------------------------------------------------------------------- masked_lm_loss
+def _loss_inputs(tokens=12, hidden_size=8, vocab=11, grad=True):
+    hidden = torch.randn(tokens, hidden_size, dtype=torch.float64, requires_grad=grad)
+    weight = torch.randn(vocab, hidden_size, dtype=torch.float64, requires_grad=grad)
+    bias = torch.randn(vocab, dtype=torch.float64, requires_grad=grad)
+    labels = torch.full((tokens,), -100)
+    labels[::3] = torch.randint(0, vocab, (len(labels[::3]),))
+    return hidden, weight, bias, labels
+
+
+def test_loss_value_checks_run_on_every_call_of_a_remembered_signature():
+    hidden, weight, bias, labels = _loss_inputs(grad=False)
+    positions = torch.tensor([0, 3, -1])
+    for _ in range(2):  # the second call comes from the memo
+        masked_lm_loss(hidden, weight, bias, labels, positions=positions)
+    with pytest.raises(RuntimeError, match=r"labels must be ignore_index=-100 or lie in \[0, 11\)"):
+        masked_lm_loss(hidden, weight, bias, labels.clone().fill_(11), positions=positions)
+    with pytest.raises(RuntimeError, match=r"labels must be ignore_index=-100 or lie in \[0, 11\)"):
+        masked_lm_loss(hidden, weight, bias, labels.clone().fill_(-1), positions=positions)
+    with pytest.raises(RuntimeError, match=r"positions must lie in \[-1, 12\)"):
+        masked_lm_loss(hidden, weight, bias, labels, positions=torch.tensor([0, 12, -1]))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        masked_lm_loss(hidden, weight, bias, labels, positions=positions, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be a finite number"):
+        masked_lm_loss(hidden, weight, bias, labels, positions=positions, label_smoothing=math.nan)
+
+
+@pytest.mark.parametrize("host", [True, False], ids=["numpy", "assert_async"])
+def test_both_id_checks_agree(monkeypatch, host):
+    monkeypatch.setattr(checks, "host_readable", lambda t: host)
+    for ids in ([], [0, 4], [-100, 0, 4], [-100]):
+        checks.check_ids("masked_lm_loss", torch.tensor(ids, dtype=torch.int64), 0, 5, "labels bad", allowed=-100)
+    for ids in ([5], [-1, 0], [-100, 7], [-101]):
+        with pytest.raises(RuntimeError, match="fastmlm.ops.masked_lm_loss: labels bad"):
+            checks.check_ids("masked_lm_loss", torch.tensor(ids, dtype=torch.int64), 0, 5, "labels bad", allowed=-100)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_loss_eager_path_matches_the_custom_op(reduction):
+    hidden, weight, bias, labels = _loss_inputs()
+    leaves = (hidden, weight, bias)
+
+    def run():
+        loss = masked_lm_loss(hidden, weight, bias, labels, reduction=reduction)
+        return (loss, *torch.autograd.grad(loss.sum(), leaves))
+
+    eager = run()
+    with _Ops() as mode:
+        traced = run()
+    op = torch.ops.fastmlm.masked_lm_loss_reduced.default if reduction == "mean" else \
+        torch.ops.fastmlm.masked_lm_loss_fwd.default
+    assert op in mode.seen
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
