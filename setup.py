@@ -70,7 +70,7 @@ ext_modules, cmdclass = cuda_extension()
 setup(
     packages=find_packages(include=["fastmlm", "fastmlm.*"]) + ["fastmlm_kernels"],
     package_dir={"fastmlm_kernels": "kernels"},
-    package_data={"fastmlm": ["corpus/*"]},
+    package_data={"fastmlm": ["corpus/*", "tasks/data/*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

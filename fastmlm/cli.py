@@ -240,8 +240,12 @@ def cmd_fill_mask(args) -> int:
 
 
 def cmd_export_hf(args) -> int:
+    from .finetune.export import export_finetuned, finetuned_folder
     from .predict import export_hf
 
+    if finetuned_folder(args.checkpoint) is not None:  # a fastmlm finetune run: a Bert*Classification folder
+        print(f"wrote a Hugging Face classifier folder to {export_finetuned(args.checkpoint, args.out_dir)}")
+        return 0
     out = export_hf(args.checkpoint, args.out_dir)
     print(f"wrote a Hugging Face BertForMaskedLM folder to {out}")
     return 0
@@ -349,10 +353,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fill_mask)
 
     p = command("export-hf", "write a Hugging Face BertForMaskedLM folder")
-    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("checkpoint", help="a run folder (its latest checkpoint) or a checkpoint folder; a `fastmlm "
+                                      "finetune` run gives a BertForSequenceClassification / "
+                                      "BertForTokenClassification folder of its best epoch")
     p.add_argument("out_dir", help="a new or empty folder")
     p.set_defaults(func=cmd_export_hf)
 
+    from .finetune.cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
     p = command("plot", "draw the training curves of one or more runs into one picture",
                 "Draw loss (train and validation), validation accuracy and perplexity, and the learning rate "
                 "by step from each run's log.csv, overlaid, one colour per run.")

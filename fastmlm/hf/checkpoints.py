@@ -23,6 +23,11 @@ Key map (Hugging Face keys carry a ``bert.`` prefix in BertForMaskedLM, none in 
     pooler.dense.*                                 pooler.dense.*  (when the checkpoint has a pooler)
     cls.seq_relationship.*, embeddings.position_ids                not used by an MLM: skipped
 
+Fine-tuned models (fastmlm.finetune) add ``classifier.*`` (the same name on both sides) to an
+encoder without the MLM head: :func:`save_hf_classifier` writes BertForSequenceClassification /
+BertForTokenClassification folders, and :func:`load_hf_encoder` reads any BERT checkpoint's
+encoder (pooler kept, MLM head and ``classifier.*`` not needed) to fine-tune.
+
 A BertModel checkpoint has no ``cls.*`` keys: the MLM head then keeps its fresh (random)
 initialisation, with a warning. A checkpoint with a pooler (BertModel, BertForPreTraining)
 gives a model with one, and export writes it back, so BertModel loads it unchanged
@@ -180,9 +185,11 @@ def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> tuple[di
 
 
 def state_dict_to_hf(model: FastMLMForMaskedLM) -> dict[str, Tensor]:
-    """fastmlm model -> the tensors transformers.BertForMaskedLM.save_pretrained would write."""
+    """fastmlm model -> the tensors transformers.BertForMaskedLM.save_pretrained would write (without
+    ``cls.*`` for the encoder of a fastmlm.finetune classifier, whose MLM head is removed)."""
     cfg, ours = model.config, model.state_dict()
-    out = {theirs: ours[name] for name, theirs in _hf_names(cfg, "bert.", True, model.pooler is not None).items()}
+    names = _hf_names(cfg, "bert.", model.head is not None, model.pooler is not None)  # a classifier's has no MLM head
+    out = {theirs: ours[name] for name, theirs in names.items()}
     for i in range(cfg.num_layers):
         for p in ("weight", "bias"):
             for name, part in zip(_qkv_names("bert.", i, p), ours[f"layers.{i}.qkv.{p}"].chunk(3, dim=0)):
@@ -279,4 +286,55 @@ def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
     save_file(state_dict_to_hf(model), str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    return path
+
+
+# --------------------------------------------------------------------------- fine-tuning (fastmlm.finetune)
+_CLASSIFIER = re.compile(r"^classifier\.")  # the task head of a transformers Bert*Classification checkpoint
+_HF_CLASSES = {"sequence": "BertForSequenceClassification", "tokens": "BertForTokenClassification"}
+
+
+def load_hf_encoder(directory, **config_overrides) -> FastMLMForMaskedLM:
+    """The encoder of a Hugging Face BERT checkpoint, to fine-tune: its pooler kept when it has one.
+
+    Unlike :func:`load_hf` it accepts a checkpoint without an MLM head (a BertModel, such as
+    all-MiniLM-L6-v2) without a warning, and a Bert*Classification checkpoint, whose
+    ``classifier.*`` head is dropped (fine-tuning trains a new one for its own labels).
+    """
+    cfg = config_from_hf(read_hf_config(directory), **config_overrides)
+    tensors = {k: v for k, v in read_hf_weights(directory).items() if not _CLASSIFIER.match(k)}
+    state, has_head = state_dict_from_hf(tensors, cfg)
+    model = FastMLMForMaskedLM(cfg, pooler=f"{_POOLER}.weight" in state)
+    if not has_head:  # the MLM head is never used by a classifier: keep the fresh one so the state is whole
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    model.load_weights(state)
+    return model
+
+
+def classifier_config_to_hf(model) -> dict:
+    """The BertConfig dict of a fastmlm.finetune classifier (``kind``, ``labels``, ``classifier_dropout``)."""
+    hf = config_to_hf(model.config)
+    hf.update(architectures=[_HF_CLASSES[model.kind]], classifier_dropout=model.classifier_dropout,
+              id2label={str(i): name for i, name in enumerate(model.labels)},
+              label2id={name: i for i, name in enumerate(model.labels)})
+    if model.kind == "sequence":  # else transformers guesses the loss from the labels' dtype
+        hf["problem_type"] = "single_label_classification"
+    return hf
+
+
+def save_hf_classifier(model, directory) -> Path:
+    """Write config.json + model.safetensors that transformers loads as BertForSequenceClassification
+    (a ``kind == "sequence"`` model: pooler, dropout, linear) or BertForTokenClassification
+    (``"tokens"``), with the same logits. ``directory`` must be new or empty."""
+    from safetensors.torch import save_file
+
+    hf_config = classifier_config_to_hf(model)
+    if model.kind == "sequence" and model.encoder.pooler is None:
+        raise CheckpointError("a sequence classifier needs its pooler; this one has none")
+    tensors = state_dict_to_hf(model.encoder)
+    tensors.update({f"classifier.{p}": t.detach().cpu().contiguous() for p, t in model.classifier.state_dict().items()})
+    path = check_output_dir(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
     return path

