@@ -187,14 +187,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _interrupted(command: str, out_dir=None) -> int:
-    """After Ctrl-C: say where the run stands; 130 (128 + SIGINT) is what shells expect."""
+def _interrupted(command: str, out_dir=None, resume_with: str = None) -> int:
+    """After Ctrl-C: say where the run stands and how to continue it (``resume_with``: the command line;
+    by default a train run's); 130 (128 + SIGINT) is what shells expect."""
     message = f"fastmlm {command}: interrupted"
     if out_dir is not None:
         from .checkpoint import latest_checkpoint
 
         last = latest_checkpoint(Path(out_dir) / "checkpoints")
-        message += (f"; the last checkpoint is {last} (continue with: fastmlm train --out-dir {out_dir} --resume)"
+        again = resume_with or f"fastmlm train --out-dir {out_dir} --resume"  # a demo run continues as a train run
+        message += (f"; the last checkpoint is {last} (continue with: {again})"
                     if last else f"; no checkpoint was saved in {out_dir}")
     print(message, file=sys.stderr)
     return 130

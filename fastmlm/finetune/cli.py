@@ -83,7 +83,8 @@ def cmd_finetune(args) -> int:
     try:
         summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite, changes=changes)
     except KeyboardInterrupt:
-        return _interrupted("finetune", cfg.out_dir)
+        return _interrupted("finetune", cfg.out_dir, resume_with=f"fastmlm finetune --task {args.task} --from {args.init} "
+                                                               f"--out-dir {cfg.out_dir} --resume")
     print(report(summary))
     print(f"best model: {summary['best_model']} (export: fastmlm export-hf {cfg.out_dir} OUT_DIR)")
     return 0
