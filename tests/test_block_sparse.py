@@ -10,7 +10,7 @@ from helpers import (STRIDED_KINDS, assert_backend_matches, assert_error_ratio, 
 
 # torch-cuda(-emulated): the torch backend's GPU routes (varlen windows, FlexAttention; see backend_params.py).
 FAST_BACKENDS = params("torch", "torch-cuda-emulated", "triton", "torch-cuda")
-# No CUDA C++ block-sparse kernel exists yet (fastmlm/ops/cuda_impl/block_sparse.py says so).
+# The cuda backend's tests are in tests/test_block_sparse_cuda.py (it takes layout blocks of multiples of 64).
 
 
 def dense_rule(seqlen, window=-1, num_global=0):
@@ -268,7 +268,184 @@ def test_bad_layout_arguments_have_clear_errors(build, match):
         build()
 
 
+def test_a_token_mask_with_other_heads_than_q_is_refused():
+    """A 3-head token mask for 2-head q: a clear error, not a broadcasting failure deep in torch."""
+    q = torch.randn(1, 8, 2, 16)
+    layout = L.BlockSparseLayout(torch.ones(1, 2, 2, dtype=torch.int8), 4, 8,
+                                 token_mask=torch.ones(3, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask has 3 heads; q has 2"):
+        block_sparse_attention(q, q, q, layout)
+
+
 def test_layout_tiles_of_any_integer_dtype_become_int8():
     layout = L.BlockSparseLayout(torch.tensor([[[1, 0], [2, 1]]]), 4, 8, window=1)
     assert layout.blocks.dtype == torch.int8
     assert torch.equal(layout.to_dense()[0, :4, :4], torch.ones(4, 4, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- the CPU route that skips tiles
+# fastmlm/ops/torch_impl/block_sparse_cpu.py: query blocks grouped by kept count, ATen flash per group.
+# The sparse_route fixture sends every layout that skips a tile of the batch there, so the small
+# shapes below run it whatever the production thresholds (density, block size, seqlen) pick.
+from fastmlm.ops.torch_impl import block_sparse as torch_bs  # noqa: E402
+from fastmlm.ops.torch_impl import block_sparse_cpu  # noqa: E402
+from fastmlm.testing import poisoned_allocations  # noqa: E402
+
+
+@pytest.fixture
+def sparse_route(monkeypatch):
+    """Force the tile-skipping CPU route and count its forward and backward calls."""
+    for name, value in (("DENSE_ABOVE", 1.0), ("MIN_BLOCK", 1), ("MIN_SEQLEN", 1)):
+        monkeypatch.setattr(torch_bs, name, value)
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        real = getattr(block_sparse_cpu, name)
+
+        def counted(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(block_sparse_cpu, name, counted)
+    return calls
+
+
+def _zero_row_layout(seqlen=37, block=8):
+    """Uneven kept counts per query block (3, 3, 0, 1, 5): query block 2 keeps no key block, and
+    query block 3 keeps only a far partial tile whose window rule keeps none of its pairs."""
+    nb = -(-seqlen // block)
+    states = torch.tensor([[2, 2, 0, 0, 1], [1, 2, 2, 0, 0], [0, 0, 0, 0, 0], [0, 2, 0, 0, 0], [2, 1, 1, 1, 2]])
+    return L.BlockSparseLayout(states[None, :nb, :nb], block, seqlen, window=3)
+
+
+def _shared_blocks_per_head_mask(seqlen=37, block=8):
+    """One tile grid for all heads, a token mask per head: the route must treat it per head."""
+    dense = torch.rand(3, seqlen, seqlen) < 0.3
+    shared = L.from_dense_mask(dense.any(0), block).blocks
+    shared[0, 1, 3] = L.SKIP
+    return L.BlockSparseLayout(torch.where(shared == L.SKIP, L.SKIP, L.PARTIAL), block, seqlen, token_mask=dense)
+
+
+SPARSE_CASES = {  # name -> (layout, lengths of a packed batch or None for padded (2, 37) with a random mask)
+    "uneven-counts-per-head": (lambda: LAYOUTS["window+global+random"](3, 37), None),
+    "zero-kept-block": (_zero_row_layout, None),
+    "shared-blocks-per-head-mask": (_shared_blocks_per_head_mask, None),
+    "packed-odd-lengths-longer-layout": (lambda: L.random_blocks(48, 1, 8, num_heads=3) | L.sliding_window(48, 4, 8),
+                                         [13, 0, 1, 29]),
+}
+
+
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+@pytest.mark.parametrize("kind,dtype", [("contiguous", torch.float32), ("last_dim_stride_2", torch.float32),
+                                        ("contiguous", torch.bfloat16)], ids=["fp32", "fp32-strided", "bf16"])
+def test_cpu_sparse_route_error_ratio(sparse_route, case, kind, dtype):
+    """Outputs and gradients of the tile-skipping route against the fp64 reference (error-ratio rule)."""
+    make_layout, lengths = SPARSE_CASES[case]
+    layout = make_layout()
+    view = (lambda t: t) if kind == "contiguous" else (lambda t: strided_view(t, kind))
+    if lengths is None:
+        shape, kw, max_seqlen = (2, 37, 3, 32), dict(attention_mask=random_mask(2, 37, 1)), None
+        valid = kw["attention_mask"][:, :, None, None]
+    else:
+        shape, kw, valid = (sum(lengths), 3, 32), dict(cu_seqlens=cu_seqlens_of(lengths)), None
+        max_seqlen = max(lengths)
+    with poisoned_allocations():  # an output row the route forgets to write shows as NaN
+        assert_backend_matches(
+            lambda q, k, v: block_sparse_attention(*(view(t) for t in (q, k, v)), layout, **kw, max_seqlen=max_seqlen,
+                                                   backend="torch"),
+            lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, layout, **kw, upcast=upcast)[0],
+            [torch.randn(shape) for _ in range(3)], valid, dtype=dtype, floor=1e-5 if dtype == torch.float32 else 0.0)
+    assert sparse_route == {"forward": 1, "backward": 1}
+
+
+def test_cpu_sparse_route_split_groups(sparse_route, monkeypatch):
+    """Query blocks of one kept count split into several ATen calls (GATHER_FACTOR) give the same
+    outputs and gradients, dk / dv summed across the calls."""
+    layout = L.sliding_window(40, 5, 4)  # 10 blocks, 3 kept by most query blocks
+    inputs = [torch.randn(2, 40, 2, 16, dtype=torch.float64) for _ in range(3)]
+    results = []
+    for factor in (2, 1):
+        monkeypatch.setattr(block_sparse_cpu, "GATHER_FACTOR", factor)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        out = block_sparse_attention(*leaves, layout, backend="torch")
+        results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
+    dense_in = block_sparse_cpu.BlockSparseInputs.from_layout(
+        torch_bs.dense.AttentionInputs(*inputs, None, None, 40, 0.25), layout)
+    assert len(block_sparse_cpu.schedule(dense_in, 10, 1)) > len(layout.kv_blocks[1].unique())  # really split
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    ref = block_sparse_attention(*inputs, layout, backend="reference")
+    torch.testing.assert_close(results[1][0], ref, atol=1e-12, rtol=1e-12)
+
+
+def test_cpu_sparse_route_rows_without_keys(sparse_route):
+    """A query block with no kept key block, and rows of visited tiles that keep no key: zeros, lse -inf,
+    zero gradients."""
+    layout = _zero_row_layout()
+    q, k, v = (torch.randn(1, 37, 2, 16, requires_grad=True) for _ in range(3))
+    out, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    ref, ref_lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="reference")
+    no_key = ~layout.to_dense()[0].any(-1)  # (37,)
+    assert no_key[16:32].all()  # block 2 (no tile), block 3 (a visited tile that keeps nothing)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (out[0, no_key] == 0).all() and torch.isneginf(lse[0, no_key]).all()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    dq = torch.autograd.grad(out, q, torch.randn_like(out))[0]
+    assert (dq[0, no_key] == 0).all() and torch.isfinite(dq).all()
+
+
+def test_cpu_sparse_route_nan_query(sparse_route):
+    """A NaN query row is NaN where it has keys (ATen's kernel for such short, unmasked groups would
+    hide it: 4 queries against 4 keys) and zeros where it has none."""
+    layout = L.BlockSparseLayout(torch.tensor([[[1, 0, 0], [0, 0, 0], [0, 0, 1]]]), 4, 12)
+    q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
+    q[0, [0, 5]] = float("nan")  # row 0 keeps block 0, row 5 (block 1) keeps nothing
+    out, lse = block_sparse_attention(q, k, v, layout, return_lse=True, backend="torch")
+    assert out[0, 0].isnan().all() and lse[0, 0].isnan().all()
+    assert (out[0, 4:8] == 0).all() and torch.isneginf(lse[0, 4:8]).all() and out[0, 1:4].isfinite().all()
+
+
+def test_cpu_sparse_route_never_reads_skipped_tiles(sparse_route):
+    """NaN keys in a key block that a query block skips leave that query block's rows exact: the
+    route does not load the tile (the dense route would add NaN scores under its mask)."""
+    layout = L.random_blocks(40, 2, 8, num_heads=1, seed=3)
+    skipping = (layout.blocks[0, :, 4] == L.SKIP).nonzero()[:, 0]  # query blocks that skip key block 4
+    assert skipping.numel() > 0
+    q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
+    k[0, 32:40] = float("nan")
+    rows = torch.cat([torch.arange(b * 8, b * 8 + 8) for b in skipping.tolist()])
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    ref = block_sparse_attention(q, k, v, layout, backend="reference")
+    torch.testing.assert_close(out[0, rows], ref[0, rows], atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_route_by_density(monkeypatch):
+    """No tile skipped: dense flash attention, with no mask when every tile is FULL (so full density
+    costs what dense attention does); tiles skipped: the sparse route, unless the blocks or the
+    sequence are too short for it to pay (the thresholds are lowered for the small shapes here)."""
+    routes = []
+    monkeypatch.setattr(torch_bs.dense, "masked_forward", lambda inputs, mask: routes.append(("dense", mask)))
+    monkeypatch.setattr(block_sparse_cpu, "forward", lambda inputs: routes.append(("sparse", None)))
+
+    def route(layout, seqlen=20, **thresholds):
+        for name, value in thresholds.items():
+            monkeypatch.setattr(torch_bs, name, value)
+        q = torch.randn(1, seqlen, 2, 8)
+        torch_bs.forward(torch_bs.BlockSparseInputs.from_layout(
+            torch_bs.dense.AttentionInputs(q, q, q, None, None, seqlen, 0.3), layout))
+        return routes.pop()
+
+    assert route(L.random_blocks(40, 5, 8)) == ("dense", None)  # every tile FULL (of a longer layout)
+    kind, mask = route(L.sliding_window(20, 9, 8))  # no tile skipped, some partial
+    assert kind == "dense" and not mask.all()
+    assert route(L.random_blocks(20, 1, 8))[0] == "dense"  # skips 2/3, but 8-token blocks and 20 tokens
+    assert route(L.random_blocks(20, 1, 8), MIN_BLOCK=8, MIN_SEQLEN=20) == ("sparse", None)
+    assert route(L.random_blocks(20, 2, 8), MIN_BLOCK=8, MIN_SEQLEN=20)[0] == "sparse"  # density 2/3 < 0.7
+    assert route(L.random_blocks(20, 2, 8), MIN_BLOCK=8, MIN_SEQLEN=20, DENSE_ABOVE=0.6)[0] == "dense"
+
+
+def test_opcheck_cpu_sparse_route(sparse_route):
+    q, k, v = (torch.randn(1, 12, 2, 8, requires_grad=True) for _ in range(3))
+    layout = L.sliding_window(12, 1, 2)  # 6 blocks of 2, 3 kept per interior query block
+    args = (q, k, v, None, None, 12, 0.35, layout.blocks, None, 2, layout.window, layout.num_global, "torch")
+    torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)
+    assert sparse_route["forward"] > 0

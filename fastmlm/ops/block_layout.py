@@ -92,16 +92,24 @@ def _check_sizes(seqlen, block_size) -> int:
     return -(-seqlen // block_size)
 
 
+def window_global_rule(rows: Tensor, cols: Tensor, window: int, num_global: int) -> Tensor:
+    """The window and global-token part of the partial-tile rule for query tokens ``rows`` and key
+    tokens ``cols`` (int tensors that broadcast together): |i - j| <= window or i, j < num_global.
+    The token_mask part is left to the caller, which knows how its pairs index that mask."""
+    rule = torch.zeros(torch.broadcast_shapes(rows.shape, cols.shape), dtype=torch.bool, device=rows.device)
+    if window >= 0:
+        rule |= (rows - cols).abs() <= window
+    if num_global > 0:
+        rule |= (rows < num_global) | (cols < num_global)
+    return rule
+
+
 def token_keep(blocks: Tensor, block_size: int, seqlen: int, window: int, num_global: int,
                token_mask: Optional[Tensor]) -> Tensor:
     """Dense (H, S, S) bool mask of the layout: True where query i may attend key j."""
     idx = torch.arange(seqlen, device=blocks.device)
     tile = blocks.long()[:, idx // block_size][:, :, idx // block_size]  # (H, S, S)
-    rule = torch.zeros(seqlen, seqlen, dtype=torch.bool, device=blocks.device)
-    if window >= 0:
-        rule |= (idx[:, None] - idx[None, :]).abs() <= window
-    if num_global > 0:
-        rule |= (idx[:, None] < num_global) | (idx[None, :] < num_global)
+    rule = window_global_rule(idx[:, None], idx[None, :], window, num_global)
     if token_mask is not None:
         rule = rule | token_mask[:, :seqlen, :seqlen]
     return (tile == FULL) | ((tile == PARTIAL) & rule)

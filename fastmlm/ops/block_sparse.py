@@ -161,6 +161,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         checks.fail(op, f"layout covers {layout.seqlen} tokens but sequences are up to {dense.max_seqlen} long")
     if layout.num_heads not in (1, q.shape[-2]):
         checks.fail(op, f"layout has {layout.num_heads} heads; q has {q.shape[-2]} (use 1 to share one layout)")
+    if layout.token_mask is not None and layout.token_mask.shape[0] not in (1, q.shape[-2]):
+        checks.fail(op, f"layout token_mask has {layout.token_mask.shape[0]} heads; q has {q.shape[-2]} "
+                        "(use 1 to share one mask)")
     layout = layout.to(q.device)
     inputs = BlockSparseInputs.from_layout(dense, layout)
     name = REGISTRY.select(backend, q.device.type, inputs)

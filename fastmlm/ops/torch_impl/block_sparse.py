@@ -1,7 +1,10 @@
 """``torch`` backend of block-sparse attention.
 
-CPU: flash attention under the dense layout mask. It visits every tile (the layout only
-becomes an additive mask), so it is a correct, reasonably quick CPU path, not a sparse one.
+CPU: block_sparse_cpu.py runs ATen's flash kernels on the kept tiles only (query blocks
+grouped by how many key blocks they keep), when skipping pays (see DENSE_ABOVE). Otherwise,
+and always when no tile of the batch's sequence is skipped, dense flash attention: with no
+mask at all when every tile is FULL (100% density is dense ``attention``), else under the
+layout's token mask as an additive bias.
 CUDA: block_sparse_cuda.py (varlen_attn's sliding window, or FlexAttention with a cached
 BlockMask), which skips the tiles the layout skips.
 """
@@ -11,10 +14,17 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..block_layout import token_keep
+from ..block_layout import FULL, token_keep
 from ..block_sparse import BlockSparseInputs
 from . import attention as dense
-from . import attention_cuda, block_sparse_cuda
+from . import attention_cuda, block_sparse_cpu, block_sparse_cuda
+
+# When the CPU skips tiles (measured on fp32 fwd+bwd, 1 thread, see
+# benchmarks/results/cpu-block-sparse-summary.md): below DENSE_ABOVE kept tiles, with layout
+# blocks of at least MIN_BLOCK tokens and sequences of at least MIN_SEQLEN. Otherwise the dense
+# kernel under the layout's mask is quicker: gathering key blocks per query block, and ATen's
+# kernel on short query blocks, cost more than the tiles skipped.
+DENSE_ABOVE, MIN_BLOCK, MIN_SEQLEN = 0.7, 32, 512
 
 
 def _on_cuda(inputs: BlockSparseInputs) -> bool:
@@ -28,19 +38,38 @@ def why_not(inputs: BlockSparseInputs) -> Optional[str]:
     return dense.why_not(inputs.dense)
 
 
-def _keep(inputs: BlockSparseInputs) -> Tensor:
-    """(H or 1, S, S) bool with S = max_seqlen: the layout as a token mask."""
+def _dense_mask(inputs: BlockSparseInputs) -> Optional[Tensor]:
+    """The mask of the dense CPU route: None when every tile of the batch's sequence is FULL
+    (plain dense attention), else the (H or 1, S, S) token mask of the layout. The tile states
+    are read on the host, which on the CPU is no device sync."""
+    nblocks = -(-inputs.dense.max_seqlen // inputs.block_size)
+    if bool((inputs.blocks[:, :nblocks, :nblocks] == FULL).all()):
+        return None
     return token_keep(inputs.blocks, inputs.block_size, inputs.dense.max_seqlen, inputs.window, inputs.num_global,
                       inputs.token_mask)
+
+
+def _sparse(inputs: BlockSparseInputs) -> bool:
+    """Whether the CPU takes the tile-skipping route (see DENSE_ABOVE)."""
+    seqlen, heads = inputs.dense.max_seqlen, inputs.dense.q.shape[-2]
+    if inputs.block_size < MIN_BLOCK or seqlen < MIN_SEQLEN:
+        return False
+    if inputs.token_mask is not None and inputs.token_mask.shape[0] not in (1, heads):
+        return False  # not a layout for these heads: the dense route refuses it as it always has
+    return block_sparse_cpu.density(inputs.blocks, -(-seqlen // inputs.block_size)) < DENSE_ABOVE
 
 
 def forward(inputs: BlockSparseInputs) -> tuple[Tensor, Tensor]:
     if _on_cuda(inputs):
         return block_sparse_cuda.forward(inputs)
-    return dense.masked_forward(inputs.dense, _keep(inputs))
+    if _sparse(inputs):
+        return block_sparse_cpu.forward(inputs)
+    return dense.masked_forward(inputs.dense, _dense_mask(inputs))
 
 
 def backward(inputs: BlockSparseInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if _on_cuda(inputs):
         return block_sparse_cuda.backward(inputs, out, lse, dout)
-    return dense.masked_backward(inputs.dense, out, lse, dout, _keep(inputs))
+    if _sparse(inputs):
+        return block_sparse_cpu.backward(inputs, out, lse, dout)
+    return dense.masked_backward(inputs.dense, out, lse, dout, _dense_mask(inputs))
