@@ -121,9 +121,10 @@ def compare(fast: dict, exact: dict, lowp: dict) -> str:
 @pytest.mark.parametrize("padding", ["none", "holes", "left"])
 @pytest.mark.parametrize("arch", list(MODELS))
 def test_patched_matches_unpatched(arch, padding):
+    """The padded path: the same dropout draws as the unpatched model, so train mode compares too."""
     model = make_model(arch)
     exact_model = copy.deepcopy(model).double()
-    patched = fh.patch(copy.deepcopy(model))
+    patched = fh.patch(copy.deepcopy(model), unpad=False)
     assert patched.config._attn_implementation == "fastmlm" and fh.is_patched(patched)
     ids, mask, labels = make_batch(padding, pad_id=model.config.pad_token_id or 0)
     real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
@@ -134,6 +135,108 @@ def test_patched_matches_unpatched(arch, padding):
         logits = [{"logits": m.eval()(input_ids=ids, attention_mask=mask).logits[real]}
                   for m in (patched, exact_model, model)]
     compare(*logits)
+
+
+def _record_layouts(monkeypatch) -> list:
+    """Record, per attention call, whether it ran packed (transformers' cu_seq_lens_q) or padded."""
+    seen, function = [], hf_attention.fastmlm_attention
+    from transformers import AttentionInterface
+
+    def spy(module, query, key, value, mask, **kwargs):
+        seen.append("packed" if kwargs.get("cu_seq_lens_q") is not None else "padded")
+        return function(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "fastmlm", spy)
+    return seen
+
+
+def _without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("padding", ["holes", "left", "empty row"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_unpadded_encoder_matches_unpatched(arch, padding, monkeypatch):
+    """unpad="auto" on the CPU: the layers run on the real tokens only (dropout off: its draws differ).
+    ModernBERT keeps a batch with padding inside a sequence padded (its windows count padded positions)."""
+    model = _without_dropout(make_model(arch))
+    exact_model = copy.deepcopy(model).double()
+    patched = fh.patch(copy.deepcopy(model))
+    ids, mask, labels = make_batch("left" if padding == "empty row" else padding, pad_id=model.config.pad_token_id or 0)
+    if padding == "empty row":  # a sequence of padding only: a zero-length packed sequence
+        pad_id = model.config.pad_token_id or 0
+        mask, ids, labels = mask.clone(), ids.clone(), labels.clone()
+        mask[2], ids[2], labels[2] = 0, pad_id, -100
+    seen = _record_layouts(monkeypatch)
+    for train in (False, True):
+        runs = [loss_and_grads(m, ids, mask, labels, train) for m in (patched, exact_model, model)]
+        compare(*runs)
+    layers = model.config.num_hidden_layers if hasattr(model.config, "num_hidden_layers") else model.config.n_layers
+    expected = "padded" if (arch, padding) == ("modernbert", "holes") else "packed"
+    assert seen == [expected] * (2 * layers)  # the patched model, eval and train (the others run sdpa)
+
+
+def test_unpadded_encoder_with_gradient_checkpointing(monkeypatch):
+    """Checkpointed layers recompute in the backward pass, where only the keyword arguments that
+    transformers hands each layer tell them the tokens are packed."""
+    model = _without_dropout(make_model("bert"))
+    exact_model = copy.deepcopy(model).double()
+    patched = fh.patch(copy.deepcopy(model))
+    enable = getattr(patched, "activation_checkpointing_enable", None) or patched.gradient_checkpointing_enable
+    enable()  # the old name is deprecated in transformers 5.24
+    ids, mask, labels = make_batch("holes")
+    seen = _record_layouts(monkeypatch)
+    compare(*[loss_and_grads(m, ids, mask, labels, True) for m in (patched, exact_model, model)])
+    assert seen == ["packed"] * 4  # 2 layers, forward and recomputed in backward
+
+
+def test_unpad_runs_padded_where_it_must(monkeypatch):
+    """No padding, labels on padding, hidden states asked for, unpad=False, a non-CPU "auto" batch: the
+    padded path, and the same loss as the unpatched model."""
+    model = _without_dropout(make_model("bert")).eval()
+    patched = fh.patch(copy.deepcopy(model))
+    never = fh.patch(copy.deepcopy(model), unpad=False)
+    ids, mask, labels = make_batch("holes")
+    seen = _record_layouts(monkeypatch)  # after patch(), which registers fastmlm_attention again
+    on_padding = labels.clone()
+    on_padding[1, -1] = 5  # a label on a padding token: only the padded encoder computes what it sees
+    cases = [dict(attention_mask=None, labels=labels), dict(attention_mask=mask, labels=on_padding),
+             dict(attention_mask=mask, labels=labels, output_hidden_states=True)]
+    with torch.no_grad():
+        for case in cases:
+            got = patched(input_ids=ids, **case)
+            want = model(input_ids=ids, **case)
+            torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+        assert all(h.shape == (BATCH, SEQ, 32) for h in got.hidden_states)
+        never(input_ids=ids, attention_mask=mask, labels=labels)
+    assert seen == ["padded"] * (2 * len(cases) + 2)  # 2 layers: each case, then unpad=False
+    from fastmlm.hf import unpad
+
+    assert unpad.plan("auto", mask.to("meta"), labels.to("meta")) is None  # "auto" unpads CPU batches only
+    assert unpad.plan(True, mask, labels) is not None and unpad.plan(False, mask, labels) is None
+    with pytest.raises(ValueError, match=r"unpad must be 'auto', True or False, got 'yes'"):
+        fh.patch(patched, unpad="yes")
+
+
+def test_packed_attention_arguments_are_checked():
+    layer = make_model("bert").bert.encoder.layer[0].attention.self
+    q, k, v = (torch.randn(1, 4, 7, 8) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+    out = fh.fastmlm_attention(layer, q, k, v, None, scaling=0.3, **packed)[0]
+    for start, end in ((0, 3), (3, 7)):  # each sequence on its own, padded layout
+        alone = fh.fastmlm_attention(layer, q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], None,
+                                     scaling=0.3)[0]
+        torch.testing.assert_close(out[:, start:end], alone, atol=1e-6, rtol=1e-5)
+    with pytest.raises(fh.FastMLMUnsupported, match="different packed query and key sequences"):
+        fh.fastmlm_attention(layer, q, k, v, None, **{**packed, "cu_seq_lens_k": torch.tensor([0, 7]).int()})
+    with pytest.raises(fh.FastMLMUnsupported, match="packed sequences .* with batch 2 and no padding mask"):
+        fh.fastmlm_attention(layer, *(t.expand(2, -1, -1, -1) for t in (q, k, v)), None, **packed)
+    with pytest.raises(fh.FastMLMUnsupported, match="max_length_q=None"):
+        fh.fastmlm_attention(layer, q, k, v, None, **{**packed, "max_length_q": None, "max_length_k": None})
 
 
 def test_modernbert_local_layers_run_block_sparse_attention(monkeypatch):
@@ -286,17 +389,19 @@ def _tokenizer(tmp_path: Path):
     return tokenizer, [{"input_ids": ids} for ids in tokenizer(texts)["input_ids"]]
 
 
-@pytest.mark.parametrize("arch", ["bert", "modernbert"])  # mean loss / sum over Trainer's num_items_in_batch
-def test_trainer_losses_match_unpatched(tmp_path, arch):
+# mean loss / sum over Trainer's num_items_in_batch; padded (same dropout draws) and unpadded (dropout off)
+@pytest.mark.parametrize("unpad", [False, "auto"])
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_trainer_losses_match_unpatched(tmp_path, arch, unpad):
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the test extras)")
     tokenizer, data = _tokenizer(tmp_path)
     assert len(tokenizer) == VOCAB
-    base = make_model(arch)
+    base = make_model(arch) if unpad is False else _without_dropout(make_model(arch))
     history = []
     for patched in (False, True):
         model = copy.deepcopy(base)
         if patched:
-            fh.patch(model)
+            fh.patch(model, unpad=unpad)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / f"run{patched}"), max_steps=3, per_device_train_batch_size=4,
             per_device_eval_batch_size=8, learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
@@ -339,20 +444,16 @@ def test_all_minilm_l6_v2_with_fastmlm_attention_matches_sdpa():
 
 
 # --------------------------------------------------------------------------- torch.compile
-def test_torch_compile_has_no_graph_break_in_fastmlm_code():
+def test_torch_compile_has_no_graph_break_in_fastmlm_code(monkeypatch):
     torch._dynamo.reset()
+    # Cold: no fastmlm.ops backend imported yet (dynamo cannot trace an import). patch() imports them
+    # up front, so even a model compiled before its first eager step is one graph, transformers' code
+    # included, and the unpadded path (a data-dependent shape) stays out of the trace.
+    for registry in hf_attention._registries():
+        monkeypatch.setattr(registry, "_loaded", {})
     model = fh.patch(make_model("bert", hidden_dropout_prob=0.0)).train()
     ids, mask, labels = make_batch("holes")
     inputs = dict(input_ids=ids, attention_mask=mask, labels=labels)
-    hf_code = os.path.dirname(fh.__file__)
-    explanation = torch._dynamo.explain(model)(**inputs)
-    in_hf = [r.reason for r in explanation.break_reasons
-             if r.user_stack and r.user_stack[-1].filename.startswith(hf_code)]
-    assert not in_hf, in_hf
-    # fastmlm.ops imports a backend the first time it runs it, which dynamo cannot trace: after
-    # one eager step the whole patched forward, transformers' code included, is one graph.
-    loss_and_grads(model, ids, mask, labels, True)
-    torch._dynamo.reset()
     explanation = torch._dynamo.explain(model)(**inputs)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, \
         [(r.reason[:200], r.user_stack[-1:]) for r in explanation.break_reasons]

@@ -8,7 +8,8 @@ Two things live here:
   ``register()`` (``fastmlm/hf/attention.py``) adds ``attn_implementation="fastmlm"`` to
   transformers' attention and mask interfaces; ``patch(model)`` / ``unpatch(model)``
   (``fastmlm/hf/patch.py``) give a ``*ForMaskedLM`` fastmlm attention and a loss that
-  projects only the masked rows.
+  projects only the masked rows, with the encoder on the real tokens only on the CPU
+  (``fastmlm/hf/unpad.py``).
 
 Importing this package does not import transformers.
 """

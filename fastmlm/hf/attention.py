@@ -93,6 +93,32 @@ def register() -> None:
                                 (AttentionMaskInterface, fastmlm_mask)):
         if interface._global_mapping.get(NAME) is not function:
             interface.register(NAME, function)
+    import_backends()
+
+
+def _registries() -> tuple:
+    """The dispatch registries of the ops the drop-in runs."""
+    from ..ops.attention import REGISTRY as ATTENTION
+    from ..ops.block_sparse import REGISTRY as BLOCK_SPARSE
+    from ..ops.masked_ce import REGISTRY as MASKED_CE
+
+    return ATTENTION, BLOCK_SPARSE, MASKED_CE
+
+
+def import_backends() -> None:
+    """Import every fastmlm.ops backend the drop-in may run, now, outside any torch.compile trace.
+
+    The dispatcher imports a backend the first time it considers it, and dynamo cannot trace an
+    import: a model compiled before its first eager step would break its graph there. A backend
+    that cannot be imported here (no triton, extension not built) is left to the dispatcher,
+    which says why when it is asked for.
+    """
+    for registry in _registries():
+        for name in registry.modules:
+            try:
+                registry.module(name)
+            except Exception:  # noqa: BLE001 - reported by the dispatcher when that backend is chosen
+                pass
 
 
 def is_registered() -> bool:
@@ -201,13 +227,40 @@ def _window_layout(seqlen: int, window: int, device: torch.device) -> BlockSpars
     return sliding_window(seqlen, window, block_size=WINDOW_BLOCK).to(device)
 
 
+def _packed(module, batch: int, mask, kwargs: dict):
+    """(cu_seqlens, max_seqlen) from transformers' packed-sequence keyword arguments, or None when not packed.
+
+    They come from fastmlm.hf.patch's unpadded path (fastmlm/hf/unpad.py) or from a caller that
+    packs its own batch: the (1, H, T, D) tokens of several sequences laid end to end.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    name = type(module).__name__
+    if cu_q is None or cu_k is None or not (cu_q is cu_k or torch.equal(cu_q, cu_k)) or max_q != max_k:
+        raise FastMLMUnsupported(f"{name} got different packed query and key sequences (cu_seq_lens_q / _k, "
+                                 "max_length_q / _k); fastmlm attention is self-attention")
+    if batch != 1 or mask is not None:
+        raise FastMLMUnsupported(f"{name} got packed sequences (cu_seq_lens_q) with batch {batch} and "
+                                 f"{'a' if mask is not None else 'no'} padding mask; packed tokens come as one "
+                                 "(1, heads, total_tokens, head_dim) row without a mask")
+    if not isinstance(max_q, int):
+        raise FastMLMUnsupported(f"{name} got max_length_q={max_q!r}; packed sequences need their longest length "
+                                 "as a Python int")
+    return cu_q.to(torch.int32), max_q
+
+
 def fastmlm_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
                       scaling: Optional[float] = None, dropout: float = 0.0, **kwargs):
     """transformers' attention-interface signature: (B, H, S, D) q, k, v -> ((B, S, H, D) output, None).
 
     ``attention_mask`` is what :func:`fastmlm_mask` built: the (B, S) key-padding mask, None, or a
     :class:`SlidingWindowMask`. ``scaling`` is the module's softmax scale (default head_dim ** -0.5).
-    Other keyword arguments transformers passes along (position ids, loss counts) are ignored.
+    Packed sequences (B = 1, S = total tokens) come with transformers' ``cu_seq_lens_q`` /
+    ``cu_seq_lens_k`` ((n+1,) offsets) and ``max_length_q`` / ``max_length_k`` and no mask; each
+    sequence then attends to itself only. Other keyword arguments transformers passes along
+    (position ids, loss counts) are ignored.
     """
     _check_call(module, query, key, value, dropout, kwargs)
     batch, _, seqlen, _ = query.shape
@@ -219,11 +272,17 @@ def fastmlm_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value
         raise FastMLMUnsupported(f"{type(module).__name__} asks for sliding_window={asked} but its mask says "
                                  f"{'no window' if window is None else f'window {window}'}: the mask did not come from "
                                  "fastmlm's mask function (call fastmlm.hf.register())")
-    mask = _key_padding(attention_mask, batch, seqlen)
+    packed = _packed(module, batch, attention_mask, kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, S, H, D) views; fastmlm.ops takes any strides
+    if packed is None:
+        layout = dict(attention_mask=_key_padding(attention_mask, batch, seqlen))
+    else:  # (T, H, D) views
+        q, k, v = q[0], k[0], v[0]
+        layout = dict(cu_seqlens=packed[0], max_seqlen=packed[1])
+        seqlen = packed[1]
     if window is None or window >= seqlen - 1:  # a window covering the whole sequence is dense attention
-        out = attention(q, k, v, attention_mask=mask, softmax_scale=scaling)
+        out = attention(q, k, v, softmax_scale=scaling, **layout)
     else:
-        out = block_sparse_attention(q, k, v, _window_layout(seqlen, window, q.device), attention_mask=mask,
-                                     softmax_scale=scaling)
-    return out, None
+        out = block_sparse_attention(q, k, v, _window_layout(seqlen, window, q.device), softmax_scale=scaling,
+                                     **layout)
+    return (out if packed is None else out[None]), None

@@ -13,7 +13,12 @@ labels the encoder runs as before, then only the masked rows reach the head:
         --the model's prediction-head transform--> (R, H)
         --fastmlm.ops.masked_lm_loss(decoder weight, decoder bias, labels of the rows)--> loss
 
-so the (T, vocab) logits are never formed. R is static, ``min(T, ceil(max_masked_fraction * T)
+so the (T, vocab) logits are never formed. On CPU tensors a padded batch with labels also runs
+its encoder layers on the real tokens only (``unpad="auto"``; ``unpad=True`` adds CUDA at one host
+sync per step, ``unpad=False`` never): see fastmlm/hf/unpad.py for how, and where it stays padded
+(torch.compile traces, ModernBERT with padding inside a sequence, labels on padding, ...).
+Dropout then draws over the real tokens only: the same distribution, other draws than the
+unpatched model's. R is static, ``min(T, ceil(max_masked_fraction * T)
 + 64)`` (no host synchronisation, one shape per batch shape, fit for torch.compile and CUDA
 graphs); a batch with more masked tokens than R stops with an error (``torch._assert_async``,
 on the device) asking for a larger ``max_masked_fraction``; 1.0 always fits. The default 0.25
@@ -43,13 +48,14 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..data import IGNORE_INDEX
 from ..ops import masked_lm_loss
+from . import unpad as _unpad
 from .attention import NAME, FastMLMUnsupported, register
 
 STATE = "_fastmlm_patch"  # the attribute patch() sets on the model
@@ -68,6 +74,10 @@ class Architecture:
     transform: Callable[[nn.Module, Tensor], Tensor]  # (model, rows) -> the head's hidden transform of the rows
     decoder: Callable[[nn.Module], nn.Linear]  # model -> the vocabulary projection
     divides_by_num_items: bool = False  # the loss is sum / num_items_in_batch when that is passed (loss_function)
+    # Unpadding (fastmlm/hf/unpad.py): the encoder's position ids reach its layers (rotary), so they are passed
+    # packed; its sliding windows count padded positions, so a sequence with padding inside it stays padded.
+    packs_position_ids: bool = False
+    contiguous_only: bool = False
 
 
 def _roberta_transform(model, x):
@@ -93,7 +103,8 @@ ARCHITECTURES = {
     "DistilBertForMaskedLM": Architecture(_MODELS + "distilbert.modeling_distilbert", "distilbert",
                                           _distilbert_transform, lambda m: m.vocab_projector),
     "ModernBertForMaskedLM": Architecture(_MODELS + "modernbert.modeling_modernbert", "model",
-                                          lambda m, x: m.head(x), lambda m: m.decoder, divides_by_num_items=True),
+                                          lambda m, x: m.head(x), lambda m: m.decoder, divides_by_num_items=True,
+                                          packs_position_ids=True, contiguous_only=True),
 }
 
 
@@ -176,6 +187,7 @@ class PatchState:
     arg_names: tuple  # the class forward's parameters, in order, without self and **kwargs
     not_for_encoder: tuple  # those of them the encoder does not take (they must be None with labels)
     max_masked_fraction: float
+    unpad: object  # "auto", True or False (fastmlm/hf/unpad.py)
 
 
 def _parameters(forward) -> tuple[list[str], bool]:
@@ -220,10 +232,10 @@ def _patched_forward(model, args: tuple, kwargs: dict):
         if call.pop(name, None) is not None:
             raise FastMLMUnsupported(f"the patched {type(model).__name__}.forward cannot pass {name} to its encoder")
     arch = state.arch
-    outputs = getattr(model, arch.encoder)(**call, return_dict=True)
+    outputs, hidden = _run_encoder(model, state, call, labels)
     decoder = arch.decoder(model)
     loss, logits, positions = masked_rows_loss(
-        outputs[0], labels, lambda x: arch.transform(model, x), decoder.weight, decoder.bias,
+        hidden, labels, lambda x: arch.transform(model, x), decoder.weight, decoder.bias,
         max_masked_fraction=state.max_masked_fraction,
         num_items_in_batch=call.get("num_items_in_batch") if arch.divides_by_num_items else None,
         return_logits=want_logits)
@@ -237,21 +249,47 @@ def _patched_forward(model, args: tuple, kwargs: dict):
     return out if return_dict else out.to_tuple()
 
 
+def _run_encoder(model, state: PatchState, call: dict, labels: Tensor):
+    """The encoder's outputs and its (B, S, H) last hidden state, on the real tokens only where
+    :func:`fastmlm.hf.unpad.plan` says so (padding rows are then zeros)."""
+    arch = state.arch
+    encoder = getattr(model, arch.encoder)
+    wants_hidden = call.get("output_hidden_states") or getattr(model.config, "output_hidden_states", False)
+    packed = None if wants_hidden else _unpad.plan(state.unpad, call.get("attention_mask"), labels,
+                                                   contiguous_only=arch.contiguous_only)
+    if packed is None:
+        outputs = encoder(**call, return_dict=True)
+        return outputs, outputs[0]
+    call = {**call, "attention_mask": None, **packed.attention_kwargs()}
+    if arch.packs_position_ids:
+        positions = call.get("position_ids")
+        if positions is None:
+            positions = torch.arange(packed.seqlen, device=packed.index.device)[None]
+        call["position_ids"] = packed.gather(positions.expand(packed.batch, packed.seqlen))
+    with packed.after(encoder.embeddings):
+        outputs = encoder(**call, return_dict=True)
+    return outputs, packed.scatter(outputs[0])
+
+
 def is_patched(model: nn.Module) -> bool:
     return STATE in model.__dict__
 
 
-def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_FRACTION) -> nn.Module:
+def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_FRACTION,
+          unpad: Union[str, bool] = "auto") -> nn.Module:
     """Give a transformers ``*ForMaskedLM`` fastmlm attention and the masked-rows-only loss, in place.
 
-    Idempotent (a second call only updates ``max_masked_fraction``); returns the model.
+    Idempotent (a second call only updates ``max_masked_fraction`` and ``unpad``); returns the model.
     ``max_masked_fraction``: the share of a batch's tokens that may be masked (see the module
-    docstring), in (0, 1]. FastMLMUnsupported for models it cannot patch (see
-    :data:`ARCHITECTURES`), decoders and cross-attention.
+    docstring), in (0, 1]. ``unpad``: run the encoder on the real tokens only when a batch with
+    labels has padding (fastmlm/hf/unpad.py): "auto" on CPU tensors (free there), True also on
+    CUDA (one host sync per step), False never. FastMLMUnsupported for models it cannot patch
+    (see :data:`ARCHITECTURES`), decoders and cross-attention.
     """
     if isinstance(max_masked_fraction, bool) or not isinstance(max_masked_fraction, numbers.Real) \
             or not 0 < max_masked_fraction <= 1:
         raise ValueError(f"max_masked_fraction must be a number in (0, 1], got {max_masked_fraction!r}")
+    _unpad.check_mode(unpad)
     arch = architecture_of(model)
     config = model.config
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
@@ -260,6 +298,7 @@ def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_F
     register()
     if is_patched(model):
         model.__dict__[STATE].max_masked_fraction = float(max_masked_fraction)
+        model.__dict__[STATE].unpad = unpad
         return model
 
     before = config._attn_implementation
@@ -274,7 +313,7 @@ def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_F
     skip = {"labels", "return_dict"}
     not_for_encoder = tuple(n for n in names if n not in skip and n not in encoder_names and not encoder_kwargs)
     model.__dict__[STATE] = PatchState(arch, before, model.__dict__.get("forward"), names, not_for_encoder,
-                                       float(max_masked_fraction))
+                                       float(max_masked_fraction), unpad)
     model.forward = _make_forward(type(model).forward).__get__(model)
     return model
 
