@@ -29,7 +29,7 @@ class Covering:
 _KILLS = "tests/test_mutation_kills.py"
 _FLASH = Covering(("tests/test_attention_triton.py", "tests/test_block_sparse_triton.py", _KILLS), "triton")
 _SPARSE = Covering(("tests/test_block_sparse_triton.py", _KILLS), "triton")
-_CUDA = Covering(("tests/test_cuda_kernels.py", _KILLS), "emulated")
+_CUDA = Covering(("tests/test_cuda_kernels.py", "tests/test_block_sparse_cuda.py", _KILLS), "emulated")
 _MASKED_CE = Covering(("tests/test_masked_ce_triton.py", "tests/test_masked_ce.py"), "triton")
 
 # Which tests cover each mutated file.
