@@ -343,3 +343,23 @@ def test_a_backward_that_fails_falls_back_alone(monkeypatch):
             torch.testing.assert_close(g, r)
     finally:
         BLOCK_SPARSE.forget_failures()
+
+
+def test_a_failed_backend_import_is_remembered_until_forget_failures(monkeypatch):
+    """A backend that cannot be imported is tried once, not on every call (each retry would
+    also break a torch.compile graph); forget_failures() tries it again."""
+    registry = Registry("probe", {"triton": "fastmlm_no_such_backend_module"})
+    calls = []
+    real_import = dispatch.kernels_path.import_module
+
+    def counting_import(path):
+        calls.append(path)
+        return real_import(path)
+
+    monkeypatch.setattr(dispatch.kernels_path, "import_module", counting_import)
+    for _ in range(3):
+        assert registry.why_not("triton", None).startswith("cannot be imported (ModuleNotFoundError")
+    assert calls == ["fastmlm_no_such_backend_module"]
+    registry.forget_failures()
+    assert registry.why_not("triton", None).startswith("cannot be imported")
+    assert len(calls) == 2

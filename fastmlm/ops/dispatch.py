@@ -190,6 +190,7 @@ class Registry:
         self.work = work
         self.oracle = oracle
         self._loaded: dict[str, ModuleType] = {}
+        self._import_errors: dict[str, Exception] = {}  # backends whose import failed, with the error
         self._failed: dict[tuple, dict[str, str]] = {}  # input signature -> {backend: reason}
         self._memo: dict[tuple, object] = {}  # call_key -> what the boundary derived from it
         self._lock = threading.Lock()
@@ -220,8 +221,14 @@ class Registry:
             path = self.oracle if name == "reference" else self.modules[name]
             if path is None:
                 raise LookupError(f"fastmlm.ops.{self.op} has no reference in bundle form")
+            if name in self._import_errors:  # a failed import is not retried on every call (and in every trace)
+                raise self._import_errors[name]
             module_path, _, attr = path.partition(":")  # "package.module:namespace"
-            mod = kernels_path.import_module(module_path)
+            try:
+                mod = kernels_path.import_module(module_path)
+            except Exception as exc:
+                self._import_errors[name] = exc
+                raise
             self._loaded[name] = getattr(mod, attr) if attr else mod
         return self._loaded[name]
 
@@ -257,6 +264,7 @@ class Registry:
         with self._lock:
             self._failed.clear()
             self._memo.clear()
+            self._import_errors.clear()
 
     def _record_failure(self, name: str, inputs, exc: BaseException) -> str:
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
