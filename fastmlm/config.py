@@ -47,6 +47,17 @@ def check_known_fields(cls, data: dict, caller: Optional[str] = None) -> None:
         raise ValueError(f"{caller or cls.__name__}: unknown fields {unknown}; known fields are {sorted(known)}")
 
 
+def from_fields(cls, data: dict, caller: Optional[str] = None):
+    """``cls(**data)`` for a config dataclass, from what its ``to_dict`` and JSON gave back.
+
+    Unknown keys are a ValueError naming them (:func:`check_known_fields`), missing ones take
+    their defaults, and a list given for a ``tuple`` field is turned back into a tuple (JSON has
+    no tuples). Validating the result is the caller's choice.
+    """
+    check_known_fields(cls, data, caller)
+    tuples = {f.name for f in dataclasses.fields(cls) if f.type in (tuple, "tuple")}
+    return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in data.items()})
+
 @dataclass(frozen=True)
 class AttentionPattern:
     """One layer's attention pattern, parsed: dense when ``window < 0`` and ``num_global == 0``."""
@@ -177,8 +188,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error, missing keys take defaults."""
-        check_known_fields(cls, data)
-        return cls(**data).validate()
+        return from_fields(cls, data).validate()
 
 
 # ---------------------------------------------------------------------- presets
@@ -343,11 +353,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        check_known_fields(cls, values)
-        values = dict(values)
-        if "betas" in values:
-            values["betas"] = tuple(values["betas"])
-        return cls(**values).validate()
+        return from_fields(cls, values).validate()
 
 
 # Named starting points; any field can be overridden (CLI flags do that).

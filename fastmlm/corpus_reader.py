@@ -27,7 +27,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 TEXT_SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz")
@@ -103,17 +103,52 @@ def _open_text(path: Path) -> io.TextIOBase:
     return opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape")
 
 
+class UnreadableFile(ValueError):
+    """A text file that cannot be read to its end (a corrupt or truncated ``.gz``, an I/O error);
+    ``line`` is the last line read (0: none), ``detail`` what went wrong."""
+
+    def __init__(self, path: Path, line: int, detail: str):
+        super().__init__(f"{path}: cannot be read past line {line}: {detail}")
+        self.path, self.line, self.detail = path, line, detail
+
+
 def _lines_of(path: Path, undecodable: _Undecodable) -> Iterator[tuple[int, str]]:
     """Numbered lines of a text file, undecodable bytes replaced (and counted in ``undecodable``);
-    a corrupt or truncated ``.gz`` is a ValueError naming the file and the last line read."""
+    a corrupt or truncated ``.gz`` (or an I/O error) is an :class:`UnreadableFile`."""
     number = 0
     try:
         with _open_text(path) as f:
             for number, line in enumerate(f, 1):
                 yield number, undecodable.replace(line, number)
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # what gzip raises for damaged data
-        raise ValueError(f"{path}: cannot be read past line {number}: {exc} (the gzip data is corrupt or "
-                         f"truncated)") from None
+        raise UnreadableFile(path, number, f"{exc} (the gzip data is corrupt or truncated)") from None
+    except OSError as exc:  # permission denied, a folder, a file gone since it was listed
+        raise UnreadableFile(path, number, f"{type(exc).__name__}: {exc.strerror or exc}") from None
+
+
+def read_jsonl(path, undecodable: Optional[_Undecodable] = None,
+               error: type = ValueError) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) of every non-blank line of a JSONL file, gzipped or not.
+
+    With ``undecodable`` (a corpus), bytes that are not UTF-8 are read as U+FFFD and counted
+    there; without it (a labelled file, where a changed character changes an example) they are
+    an error. A line that is not JSON or not UTF-8 raises ``error`` (a ValueError subclass)
+    naming ``file:line``; a file that cannot be read to its end, :class:`UnreadableFile`.
+    """
+    path = Path(path)
+    strict = undecodable is None
+    undecodable = undecodable if undecodable is not None else _Undecodable(path)
+    for number, line in _lines_of(path, undecodable):
+        if strict and undecodable.count:
+            raise error(f"{path}:{number}: holds bytes that are not UTF-8 text (re-encode the file as UTF-8, "
+                        f"e.g. iconv -f latin1 -t utf-8)")
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise error(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        yield number, record
 
 
 def _describe_record(record) -> str:
@@ -128,13 +163,7 @@ def _documents_of(path: Path) -> Iterator[str]:
     undecodable = _Undecodable(path)
     found = 0
     if path.name.endswith((".jsonl", ".jsonl.gz")):
-        for number, line in _lines_of(path, undecodable):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        for number, record in read_jsonl(path, undecodable):
             text = record.get("text") if isinstance(record, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f'{path}:{number}: each JSONL line must be an object with a "text" string, '

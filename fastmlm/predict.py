@@ -53,6 +53,15 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
+def folder_tokenizer(path: Path, hf: bool = False):
+    """The tokenizer beside a model's weights: ``path``/tokenizer.json, else ``path``/vocab.txt."""
+    for name in ("tokenizer.json", "vocab.txt"):
+        if (path / name).is_file():
+            return load_tokenizer(path / name)
+    raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt" +
+                               (" (a Hugging Face folder needs its tokenizer beside the weights)" if hf else ""))
+
+
 def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, object]:
     """(model in eval mode, tokenizer) from a checkpoint or run folder, verified against its manifest,
     or from a Hugging Face BertForMaskedLM folder (see the module docstring)."""
@@ -60,13 +69,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
     hf = is_hf_folder(path)
     if not hf:
         ckpt.verify_checkpoint(path)  # refuses a folder without manifest.json, as resume does
-    for name in ("tokenizer.json", "vocab.txt"):
-        if (path / name).exists():
-            tokenizer = load_tokenizer(path / name)
-            break
-    else:
-        raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt" +
-                                   (" (a Hugging Face folder needs its tokenizer beside the weights)" if hf else ""))
+    tokenizer = folder_tokenizer(path, hf)
     if hf:
         from .hf import load_hf  # fastmlm.hf imports transformers-free helpers only; loaded when needed
 
@@ -137,17 +140,8 @@ def export_hf(checkpoint, out_dir) -> Path:
 
     ``out_dir`` must be new or an empty folder (ValueError naming it otherwise).
     """
-    from .hf import check_output_dir, save_hf
+    from .hf import check_output_dir, save_hf, save_hf_tokenizer
 
     check_output_dir(out_dir)  # before the checkpoint is loaded, so a wrong path fails at once
     model, tokenizer = load_checkpoint(checkpoint)
-    out = save_hf(model, out_dir)
-    tokenizer.save(str(Path(out) / "tokenizer.json"))
-    tokenizer.model.save(str(out))  # vocab.txt, for BertTokenizer
-    lowercase = bool(getattr(tokenizer.normalizer, "lowercase", True))
-    (Path(out) / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
-        "model_max_length": model.config.max_position_embeddings,
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-        "mask_token": "[MASK]"}, indent=2))
-    return Path(out)
+    return save_hf_tokenizer(tokenizer, save_hf(model, out_dir), model.config.max_position_embeddings)

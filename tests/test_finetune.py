@@ -66,6 +66,30 @@ def test_bundled_tasks_load_with_their_class_balance():
     assert not train_pages & {r["page"] for r in _bundled("docs-section", "valid", 1000)}  # split by page
 
 
+def test_task_builder_reads_the_corpus_pages_with_the_corpus_split(tmp_path):
+    """build_tasks.py takes its pages and split from build_corpus.py, so a task's validation pages
+    are the corpus's (a model pretrained on the corpus's training split never saw them)."""
+    import importlib.util
+    import zlib
+
+    def module(path):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        spec.loader.exec_module(loaded := importlib.util.module_from_spec(spec))
+        return loaded
+
+    corpus = module(DATA.parent.parent / "corpus" / "build_corpus.py")
+    tasks = module(DATA / "build_tasks.py")
+    names = ["library/os.html", "library/json.html", "howto/logging.html", "faq/general.html", "glossary.html",
+             "genindex.html", "_static/x.html", "whatsnew/changelog.html", "library/search.html"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('<div role="main"><h1>T</h1><p>one two three four five six</p></div>')
+    pages = list(tasks.corpus_pages(tmp_path))
+    assert [rel for _, rel, _ in pages] == sorted(names[:5])  # indexes, _static, the changelog, search: dropped
+    assert all(split == ("valid" if zlib.crc32(rel.encode()) % 100 < 5 else "train") for _, rel, split in pages)
+    assert corpus.page_sections(pages[0][0]) == [["one two three four five six"]]
+
+
 # --------------------------------------------------------------------------- bad task files
 @pytest.mark.parametrize("line, message", [
     ('{"text": "a b c", "label": "x"', "not valid JSON"),
@@ -75,6 +99,8 @@ def test_bundled_tasks_load_with_their_class_balance():
     ('{"text": "a b", "label": 3}', "\"label\" must be a non-empty string"),
     ('{"tokens": ["a", "b"], "tags": ["O"]}', "one tag per token (2), got 1"),
     ('{"tokens": ["a"], "tags": ["FUNC"]}', "is not a BIO tag"),
+    ('{"text": NaN, "label": "x"}', "\"text\" must be a non-empty string, got nan"),
+    ('{"tokens": ["a", "b\\udc80"], "tags": ["O", "O"]}', "holds an unpaired surrogate escape"),
 ])
 def test_bad_task_line_names_file_and_line(tmp_path, line, message):
     good = {"text": "some words here", "label": "x"} if "text" in line or "[" in line[:2] or "txt" in line \
@@ -99,6 +125,21 @@ def test_bad_task_files(tmp_path, capsys, pretrained):
     assert main(["finetune", "--task", str(tmp_path / "missing.jsonl"), "--from", str(pretrained),
                  "--out-dir", str(tmp_path / "run")]) == 2
     assert "fastmlm finetune: error: task file" in capsys.readouterr().err
+
+
+def test_task_file_bytes_that_are_not_utf8_name_the_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "plain words", "label": "x"}\n\n{"text": "caf\xe9", "label": "y"}\n')
+    with pytest.raises(TaskFileError, match=r"latin1\.jsonl:3: holds bytes that are not UTF-8 text"):
+        load_task(str(path))
+    bom = tmp_path / "bom.jsonl"  # a byte-order mark (Windows editors write one) is not part of line 1
+    bom.write_bytes(b"\xef\xbb\xbf" + b"".join(b'{"text": "words %d", "label": "%s"}\n' % (i, b"xy"[i % 2:][:1])
+                                                 for i in range(40)))
+    assert load_task(str(bom), valid=str(bom)).labels == ["x", "y"]
+    gz = tmp_path / "cut.jsonl.gz"  # a .gz cut short: the lines before the cut are named
+    gz.write_bytes(gzip.compress(b"".join(b'{"text": "words %d", "label": "x"}\n' % i for i in range(2000)))[:300])
+    with pytest.raises(TaskFileError, match=r"cannot read .*cut\.jsonl\.gz as UTF-8 JSON lines \(past line \d+: "):
+        load_task(str(gz))
 
 
 # --------------------------------------------------------------------------- metrics and baselines
@@ -220,3 +261,77 @@ def test_cli_resume_refuses_settings_that_cannot_change(tmp_path, capsys):
                  "--out-dir", str(tmp_path / "run")]) == 2
     assert f"--from {tmp_path / 'nothing'}: no checkpoint folder" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+# --------------------------------------------------------------------------- a new user's mistakes, on the command line
+def _cli(pretrained, tmp_path, *flags, task=None):
+    task = task or _write_jsonl(tmp_path / "two.jsonl", [{"text": f"{w} word {i}", "label": w}
+                                                          for i in range(12) for w in ("alpha", "beta")])
+    return main(["finetune", "--task", str(task), "--from", str(pretrained), "--out-dir", str(tmp_path / "run"),
+                 "--no-progress", "--device", "cpu", *flags])
+
+
+def test_cli_errors_name_the_flag_and_leave_no_run(pretrained, tmp_path, capsys):
+    not_a_model = tmp_path / "not_a_model"
+    (not_a_model / "sub").mkdir(parents=True)
+    assert main(["finetune", "--task", "docs-section", "--from", str(not_a_model),
+                 "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"--from {not_a_model}: {not_a_model} is neither a fastmlm checkpoint" in capsys.readouterr().err
+    assert _cli(pretrained, tmp_path, "--max-len", "2") == 2
+    assert "max_len (--max-len) must be an integer >= 3 ([CLS], a token, [SEP]), got 2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # both refused before the run folder is made
+    assert _cli(pretrained, tmp_path, task=tmp_path) == 2  # a folder given as --task
+    assert f"task file {tmp_path} is a folder" in capsys.readouterr().err
+    one_class = _write_jsonl(tmp_path / "one.jsonl", [{"text": f"t {i}", "label": "x"} for i in range(12)])
+    assert _cli(pretrained, tmp_path, task=one_class) == 2
+    assert "only the label(s) ['x']" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "finetune_config.json").exists()  # no settings of a run that never started
+
+
+def test_cli_ctrl_c_mid_epoch_then_resume_with_the_same_command(pretrained, tmp_path, capsys, monkeypatch):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)  # a picture: seconds of matplotlib, not tested here
+    flags = ["--epochs", "2", "--batch-size", "8", "--max-len", "16", "--log-every", "1", "--classifier-dropout", "0.1"]
+    task = _write_jsonl(tmp_path / "two.jsonl", [{"text": f"{w} word {i}", "label": w}
+                                                 for i in range(14) for w in ("alpha", "beta")])
+    assert _cli(pretrained, tmp_path / "whole", *flags, task=task) == 0
+    whole = json.loads((tmp_path / "whole" / "run" / "summary.json").read_text())
+    assert whole["steps"] == 6  # 2 epochs of 3 steps (the hashed split keeps 23 of the 28 lines)
+
+    interrupt_at = [5]  # Ctrl-C at step 5: mid-epoch 2, after the epoch-1 checkpoint (step 3)
+
+    class CtrlC(loop.Progress):
+        def update(self, step):
+            super().update(step)
+            if step in interrupt_at:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "Progress", CtrlC)
+    assert _cli(pretrained, tmp_path, *flags, task=task) == 130
+    assert "step_00000003 (continue with: fastmlm finetune" in capsys.readouterr().err
+    interrupt_at.clear()
+    assert _cli(pretrained, tmp_path, *flags, "--resume", task=task) == 0  # the same flags are no change
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert [h["valid_loss"] for h in resumed["history"]] == [h["valid_loss"] for h in whole["history"]]
+    with open(tmp_path / "run" / "log.csv") as f:
+        steps = [int(line.split(",")[0]) for line in list(f)[1:] if ",train," in line]
+    assert steps == list(range(1, 7))  # the rows the interrupted session wrote after its checkpoint are gone
+    assert _cli(pretrained, tmp_path, *flags, "--resume", "--max-len", "20", task=task) == 2
+    assert "cannot change: --max-len (the run's is 16)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("clip_norm", [0.0, -1.0, float("nan")])
+def test_a_clip_norm_that_would_stop_or_reverse_learning_is_refused(clip_norm):
+    with pytest.raises(ValueError, match=rf"clip_norm \(--clip-norm\) must be a number > 0, got {clip_norm}"):
+        FinetuneConfig(init="x", clip_norm=clip_norm).validate()
+    FinetuneConfig(init="x", clip_norm=float("inf")).validate()  # no clipping at all is a choice
+
+
+def test_export_of_a_run_stopped_before_its_first_epoch_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "finetune_config.json").write_text(FinetuneConfig(init="x").to_json())
+    assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 2
+    assert f"{run} is a fine-tuning run with no model yet (no best/ nor checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

@@ -245,3 +245,27 @@ def test_export_refuses_what_bert_cannot_express(tmp_path):
                                (dict(attention_pattern=("dense", "window:8")), "attends densely")]:
         with pytest.raises(CheckpointError, match=message):
             save_hf(FastMLMForMaskedLM(preset("tiny", **overrides)), tmp_path)
+
+
+@pytest.mark.parametrize("lowercase", [True, False])
+def test_exported_tokenizer_files_load_in_transformers_with_the_same_ids(tmp_path, lowercase):
+    from fastmlm.hf import save_hf_tokenizer
+    from fastmlm.tokenizer import train_tokenizer
+
+    docs = ["The Quick brown fox jumps over the lazy dog.", "A quick Brown dog naps; the fox runs off!"] * 20
+    ours = train_tokenizer(docs, vocab_size=120, lowercase=lowercase)
+    save_hf_tokenizer(ours, tmp_path, model_max_length=37)
+    text, pair = "The QUICK fox, unseen-word naps.", "a [MASK] runs"
+    body = [ours.encode(t, add_special_tokens=False).ids for t in (text, pair)]
+    cls_id, sep_id = ours.token_to_id("[CLS]"), ours.token_to_id("[SEP]")
+    # AutoTokenizer and BertTokenizer (transformers 5 adds BERT's template itself); PreTrainedTokenizerFast
+    # reads tokenizer.json as it is, as transformers 4's BertTokenizerFast and the tokenizers library do
+    for cls in (transformers.AutoTokenizer, transformers.BertTokenizer, transformers.PreTrainedTokenizerFast):
+        theirs = cls.from_pretrained(tmp_path)
+        assert theirs.model_max_length == 37 and theirs.mask_token == "[MASK]"
+        assert theirs(text)["input_ids"] == [cls_id, *body[0], sep_id], cls.__name__  # the rows fastmlm builds
+        assert theirs(text, pair)["input_ids"] == [cls_id, *body[0], sep_id, *body[1], sep_id], cls.__name__
+        types = theirs(text, pair, return_token_type_ids=True)["token_type_ids"]
+        assert types == [0] * (len(body[0]) + 2) + [1] * (len(body[1]) + 1), cls.__name__
+    assert ours.post_processor is None  # the caller's tokenizer is not changed
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["do_lower_case"] is lowercase

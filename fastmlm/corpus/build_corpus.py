@@ -7,8 +7,9 @@ Keeps the prose of the rendered HTML pages: the text of every ``<p>`` element
 (code listings, tables of contents, navigation and index pages are dropped).
 Each section (a run of paragraphs under one heading) becomes one document;
 paragraphs are written one per line, documents are separated by a blank line.
-Pages go to the validation split when a hash of their path falls in the last
-5%, so the split is stable and no page is shared between the splits.
+Pages go to the validation split when ``crc32(path) % 100 < VALID_PERCENT`` (5), so
+the split is stable and no page is shared between the splits. fastmlm/tasks/data/build_tasks.py
+reads the same pages with the same split (:func:`corpus_pages`, :func:`read_page`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import sys
 import zlib
 from pathlib import Path
 
+VALID_PERCENT = 5  # share of the pages, by a hash of their path, that go to the validation split
 SKIP_PAGES = ("genindex", "py-modindex", "search", "contents", "bugs", "copyright", "license", "download")
 
 
@@ -64,20 +66,32 @@ class ProseExtractor(html.parser.HTMLParser):
             self.text.append(data)
 
 
-def page_sections(path: Path) -> list[list[str]]:
-    parser = ProseExtractor()
+def read_page(path: Path, parser: ProseExtractor | None = None) -> ProseExtractor:
+    """``parser`` (a fresh ProseExtractor by default) after it has read the page at ``path``."""
+    parser = parser if parser is not None else ProseExtractor()
     parser.feed(path.read_text(encoding="utf-8", errors="replace"))
-    return [s for s in parser.sections if s]
+    return parser
 
 
-def main(html_root: str, out_dir: str, valid_percent: int = 5) -> None:
-    root, out = Path(html_root), Path(out_dir)
-    splits = {"train": [], "valid": []}
+def page_sections(path: Path) -> list[list[str]]:
+    """The kept paragraphs of each section of one page (sections without any left out)."""
+    return [s for s in read_page(path).sections if s]
+
+
+def corpus_pages(root: Path, valid_percent: int = VALID_PERCENT):
+    """(page, path relative to ``root``, "train" or "valid") of every page the corpus reads, in
+    path order: the page filter and the split rule of the module docstring."""
     for page in sorted(root.rglob("*.html")):
         rel = page.relative_to(root).as_posix()
         if rel.startswith(("_", "whatsnew/changelog")) or page.stem in SKIP_PAGES:
             continue
-        split = "valid" if zlib.crc32(rel.encode()) % 100 < valid_percent else "train"
+        yield page, rel, "valid" if zlib.crc32(rel.encode()) % 100 < valid_percent else "train"
+
+
+def main(html_root: str, out_dir: str, valid_percent: int = VALID_PERCENT) -> None:
+    root, out = Path(html_root), Path(out_dir)
+    splits = {"train": [], "valid": []}
+    for page, _, split in corpus_pages(root, valid_percent):
         splits[split].extend("\n".join(section) for section in page_sections(page))
     for split, docs in splits.items():
         with gzip.open(out / f"{split}.txt.gz", "wt", encoding="utf-8", compresslevel=9) as f:

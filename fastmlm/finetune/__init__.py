@@ -10,9 +10,10 @@
     cli.py        ``fastmlm finetune``
 """
 from .config import FinetuneConfig
+from .export import export_finetuned
 from .heads import SequenceClassifier, TokenClassifier, load_task_model
 from .loop import finetune
 from .tasks import Task, TaskFileError, load_task
 
-__all__ = ["FinetuneConfig", "SequenceClassifier", "Task", "TaskFileError", "TokenClassifier", "finetune",
-           "load_task", "load_task_model"]
+__all__ = ["FinetuneConfig", "SequenceClassifier", "Task", "TaskFileError", "TokenClassifier", "export_finetuned",
+           "finetune", "load_task", "load_task_model"]

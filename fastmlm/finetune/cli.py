@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
-from .config import RESUMABLE, FinetuneConfig
+from .config import CONFIG_FILE, RESUMABLE, FinetuneConfig
 from .tasks import BUNDLED
 
 _FLAGS = {  # field -> (help, extra argparse keywords)
@@ -57,11 +59,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        **extra)
     p.add_argument("--resume", action="store_true",
                    help=_help("continue the run in --out-dir from its last epoch (--epochs, --stop-after, "
-                              "--patience and --device may change; the other settings are the run's)", False))
+                              "--patience and --device may change; the other settings are the run's, so the first "
+                              "command with --resume added does it)", False))
     p.add_argument("--overwrite", action="store_true", help=_help("replace an existing run in --out-dir", False))
     p.add_argument("--no-progress", action="store_true", help=_help("no progress bar or lines", False))
     p.set_defaults(func=cmd_finetune)
     return p
+
+
+def _changed_settings(given: dict, out_dir) -> list[str]:
+    """The flags given with --resume that would change a setting the run keeps (not RESUMABLE): each
+    with the run's value when its finetune_config.json can be read. A flag that repeats the run's
+    own value (the first command typed again with --resume) changes nothing and is not listed."""
+    try:
+        saved = json.loads((Path(out_dir) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    changed = []
+    for name in sorted(set(given) - set(RESUMABLE)):
+        if name in saved and saved[name] == given[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        changed.append(f"{flag} (the run's is {saved[name]!r})" if name in saved else flag)
+    return changed
 
 
 def cmd_finetune(args) -> int:
@@ -76,10 +97,10 @@ def cmd_finetune(args) -> int:
     if args.resume:  # the run's own settings, and what the flags given change of them
         changes = {k: v for k, v in given.items() if k in RESUMABLE}
         changes["stop_after"] = args.stop_after  # as train's --stop-after: this session's own, off unless given
-        fixed = sorted(set(given) - set(RESUMABLE))
+        fixed = _changed_settings(given, cfg.out_dir)
         if fixed:
             raise ValueError(f"--resume continues the run with its own settings; these flags cannot change: "
-                             + ", ".join("--" + k.replace("_", "-") for k in fixed))
+                             + ", ".join(fixed))
     try:
         summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite, changes=changes)
     except KeyboardInterrupt:

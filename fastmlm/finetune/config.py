@@ -6,11 +6,12 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from ..config import check_known_fields
+from ..config import from_fields
 
 # May change when a run is resumed. A new ``epochs`` also stretches the schedule's decay to the new
 # total, as ``train --max-steps`` does; ``stop_after`` pauses a run without touching its schedule.
 RESUMABLE = ("epochs", "stop_after", "patience", "progress", "device")
+CONFIG_FILE = "finetune_config.json"  # in the run folder: the settings the run's last session ran with
 
 
 @dataclass
@@ -55,13 +56,17 @@ class FinetuneConfig:
         need(self.stop_after is None or (isinstance(self.stop_after, int) and self.stop_after >= 1),
              f"stop_after must be a positive integer or None, got {self.stop_after!r}")
         need(isinstance(self.patience, int) and self.patience >= 1, f"patience must be >= 1, got {self.patience!r}")
-        need(isinstance(self.max_len, int) and 3 <= self.max_len, f"max_len must be >= 3, got {self.max_len!r}")
+        need(isinstance(self.max_len, int) and 3 <= self.max_len,
+             f"max_len (--max-len) must be an integer >= 3 ([CLS], a token, [SEP]), got {self.max_len!r}")
         need(self.max_train_examples is None or (isinstance(self.max_train_examples, int) and
                                                  self.max_train_examples >= 2),
              f"max_train_examples must be >= 2 or None, got {self.max_train_examples!r}")
         need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
         need(0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        # clip_grad_norm_ scales the gradients by clip_norm / norm: 0 would stop learning, a negative one reverse it
+        need(isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0,
+             f"clip_norm (--clip-norm) must be a number > 0, got {self.clip_norm!r}")
         need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
@@ -74,11 +79,8 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "FinetuneConfig":
-        check_known_fields(cls, data)
-        data = dict(data)
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        """Inverse of :meth:`to_dict`; unknown keys are a ValueError (the result is not validated yet)."""
+        return from_fields(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

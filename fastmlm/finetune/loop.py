@@ -32,12 +32,12 @@ from .. import checkpoint as ckpt
 from .. import run_dir
 from ..distributed import Dist, resolve_device
 from ..plot import PlotWarning
-from ..predict import is_hf_folder, load_checkpoint, resolve_checkpoint
+from ..predict import folder_tokenizer, is_hf_folder, load_checkpoint, resolve_checkpoint
 from ..progress import Progress
-from ..tokenizer import load_tokenizer, special_ids
+from ..tokenizer import special_ids
 from ..train import autocast, autocast_dtype, lr_factor, make_optimizer
 from . import baselines
-from .config import RESUMABLE, FinetuneConfig
+from .config import CONFIG_FILE, RESUMABLE, FinetuneConfig
 from .heads import HEADS, TaskModel, is_task_folder
 from .metrics import PRIMARY, task_scores
 from .tasks import Task, batches, encode, load_task
@@ -57,6 +57,10 @@ def source_folder(source) -> Path:
     if is_task_folder(path):
         raise ValueError(f"--from {source}: {path} is a fine-tuned model; start from the pretrained run or "
                          f"Hugging Face folder it came from")
+    if not is_hf_folder(path) and not (path / ckpt.MANIFEST).is_file():  # checked in full (hashes) when loaded
+        raise ckpt.CheckpointError(f"--from {source}: {path} is neither a fastmlm checkpoint or model folder (no "
+                                   f"{ckpt.MANIFEST}) nor a Hugging Face BERT folder (no valid {ckpt.CONFIG_NAME} "
+                                   f"naming a model_type)")
     return path
 
 
@@ -66,13 +70,10 @@ def load_encoder(source, device="cpu"):
     if not is_hf_folder(path):
         model, tokenizer = load_checkpoint(path, device)
         return model.train(), tokenizer
-    from ..hf.checkpoints import load_hf_encoder
+    from ..hf import load_hf_encoder
 
-    names = [n for n in ("tokenizer.json", "vocab.txt") if (path / n).is_file()]
-    if not names:
-        raise ckpt.CheckpointError(f"{path} holds no tokenizer.json or vocab.txt (a Hugging Face folder needs its "
-                                   f"tokenizer beside the weights)")
-    return load_hf_encoder(path).to(device), load_tokenizer(path / names[0])
+    tokenizer = folder_tokenizer(path, hf=True)  # before the weights, so a folder without one fails at once
+    return load_hf_encoder(path).to(device), tokenizer
 
 
 def training_slice(task: Task, cfg: FinetuneConfig) -> Task:
@@ -208,14 +209,14 @@ def _open(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict):
 def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict) -> dict:
     cfg, last, state = _open(cfg, resume, overwrite, changes)
     out_dir, device = Path(cfg.out_dir), resolve_device(cfg.device)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(out_dir / "finetune_config.json", cfg.to_json())
     task = training_slice(load_task(cfg.task, cfg.valid), cfg)
     torch.manual_seed(cfg.seed)
     encoder, tokenizer = load_encoder(cfg.init, device)
     if cfg.max_len > encoder.config.max_position_embeddings:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_position_embeddings "
                          f"{encoder.config.max_position_embeddings}")
+    out_dir.mkdir(parents=True, exist_ok=True)  # written once the task and the model have loaded
+    ckpt.write_text_atomic(out_dir / CONFIG_FILE, cfg.to_json())
     model = HEADS[task.kind](encoder, task.labels, cfg.classifier_dropout).to(device).train()
     if last is not None:
         model.load_state_dict(_weights(last), strict=True)

@@ -16,7 +16,6 @@ words cut off by ``max_len`` are predicted ``O``.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import zlib
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..corpus_reader import UnreadableFile, read_jsonl
 from ..data import IGNORE_INDEX
 from ..tokenizer import special_ids
 
@@ -72,6 +72,7 @@ def _example(record, where: str, kind: Optional[str]) -> tuple[str, tuple]:
             raise TaskFileError(f"{where}: \"text\" must be a non-empty string, got {text!r}")
         if not isinstance(label, str) or not label:
             raise TaskFileError(f"{where}: \"label\" must be a non-empty string, got {label!r}")
+        _check_unicode(where, (text, label))
         return found, (text, label)
     tokens, tags = record.get("tokens"), record.get("tags")
     if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
@@ -82,28 +83,36 @@ def _example(record, where: str, kind: Optional[str]) -> tuple[str, tuple]:
     for tag in tags:
         if not isinstance(tag, str) or not (tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2)):
             raise TaskFileError(f"{where}: tag {tag!r} is not a BIO tag (\"O\", \"B-TYPE\" or \"I-TYPE\")")
+    _check_unicode(where, tokens + tags)
     return found, (tokens, tags)
 
 
+def _check_unicode(where: str, strings) -> None:
+    """TaskFileError unless every string is Unicode text: JSON can spell an unpaired surrogate
+    ("\\udc80"), which no tokenizer takes."""
+    for string in strings:
+        try:
+            string.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = string if len(string) <= 60 else string[:57] + "..."
+            raise TaskFileError(f"{where}: {shown!r} holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                                f"which is not text") from None
+
+
 def read_examples(path, kind: Optional[str] = None) -> tuple[str, list[tuple]]:
-    """(kind, examples) of a JSONL file (gzipped when it ends in .gz); blank lines are skipped."""
+    """(kind, examples) of a JSONL file (gzipped when it ends in .gz, read by
+    fastmlm.corpus_reader.read_jsonl); blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise TaskFileError(f"task file {path} not found (expected a .jsonl file, or one of {sorted(BUNDLED)})")
+        what = "is a folder" if path.is_dir() else "not found"
+        raise TaskFileError(f"task file {path} {what} (expected a .jsonl file, or one of {sorted(BUNDLED)})")
     examples = []
     try:
-        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TaskFileError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                kind, example = _example(record, f"{path}:{number}", kind)
-                examples.append(example)
-    except (UnicodeDecodeError, OSError, EOFError) as exc:  # a binary file, a truncated .gz
-        raise TaskFileError(f"cannot read {path} as UTF-8 JSON lines ({type(exc).__name__}: {exc})") from None
+        for number, record in read_jsonl(path, error=TaskFileError):
+            kind, example = _example(record, f"{path}:{number}", kind)
+            examples.append(example)
+    except UnreadableFile as exc:  # a binary file, a truncated .gz
+        raise TaskFileError(f"cannot read {path} as UTF-8 JSON lines (past line {exc.line}: {exc.detail})") from None
     if not examples:
         raise TaskFileError(f"{path} holds no examples")
     return kind, examples

@@ -244,6 +244,22 @@ def read_hf_weights(directory) -> dict[str, Tensor]:
     raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {BIN_NAME} (or a sharded index)")
 
 
+def _encoder_from_hf(directory, config_overrides: dict, drop=None) -> tuple[FastMLMForMaskedLM, bool]:
+    """(model, whether the checkpoint had an MLM head) from a Hugging Face folder; keys matching
+    ``drop`` are left out first. Without a head the model keeps its freshly initialised one, so its
+    state is whole. The config is checked before any weights are read."""
+    cfg = config_from_hf(read_hf_config(directory), **config_overrides)
+    tensors = read_hf_weights(directory)
+    if drop is not None:
+        tensors = {k: v for k, v in tensors.items() if not drop.match(k)}
+    state, has_head = state_dict_from_hf(tensors, cfg)
+    model = FastMLMForMaskedLM(cfg, pooler=f"{_POOLER}.weight" in state)
+    if not has_head:
+        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+    model.load_weights(state)
+    return model, has_head
+
+
 def load_hf(directory, **config_overrides) -> FastMLMForMaskedLM:
     """A fastmlm model holding the weights of a Hugging Face BertForMaskedLM / BertModel checkpoint.
 
@@ -251,15 +267,11 @@ def load_hf(directory, **config_overrides) -> FastMLMForMaskedLM:
     The config is checked before any weights are read. A checkpoint without an MLM head
     (a BertModel) loads with a freshly initialised head and a warning.
     """
-    cfg = config_from_hf(read_hf_config(directory), **config_overrides)
-    state, has_head = state_dict_from_hf(read_hf_weights(directory), cfg)
-    model = FastMLMForMaskedLM(cfg, pooler=f"{_POOLER}.weight" in state)
-    if not has_head:  # a BertModel: keep the freshly initialised head, and say so
+    model, has_head = _encoder_from_hf(directory, config_overrides)
+    if not has_head:  # a BertModel: the head is the fresh one, and the user must know
         warnings.warn(f"{directory} has no MLM head (no cls.predictions.* weights, as in a BertModel "
                       "checkpoint): the MLM head is randomly initialised, so masked-token predictions are "
                       "meaningless until it is trained", stacklevel=2)
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    model.load_weights(state)
     return model
 
 
@@ -276,16 +288,49 @@ def check_output_dir(directory) -> Path:
     return path
 
 
-def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
-    """Write config.json + model.safetensors that transformers loads as BertForMaskedLM (and as
-    BertModel, with the pooler when the model has one). ``directory`` must be new or empty."""
+def _write_hf_folder(directory, hf_config: dict, tensors: dict[str, Tensor]) -> Path:
+    """config.json + model.safetensors in ``directory`` (new or empty, else ValueError)."""
     from safetensors.torch import save_file
 
-    hf_config = config_to_hf(model.config)
     path = check_output_dir(directory)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
-    save_file(state_dict_to_hf(model), str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    return path
+
+
+def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
+    """Write config.json + model.safetensors that transformers loads as BertForMaskedLM (and as
+    BertModel, with the pooler when the model has one). ``directory`` must be new or empty."""
+    return _write_hf_folder(directory, config_to_hf(model.config), state_dict_to_hf(model))
+
+
+def save_hf_tokenizer(tokenizer, directory, model_max_length: int) -> Path:
+    """Write a ``tokenizers.Tokenizer`` (a WordPiece one, as fastmlm trains) into an exported folder
+    the way transformers reads it: tokenizer.json (BertTokenizerFast), vocab.txt (BertTokenizer)
+    and tokenizer_config.json (which class, lowercasing, the special tokens, ``model_max_length``).
+
+    fastmlm adds [CLS] and [SEP] itself, so its tokenizers have no post-processor; a fast
+    transformers tokenizer adds only what tokenizer.json's post-processor says, so the file gets
+    BERT's (``[CLS] A [SEP]``, pairs ``[CLS] A [SEP] B [SEP]``), the rows the model was trained on.
+    """
+    from tokenizers import Tokenizer, processors
+
+    from ..tokenizer import special_ids
+
+    path = Path(directory)
+    special = special_ids(tokenizer)
+    exported = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer is left as it is
+    exported.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", special.cls), ("[SEP]", special.sep)])
+    exported.save(str(path / "tokenizer.json"))
+    tokenizer.model.save(str(path))  # vocab.txt
+    lowercase = bool(getattr(tokenizer.normalizer, "lowercase", True))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "BertTokenizer", "do_lower_case": lowercase, "model_max_length": model_max_length,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+        "mask_token": "[MASK]"}, indent=2))
     return path
 
 
@@ -298,17 +343,11 @@ def load_hf_encoder(directory, **config_overrides) -> FastMLMForMaskedLM:
     """The encoder of a Hugging Face BERT checkpoint, to fine-tune: its pooler kept when it has one.
 
     Unlike :func:`load_hf` it accepts a checkpoint without an MLM head (a BertModel, such as
-    all-MiniLM-L6-v2) without a warning, and a Bert*Classification checkpoint, whose
-    ``classifier.*`` head is dropped (fine-tuning trains a new one for its own labels).
+    all-MiniLM-L6-v2) without a warning (a classifier never uses that head), and a
+    Bert*Classification checkpoint, whose ``classifier.*`` head is dropped (fine-tuning trains a
+    new one for its own labels).
     """
-    cfg = config_from_hf(read_hf_config(directory), **config_overrides)
-    tensors = {k: v for k, v in read_hf_weights(directory).items() if not _CLASSIFIER.match(k)}
-    state, has_head = state_dict_from_hf(tensors, cfg)
-    model = FastMLMForMaskedLM(cfg, pooler=f"{_POOLER}.weight" in state)
-    if not has_head:  # the MLM head is never used by a classifier: keep the fresh one so the state is whole
-        state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
-    model.load_weights(state)
-    return model
+    return _encoder_from_hf(directory, config_overrides, drop=_CLASSIFIER)[0]
 
 
 def classifier_config_to_hf(model) -> dict:
@@ -326,15 +365,9 @@ def save_hf_classifier(model, directory) -> Path:
     """Write config.json + model.safetensors that transformers loads as BertForSequenceClassification
     (a ``kind == "sequence"`` model: pooler, dropout, linear) or BertForTokenClassification
     (``"tokens"``), with the same logits. ``directory`` must be new or empty."""
-    from safetensors.torch import save_file
-
     hf_config = classifier_config_to_hf(model)
     if model.kind == "sequence" and model.encoder.pooler is None:
         raise CheckpointError("a sequence classifier needs its pooler; this one has none")
     tensors = state_dict_to_hf(model.encoder)
     tensors.update({f"classifier.{p}": t.detach().cpu().contiguous() for p, t in model.classifier.state_dict().items()})
-    path = check_output_dir(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2))
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
-    return path
+    return _write_hf_folder(directory, hf_config, tensors)

@@ -22,11 +22,10 @@ import gzip
 import json
 import re
 import sys
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "corpus"))  # build_corpus.py, run from a checkout
-from build_corpus import SKIP_PAGES, ProseExtractor  # noqa: E402
+from build_corpus import ProseExtractor, corpus_pages, read_page  # noqa: E402
 
 MAX_SECTION_WORDS = 128  # a classifier reads at most this much of a section (fine-tuning rows are 128 tokens)
 MAX_SENTENCE_TOKENS = 64  # longer sentences are cut into pieces of this many words
@@ -110,21 +109,11 @@ def sentences(tokens, tags):
         yield tokens[start:], tags[start:]
 
 
-def task_pages(root: Path):
-    """(relative path, split) of every page the corpus reads, with the corpus's split rule."""
-    for page in sorted(root.rglob("*.html")):
-        rel = page.relative_to(root).as_posix()
-        if rel.startswith(("_", "whatsnew/changelog")) or page.stem in SKIP_PAGES:
-            continue
-        yield page, rel, "valid" if zlib.crc32(rel.encode()) % 100 < 5 else "train"
-
-
 def main(html_root: str, out_dir: str) -> None:
     root, out = Path(html_root), Path(out_dir)
     rows = {(task, split): [] for task in ("docs-section", "code-entities") for split in ("train", "valid")}
-    for page, rel, split in task_pages(root):
-        parser = MarkedProseExtractor()
-        parser.feed(page.read_text(encoding="utf-8", errors="replace"))
+    for page, rel, split in corpus_pages(root):
+        parser = read_page(page, MarkedProseExtractor())
         part = PARTS.get(rel.split("/")[0]) if "/" in rel else None
         if part is not None:
             for section in (s for s in parser.sections if s):
