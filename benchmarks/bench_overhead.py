@@ -12,18 +12,28 @@ each for ``pass`` fwd and fwd+bwd. Providers:
 
   fastmlm    the public op (``backend="auto"``) on a repeated signature
   backend    the chosen backend's own ``forward`` (and ``backward``) on the same bundle, called
-             directly: what is left once the boundary is gone
+             directly: what is left once the boundary is gone (no autograd either)
   kernel     CPU attention only: the ATen flash-attention call(s) the torch backend makes, on
              tensors already in its layout (the floor under any Python layer)
+  sdpa       padded attention only: ``F.scaled_dot_product_attention`` on (B, H, S, D) views, the
+             issue's peer; with fwd+bwd, ``sdpa - kernel`` is what PyTorch's own autograd costs a
+             native op (``torch.autograd.grad`` included), a floor no boundary can go under
   torch      masked_lm_loss only: gather the rows, ``F.linear``, ``F.cross_entropy`` (the issue's peer)
 
-One timed step is ``calls`` calls; :func:`report` turns step medians into µs per call and prints
-the added time (fastmlm - backend, fastmlm - kernel/torch). CPU figures need ``--threads 1`` and
-a quiet host: the summary records the load average.
+On the CPU the figures that count come from one interleaved session per case: every provider's
+calls alternate, round after round (the order rotating), each call timed alone on the thread's
+CPU clock (time on a shared host during which this process was not running does not count); a
+round's figure is the median of its calls, and a provider's figure the median (p20, p80) of its
+rounds. Each row's ``note`` carries them ("interleaved µs/call median … p20 … p80 …") and
+:func:`report` uses them; elsewhere (GPU) it uses the harness's own timing of ``calls`` calls a
+step. CPU figures need ``--threads 1``; the summary records the load average.
 """
 from __future__ import annotations
 
+import re
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +42,7 @@ import fastmlm.ops  # noqa: F401  (the op modules below are shadowed by the func
 from fastmlm.ops import attention, masked_lm_loss
 
 from .common import generator, preset_dtypes, randn, zero_grads
-from .harness import Skip, Workload
+from .harness import Skip, Workload, percentile
 
 OP = "overhead"
 MEASURE_MEMORY = False  # nothing to measure: the inputs are a few KiB
@@ -41,11 +51,16 @@ PASSES = ("fwd", "fwd+bwd")
 TINY = {"batch": 2, "seqlen": 32, "heads": 2, "head_dim": 64, "tokens": 64, "hidden": 64, "vocab": 128}
 
 
+CALLS = 20  # calls per timed step (harness) and per round (interleaved session)
+ROUNDS = {"smoke": 3}  # rounds of the interleaved session; 30 for the other presets (under a minute in all)
+_NOTE = re.compile(r"interleaved µs/call median ([0-9.]+) p20 ([0-9.]+) p80 ([0-9.]+)")
+
+
 def shapes(preset: str) -> list[dict]:
     if preset not in ("smoke", "cpu", "gpu-check", "gpu"):
         raise ValueError(f"unknown preset {preset!r}")
-    calls = 20 if preset == "smoke" else 200
-    return [{"case": case, "pass": p, "calls": calls, **TINY} for case in CASES for p in PASSES]
+    rounds = ROUNDS.get(preset, 30)
+    return [{"case": case, "pass": p, "calls": CALLS, "rounds": rounds, **TINY} for case in CASES for p in PASSES]
 
 
 dtypes = preset_dtypes
@@ -59,8 +74,9 @@ def label(shape: dict) -> str:
 
 
 def providers(shape: dict, device: str) -> list[str]:
-    peer = "torch" if shape["case"] == "masked_lm_loss" else "kernel"
-    return ["fastmlm", "backend", peer]
+    if shape["case"] == "masked_lm_loss":
+        return ["fastmlm", "backend", "torch"]
+    return ["fastmlm", "backend", "kernel", "sdpa"]
 
 
 def _op_module(name: str):
@@ -72,6 +88,52 @@ def _repeat(call, calls: int):
         for _ in range(calls):
             call()
     return step
+
+
+# --------------------------------------------------------------------------- interleaved session (CPU)
+_SESSIONS: dict[tuple, dict[str, tuple[float, float, float]]] = {}  # (label, dtype, device) -> provider -> µs
+
+
+def interleave(calls: dict, per_round: int, rounds: int, clock=time.thread_time) -> dict[str, tuple]:
+    """{provider: call} -> {provider: (median, p20, p80) µs per call} over ``rounds`` rounds.
+
+    Each round runs ``per_round`` calls of every provider, the order rotating from round to
+    round, each call timed alone; a round's figure is the median of its calls. Alternating at
+    this grain keeps a load that comes and goes from landing on one provider only.
+    """
+    names = list(calls)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for call in calls.values():  # warm-up: lazy imports, first allocations
+        call()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, times = calls[name], []
+            for _ in range(per_round):
+                t0 = clock()
+                call()
+                times.append(clock() - t0)
+            samples[name].append(statistics.median(times) * 1e6)
+    return {name: (statistics.median(x), percentile(x, 20), percentile(x, 80)) for name, x in samples.items()}
+
+
+def _session(shape: dict, dtype: torch.dtype, device: str) -> dict[str, tuple]:
+    """The interleaved figures of every provider that can run ``shape`` here, measured once."""
+    key = (label(shape), shape["calls"], shape["rounds"], dtype, device)
+    if key not in _SESSIONS:
+        calls = {}
+        for provider in providers(shape, device):
+            try:
+                calls[provider] = _call(provider, shape, dtype, device)[0]
+            except Skip:
+                continue
+        _SESSIONS[key] = interleave(calls, shape["calls"], shape["rounds"])
+    return _SESSIONS[key]
+
+
+def per_call_us(row: dict) -> float:
+    """A time row's µs per call: the interleaved median its note carries, else the harness's step median."""
+    found = _NOTE.search(row.get("note") or "")
+    return float(found.group(1)) if found else row["median"] * 1e3 / row["params"]["calls"]
 
 
 def _chosen_backend(registry, inputs, device_type: str):
@@ -87,7 +149,7 @@ def _grads_of(loss_or_out, leaves, upstream=None):
 
 
 # --------------------------------------------------------------------------- attention
-def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str):
     A = _op_module("attention")
     b, s, h, d = shape["batch"], shape["seqlen"], shape["heads"], shape["head_dim"]
     layout = shape["case"].split("-")[1]
@@ -118,6 +180,16 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str) -> W
                 out, lse = mod.forward(inputs)
                 if grad:
                     mod.backward(inputs, out, lse, upstream)
+    elif provider == "sdpa":  # what a user of PyTorch writes for the padded layouts
+        if layout == "packed":
+            raise Skip("F.scaled_dot_product_attention has no packed layout")
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D) views
+        keep = None if mask is None else mask[:, None, None, :]
+
+        def call():
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep)
+            if grad:
+                _grads_of(out, (q, k, v), upstream.transpose(1, 2))
     else:  # the ATen kernel(s) of the CPU torch backend, on its layout
         if device != "cpu":
             raise Skip("the kernel floor is measured on the CPU (on a GPU the backend's call is the kernel launch)")
@@ -134,11 +206,11 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str) -> W
             if grad:
                 torch_attention._ATEN_BWD(upstream.transpose(1, 2), qp, kp, vp, out, lse, 0.0, False,
                                           attn_mask=bias, scale=scale)
-    return _workload(call, shape["calls"], (q, k, v))
+    return call, (q, k, v)
 
 
 # --------------------------------------------------------------------------- masked_lm_loss
-def _masked_lm_loss(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+def _masked_lm_loss(provider: str, shape: dict, dtype: torch.dtype, device: str):
     M = _op_module("masked_ce")
     t, c, vocab = shape["tokens"], shape["hidden"], shape["vocab"]
     gen = generator(22)
@@ -173,40 +245,56 @@ def _masked_lm_loss(provider: str, shape: dict, dtype: torch.dtype, device: str)
             loss = F.cross_entropy(F.linear(hidden[rows], weight, bias).float(), labels[rows])
             if grad:
                 _grads_of(loss, leaves)
-    return _workload(call, shape["calls"], leaves)
+    return call, leaves
 
 
-def _workload(call, calls: int, leaves) -> Workload:
-    def check() -> str:
-        call()  # runs (and raises if the provider cannot); correctness is the ops' tests' and the op benches' job
-        zero_grads(*leaves)
-        return f"{calls} calls per step"
-    return Workload(step=_repeat(call, calls), check=check)
-
-
-def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+def _call(provider: str, shape: dict, dtype: torch.dtype, device: str):
+    """(one call of ``provider`` at ``shape``, the leaves whose gradients it makes); Skip when it cannot run."""
     if shape["case"] == "masked_lm_loss":
         return _masked_lm_loss(provider, shape, dtype, device)
     return _attention(provider, shape, dtype, device)
 
 
+def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workload:
+    call, leaves = _call(provider, shape, dtype, device)
+    calls = shape["calls"]
+
+    def check() -> str:
+        call()  # runs (and raises if the provider cannot); correctness is the ops' tests' and the op benches' job
+        zero_grads(*leaves)
+        note = f"{calls} calls per step"
+        if device == "cpu":
+            median, p20, p80 = _session(shape, dtype, device)[provider]
+            note += (f"; interleaved µs/call median {median:.2f} p20 {p20:.2f} p80 {p80:.2f} "
+                     f"({shape['rounds']} rounds of {calls} calls per provider, thread CPU time)")
+        return note
+    return Workload(step=_repeat(call, calls), check=check)
+
+
 # --------------------------------------------------------------------------- report
 def report(rows: list[dict]) -> str:
-    """Markdown: per case and pass, µs per call of each provider and the time fastmlm adds."""
+    """Markdown: per case and pass, µs per call of each provider and the time fastmlm adds
+    (the interleaved figures where the rows carry them, see :func:`per_call_us`)."""
     per_call: dict[tuple, dict[str, float]] = {}
+    spread: dict[tuple, str] = {}
     for r in rows:
         if r["op"] != OP or r["metric"] != "time" or r["median"] is None:
             continue
         key = (r["params"]["case"], r["params"]["pass"], r["dtype"])
-        per_call.setdefault(key, {})[r["provider"]] = r["median"] * 1e3 / r["params"]["calls"]
+        per_call.setdefault(key, {})[r["provider"]] = per_call_us(r)
+        found = _NOTE.search(r.get("note") or "")
+        if found and r["provider"] == "fastmlm":
+            spread[key] = f"{float(found.group(2)):.1f}–{float(found.group(3)):.1f}"
     lines = ["| case | pass | dtype | fastmlm µs | backend µs | added over backend µs | kernel / torch µs | "
-             "added over kernel / torch µs |", "|---|---|---|---|---|---|---|---|"]
+             "added over kernel / torch µs | sdpa µs | autograd floor (sdpa − kernel) µs | "
+             "fastmlm p20–p80 µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "—" if x is None else f"{x:.1f}"
-    for (case, p, dt), cell in per_call.items():
-        ours, backend = cell.get("fastmlm"), cell.get("backend")
+    diff = lambda a, b: None if a is None or b is None else a - b
+    for key, cell in per_call.items():
+        ours, backend, sdpa = cell.get("fastmlm"), cell.get("backend"), cell.get("sdpa")
         floor = cell.get("kernel", cell.get("torch"))
-        added = None if ours is None or backend is None else ours - backend
-        over_floor = None if ours is None or floor is None else ours - floor
-        lines.append(f"| {case} | {p} | {dt} | {fmt(ours)} | {fmt(backend)} | {fmt(added)} | {fmt(floor)} | "
-                     f"{fmt(over_floor)} |")
+        lines.append(f"| {' | '.join(key)} | {fmt(ours)} | {fmt(backend)} | {fmt(diff(ours, backend))} | "
+                     f"{fmt(floor)} | {fmt(diff(ours, floor))} | {fmt(sdpa)} | "
+                     f"{fmt(diff(sdpa, cell.get('kernel')))} | {spread.get(key, '—')} |")
     return "\n".join(lines)

@@ -363,3 +363,19 @@ def test_a_failed_backend_import_is_remembered_until_forget_failures(monkeypatch
     registry.forget_failures()
     assert registry.why_not("triton", None).startswith("cannot be imported")
     assert len(calls) == 2
+
+
+def test_a_backend_says_whether_autograd_may_record_its_forward(fake_op, monkeypatch):
+    """Registry.differentiable: False for a backend that does not declare it (the op's autograd rule
+    then runs), the backend's own answer otherwise, also through an auto fallback chain."""
+    registry, _, _ = fake_op
+    x = _bundle(torch.ones(3))
+    assert not registry.differentiable("triton", x) and not registry.differentiable("auto:triton", x)
+    one_dim = lambda inputs: inputs.x.dim() == 1  # noqa: E731
+    monkeypatch.setitem(sys.modules["fake_triton_backend"].__dict__, "differentiable", one_dim)
+    assert registry.differentiable("triton", x) and registry.differentiable("auto:triton", x)
+    assert not registry.differentiable("auto:triton", _bundle(torch.ones(3, 1)))
+    from fastmlm.ops.attention import AttentionInputs
+    cpu, meta = (torch.zeros(1, 2, 1, 8, device=device) for device in ("cpu", "meta"))
+    assert ATTENTION.differentiable("torch", AttentionInputs(cpu, cpu, cpu, None, None, 2, 0.35))  # ATen's derivative
+    assert not ATTENTION.differentiable("torch", AttentionInputs(meta, meta, meta, None, None, 2, 0.35))

@@ -222,3 +222,140 @@ def test_the_loss_eager_path_matches_the_custom_op(reduction):
     assert op in mode.seen
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- the CPU torch backend's own path
+def _graph_names(t):
+    """Names of every autograd node behind ``t``."""
+    seen, todo = [], [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in seen:
+            seen.append(node.name())
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["masked", "packed"])
+def test_the_native_graph_matches_the_op_autograd_rule(monkeypatch, layout):
+    """On the CPU the eager path lets autograd record ATen's own attention (no Python node to call
+    back); its gradients equal the op's autograd rule (the backend's backward), here with an
+    all-padding sequence or a zero-length packed one, NaN under padding, and strided inputs."""
+    if layout == "packed":
+        q, k, v, cu = _packed(lengths=(5, 0, 3), grad=True)
+        kwargs = {"cu_seqlens": cu, "max_seqlen": 5}
+    else:
+        q, k, v = (torch.randn(3, 6, 2, 16, dtype=torch.float64)[..., ::2].requires_grad_() for _ in range(3))
+        mask = torch.tensor([[1] * 6, [0] * 6, [1] * 4 + [0] * 2], dtype=torch.bool)
+        with torch.no_grad():
+            k[2, 5], v[2, 4] = float("nan"), float("inf")
+        kwargs = {"attention_mask": mask}
+    upstream = torch.randn(q.shape, dtype=q.dtype)
+    native = attention(q, k, v, return_lse=True, **kwargs)
+    assert not any("Eager" in name or "Python" in name for name in _graph_names(native[0]))
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    monkeypatch.setattr(torch_attention, "differentiable", lambda inputs: False)  # the autograd.Function route
+    ATTENTION.forget_failures()  # the choice of route is remembered per signature
+    try:
+        ruled = attention(q, k, v, return_lse=True, **kwargs)
+    finally:
+        ATTENTION.forget_failures()
+    assert any("EagerAttention" in name for name in _graph_names(ruled[0]))
+    for a, b in zip((*native, *torch.autograd.grad(native[0], (q, k, v), upstream)),
+                    (*ruled, *torch.autograd.grad(ruled[0], (q, k, v), upstream))):
+        assert not a.isnan().any()  # (lse is -inf for the all-padding sequence)
+        assert a.is_contiguous() and b.is_contiguous()  # outputs and gradients, whatever the input strides
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if layout == "masked":
+        assert (native[0][1] == 0).all() and torch.isneginf(native[1][1]).all()
+
+
+@pytest.mark.parametrize("layout", ["padded", "masked", "packed"])
+def test_large_masked_or_packed_calls_keep_the_op_autograd_rule(monkeypatch, layout):
+    """The native graph would keep padded copies alive until the backward: beyond NATIVE_LIMIT
+    masked and packed calls take the op's own rule (which saves the inputs themselves); unmasked
+    padded ones save only views either way and stay native."""
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    monkeypatch.setattr(torch_attention, "NATIVE_LIMIT", 0)
+    if layout == "packed":
+        q, k, v, cu = _packed(grad=True)
+        kwargs = {"cu_seqlens": cu, "max_seqlen": 5}
+    else:
+        q, k, v = (torch.randn(2, 6, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        kwargs = {"attention_mask": torch.ones(2, 6, dtype=torch.bool)} if layout == "masked" else {}
+    ATTENTION.forget_failures()  # the route is remembered per signature
+    try:
+        names = _graph_names(attention(q, k, v, **kwargs))
+    finally:
+        ATTENTION.forget_failures()
+    assert any("EagerAttention" in name for name in names) == (layout != "padded")
+
+
+def test_packings_are_remembered_by_value(monkeypatch):
+    """The packed layout's index is remembered per cu_seqlens value: other offsets of the same
+    signature get their own, and the memory of them is bounded."""
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    monkeypatch.setattr(torch_attention, "_PACKINGS", {})
+    monkeypatch.setattr(torch_attention, "PACKINGS_KEPT", 2)
+    q, k, v, _ = _packed(lengths=(5, 3))
+    for lengths in ((5, 3), (3, 5), (4, 4), (5, 3)):
+        cu = cu_seqlens_of(list(lengths))
+        out = attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+        torch.testing.assert_close(out, attention_reference(q, k, v, cu_seqlens=cu)[0])
+        assert 1 <= len(torch_attention._PACKINGS) <= 2
+
+
+def test_flat_padding_helpers_agree_with_the_coordinate_ones():
+    from fastmlm.ops import padding
+    cu = cu_seqlens_of([3, 0, 5, 1])
+    x = torch.randn(9, 3, 2).transpose(1, 2)  # a strided view
+    flat = padding.flat_index(cu, 9, 6)
+    padded = padding.pad_flat(x, flat, 4, 6)
+    expected, _ = padding.pad(x, cu, 6)
+    assert torch.equal(padded, expected)
+    assert torch.equal(padding.unpad_flat(padded, flat), x)
+    assert torch.equal(padding.pad_flat(x.transpose(0, 1), flat, 4, 6, dim=1), padded.permute(2, 0, 1, 3))
+    seq_major = padded.transpose(0, 1).contiguous().transpose(0, 1)  # (B, S) not outermost: reshape copies
+    assert torch.equal(padding.unpad_flat(seq_major, flat), padding.unpad(expected, cu, 9))
+    assert padding.unpad_flat(padded, flat).is_contiguous()
+
+
+def test_a_nonfinite_query_is_found_by_one_sum():
+    """The NaN-query fix-up runs only when the query's sum is not finite; an overflowing sum of
+    finite values takes the exact path and changes nothing."""
+    from fastmlm.ops.torch_impl.attention import _nan_for_nonfinite_queries as fix
+    out, lse = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3)
+    q = torch.full((1, 3, 2, 4), 3e38)  # finite, but the sum overflows
+    fixed = fix(q, q.transpose(1, 2), out, lse)
+    assert torch.equal(fixed[0], out) and torch.equal(fixed[1], lse)
+    q[0, 1, 0, 2] = float("nan")
+    fixed_out, fixed_lse = fix(q, q.transpose(1, 2), out, lse)
+    bad = torch.zeros(1, 2, 3, dtype=torch.bool)
+    bad[0, 0, 1] = True
+    assert fixed_out[bad].isnan().all() and fixed_lse[bad].isnan().all()
+    assert torch.equal(fixed_out[~bad], out[~bad]) and torch.equal(fixed_lse[~bad], lse[~bad])
+
+
+def test_the_interleaved_session_alternates_and_its_figures_reach_the_report():
+    from benchmarks import bench_overhead as bench
+
+    order, now = [], [0.0]
+
+    def provider(name, cost_s):
+        def call():
+            order.append(name)
+            now[0] += cost_s
+        return call
+
+    figures = bench.interleave({"fastmlm": provider("fastmlm", 30e-6), "backend": provider("backend", 20e-6)},
+                               per_round=2, rounds=4, clock=lambda: now[0])
+    assert order[:2] == ["fastmlm", "backend"]  # the warm-up, then rounds whose order rotates
+    assert order[2:] == ["fastmlm"] * 2 + ["backend"] * 4 + ["fastmlm"] * 4 + ["backend"] * 4 + ["fastmlm"] * 2
+    assert [round(x, 6) for x in figures["fastmlm"]] == [30.0, 30.0, 30.0]
+    row = {"op": bench.OP, "metric": "time", "dtype": "fp32", "params": {"case": "attention-packed", "pass": "fwd",
+                                                                       "calls": 20}}
+    rows = [{**row, "provider": "fastmlm", "median": 1.0,
+             "note": "20 calls per step; interleaved µs/call median 31.00 p20 29.50 p80 33.00 (3 rounds)"},
+            {**row, "provider": "backend", "median": 0.4}]  # no note: the harness's 0.4 ms per 20 calls
+    expected = "| attention-packed | fwd | fp32 | 31.0 | 20.0 | 11.0 | — | — | — | — | 29.5–33.0 |"
+    assert expected in bench.report(rows)

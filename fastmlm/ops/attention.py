@@ -266,36 +266,46 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerAttention(torch.autograd.Function):
     """``fastmlm::attention_fwd`` with its autograd rule (the same setup_context and backward)
-    but without the custom op's dispatcher round trips, for the plain eager path."""
+    but without the custom op's dispatcher round trips, for the plain eager path.
+
+    The classic ``forward(ctx, ...)`` form on purpose: with a separate ``setup_context``,
+    ``Function.apply`` binds the arguments through ``inspect.signature`` on every call (~30 µs)."""
 
     @staticmethod
-    def forward(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend):
+    def forward(ctx, q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, backend):
         inputs = AttentionInputs(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
-        return REGISTRY.module(backend).forward(inputs)
+        output = REGISTRY.module(backend).forward(inputs)
+        _setup_context(ctx, (*inputs, backend), output)
+        return output
 
-    setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
 
-def _run_forward(inputs: AttentionInputs, backend: str) -> tuple[Tensor, Tensor]:
+def _run_forward(inputs: AttentionInputs, backend: str, native: bool) -> tuple[Tensor, Tensor]:
     """(out, lse) from backend ``backend`` (a :meth:`Registry.select` name): through the custom op
-    when traced or under a mode, else the same call with the same autograd rule, unwrapped."""
+    when traced or under a mode, else the same call unwrapped, with the op's autograd rule or,
+    when ``native`` (the backend is :meth:`~dispatch.Registry.differentiable` here), PyTorch's own."""
     q, k, v, attention_mask, cu_seqlens = inputs[:5]
     if not dispatch.plain_eager(q, k, v, attention_mask, cu_seqlens):
         return _attention_fwd(*inputs, backend)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if not native and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _EagerAttention.apply(*inputs, backend)
+    # No gradient wanted, or a backend built of differentiable PyTorch ops (ATen's CPU flash
+    # attention has its own derivative): autograd records it natively, with no Python node to
+    # call back in the backward pass (tens of µs a call, issue 22).
     return REGISTRY.module(backend).forward(inputs)
 
 
-def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> tuple[int, float, str]:
-    """What the public op derives from metadata alone, memoised per signature:
-    (max_seqlen, softmax scale, the backend name :meth:`Registry.select` returns)."""
+def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> tuple[int, float, str, bool]:
+    """What the public op derives from metadata alone, memoised per signature: (max_seqlen,
+    softmax scale, the backend name :meth:`Registry.select` returns, whether autograd may record
+    that backend natively)."""
     max_seqlen = validate_metadata("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
     scale = validate_options("attention", backend, softmax_scale, q.shape[-1])
     mask = None if attention_mask is None else attention_mask.bool()
     bundle = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
-    return max_seqlen, scale, REGISTRY.select(backend, q.device.type, bundle)
+    name = REGISTRY.select(backend, q.device.type, bundle)
+    return max_seqlen, scale, name, name != "reference" and REGISTRY.differentiable(name, bundle)
 
 
 # --------------------------------------------------------------------------- public op
@@ -330,7 +340,7 @@ def attention(
             q·kᵀ·scale over its real keys, -inf for a row with no real key.
     """
     key = dispatch.call_key(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
-    max_seqlen, scale, name = REGISTRY.memo(
+    max_seqlen, scale, name, native = REGISTRY.memo(
         key, lambda: _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
     if cu_seqlens is not None:  # a value check: every call
         checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], max_seqlen)
@@ -338,5 +348,5 @@ def attention(
         out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, scale)
     else:
         mask = None if attention_mask is None else attention_mask.bool()
-        out, lse = _run_forward(AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale), name)
+        out, lse = _run_forward(AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale), name, native)
     return (out, lse) if return_lse else out

@@ -5,6 +5,7 @@ Each op owns a :class:`Registry` naming its backends. A backend is a module with
     why_not(inputs) -> str | None      # None: "I can run these inputs"
     forward(inputs) -> outputs
     backward(inputs, *saved_outputs, upstream_gradient) -> gradients
+    differentiable(inputs) -> bool     # optional: autograd may record forward itself (see below)
 
 where ``inputs`` is the op's one named bundle, the same for every backend of the op:
 ``AttentionInputs`` / ``BlockSparseInputs`` (``forward -> (out, lse)``,
@@ -45,6 +46,10 @@ checks and the backend choice (:meth:`Registry.memo`). Value checks (index range
 (dynamo traces the plain path once), nor for meta tensors (tests stand them in for other
 devices with stubbed probes). The eager path also skips the custom-op wrapping where nothing
 needs it (:func:`plain_eager`): the custom ops stay for torch.compile, dispatch modes and opcheck.
+Where a backend's forward is itself differentiable PyTorch (the CPU torch backend of attention:
+ATen's flash attention has a derivative) and says so (:meth:`Registry.differentiable`), the eager
+path lets autograd record it, rather than a Python autograd node that calls back into
+``backward``: PyTorch's engine then runs the backward pass without re-entering Python.
 
 Backend modules are imported lazily, on the first call that needs them, so
 importing fastmlm never imports triton, never loads the CUDA extension and never
@@ -123,7 +128,7 @@ def signature(bundle) -> tuple:
 def call_key(*args) -> Optional[tuple]:
     """A hashable summary of a call's arguments without any tensor value, for :meth:`Registry.memo`.
 
-    Tensors count by (type, dtype, device, shape, strides, requires_grad); None, bool, int,
+    Tensors count by (type, dtype, device, shape, strides, requires_grad); None by itself; bool, int,
     float and str by (type, value), so 16 and 16.0 differ and NaN never matches itself.
     None (do not memoise) under torch.compile, for a meta tensor, or for an argument of
     any other kind (it will fail validation, which must then run).
@@ -131,12 +136,14 @@ def call_key(*args) -> Optional[tuple]:
     if torch.compiler.is_compiling():
         return None
     parts = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            if a.device.type == "meta":
+    for a in args:  # on every call of a public op: the cheapest attribute reads first (issue 22)
+        if a is None:
+            parts.append(None)
+        elif isinstance(a, torch.Tensor):
+            if a.is_meta:
                 return None
             parts.append((type(a), a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
-        elif a is None or isinstance(a, _SCALARS):
+        elif isinstance(a, _SCALARS):
             parts.append((type(a), a))
         else:
             return None
@@ -243,6 +250,13 @@ class Registry:
         except Exception as exc:  # missing triton, extension not built, ...
             return f"cannot be imported ({type(exc).__name__}: {exc})"
         return mod.why_not(inputs)
+
+    def differentiable(self, name: str, inputs) -> bool:
+        """True when backend ``name``'s ``forward``, run under autograd on ``inputs``, records a graph
+        whose gradients are its ``backward``'s (a backend declares it with an optional
+        ``differentiable(inputs)``), so the eager path may skip the op's Python autograd node."""
+        check = getattr(self.module(name), "differentiable", None)
+        return check is not None and check(inputs)
 
     def refuses_reference(self, device_type: str, inputs) -> Optional[str]:
         """Why ``auto`` must not run the reference on these inputs (None: it may)."""
@@ -361,6 +375,11 @@ class _Fallback:
 
     def why_not(self, inputs) -> Optional[str]:
         return self.registry.why_not(self.first, inputs)
+
+    def differentiable(self, inputs) -> bool:
+        # Only the first backend counts: the one that says yes (CPU torch) is followed by the
+        # reference alone, plain differentiable PyTorch too.
+        return self.registry.differentiable(self.first, inputs)
 
     def forward(self, inputs):
         return self.registry.run(self.first, inputs, lambda mod: mod.forward(inputs))

@@ -45,6 +45,27 @@ def unpad(padded: torch.Tensor, cu_seqlens: torch.Tensor, total: int, coords=Non
     return padded[batch, pos]
 
 
+def flat_index(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> torch.Tensor:
+    """(T,) int64: the row of each packed token in the flattened (B * max_seqlen) padded layout,
+    ``b * max_seqlen + position``; one index moves every token either way (:func:`pad_flat`,
+    :func:`unpad_flat`), a cheaper call than indexing by (batch, position) pairs."""
+    batch, pos = packed_coords(cu_seqlens, total)
+    return batch * max_seqlen + pos
+
+
+def pad_flat(x: torch.Tensor, flat: torch.Tensor, batch: int, max_seqlen: int, dim: int = 0) -> torch.Tensor:
+    """(..., T, ...) packed along ``dim`` -> (..., B, max_seqlen, ...) zero-padded, by a :func:`flat_index`."""
+    shape = tuple(x.shape)
+    out = x.new_zeros(shape[:dim] + (batch * max_seqlen,) + shape[dim + 1:])
+    return out.index_copy_(dim, flat, x).view(shape[:dim] + (batch, max_seqlen) + shape[dim + 1:])
+
+
+def unpad_flat(padded: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """(B, S, ...) padded -> contiguous (T, ...) packed, the inverse of :func:`pad_flat`
+    (a view to flatten when (B, S) are outermost in memory, else one copy first)."""
+    return padded.reshape((-1,) + tuple(padded.shape[2:])).index_select(0, flat)
+
+
 def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """(B,) lengths -> (B+1,) int32 cumulative offsets starting at 0, the inverse of :func:`seqlens`."""
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))

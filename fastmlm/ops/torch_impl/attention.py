@@ -9,17 +9,25 @@ which return and consume the log-sum-exp, so forward and backward are the
 same fused kernels SDPA runs on the CPU. Padding keys get a large negative
 additive bias rather than -inf, so an all-padding row stays finite inside ATen;
 we then zero its output and gradients as the contract says. Packed batches are
-padded to (B, max_seqlen) on the device and unpadded afterwards; the tensors
-that travel together are stacked so each direction is one gather/scatter.
+padded to (B, max_seqlen) and unpadded afterwards by one flat index (remembered per
+``cu_seqlens`` value, as every layer of a step reuses it); the tensors that travel
+together are stacked so each direction is one gather/scatter.
 
 Three things ATen does not do for us: it needs the head dim at unit stride
 (other views are copied), it lets 0 * NaN from padded keys and values into real
 rows (they are zeroed first), and its short-sequence kernel hides a NaN query
 (such rows are set to NaN).
+
+The call is a few microseconds of kernel on tiny inputs, so every tensor operation around it
+shows (issue 22): the fix-ups above run only where a cheap look on the host says they are
+needed (CPU tensors: reading a value waits for nothing), and ATen's own layouts are kept
+((B, H, S, D) views of (B, S, H, D) memory, the lse as a (B, S, H) array) so the way back is a view.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +38,8 @@ from . import attention_cuda
 
 _ATEN_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+PACKINGS_KEPT = 16  # cu_seqlens values whose packing is remembered (a bound, not a tuning knob)
+NATIVE_LIMIT = 1 << 16  # elements of one padded (B, S, H, D) tensor up to which masked or packed calls are recorded
 
 
 def why_not(inputs: AttentionInputs) -> Optional[str]:
@@ -42,24 +52,52 @@ def why_not(inputs: AttentionInputs) -> Optional[str]:
     return None
 
 
+def differentiable(inputs: AttentionInputs) -> bool:
+    """Whether autograd may record :func:`forward` itself (the dispatcher's eager path then needs
+    no Python backward node, tens of µs a call): on the CPU it is ATen's flash attention, which has
+    its own derivative (the kernel :func:`backward` calls), between differentiable layout ops.
+    The gradients equal :func:`backward`'s: padded keys get none through ``where``, and a row
+    with no key gets a zero upstream gradient through its ``masked_fill``, so ATen yields zeros.
+
+    The recorded graph keeps what ATen read until the backward: for unmasked padded inputs views
+    of q, k, v (what the op's own rule keeps), but for masked inputs the zeroed copies of k and v,
+    and for packed ones the padded copies of q, k, v and out. So those take it only while small
+    (:data:`NATIVE_LIMIT`), where the Python node's cost dominates; beyond, the op's rule saves
+    the inputs themselves and :func:`backward` redoes the layout."""
+    if attention_cuda.device_type(inputs.q) != "cpu":
+        return False
+    if inputs.attention_mask is None and inputs.cu_seqlens is None:
+        return True
+    heads, head_dim = inputs.q.shape[-2:]
+    return inputs.batch * inputs.max_seqlen * heads * head_dim <= NATIVE_LIMIT
+
+
+# --------------------------------------------------------------------------- layouts
 def _unit_stride(t: Tensor) -> Tensor:
     """ATen's CPU flash kernels assume the head dim has stride 1 and silently read the wrong
     elements otherwise (x[..., ::2], a transposed (S, D) view): copy only those."""
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _zero_padding(tensors, attention_mask: Tensor, count: int) -> list[Tensor]:
+    """(B, S, H, D) tensors with the first ``count`` (the keys and values) zeroed at padded
+    positions: ATen masks their scores, but 0 * NaN is NaN, so whatever padding holds would
+    otherwise reach the real rows."""
+    real = attention_mask.view(*attention_mask.shape, 1, 1)  # (B, S, 1, 1); a view, cheaper than [:, :, None, None]
+    return [torch.where(real, t, _values(t.dtype)[0]) if i < count else t for i, t in enumerate(tensors)]
+
+
 def _to_padded(tensors, attention_mask, cu_seqlens, max_seqlen, zero_padding: int):
     """(T, H, D) packed or (B, S, H, D) padded tensors -> (B, H, S, D) views ATen can read, the
-    (B, S) key mask, and the packed coordinates (None when padded).
+    (B, S) key mask, and the packed coordinates of :func:`padding.packed_coords` (None when padded).
 
-    The first ``zero_padding`` tensors (the keys and values) are zero at padded positions:
-    ATen masks their scores, but 0 * NaN is NaN, so whatever padding holds would otherwise
-    reach the real rows. Packed batches are padded with zeros, which does that by itself.
+    The first ``zero_padding`` tensors (the keys and values) are zero at padded positions
+    (see :func:`_zero_padding`); packed batches are padded with zeros, which does that by itself.
+    (The block-sparse CPU backend's layout; the dense path below uses :class:`_Packing`.)
     """
     if cu_seqlens is None:
         if attention_mask is not None:
-            real = attention_mask[:, :, None, None]
-            tensors = [torch.where(real, t, 0) if i < zero_padding else t for i, t in enumerate(tensors)]
+            tensors = _zero_padding(tensors, attention_mask, zero_padding)
         return [_unit_stride(t).transpose(1, 2) for t in tensors], attention_mask, None
     coords = padding.packed_coords(cu_seqlens, tensors[0].shape[0])
     stacked, mask = padding.pad(torch.stack(tensors, dim=1), cu_seqlens, max_seqlen, coords)  # (B, S, n, H, D)
@@ -74,21 +112,144 @@ def _from_padded(tensors, cu_seqlens, coords):
     return [t.contiguous() for t in tensors]
 
 
-def _bias(mask: Optional[Tensor], extra_mask: Optional[Tensor], dtype,
-          shape) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """Additive float bias and the (B, H, S) "row has a key" flags; (None, None) without any mask
-    (every row sees every key: nothing to add, nothing to zero)."""
-    if mask is None and extra_mask is None:
-        return None, None
-    b, h, s = shape
-    keep = torch.ones(b, 1, 1, s, dtype=torch.bool) if mask is None else mask[:, None, None, :]
+class _Packing(NamedTuple):
+    """Where the packed tokens of one ``cu_seqlens`` sit in the padded (B, S) layout.
+
+    flat: (T,) int64, b * S + position of each packed token (see :func:`padding.flat_index`).
+    mask: (B, S) bool, True = real token.
+    biases: dtype -> (B, 1, 1, S) additive key bias, filled as dtypes come.
+    """
+
+    flat: Tensor
+    mask: Tensor
+    biases: dict
+
+    def pad(self, tensors) -> list[Tensor]:
+        """(T, H, D) tensors -> zero-padded (B, H, S, D) views, stacked so it is one scatter.
+
+        Stacked in front, (n, T, H, D): each tensor's part of the buffer, and of the gradient
+        autograd sends back through it, is then contiguous (the contract of gradients)."""
+        b, s = self.mask.shape
+        stacked = padding.pad_flat(torch.stack(tensors), self.flat, b, s, dim=1)  # (n, B, S, H, D)
+        return [t.transpose(1, 2) for t in stacked.unbind(0)]
+
+    def unpad(self, t: Tensor) -> Tensor:
+        """(B, H, S, ...) -> contiguous (T, H, ...)."""
+        return padding.unpad_flat(t.transpose(1, 2), self.flat)
+
+
+_PACKINGS: dict[tuple, _Packing] = {}
+_LOCK = threading.Lock()
+
+
+def _packing(cu_seqlens: Tensor, total: int, max_seqlen: int) -> _Packing:
+    """The :class:`_Packing` of ``cu_seqlens``, remembered by value for short CPU ones (the
+    public op has just read them; the layers of a step and their backwards share one)."""
+    key = None
+    if checks.host_readable(cu_seqlens) and cu_seqlens.numel() <= checks.SHORT_CHECK:
+        key = (tuple(cu_seqlens.tolist()), total, max_seqlen)
+        found = _PACKINGS.get(key)
+        if found is not None:
+            return found
+    flat = padding.flat_index(cu_seqlens, total, max_seqlen)
+    mask = torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < padding.seqlens(cu_seqlens)[:, None]
+    found = _Packing(flat, mask, {})
+    if key is not None:
+        with _LOCK:
+            if len(_PACKINGS) >= PACKINGS_KEPT:
+                _PACKINGS.clear()
+            _PACKINGS[key] = found
+    return found
+
+
+# --------------------------------------------------------------------------- masks
+_VALUES: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+
+
+def _values(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """0-d CPU tensors (0, the dtype's lowest finite value): ``torch.where`` with them is one op,
+    where a Python scalar costs it a conversion and a second dispatch."""
+    found = _VALUES.get(dtype)
+    if found is None:
+        lowest = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+        found = _VALUES.setdefault(dtype, (torch.zeros((), dtype=dtype), lowest))
+    return found
+
+
+def _bias_of(keep: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive float bias of a bool "may attend" mask in one op: 0 where kept, the dtype's
+    lowest finite value elsewhere (not -inf: a row with no key stays finite inside ATen)."""
+    return torch.where(keep, *_values(dtype))
+
+
+def _keyless_sequences(mask: Tensor) -> Optional[Tensor]:
+    """(B, 1, 1) bool, True for a sequence without a real key (its rows must output zeros);
+    None when there is none, the usual case (read on the host: a CPU tensor waits for nothing)."""
+    has_key = mask.any(dim=1)
+    return None if bool(has_key.all()) else ~has_key.view(-1, 1, 1)
+
+
+class _Padded(NamedTuple):
+    """One call's tensors in ATen's layout and what is needed to go back.
+
+    tensors: (B, H, S, D) views, in the order given.
+    bias: (B, 1, 1, S) or (B, H or 1, S, S) additive mask, or None (every row sees every key).
+    keyless: bool, broadcastable to (B, H, S): the rows that see no key; None when there is none.
+    packing: the :class:`_Packing` of a packed batch, None when padded.
+    """
+
+    tensors: list
+    bias: Optional[Tensor]
+    keyless: Optional[Tensor]
+    packing: Optional[_Packing]
+
+    def back(self, t: Tensor) -> Tensor:
+        """(B, H, S, ...) -> contiguous, in the caller's layout: (B, S, H, ...) or packed (T, H, ...)."""
+        return t.transpose(1, 2).contiguous() if self.packing is None else self.packing.unpad(t)
+
+
+def _padded(inputs: AttentionInputs, tensors, extra_mask: Optional[Tensor]) -> _Padded:
+    """``tensors`` (k and v first, then any of q's shape) in ATen's layout, with the key bias.
+
+    Packed batches need no keyless rows: a zero-length sequence has no row to output, and the
+    padded rows of the others see their sequence's keys (and are dropped). An ``extra_mask``
+    ((H or 1, S, S) bool, True = may attend) can empty any row, so its rows are always fixed up.
+    """
+    mask, packing = inputs.attention_mask, None
+    if inputs.cu_seqlens is None:
+        if mask is not None:
+            tensors = _zero_padding(tensors, mask, 2)
+        tensors = [_unit_stride(t).transpose(1, 2) for t in tensors]
+    else:
+        packing = _packing(inputs.cu_seqlens, inputs.q.shape[0], inputs.max_seqlen)
+        tensors, mask = packing.pad(tensors), packing.mask
+    b, h, s = tensors[0].shape[:3]
+    dtype = inputs.q.dtype
     if extra_mask is not None:
-        keep = keep & extra_mask[None, :, :s, :s]  # (B, H or 1, S, S)
-    has_key = keep.any(dim=-1).expand(b, h, s)
-    bias = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)
-    return bias, has_key
+        keep = extra_mask[None, :, :s, :s] if mask is None else mask[:, None, None, :] & extra_mask[None, :, :s, :s]
+        return _Padded(tensors, _bias_of(keep, dtype), ~keep.any(dim=-1), packing)
+    if mask is None:
+        return _Padded(tensors, None, None, None)
+    if packing is not None:
+        bias = packing.biases.get(dtype)
+        if bias is None:
+            bias = packing.biases.setdefault(dtype, _bias_of(mask.view(b, 1, 1, s), dtype))
+        return _Padded(tensors, bias, None, packing)
+    return _Padded(tensors, _bias_of(mask.view(b, 1, 1, s), dtype), _keyless_sequences(mask), None)
 
 
+def _nan_for_nonfinite_queries(q: Tensor, qp: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
+    non-finite query makes its row NaN in the exact math, so say so explicitly. One sum read on
+    the host finds whether any query is non-finite (NaN and inf survive a sum; a finite sum that
+    overflows only sends the call down the exact path)."""
+    if math.isfinite(q.detach().sum(dtype=checks.accum_dtype(q.dtype)).item()):  # detached: no graph to build
+        return out, lse
+    finite = qp.isfinite().all(dim=-1)
+    return torch.where(finite[..., None], out, float("nan")), torch.where(finite, lse, float("nan"))
+
+
+# --------------------------------------------------------------------------- forward / backward
 def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
     """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous."""
     if attention_cuda.device_type(inputs.q) == "cuda":
@@ -105,35 +266,28 @@ def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) ->
 
 def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     """:func:`forward` with an extra (H or 1, S, S) bool mask, True = may attend (block-sparse attention)."""
-    q, k, v, attention_mask, cu_seqlens, max_seqlen, scale = inputs
-    (kp, vp, qp), mask, coords = _to_padded([k, v, q], attention_mask, cu_seqlens, max_seqlen, zero_padding=2)
-    bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
-    out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=bias, scale=scale)
-    # ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
-    # non-finite query makes its row NaN in the exact math, so say so explicitly.
-    finite = qp.isfinite().all(dim=-1)
-    out, lse = torch.where(finite[..., None], out, float("nan")), torch.where(finite, lse, float("nan"))
-    if has_key is not None:
-        out = out.masked_fill(~has_key[..., None], 0.0)
-        lse = lse.masked_fill(~has_key, float("-inf"))  # (B, H, S)
-    lse = lse.to(checks.accum_dtype(q.dtype))
-    out, lse = _from_padded([out, lse], cu_seqlens, coords)
-    return out, lse
+    q, k, v = inputs.q, inputs.k, inputs.v
+    call = _padded(inputs, [k, v, q], extra_mask)
+    kp, vp, qp = call.tensors
+    out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=call.bias, scale=inputs.scale)  # lse (B, H, S)
+    out, lse = _nan_for_nonfinite_queries(q, qp, out, lse)
+    if call.keyless is not None:
+        out = out.masked_fill(call.keyless[..., None], 0.0)
+        lse = lse.masked_fill(call.keyless, float("-inf"))
+    return call.back(out), call.back(lse.to(checks.accum_dtype(q.dtype)))
 
 
 def masked_backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor,
                     extra_mask: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`backward` under the extra mask of :func:`masked_forward`."""
-    q, k, v, attention_mask, cu_seqlens, max_seqlen, scale = inputs
-    (kp, vp, qp, outp, doutp), mask, coords = _to_padded([k, v, q, out, dout], attention_mask, cu_seqlens,
-                                                         max_seqlen, zero_padding=2)
-    if coords is not None:
-        lse, _ = padding.pad(lse, cu_seqlens, max_seqlen, coords)
-    bias, has_key = _bias(mask, extra_mask, q.dtype, qp.shape[:3])
-    # Rows without keys: zero upstream gradient and a finite lse, so ATen yields zeros.
-    lse = lse.transpose(1, 2)
-    if has_key is not None:
-        doutp, lse = doutp.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, 0.0)
-    doutp, lse = doutp.contiguous(), lse.to(checks.accum_dtype(q.dtype))
-    dq, dk, dv = _ATEN_BWD(doutp, qp, kp, vp, outp, lse.contiguous(), 0.0, False, attn_mask=bias, scale=scale)
-    return tuple(_from_padded([dq, dk, dv], cu_seqlens, coords))
+    q = inputs.q
+    call = _padded(inputs, [inputs.k, inputs.v, q, out, dout], extra_mask)
+    kp, vp, qp, outp, doutp = call.tensors
+    if call.packing is not None:
+        b, s = call.packing.mask.shape
+        lse = padding.pad_flat(lse, call.packing.flat, b, s)  # (T, H) -> (B, S, H)
+    lse = lse.transpose(1, 2).to(checks.accum_dtype(q.dtype))  # (B, H, S): ATen's own layout of it
+    if call.keyless is not None:  # zero upstream gradient and a finite lse: ATen then yields zeros
+        doutp, lse = doutp.masked_fill(call.keyless[..., None], 0.0), lse.masked_fill(call.keyless, 0.0)
+    grads = _ATEN_BWD(doutp, qp, kp, vp, outp, lse, 0.0, False, attn_mask=call.bias, scale=inputs.scale)
+    return tuple(call.back(g) for g in grads)
