@@ -334,14 +334,10 @@ SPARSE_CASES = {  # name -> (layout, lengths of a packed batch or None for padde
 }
 
 
-@pytest.mark.parametrize("case", list(SPARSE_CASES))
-@pytest.mark.parametrize("kind,dtype", [("contiguous", torch.float32), ("last_dim_stride_2", torch.float32),
-                                        ("contiguous", torch.bfloat16)], ids=["fp32", "fp32-strided", "bf16"])
-def test_cpu_sparse_route_error_ratio(sparse_route, case, kind, dtype):
-    """Outputs and gradients of the tile-skipping route against the fp64 reference (error-ratio rule)."""
+def _check_sparse_case(case, dtype=torch.float32, view=lambda t: t):
+    """The route on SPARSE_CASES[case] against the fp64 reference: outputs and gradients by the error-ratio rule."""
     make_layout, lengths = SPARSE_CASES[case]
     layout = make_layout()
-    view = (lambda t: t) if kind == "contiguous" else (lambda t: strided_view(t, kind))
     if lengths is None:
         shape, kw, max_seqlen = (2, 37, 3, 32), dict(attention_mask=random_mask(2, 37, 1)), None
         valid = kw["attention_mask"][:, :, None, None]
@@ -354,23 +350,42 @@ def test_cpu_sparse_route_error_ratio(sparse_route, case, kind, dtype):
                                                    backend="torch"),
             lambda q, k, v, upcast: block_sparse_attention_reference(q, k, v, layout, **kw, upcast=upcast)[0],
             [torch.randn(shape) for _ in range(3)], valid, dtype=dtype, floor=1e-5 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+@pytest.mark.parametrize("kind,dtype", [("contiguous", torch.float32), ("last_dim_stride_2", torch.float32),
+                                        ("contiguous", torch.bfloat16)], ids=["fp32", "fp32-strided", "bf16"])
+def test_cpu_sparse_route_error_ratio(sparse_route, case, kind, dtype):
+    """Outputs and gradients of the tile-skipping route against the fp64 reference (error-ratio rule)."""
+    _check_sparse_case(case, dtype, (lambda t: t) if kind == "contiguous" else (lambda t: strided_view(t, kind)))
+    assert sparse_route == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.parametrize("case", list(SPARSE_CASES))
+def test_cpu_sparse_route_one_query_block_per_group(sparse_route, monkeypatch, case):
+    """The smallest groups (GATHER_BYTES below one key block: each ATen call takes one query block, per
+    head for per-head layouts) on every case: odd lengths, packed, per-head masks, blocks without keys;
+    outputs and gradients by the error-ratio rule, dk / dv summed over many calls."""
+    monkeypatch.setattr(block_sparse_cpu, "GATHER_BYTES", 1)
+    _check_sparse_case(case)
     assert sparse_route == {"forward": 1, "backward": 1}
 
 
 def test_cpu_sparse_route_split_groups(sparse_route, monkeypatch):
-    """Query blocks of one kept count split into several ATen calls (GATHER_FACTOR) give the same
+    """Query blocks of one kept count split into several ATen calls (GATHER_BYTES) give the same
     outputs and gradients, dk / dv summed across the calls."""
     layout = L.sliding_window(40, 5, 4)  # 10 blocks, 3 kept by most query blocks
     inputs = [torch.randn(2, 40, 2, 16, dtype=torch.float64) for _ in range(3)]
+    block_bytes = 4 * 2 * 2 * 16 * 8  # one gathered key block: 4 tokens of (B, H, D) fp64
     results = []
-    for factor in (2, 1):
-        monkeypatch.setattr(block_sparse_cpu, "GATHER_FACTOR", factor)
+    for budget in (1 << 30, 3 * block_bytes):  # one group per count; one query block per group
+        monkeypatch.setattr(block_sparse_cpu, "GATHER_BYTES", budget)
         leaves = [t.clone().requires_grad_() for t in inputs]
         out = block_sparse_attention(*leaves, layout, backend="torch")
         results.append([out, *torch.autograd.grad(out, leaves, torch.ones_like(out))])
     dense_in = block_sparse_cpu.BlockSparseInputs.from_layout(
         torch_bs.dense.AttentionInputs(*inputs, None, None, 40, 0.25), layout)
-    assert len(block_sparse_cpu.schedule(dense_in, 10, 1)) > len(layout.kv_blocks[1].unique())  # really split
+    assert len(block_sparse_cpu.schedule(dense_in, 10, 1, 3)) > len(layout.kv_blocks[1].unique())  # really split
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     ref = block_sparse_attention(*inputs, layout, backend="reference")
@@ -449,3 +464,96 @@ def test_opcheck_cpu_sparse_route(sparse_route):
     args = (q, k, v, None, None, 12, 0.35, layout.blocks, None, 2, layout.window, layout.num_global, "torch")
     torch.library.opcheck(torch.ops.fastmlm.block_sparse_attention_fwd.default, args)
     assert sparse_route["forward"] > 0
+
+
+# --------------------------------------------------------------------------- the boundary on a repeated signature
+def test_boundary_is_memoised_per_signature_and_layout(monkeypatch):
+    """A repeated call (same tensor metadata, options and layout object) skips the metadata checks and
+    the backend choice; another layout with the same tensors is checked again; the value check of
+    cu_seqlens runs on every call; the memo keeps no layout alive."""
+    import gc
+    import sys
+    import weakref
+
+    op = sys.modules["fastmlm.ops.block_sparse"]
+    plans = []
+    monkeypatch.setattr(op, "_plan", lambda *a, _real=op._plan: plans.append(a[3]) or _real(*a))
+    op.REGISTRY.forget_failures()  # starts from an empty memo
+    layout = L.sliding_window(12, 2, 4)
+    q, k, v = (torch.randn(12, 2, 8) for _ in range(3))
+    cu = cu_seqlens_of([7, 5])
+    first = block_sparse_attention(q, k, v, layout, cu_seqlens=cu, max_seqlen=7)
+    again = block_sparse_attention(q, k, v, layout, cu_seqlens=cu, max_seqlen=7)
+    assert plans == [layout] and torch.equal(first, again)
+    bad = torch.tensor([0, 8, 12], dtype=torch.int32)  # same metadata as cu, a sequence past max_seqlen
+    with pytest.raises(RuntimeError, match="no sequence may exceed max_seqlen=7"):
+        block_sparse_attention(q, k, v, layout, cu_seqlens=bad, max_seqlen=7)
+    short = L.sliding_window(6, 2, 3)
+    with pytest.raises(ValueError, match="layout covers 6 tokens but sequences are up to 7 long"):
+        block_sparse_attention(q, k, v, short, cu_seqlens=cu, max_seqlen=7)
+    with pytest.raises(ValueError, match="layout must be a BlockSparseLayout, got Tensor"):
+        block_sparse_attention(q, k, v, layout.blocks, cu_seqlens=cu, max_seqlen=7)
+    assert len(plans) == 3  # the other layout and the tensor were planned (and refused), not served from the memo
+    alive = weakref.ref(layout)
+    del layout, plans[:]
+    gc.collect()
+    assert alive() is None
+
+
+def test_plain_eager_calls_skip_the_custom_op(monkeypatch):
+    """Plain tensors in eager mode run the backend under the op's own autograd rule, not through the
+    fastmlm:: custom ops (kept for torch.compile, modes and opcheck); the gradients are the same."""
+    import sys
+
+    op = sys.modules["fastmlm.ops.block_sparse"]
+    layout = L.sliding_window(24, 3, 4)
+    q, k, v = (torch.randn(2, 24, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    through_op = block_sparse_attention(q, k, v, layout, backend="torch")
+    op_grads = torch.autograd.grad(through_op, (q, k, v), torch.ones_like(through_op))
+    refuse = lambda *a: (_ for _ in ()).throw(AssertionError("custom op called on the plain eager path"))
+    monkeypatch.setattr(op, "_bsa_fwd", refuse)
+    monkeypatch.setattr(op, "_bsa_bwd", refuse)
+    out = block_sparse_attention(q, k, v, layout, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    torch.testing.assert_close(out, through_op, rtol=0, atol=0)
+    for g, r in zip(grads, op_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(block_sparse_attention(q, k, v, layout, backend="torch"), out, rtol=0, atol=0)
+
+
+def test_dense_route_mask_is_built_once_per_layout(monkeypatch):
+    """The dense CPU route's token mask (short sequences) is built once per layout and length, not on
+    every forward and backward; another layout sharing the tile tensor but not its block size gets its own."""
+    built = []
+    monkeypatch.setattr(torch_bs, "token_keep", lambda *a, _real=torch_bs.token_keep: built.append(a[1]) or _real(*a))
+    blocks = torch.tensor([[[2, 2, 0, 0], [2, 2, 2, 0], [0, 2, 2, 2], [0, 0, 2, 2]]], dtype=torch.int8)
+    by4, by5 = L.BlockSparseLayout(blocks, 4, 16, window=2), L.BlockSparseLayout(blocks, 5, 16, window=2)
+    assert by4.blocks is by5.blocks  # the same tensor: a cache keyed by it alone would mix them up
+    q, k, v = (torch.randn(1, 16, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    for layout in (by4, by4, by5):
+        out = block_sparse_attention(q, k, v, layout, backend="torch")
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        ref = block_sparse_attention(q, k, v, layout, backend="reference")
+        torch.testing.assert_close(out, ref)
+        for g, r in zip(grads, torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))):
+            torch.testing.assert_close(g, r)
+    assert built == [4, 5]
+
+
+def test_cpu_routes_follow_a_layout_edited_in_place(sparse_route, monkeypatch):
+    """Schedules and masks are remembered per layout, but a layout whose tile states (or token mask) are
+    edited in place is planned again, as the Triton schedules are: both CPU routes match the reference."""
+    q, k, v = (torch.randn(1, 40, 2, 8, dtype=torch.float64) for _ in range(3))
+    layout = L.random_blocks(40, 2, 8, seed=1)
+    short = L.sliding_window(16, 2, 4) | L.BlockSparseLayout(torch.full((1, 4, 4), L.PARTIAL), 4, 16,
+                                                              token_mask=torch.zeros(1, 16, 16, dtype=torch.bool))
+    monkeypatch.setattr(torch_bs, "MIN_SEQLEN", 20)  # 16 tokens: the dense route; 40: the sparse route
+    for lay, n in ((short, 16), (layout, 40)):
+        block_sparse_attention(q[:, :n], k[:, :n], v[:, :n], lay, backend="torch")  # plans and remembers
+    layout.blocks[0, 1] = L.FULL - layout.blocks[0, 1].clamp(max=1)  # swap kept and skipped tiles of a row
+    short.token_mask[0, 9, 1] = True
+    for lay, n in ((short, 16), (layout, 40)):
+        out = block_sparse_attention(q[:, :n], k[:, :n], v[:, :n], lay, backend="torch")
+        torch.testing.assert_close(out, block_sparse_attention(q[:, :n], k[:, :n], v[:, :n], lay, backend="reference"))
+    assert sparse_route["forward"] == 2

@@ -26,7 +26,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -67,6 +67,21 @@ def host_blocks(blocks: Tensor) -> Tensor:
     if host is None:
         host = _HOST_BLOCKS[blocks] = blocks.cpu()  # once per device layout
     return host
+
+
+def per_layout(cache: WeakIdKeyDictionary, blocks: Tensor, token_mask: Optional[Tensor], key: tuple,
+               build: Callable[[], object]):
+    """``build()`` once per layout and ``key``, remembered in ``cache`` under the layout's tile tensor
+    ``blocks`` (held weakly) and rebuilt when its ``token_mask`` is another tensor or either was
+    edited in place: what a backend derives from a layout (schedules, masks) is reused across
+    layers and steps. One tile tensor may serve several layouts (``BlockSparseLayout`` keeps an
+    int8 tensor as it is), so ``key`` holds whatever else the result depends on (block size, ...)."""
+    versions = (blocks._version, None if token_mask is None else token_mask._version)
+    entries = cache.setdefault(blocks, {})
+    found = entries.get(key)
+    if found is None or found[0] is not token_mask or found[1] != versions:
+        found = entries[key] = (token_mask, versions, build())
+    return found[2]
 
 
 def _block_bounds(seqlen: int, block_size: int) -> tuple[Tensor, Tensor]:

@@ -15,13 +15,14 @@ layout longer than the batch serves it: only its first max_seqlen tokens apply.
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from . import checks
-from .attention import AttentionInputs, attention_reference, validated_inputs
+from . import checks, dispatch
+from .attention import AttentionInputs, attention_reference, validate_metadata, validate_options
 from .block_layout import BlockSparseLayout
 from .dispatch import Registry, score_elements
 
@@ -66,6 +67,11 @@ class BlockSparseInputs(NamedTuple):
     def from_layout(cls, dense: AttentionInputs, layout: BlockSparseLayout) -> "BlockSparseInputs":
         return cls(dense, layout.blocks, layout.token_mask, layout.block_size, layout.window, layout.num_global)
 
+    @classmethod
+    def from_flat(cls, flat: tuple) -> "BlockSparseInputs":
+        """The bundle of the custom ops' flat arguments (:meth:`flat`, without the backend name)."""
+        return cls(AttentionInputs(*flat[:7]), *flat[7:])
+
     def flat(self) -> tuple:
         """The custom ops' flat arguments: the dense inputs, then the layout's."""
         return (*self.dense, *self[1:])
@@ -88,8 +94,8 @@ def _bsa_fwd(
     scale: float, blocks: Tensor, token_mask: Optional[Tensor], block_size: int, window: int, num_global: int,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    dense = AttentionInputs(q, k, v, attention_mask, cu_seqlens, max_seqlen, scale)
-    inputs = BlockSparseInputs(dense, blocks, token_mask, block_size, window, num_global)
+    inputs = BlockSparseInputs.from_flat((q, k, v, attention_mask, cu_seqlens, max_seqlen, scale, blocks, token_mask,
+                                          block_size, window, num_global))
     return REGISTRY.module(backend).forward(inputs)
 
 
@@ -127,12 +133,74 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attention_mask, cu_seqlens, blocks, token_mask = ctx.saved_tensors
-    grads = _bsa_bwd(dout.contiguous(), q, k, v, out, lse, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale,
-                     blocks, token_mask, *ctx.layout_ints, ctx.backend)
+    dout = dout.contiguous()
+    if dispatch.plain_eager(dout, q, k, v, out, lse, attention_mask, cu_seqlens, blocks, token_mask) \
+            and not torch.is_grad_enabled():
+        inputs = BlockSparseInputs.from_flat((q, k, v, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale, blocks,
+                                              token_mask, *ctx.layout_ints))
+        grads = REGISTRY.module(ctx.backend).backward(inputs, out, lse, dout)
+    else:  # traced, under a mode, or create_graph=True: the custom op (not differentiable again)
+        grads = _bsa_bwd(dout, q, k, v, out, lse, attention_mask, cu_seqlens, ctx.max_seqlen, ctx.scale,
+                         blocks, token_mask, *ctx.layout_ints, ctx.backend)
     return (*grads,) + (None,) * 10  # nothing for the layout and options
 
 
 _bsa_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerBlockSparse(torch.autograd.Function):
+    """``fastmlm::block_sparse_attention_fwd`` with its autograd rule (the same setup_context and
+    backward) but without the custom op's dispatcher round trips, for the plain eager path (the
+    classic ``forward(ctx, ...)`` form: ``Function.apply`` then binds no signature per call)."""
+
+    @staticmethod
+    def forward(ctx, *flat):
+        output = REGISTRY.module(flat[-1]).forward(BlockSparseInputs.from_flat(flat[:-1]))
+        _setup_context(ctx, flat, output)
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _run_forward(inputs: BlockSparseInputs, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, lse) from backend ``backend`` (a :meth:`Registry.select` name): through the custom op
+    when traced or under a mode, else the same call with the same autograd rule, unwrapped."""
+    q, k, v, attention_mask, cu_seqlens = inputs.dense[:5]
+    if not dispatch.plain_eager(q, k, v, attention_mask, cu_seqlens, inputs.blocks, inputs.token_mask):
+        return _bsa_fwd(*inputs.flat(), backend)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerBlockSparse.apply(*inputs.flat(), backend)
+    return REGISTRY.module(backend).forward(inputs)
+
+
+def _check_layout(op: str, layout, max_seqlen: int, nheads: int) -> None:
+    if not isinstance(layout, BlockSparseLayout):
+        checks.fail(op, f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
+    if layout.seqlen < max_seqlen:
+        checks.fail(op, f"layout covers {layout.seqlen} tokens but sequences are up to {max_seqlen} long")
+    if layout.num_heads not in (1, nheads):
+        checks.fail(op, f"layout has {layout.num_heads} heads; q has {nheads} (use 1 to share one layout)")
+    if layout.token_mask is not None and layout.token_mask.shape[0] not in (1, nheads):
+        checks.fail(op, f"layout token_mask has {layout.token_mask.shape[0]} heads; q has {nheads} "
+                        "(use 1 to share one mask)")
+
+
+def _plan(q, k, v, layout, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> tuple[int, float, str]:
+    """What the public op derives from metadata and the layout alone, memoised per signature:
+    (max_seqlen, softmax scale, the backend name :meth:`Registry.select` returns)."""
+    op = "block_sparse_attention"
+    max_seqlen = validate_metadata(op, q, k, v, attention_mask, cu_seqlens, max_seqlen)
+    scale = validate_options(op, backend, softmax_scale, q.shape[-1])
+    _check_layout(op, layout, max_seqlen, q.shape[-2])
+    mask = None if attention_mask is None else attention_mask.bool()
+    inputs = BlockSparseInputs.from_layout(AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale),
+                                           layout.to(q.device))
+    return max_seqlen, scale, REGISTRY.select(backend, q.device.type, inputs)
+
+
+def _layout_key(layout: BlockSparseLayout) -> tuple:
+    tm = layout.token_mask
+    return weakref.ref(layout), layout.blocks._version, None if tm is None else tm._version
 
 
 # --------------------------------------------------------------------------- public op
@@ -153,22 +221,20 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: BlockSparseL
         lse [with return_lse]: q.shape[:-1], fp32 (fp64 for fp64 inputs): the logsumexp of each
             row's scaled scores over the keys the layout keeps, -inf where it keeps none.
     """
-    op = "block_sparse_attention"
-    dense = validated_inputs(op, q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
-    if not isinstance(layout, BlockSparseLayout):
-        checks.fail(op, f"layout must be a BlockSparseLayout, got {type(layout).__name__}")
-    if layout.seqlen < dense.max_seqlen:
-        checks.fail(op, f"layout covers {layout.seqlen} tokens but sequences are up to {dense.max_seqlen} long")
-    if layout.num_heads not in (1, q.shape[-2]):
-        checks.fail(op, f"layout has {layout.num_heads} heads; q has {q.shape[-2]} (use 1 to share one layout)")
-    if layout.token_mask is not None and layout.token_mask.shape[0] not in (1, q.shape[-2]):
-        checks.fail(op, f"layout token_mask has {layout.token_mask.shape[0]} heads; q has {q.shape[-2]} "
-                        "(use 1 to share one mask)")
+    key = dispatch.call_key(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
+    if key is not None:  # (None under torch.compile, which memoises nothing.) The layout counts by identity and
+        # by the versions of its tensors (backends read its tile states, e.g. whether it is a pure window), held
+        # weakly: the memo keeps no layout (nor its token mask) alive, and a dead layout's entry never matches.
+        key = key + _layout_key(layout) if isinstance(layout, BlockSparseLayout) else None
+    max_seqlen, scale, name = REGISTRY.memo(
+        key, lambda: _plan(q, k, v, layout, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
+    if cu_seqlens is not None:  # a value check: every call
+        checks.check_cu_seqlens("block_sparse_attention", cu_seqlens, q.shape[0], max_seqlen)
     layout = layout.to(q.device)
-    inputs = BlockSparseInputs.from_layout(dense, layout)
-    name = REGISTRY.select(backend, q.device.type, inputs)
     if name == "reference" or q.numel() == 0:  # nothing to launch for an empty batch
-        out, lse = block_sparse_attention_reference(q, k, v, layout, attention_mask, cu_seqlens, dense.scale)
+        out, lse = block_sparse_attention_reference(q, k, v, layout, attention_mask, cu_seqlens, scale)
     else:
-        out, lse = _bsa_fwd(*inputs.flat(), name)
+        mask = None if attention_mask is None else attention_mask.bool()
+        dense = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
+        out, lse = _run_forward(BlockSparseInputs.from_layout(dense, layout), name)
     return (out, lse) if return_lse else out
