@@ -20,7 +20,7 @@ from triton.compiler import ASTSource
 
 from fastmlm.ops.kernels_path import triton_interpret
 
-from . import masked_ce
+from . import masked_ce, masked_ce_launch
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory one block may use on an H100
 TYPES = {"tokens_ptr": "*i64", "targets_ptr": "*i64", "n_rows_ptr": "*i32", "argbest_ptr": "*i32",
@@ -39,7 +39,7 @@ def compile_kernel(name: str, dtype: torch.dtype, fused: bool = False, target=GP
     """Compile ``_<name>_kernel`` for ``target`` with the GPU configuration for ``dtype``
     (``fused``: with the switches of forward_and_grads on)."""
     fn = getattr(masked_ce, f"_{name}_kernel")
-    configs = masked_ce._configs(dtype)
+    configs = masked_ce_launch._configs(dtype)
     meta = dict(configs[name])
     options = dict(num_warps=meta.pop("num_warps"), num_stages=meta.pop("num_stages"))
     meta["DOT_PRECISION"] = configs["DOT_PRECISION"]

@@ -1,4 +1,6 @@
 """fastmlm.ops.masked_lm_loss: reference vs torch's cross_entropy, backends, edge cases, bad inputs."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,12 @@ def _call(**overrides):
         (dict(labels=torch.full((10,), 7)), RuntimeError, "labels must be ignore_index"),
         (dict(positions=torch.tensor([3, 10])), RuntimeError, "positions must lie"),
         (dict(positions=torch.tensor([-2])), RuntimeError, "positions must lie"),
+        (dict(max_masked_fraction=0.0), ValueError,
+         r"max_masked_fraction must be None or a number in \(0, 1\] .*got 0.0"),
+        (dict(max_masked_fraction=1.5), ValueError, r"max_masked_fraction must be .*got 1.5"),
+        (dict(max_masked_fraction=float("nan")), ValueError, r"max_masked_fraction must be .*got nan"),
+        (dict(max_masked_fraction=True), ValueError, r"max_masked_fraction must be .*got True"),
+        (dict(max_masked_fraction="0.5"), ValueError, r"max_masked_fraction must be .*got '0.5'"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
@@ -164,7 +172,7 @@ def test_opcheck_torch_backend(use_positions):
     h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
     labels[1] = 2
     positions = torch.tensor([1, -1, 5]) if use_positions else None
-    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 0.0, "torch")
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 0.0, 0.5, "torch")
     torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_fwd.default, args)
 
 
@@ -288,16 +296,17 @@ def test_reduced_loss_computes_gradients_in_the_forward(monkeypatch):
     from fastmlm.ops.torch_impl import masked_ce as torch_backend
 
     calls = []
-    fused = torch_backend.forward_and_grads
-    monkeypatch.setattr(torch_backend, "forward_and_grads", lambda *a: calls.append("fused") or fused(*a))
+    fused = torch_backend.reduced
+    monkeypatch.setattr(torch_backend, "reduced", lambda *a: calls.append(a[1:]) or fused(*a))
+    monkeypatch.setattr(torch_backend, "forward_and_grads", lambda *a: pytest.fail("per-row gradients on the CPU"))
     monkeypatch.setattr(torch_backend, "backward", lambda *a: pytest.fail("the backward ran a second pass"))
     h, w, b, labels = make_batch(30, 8, 37, rate=0.4)
     labels[0] = 4
     inputs = [t.requires_grad_() for t in (h, w, b)]
     loss = masked_lm_loss(*inputs, labels, backend="torch", label_smoothing=0.1, z_loss=1e-3)
-    assert calls == ["fused"]
+    assert calls == [(True, True)]  # (mean, grads)
     grads = torch.autograd.grad(loss * -2.5, inputs)  # a grad_output other than 1
-    assert calls == ["fused"]
+    assert len(calls) == 1
     _, want = _reference_loss_and_grads(h, w, b, labels, grad=-2.5, label_smoothing=0.1, z_loss=1e-3)
     _assert_close_to_reference(grads, want, names=("d_hidden", "d_weight", "d_bias"))
 
@@ -330,6 +339,51 @@ def test_no_gradients_kept_without_requires_grad(monkeypatch):
     with torch.no_grad():
         got = masked_lm_loss(h.requires_grad_(), w, b, labels, backend="torch")
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(label_smoothing=0.1, z_loss=1e-2)],
+                         ids=["plain", "smooth", "smooth+z"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_without_gradients_matches_the_reference(chunk_rows, options, reduction, monkeypatch):
+    """The forward-only reduced loss (ATen's cross-entropy without a z-loss, the lse terms with one)
+    and its accuracy, on fresh inputs with duplicated positions, against the fp64 reference."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    vocab = 29
+    if chunk_rows:
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", chunk_rows * vocab)
+    h, w, b, labels = make_batch(37, 8, vocab, rate=0.4, dtype=torch.float64, scale=3.0)
+    labels[[1, 2]] = torch.tensor([5, 6])
+    labels[::3] = (h @ w.t() + b)[::3].argmax(1)  # rows the accuracy counts as correct
+    for positions in (None, torch.tensor([2, -1, 1, 2, 0, 30])):
+        kw = dict(positions=positions, reduction=reduction, return_accuracy=True, **options)
+        want, want_correct = masked_lm_loss(h, w, b, labels, backend="reference", **kw)
+        got, correct = masked_lm_loss(h.float(), w.float(), b.float(), labels, backend="torch", **kw)
+        assert got.dtype == torch.float32 and correct.dtype == torch.int64
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        assert correct.item() == want_correct.item() > 0
+
+
+@pytest.mark.parametrize("static_rows", [False, True], ids=["compacted", "static"])
+def test_torch_forward_and_grads_rows_match_the_reference(static_rows, monkeypatch):
+    """The per-row outputs of forward_and_grads (loss, lse, correct; what any backward may rely on),
+    without z-loss, where nothing else reads lse; duplicated positions and rows that do not count."""
+    from fastmlm.ops.masked_ce import MaskedCEInputs
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    if static_rows:
+        monkeypatch.setattr(torch_backend, "COMPACT_DEVICES", ())
+    h, w, b, labels = make_batch(21, 8, 17, rate=0.5, dtype=torch.float64, scale=4.0)
+    labels[[0, 3]] = torch.tensor([(h[0] @ w.t() + b).argmax(), 2])
+    for positions in (None, torch.tensor([3, -1, 0, 3, 20])):
+        inputs = MaskedCEInputs(h, w, b, labels, positions, -100, 0.1, 0.0)
+        grad_rows = torch.rand(inputs.num_rows, dtype=torch.float64)
+        got = torch_backend.forward_and_grads(inputs, grad_rows)[:3]
+        want = masked_lm_loss_reference(h, w, b, labels, positions, -100, 0.1, 0.0)
+        for name, g, e in zip(("loss", "lse", "correct"), got, want):
+            torch.testing.assert_close(g, e, msg=name)
+        assert want[2].any()
 
 
 def test_only_some_inputs_need_gradients():
@@ -393,8 +447,8 @@ def test_opcheck_reduced_op(mean):
     h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
     labels[1] = 2
     for positions in (None, torch.tensor([1, -1, 5, 1])):
-        args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 1e-3, mean,
-                "torch")
+        args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, -100, 0.1, 1e-3, 0.5,
+                mean, "torch")
         torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_reduced.default, args)
 
 
@@ -419,11 +473,13 @@ BOUNDED_PATHS = ["torch-cuda-emulated", "cuda-emulated"]
 @pytest.fixture
 def bounded(monkeypatch):
     """A bound of ceil(0.25 R) + 2 rows without positions, on the CUDA row plan of both backends
-    (the torch backend compacts on the host only on COMPACT_DEVICES)."""
+    (the torch backend compacts on the host only on COMPACT_DEVICES), through the default fraction
+    that CUDA inputs get (DEFAULT_MAX_MASKED_FRACTION, here for the CPU tensors that stand in)."""
+    import fastmlm.ops  # noqa: F401
     from fastmlm.ops.torch_impl import masked_ce as torch_backend
 
     monkeypatch.setattr(torch_backend, "COMPACT_DEVICES", ())
-    monkeypatch.setattr(torch_backend, "MAX_COUNTED_FRACTION", 0.25)
+    monkeypatch.setattr(sys.modules["fastmlm.ops.masked_ce"], "DEFAULT_MAX_MASKED_FRACTION", {"cpu": 0.25})
     monkeypatch.setattr(torch_backend, "SLACK_ROWS", 2)
     return torch_backend
 
@@ -499,7 +555,7 @@ def test_bounded_rows_follow_the_masked_count(bounded, path, monkeypatch):
 
     seen = _rows_seen(path, monkeypatch)
     h, w, b, labels = _batch_with_count(200, 8, 31, count=30, dtype=torch.float32)
-    assert bounded.counted_bound(200) == 52  # ceil(0.25 * 200) + 2
+    assert bounded.counted_bound(200, 0.25) == 52  # ceil(0.25 * 200) + 2
     with running(path) as (backend, _):
         for reduction, requires_grad in (("mean", False), ("mean", True), ("none", True)):
             seen.clear()
@@ -508,9 +564,8 @@ def test_bounded_rows_follow_the_masked_count(bounded, path, monkeypatch):
             if reduction == "none":
                 torch.autograd.grad(loss.sum(), inputs)  # the separate backward is bounded too
             assert seen and set(seen) == {52}, (reduction, requires_grad, seen)
-        monkeypatch.setattr(bounded, "MAX_COUNTED_FRACTION", 1.0)
         seen.clear()
-        masked_lm_loss(h, w, b, labels, backend=backend)
+        masked_lm_loss(h, w, b, labels, backend=backend, max_masked_fraction=1.0)
         assert seen == [200]
 
 
@@ -525,7 +580,7 @@ def test_bounded_rows_overflow_stops_with_a_clear_error(bounded, path):
     with running(path) as (backend, _):
         for requires_grad in (False, True):
             inputs = [t.clone().requires_grad_(requires_grad) for t in (h, w, b)]
-            with pytest.raises(RuntimeError, match=r"more rows count .* the 12 of 40 rows .*MAX_COUNTED_FRACTION"):
+            with pytest.raises(RuntimeError, match=r"more rows count .* the 12 of 40 rows .*max_masked_fraction=0.25"):
                 masked_lm_loss(*inputs, labels, backend=backend)
         positions = (labels != -100).nonzero()[:, 0]
         with_positions = masked_lm_loss(h, w, b, labels, positions=positions, backend=backend)
@@ -535,3 +590,78 @@ def test_bounded_rows_overflow_stops_with_a_clear_error(bounded, path):
     want = masked_lm_loss(h, w, b, labels, backend="reference")
     torch.testing.assert_close(fits, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(with_positions, want_positions, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------- max_masked_fraction: the per-call bound (issue 16)
+def test_masked_fraction_bound_is_checked_on_the_cpu_too(monkeypatch):
+    """Without positions at most ceil(f·R) + 64 rows may count; the CPU, which compacts on the host,
+    checks the same bound as a GPU (there for free), so a call that would stop on CUDA stops here."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    assert torch_backend.counted_bound(200, 0.25) == 114 and torch_backend.counted_bound(200, 1.0) == 200
+    assert torch_backend.counted_bound(40, 0.25) == 40  # the slack covers small batches
+    h, w, b, _ = make_batch(200, 8, 13)
+    labels = torch.full((200,), -100)
+    labels[torch.randperm(200)[:115]] = torch.randint(0, 13, (115,))
+    for requires_grad in (False, True):
+        inputs = [t.clone().requires_grad_(requires_grad) for t in (h, w, b)]
+        for reduction in ("mean", "none"):
+            with pytest.raises(RuntimeError, match=r"the 114 of 200 rows .*max_masked_fraction=0.25"):
+                masked_lm_loss(*inputs, labels, backend="torch", reduction=reduction, max_masked_fraction=0.25)
+    want = masked_lm_loss(h, w, b, labels, backend="reference")
+    torch.testing.assert_close(masked_lm_loss(h, w, b, labels, max_masked_fraction=1.0), want)
+    torch.testing.assert_close(masked_lm_loss(h, w, b, labels), want)  # None: no bound for CPU inputs
+    positions = (labels != -100).nonzero()[:, 0]  # with positions, their length is the bound
+    torch.testing.assert_close(masked_lm_loss(h, w, b, labels, positions=positions, max_masked_fraction=0.25), want)
+    labels[(labels != -100).nonzero()[0, 0]] = -100  # 114 counted rows: exactly the bound fits
+    torch.testing.assert_close(masked_lm_loss(h, w, b, labels, backend="torch", max_masked_fraction=0.25),
+                               masked_lm_loss(h, w, b, labels, backend="reference"))
+
+
+def test_masked_fraction_reaches_the_bundle(monkeypatch):
+    """None resolves per device type (0.5 for CUDA inputs); the value the backends receive."""
+    import fastmlm.ops  # noqa: F401
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    op_module = sys.modules["fastmlm.ops.masked_ce"]
+    assert op_module.DEFAULT_MAX_MASKED_FRACTION == {"cuda": 0.5}
+    seen = []
+    reduced = torch_backend.reduced
+    monkeypatch.setattr(torch_backend, "reduced", lambda inputs, *a: seen.append(inputs.max_masked_fraction)
+                        or reduced(inputs, *a))
+    h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
+    labels[0] = 1
+    for fraction in (None, 0.5, 1):
+        masked_lm_loss(h, w, b, labels, max_masked_fraction=fraction)
+    monkeypatch.setattr(op_module, "DEFAULT_MAX_MASKED_FRACTION", {"cpu": 0.3})  # as CUDA inputs get theirs
+    masked_lm_loss(h, w, b, labels)
+    assert seen == [1.0, 0.5, 1.0, 0.3]
+
+
+def test_model_and_hf_patch_pass_their_compacted_rows_unbounded(monkeypatch):
+    """fastmlm's model and fastmlm.hf.patch hand over rows that are the masked tokens already: they
+    say max_masked_fraction=1.0, so the bound (0.5 by default on CUDA) never trips on them."""
+    import fastmlm.hf  # noqa: F401  (the module fastmlm.hf.patch is shadowed by the function patch)
+    import fastmlm.ops as ops
+    from fastmlm.config import preset
+    from fastmlm.model import FastMLMForMaskedLM
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("max_masked_fraction"))
+        return masked_lm_loss(*args, **kwargs)
+
+    hf_patch = sys.modules["fastmlm.hf.patch"]
+    monkeypatch.setattr(ops, "masked_lm_loss", spy)
+    monkeypatch.setattr(hf_patch, "masked_lm_loss", spy)
+    model = FastMLMForMaskedLM(preset("tiny", vocab_size=50, hidden_size=16, num_layers=1, num_heads=2,
+                                      intermediate_size=32, max_position_embeddings=16))
+    ids = torch.randint(5, 50, (2, 8))
+    labels = torch.where(torch.rand(2, 8) < 0.5, ids, -100)
+    labels[0, 0] = 7
+    assert torch.isfinite(model(ids, labels=labels).loss)
+    hidden, weight = torch.randn(2, 8, 16), torch.randn(50, 16)
+    for num_items in (None, 3):
+        hf_patch.masked_rows_loss(hidden, labels, lambda x: x, weight, None, num_items_in_batch=num_items)
+    assert calls == [1.0, 1.0, 1.0]

@@ -273,7 +273,8 @@ def test_opcheck_triton_backend(use_positions, device):
     h, w, b, labels = make_batch(12, 16, 19, rate=0.5, device=device)
     labels[1] = 2
     positions = torch.tensor([1, -1, 5, 1], device=device) if use_positions else None
-    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, IGNORE, 0.1, 1e-3, "triton")
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, IGNORE, 0.1, 1e-3, 1.0,
+            "triton")
     torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_fwd.default, args)
 
 
@@ -282,7 +283,7 @@ def test_opcheck_triton_reduced_op(device):
     h, w, b, labels = make_batch(12, 16, 19, rate=0.5, device=device)
     labels[1] = 2
     positions = torch.tensor([1, -1, 5, 1], device=device)
-    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, IGNORE, 0.1, 1e-3, True,
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), labels, positions, IGNORE, 0.1, 1e-3, 1.0, True,
             "triton")
     torch.library.opcheck(torch.ops.fastmlm.masked_lm_loss_reduced.default, args)
 
@@ -370,3 +371,23 @@ def test_triton_kernels_compile_for_sm90():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("ok") == 7, done.stdout  # one line per kernel and variant (fused or not)
+
+
+@pytest.mark.interpreter
+def test_triton_keeps_the_max_masked_fraction_bound(device):
+    """The kernels need no bound (programs past the counted rows exit), but max_masked_fraction means
+    the same on every backend: more counted rows than ceil(f·R) + 64 stop the call (a device-side
+    assertion on a GPU), whichever pass runs; exactly the bound fits."""
+    if torch.device(device).type == "cuda":
+        pytest.skip("a device-side assertion ends the CUDA context: checked under the interpreter")
+    h, w, b, _ = make_batch(88, 8, 13, device=device)
+    labels = torch.full((88,), IGNORE, device=device)
+    labels[1:] = torch.randint(0, 13, (87,))  # the bound at f = 0.25: ceil(22) + 64 = 86
+    for requires_grad, reduction in ((False, "mean"), (True, "mean"), (True, "none")):
+        inputs = [t.clone().requires_grad_(requires_grad) for t in (h, w, b)]
+        with pytest.raises(RuntimeError, match=r"the 86 of 88 rows .*max_masked_fraction=0.25"):
+            loss = masked_lm_loss(*inputs, labels, backend="triton", reduction=reduction, max_masked_fraction=0.25)
+            torch.autograd.grad(loss.sum(), inputs) if requires_grad else None
+    labels[1] = IGNORE
+    got = masked_lm_loss(h, w, b, labels, backend="triton", max_masked_fraction=0.25)
+    torch.testing.assert_close(got, masked_lm_loss(h, w, b, labels, backend="reference"), rtol=1e-4, atol=1e-5)

@@ -164,11 +164,12 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
     x, weight = x.to(dtype), weight.to(dtype)
     bias = None if bias is None else bias.to(dtype)
     if num_items_in_batch is None:
-        loss = masked_lm_loss(x, weight, bias, row_labels)
+        loss = masked_lm_loss(x, weight, bias, row_labels, max_masked_fraction=1.0)  # rows compacted above
     else:
         if isinstance(num_items_in_batch, Tensor):
             num_items_in_batch = num_items_in_batch.to(x.device)
-        loss = masked_lm_loss(x, weight, bias, row_labels, reduction="sum") / num_items_in_batch
+        loss = masked_lm_loss(x, weight, bias, row_labels, reduction="sum",
+                              max_masked_fraction=1.0) / num_items_in_batch
     positions = torch.where(row_labels != IGNORE_INDEX, order, -1)
     logits = None
     if return_logits:

@@ -22,9 +22,9 @@ matmul (as in the torch backend); statistics, loss and the bias add are fp32.
 
 Without ``positions`` the counted rows are first compacted into a static bound B of rows
 (``bound_rows`` of the torch backend, shared: ``nonzero_static``, no host synchronisation, a
-device-side assertion when more than B rows count; B = R unless
-``fastmlm.ops.torch_impl.masked_ce.MAX_COUNTED_FRACTION`` is set below 1, see that module), so
-cuBLAS, which cannot skip rows on the device, multiplies ~B rows rather than R.
+device-side assertion when more than B rows count; B = ceil(f·R) + SLACK_ROWS for the call's
+``max_masked_fraction`` f, R at f = 1.0, see that module), so cuBLAS, which cannot skip rows on
+the device, multiplies ~B rows rather than R.
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
-    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    hidden, weight, bias = inputs[:3]
+    label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
     ops = kernel_ops()
     rows, targets, _ = _rows_and_targets(inputs)
     num_rows, vocab = rows.shape[0], weight.shape[0]
@@ -106,7 +107,8 @@ def _forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
 def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of sum(grad_rows * loss): d_hidden (T, H), d_weight (V, H), d_bias (V,) in the input dtype."""
     inputs, _, lse, grad_rows = bound_rows(inputs, lse, grad_rows)
-    hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
+    hidden, weight, bias, _, positions = inputs[:5]
+    label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
     ops = kernel_ops()
     rows, targets, index = _rows_and_targets(inputs)
     num_rows, vocab = rows.shape[0], weight.shape[0]
@@ -150,7 +152,8 @@ def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
 
 
 def _forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
-    hidden, weight, bias, _, positions, _, label_smoothing, z_loss = inputs
+    hidden, weight, bias, _, positions = inputs[:5]
+    label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
     ops = kernel_ops()
     rows, targets, index = _rows_and_targets(inputs)
     num_rows, vocab = rows.shape[0], weight.shape[0]

@@ -9,49 +9,49 @@ before the projection, so nothing they hold reaches the loss or the gradients.
 Static bound without ``positions`` (here on non-CPU devices, and in the ``cuda`` backend,
 which shares :func:`bound_rows`).  A matmul cannot skip rows on the device, as the Triton
 kernel does, so the counted rows are first compacted into a static number of rows, from
-shapes only, ``B = min(R, ceil(MAX_COUNTED_FRACTION · R) + SLACK_ROWS)``
+shapes and the call's ``max_masked_fraction`` f only, ``B = min(R, ceil(f · R) + SLACK_ROWS)``
 (``torch.nonzero_static``, -1 padded: they become ``positions``, whose path does the rest),
 and the results are put back at each row's slot.  A call with more than B counted rows is
 never answered wrongly: a device-side assertion (``torch._assert_async``: on a GPU it stops
-the program at the next synchronisation; on the CPU it raises at once) names the bound and
-the two ways past it: pass ``positions`` (a static, -1 padded list of the masked tokens:
-its length is then the bound) or raise ``MAX_COUNTED_FRACTION`` (1.0: B = R, always fits).
-
-The default is 1.0, every row projected, because a fraction below 1 would stop valid calls
-whose rows are already compact (fastmlm's model and ``fastmlm.hf.patch`` pass the gathered
-masked rows, nearly all counted, without ``positions``).  Set it to the masking rate's upper
-bound (say 0.25 for 15% masking) where the rows are whole batches: the projection then
-costs ~B rows instead of R.
+the program at the next synchronisation) names the bound and the two ways past it: pass
+``positions`` (a static, -1 padded list of the masked tokens: its length is then the bound)
+or a larger ``max_masked_fraction`` (1.0: B = R, always fits).  On the CPU the rows are
+compacted on the host, and the same bound is checked there, for free, so that a call that
+would stop on a GPU stops on the CPU too.  Callers whose rows are already compact (fastmlm's
+model, ``fastmlm.hf.patch``) pass 1.0; the op's default is 0.5 on CUDA (see
+``fastmlm.ops.masked_ce.DEFAULT_MAX_MASKED_FRACTION``).
 
 Chunks.  The rows are walked in chunks of about ``CHUNK_ELEMENTS`` fp32 logits, balanced
 so that a small problem is one chunk (bigger chunks run faster on the CPU); one chunk of
 logits is alive at a time. The math is fp32 (fp64 for fp64 inputs).
 
-``forward_and_grads`` (reduction "mean"/"sum" with gradients) does, per chunk, three
-matmuls and no second pass over the vocabulary: z = h·Wᵀ + b, then in place on the
-same buffer p = softmax(z) and, with g the weight of each row's loss,
+``forward_and_grads`` (reduction "mean"/"sum" with gradients) does, per chunk (of half
+the size: two buffers), three matmuls and no second pass over the vocabulary: z = h·Wᵀ + b,
+log p = log_softmax(z) (ATen, one buffer), then in place on it p = exp(log p) and, with g
+the weight of each row's loss,
 
     dz = g · (p · (1 + 2·zl·lse) - (1 - eps) · onehot(t) - eps / V)
 
 then d_rows = dz·W and d_weight += dzᵀ·h (into one fp32 accumulator, chunk after chunk:
 a fixed order, so the result is deterministic), d_bias += Σ dz. ``backward`` (reduction
-"none") runs the same routine with the incoming row gradients.
+"none") runs the same routine with the incoming row gradients; ``reduced`` (what the op
+calls for "mean"/"sum" on the CPU) with one Python number as every row's weight, and sums.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
-
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..checks import accum_dtype, assert_async
-from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms
+from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms, reduce_rows
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 COMPACT_DEVICES = ("cpu",)  # device types where the counted rows are compacted (no device to wait for)
-MAX_COUNTED_FRACTION = 1.0  # without positions off COMPACT_DEVICES: at most this share of rows may count
 SLACK_ROWS = 64  # rows added to the bound: room for the spread of small batches' masked counts
 
 
@@ -60,11 +60,19 @@ def why_not(inputs: MaskedCEInputs) -> Optional[str]:
     return None
 
 
-def counted_bound(rows: int) -> int:
-    """B, the static number of rows projected for R = ``rows`` rows without positions (see the module docstring)."""
-    if MAX_COUNTED_FRACTION >= 1.0:
+def counted_bound(rows: int, fraction: float) -> int:
+    """B, the most rows that may count of R = ``rows`` without positions, at ``max_masked_fraction`` =
+    ``fraction``: the static number of rows projected off COMPACT_DEVICES (see the module docstring)."""
+    if fraction >= 1.0:
         return rows
-    return min(rows, math.ceil(MAX_COUNTED_FRACTION * rows) + SLACK_ROWS)
+    return min(rows, math.ceil(fraction * rows) + SLACK_ROWS)
+
+
+def bound_message(bound: int, inputs: MaskedCEInputs) -> str:
+    """The error of a call with more than ``bound`` counted rows: the bound and the two ways past it."""
+    return (f"more rows count (labels != ignore_index) than the {bound} of {inputs.num_rows} rows allowed without "
+            f"positions (max_masked_fraction={inputs.max_masked_fraction}: ceil(f * rows) + {SLACK_ROWS}); pass "
+            "positions (a static list of the masked tokens, -1 padded) or a larger max_masked_fraction (1.0: no bound)")
 
 
 def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
@@ -78,14 +86,11 @@ def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
     most B rows count.
     """
     rows = inputs.num_rows
-    bound = counted_bound(rows)
+    bound = counted_bound(rows, inputs.max_masked_fraction)
     if inputs.positions is not None or bound >= rows:
         return (inputs, None, *row_values)
     counted = inputs.row_index()[1]
-    assert_async("masked_lm_loss", counted.sum() <= bound,
-                 f"more rows count (labels != ignore_index) than the {bound} of {rows} rows projected without "
-                 f"positions (MAX_COUNTED_FRACTION={MAX_COUNTED_FRACTION} in {__name__}); pass positions (a static "
-                 "list of the masked tokens, -1 padded) or raise MAX_COUNTED_FRACTION (1.0 always fits)")
+    assert_async("masked_lm_loss", counted.sum() <= bound, bound_message(bound, inputs))
     # Padded with R (a spare slot that unbound_rows drops); as positions, the padding is -1.
     slots = torch.nonzero_static(counted, size=bound, fill_value=rows)[:, 0]
     valid = slots < rows
@@ -108,11 +113,19 @@ def _bounded(inputs: MaskedCEInputs, *row_values: Tensor):
     return bound_rows(inputs, *row_values)
 
 
-def _chunks(rows: int, vocab: int):
-    """(start, end) row ranges of about CHUNK_ELEMENTS logits each, of balanced sizes."""
-    count = max(1, -(-rows * vocab // CHUNK_ELEMENTS))
-    step = max(1, -(-rows // count))
-    return ((start, min(start + step, rows)) for start in range(0, rows, step))
+def _chunks(rows: int, vocab: int, elements: Optional[int] = None) -> list[slice]:
+    """Row ranges of about ``elements`` (default CHUNK_ELEMENTS) logits each, of balanced sizes (none
+    for 0 rows; one chunk is ``slice(None)``, so that slicing it is no tensor op)."""
+    count = max(1, -(-rows * vocab // max(1, elements or CHUNK_ELEMENTS)))
+    if count == 1:
+        return [slice(None)] if rows else []
+    step = -(-rows // count)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _part(t, chunk: slice):
+    """``t[chunk]``: ``t`` itself (no tensor op) for the whole range, or when it is not a tensor."""
+    return t if chunk.stop is None or not isinstance(t, Tensor) else t[chunk]
 
 
 def _plan(inputs: MaskedCEInputs):
@@ -122,16 +135,30 @@ def _plan(inputs: MaskedCEInputs):
     projected (n = R); index (n,) the token each reads; targets (n,) valid ids (0 where a
     row does not count); counted (n,) bool, or None when every projected row counts.
     """
-    index, counted = inputs.row_index()
-    targets = torch.where(counted, inputs.labels[index], 0)
+    labels, positions = inputs.labels, inputs.positions
     if inputs.hidden.device.type in COMPACT_DEVICES:  # nonzero: no device synchronisation there
-        slots = counted.nonzero()[:, 0]
-        return slots, index[slots], targets[slots], None
-    return None, index, targets, counted
+        # (Method calls rather than operators and indexing: fewer microseconds of Python on tiny inputs.)
+        if positions is None:  # every token is a row: the rows that count are the labelled tokens
+            slots = labels.ne(inputs.ignore_index).nonzero().squeeze(1)
+            bound = counted_bound(labels.shape[0], inputs.max_masked_fraction)
+            if slots.shape[0] > bound:  # the bound a GPU enforces, checked here for free: the count is on the host
+                raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, inputs)}")
+            return slots, slots, labels.index_select(0, slots), None
+        index, counted = inputs.row_index()
+        slots = counted.nonzero().squeeze(1)
+        index = index.index_select(0, slots)
+        return slots, index, labels.index_select(0, index), None
+    index, counted = inputs.row_index()
+    return None, index, torch.where(counted, labels[index], 0), counted
 
 
 def _gather(hidden: Tensor, index: Tensor, counted: Optional[Tensor]) -> Tensor:
-    return hidden[index] if counted is None else gather_rows(hidden, index, counted)
+    return hidden.index_select(0, index) if counted is None else gather_rows(hidden, index, counted)
+
+
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call when it already has that dtype (a tiny call costs microseconds)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
@@ -147,51 +174,130 @@ def _logits(h: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Ten
     return logits if bias is None else logits.add_(bias.to(acc))
 
 
+def _mask_rows(loss: Tensor, lse: Tensor, correct: Tensor, counted: Optional[Tensor]):
+    """Zero the rows that do not count (static plans only: a compacted plan holds none)."""
+    if counted is None:
+        return loss, lse, correct
+    lse = None if lse is None else torch.where(counted, lse, 0.0)
+    return torch.where(counted, loss, 0.0), lse, correct & counted
+
+
+def _row_terms(logits: Tensor, targets: Tensor, label_smoothing: float, z_loss: float, need_lse: bool):
+    """:func:`per_row_terms`, or with ``need_lse`` False (and no z-loss) ATen's cross-entropy, several
+    times cheaper than logsumexp on small inputs; lse is then None."""
+    if need_lse or z_loss:
+        return per_row_terms(logits, targets, label_smoothing, z_loss)
+    loss = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
+    return loss, None, logits.argmax(dim=1).eq(targets)
+
+
+def _project(inputs: MaskedCEInputs, index: Tensor, targets: Tensor, counted: Optional[Tensor],
+             need_lse: bool = True):
+    """Per projected row (n,): loss, lse (accumulation dtype; None unless ``need_lse`` or a z-loss)
+    and correct (bool), chunk by chunk."""
+    hidden, weight, bias = inputs[:3]
+    label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
+    parts = []
+    for chunk in _chunks(index.shape[0], weight.shape[0]):
+        logits = _logits(_gather(hidden, _part(index, chunk), _part(counted, chunk)), weight, bias)
+        parts.append(_row_terms(logits, _part(targets, chunk), label_smoothing, z_loss, need_lse))
+    if not parts:  # no row
+        empty = hidden.new_zeros(0, dtype=accum_dtype(hidden.dtype))
+        return empty, empty, empty.bool()
+    return _mask_rows(*(_cat(column) for column in zip(*parts)), counted)
+
+
+def _cat(parts) -> Optional[Tensor]:
+    """The chunks' pieces of one output in order (None where they are None)."""
+    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
+
+
 def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     """Per row: loss, lse (fp32; fp64 for fp64 inputs) and correct (bool), (R,) each; 0 where a row does not count."""
     rows = inputs.num_rows
-    inputs, slots = _bounded(inputs)
-    return tuple(unbound_rows(out, slots, rows) for out in _forward(inputs))
-
-
-def _forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
-    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    inputs, bound_slots = _bounded(inputs)
     slots, index, targets, counted = _plan(inputs)
-    acc = accum_dtype(hidden.dtype)
-    n = index.shape[0]
-    loss, lse, correct = (torch.zeros(n, device=hidden.device, dtype=dt) for dt in (acc, acc, torch.bool))
-    for a, b in _chunks(n, weight.shape[0]):
-        logits = _logits(_gather(hidden, index[a:b], None if counted is None else counted[a:b]), weight, bias)
-        loss[a:b], lse[a:b], correct[a:b] = per_row_terms(logits, targets[a:b], label_smoothing, z_loss)
-    if counted is not None:
-        loss, lse, correct = torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
-    rows = inputs.num_rows
-    return unbound_rows(loss, slots, rows), unbound_rows(lse, slots, rows), unbound_rows(correct, slots, rows)
+    outs = _project(inputs, index, targets, counted)
+    return tuple(unbound_rows(unbound_rows(out, slots, inputs.num_rows), bound_slots, rows) for out in outs)
 
 
-def _softmax_grad_(logits: Tensor, targets: Tensor, g: Tensor, label_smoothing: float, z_loss: float):
-    """Per-row (loss, lse, correct) of (n, V) logits; overwrites ``logits`` with dz for row weights g (n,).
+def _softmax_grad(logits: Tensor, targets: Tensor, g, label_smoothing: float, z_loss: float, need_lse: bool = True):
+    """Per-row (loss, lse, correct) of (n, V) logits and dz (n, V), a new buffer, for row weights g:
+    a (n,) tensor, or one Python float for every row (fewer tensor ops: the reduced losses' 1 or 1 / count).
+    lse is None when not ``need_lse`` and there is no z-loss.
 
-    Five passes over the buffer (max, exp, sum, scale, and the label-smoothing shift),
-    no (n, V) temporary.
+    From ATen's log-softmax (one fused pass, and one (n, V) buffer that becomes dz in place):
+    the loss is -log p[t] (and -mean log p for label smoothing), lse = max - log p[argmax]
+    (log p there is -log Σ exp(z - max) in [-log V, 0]: no cancellation), and p = exp(log p).
     """
     vocab = logits.shape[1]
-    target_logit = logits.gather(1, targets[:, None])[:, 0]
-    logit_mean = logits.mean(dim=1) if label_smoothing else None
+    per_row = isinstance(g, Tensor)
+    target_col = targets.unsqueeze(1)
     top, argmax = logits.max(dim=1)  # the first index among ties, as argmax
-    probs = logits.sub_(top[:, None]).exp_()
-    total = probs.sum(dim=1)
-    lse = top + total.log()
-    loss = (1.0 - label_smoothing) * (lse - target_logit)
+    log_p = torch.log_softmax(logits, dim=1)
+    loss = log_p.gather(1, target_col).squeeze(1).neg_()
     if label_smoothing:
-        loss = loss + label_smoothing * (lse - logit_mean)
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * log_p.mean(dim=1)
+    lse = top - log_p.gather(1, argmax.unsqueeze(1)).squeeze(1) if need_lse or z_loss else None
     if z_loss:
         loss = loss + z_loss * lse.square()
-    dz = probs.mul_((g * (1.0 + 2.0 * z_loss * lse) / total)[:, None])  # p = exp(z - top) / total
+    dz = log_p.exp_()  # p
+    if z_loss:
+        dz.mul_((g * (1.0 + 2.0 * z_loss * lse)).unsqueeze(1))
+    elif per_row:
+        dz.mul_(g.unsqueeze(1))
+    elif g != 1.0:
+        dz.mul_(g)
     if label_smoothing:
-        dz.sub_((g * (label_smoothing / vocab))[:, None])
-    dz.scatter_add_(1, targets[:, None], (g * (label_smoothing - 1.0))[:, None].to(dz.dtype))
-    return loss, lse, argmax == targets
+        dz.sub_((g * (label_smoothing / vocab)).unsqueeze(1) if per_row else g * (label_smoothing / vocab))
+    if per_row:
+        dz.scatter_add_(1, target_col, (g * (label_smoothing - 1.0)).unsqueeze(1).to(dz.dtype))
+    else:  # the same value at every row's target
+        dz.scatter_(1, target_col, g * (label_smoothing - 1.0), reduce="add")
+    return loss, lse, argmax.eq(targets), dz
+
+
+def _project_grads(inputs: MaskedCEInputs, index: Tensor, targets: Tensor, counted: Optional[Tensor], g,
+                   need_lse: bool = True):
+    """Per projected row (n,) loss, lse, correct, and the gradients of Σ g · loss: d_hidden (T, H),
+    d_weight (V, H), d_bias (V,) in the input dtype. g: (n,) row weights (0 where a row does not
+    count, so its dz is 0 exactly), or one Python float for every row. Two (n, V) buffers per
+    chunk (logits and dz), so chunks of half CHUNK_ELEMENTS."""
+    hidden, weight, bias = inputs[:3]
+    label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
+    acc, device = accum_dtype(hidden.dtype), hidden.device
+    n, vocab = index.shape[0], weight.shape[0]
+    chunks = _chunks(n, vocab, CHUNK_ELEMENTS // 2)
+    losses, lses, corrects, d_rows = [], [], [], []
+    d_weight = d_bias = workspace = None
+    for chunk in chunks:
+        h = _gather(hidden, _part(index, chunk), _part(counted, chunk))
+        if workspace is None and len(chunks) > 1:  # the largest chunk is the first
+            workspace = torch.empty(chunk.stop - chunk.start, vocab, device=device, dtype=acc)
+        logits = _logits(h, weight, bias, out=None if workspace is None else workspace[: h.shape[0]])
+        *terms, dz = _softmax_grad(logits, _part(targets, chunk), _part(g, chunk), label_smoothing, z_loss, need_lse)
+        for parts, part in zip((losses, lses, corrects), terms):
+            parts.append(part)
+        d_bias = dz.sum(0) if d_bias is None else d_bias.add_(dz.sum(0))
+        dz = _to(dz, weight.dtype)
+        d_rows.append(dz @ weight)
+        if d_weight is None:
+            d_weight = _to(dz.t() @ h, acc)
+        elif dz.dtype == acc:
+            d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk
+        else:
+            d_weight += (dz.t() @ h).to(acc)
+    if not chunks:  # no row to project
+        empty = torch.zeros(0, device=device, dtype=acc)
+        losses, lses, corrects, d_rows = [empty], [empty], [empty.bool()], [hidden.new_zeros(0, hidden.shape[1])]
+        d_weight, d_bias = torch.zeros(weight.shape, device=device, dtype=acc), torch.zeros(vocab, device=device,
+                                                                                             dtype=acc)
+    # Duplicated positions sum their gradients. (index_put_ rather than index_add_: many times
+    # faster on the CPU here, and deterministic there.)
+    d_hidden = torch.zeros(hidden.shape, device=device, dtype=acc).index_put_((index,), _to(_cat(d_rows), acc),
+                                                                              accumulate=True)
+    loss, lse, correct = _mask_rows(_cat(losses), _cat(lses), _cat(corrects), counted)
+    return loss, lse, correct, _to(d_hidden, hidden.dtype), _to(d_weight, weight.dtype), _to(d_bias, weight.dtype)
 
 
 def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
@@ -202,53 +308,35 @@ def forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
     d_weight (V, H), d_bias (V,) in the input dtype, all contiguous.
     """
     rows = inputs.num_rows
-    inputs, slots, grad_rows = _bounded(inputs, grad_rows)
-    loss, lse, correct, *grads = _forward_and_grads(inputs, grad_rows)
-    return (*(unbound_rows(out, slots, rows) for out in (loss, lse, correct)), *grads)
-
-
-def _forward_and_grads(inputs: MaskedCEInputs, grad_rows: Tensor):
-    hidden, weight, bias, _, _, _, label_smoothing, z_loss = inputs
+    inputs, bound_slots, grad_rows = _bounded(inputs, grad_rows)
     slots, index, targets, counted = _plan(inputs)
-    acc = accum_dtype(hidden.dtype)
-    g = grad_rows.to(acc)
+    g = grad_rows.to(accum_dtype(inputs.hidden.dtype))
     if slots is not None:
         g = g[slots]
     elif counted is not None:  # rows that do not count get dz = 0 exactly, whatever their logits
         g = torch.where(counted, g, 0.0)
-    n, (vocab, width) = index.shape[0], weight.shape
-    device = hidden.device
-    loss, lse, correct = (torch.zeros(n, device=device, dtype=dt) for dt in (acc, acc, torch.bool))
-    d_rows = torch.empty(n, width, device=device, dtype=acc)
-    # The first chunk writes d_weight (beta=0 ignores its contents): no pass to zero V x H first.
-    d_weight = torch.empty(weight.shape, device=device, dtype=acc)
-    d_bias = torch.zeros(vocab, device=device, dtype=acc)
-    workspace = None
-    for a, b in _chunks(n, vocab):
-        h = _gather(hidden, index[a:b], None if counted is None else counted[a:b])
-        if workspace is None:
-            workspace = torch.empty(b - a, vocab, device=device, dtype=acc)  # the largest chunk is the first
-        dz = _logits(h, weight, bias, out=workspace[: b - a])
-        loss[a:b], lse[a:b], correct[a:b] = _softmax_grad_(dz, targets[a:b], g[a:b], label_smoothing, z_loss)
-        d_bias += dz.sum(0)
-        dz = dz.to(weight.dtype)
-        d_rows[a:b] = dz @ weight
-        if dz.dtype == acc:
-            d_weight.addmm_(dz.t(), h, beta=0.0 if a == 0 else 1.0)  # in place: no (V, H) temporary per chunk
-        elif a == 0:
-            d_weight.copy_(dz.t() @ h)
-        else:
-            d_weight += (dz.t() @ h).to(acc)
-    if n == 0:
-        d_weight.zero_()
-    if counted is not None:
-        loss, lse, correct = torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
-    # Duplicated positions sum their gradients. (index_put_ rather than index_add_: many times
-    # faster on the CPU here, and deterministic there.)
-    d_hidden = torch.zeros(hidden.shape, device=device, dtype=acc).index_put_((index,), d_rows, accumulate=True)
-    rows = inputs.num_rows
-    return (unbound_rows(loss, slots, rows), unbound_rows(lse, slots, rows), unbound_rows(correct, slots, rows),
-            d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), d_bias.to(weight.dtype))
+    *outs, d_hidden, d_weight, d_bias = _project_grads(inputs, index, targets, counted, g)
+    outs = (unbound_rows(unbound_rows(out, slots, inputs.num_rows), bound_slots, rows) for out in outs)
+    return (*outs, d_hidden, d_weight, d_bias)
+
+
+def reduced(inputs: MaskedCEInputs, mean: bool, grads: bool):
+    """The mean (or sum) of the row losses, in one pass: (loss 0-d, n_correct 0-d int64, d_hidden,
+    d_weight, d_bias), the gradients None unless ``grads``; see :func:`fastmlm.ops.masked_ce.reduce_rows`.
+
+    On COMPACT_DEVICES the count of rows is known on the host once they are compacted, so each
+    row's weight is one Python number and no (R,) row tensor is built or scattered back.
+    """
+    if inputs.hidden.device.type not in COMPACT_DEVICES:
+        return reduce_rows(sys.modules[__name__], inputs, mean, grads)
+    _, index, targets, _ = _plan(inputs)
+    g = 1.0 / max(index.shape[0], 1) if mean else 1.0
+    if grads:
+        loss, _, correct, *grad_tensors = _project_grads(inputs, index, targets, None, g, need_lse=False)
+    else:
+        (loss, _, correct), grad_tensors = _project(inputs, index, targets, None, need_lse=False), (None, None, None)
+    loss = loss.sum()
+    return (loss.mul_(g) if mean else loss), correct.sum(), *grad_tensors
 
 
 def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:

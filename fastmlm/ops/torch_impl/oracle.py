@@ -61,13 +61,13 @@ class masked_lm_loss:  # noqa: N801
     def forward(inputs):
         from ..masked_ce import masked_lm_loss_reference
 
-        return masked_lm_loss_reference(*inputs)
+        return masked_lm_loss_reference(*inputs[:8])  # max_masked_fraction, the ninth, bounds fast backends only
 
     @staticmethod
     def backward(inputs, lse, grad_rows):
         from ..masked_ce import masked_lm_loss_reference
 
-        hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss = inputs
+        hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss = inputs[:8]
         tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
 
         def loss(hidden, weight, bias=None):
