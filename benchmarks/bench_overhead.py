@@ -18,7 +18,10 @@ each for ``pass`` fwd and fwd+bwd. Providers:
   sdpa       padded attention only: ``F.scaled_dot_product_attention`` on (B, H, S, D) views, the
              issue's peer; with fwd+bwd, ``sdpa - kernel`` is what PyTorch's own autograd costs a
              native op (``torch.autograd.grad`` included), a floor no boundary can go under
-  torch      masked_lm_loss only: gather the rows, ``F.linear``, ``F.cross_entropy`` (the issue's peer)
+  torch      packed attention: the plain-PyTorch route a user would write (pad q, k, v stacked with
+             one ``index_copy``, SDPA with the key mask, unpad with one ``index_select``, the index and
+             mask built once); masked_lm_loss: gather the rows, ``F.linear``, ``F.cross_entropy``
+             (the issues' peers)
 
 On the CPU the figures that count come from one interleaved session per case: every provider's
 calls alternate, round after round (the order rotating), each call timed alone on the thread's
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 
 import fastmlm.ops  # noqa: F401  (the op modules below are shadowed by the functions of the same name)
 from fastmlm.ops import attention, masked_lm_loss
+from fastmlm.ops import padding
 
 from .common import generator, preset_dtypes, randn, zero_grads
 from .harness import Skip, Workload, percentile
@@ -74,7 +78,7 @@ def label(shape: dict) -> str:
 
 
 def providers(shape: dict, device: str) -> list[str]:
-    if shape["case"] == "masked_lm_loss":
+    if shape["case"] in ("masked_lm_loss", "attention-packed"):
         return ["fastmlm", "backend", "torch"]
     return ["fastmlm", "backend", "kernel", "sdpa"]
 
@@ -172,6 +176,7 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str):
             out = attention(q, k, v, **kwargs)
             if grad:
                 _grads_of(out, (q, k, v), upstream)
+            return out
     elif provider == "backend":
         mod = _chosen_backend(A.REGISTRY, inputs, q.device.type)
 
@@ -180,6 +185,21 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str):
                 out, lse = mod.forward(inputs)
                 if grad:
                     mod.backward(inputs, out, lse, upstream)
+            return out
+    elif provider == "torch":  # what a user of PyTorch writes for the packed layout
+        if layout != "packed":
+            raise Skip("the plain-PyTorch peer of the padded layouts is sdpa")
+        flat = padding.flat_index(cu, q.shape[0], s)  # b * s + position of each packed token
+        keep = (torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]).to(device)[:, None, None, :]
+
+        def call():
+            x = torch.stack((q, k, v))  # (3, T, H, D)
+            padded = x.new_zeros(3, b * s, h, d).index_copy(1, flat, x).view(3, b, s, h, d).transpose(2, 3)
+            out = F.scaled_dot_product_attention(*padded.unbind(0), attn_mask=keep)  # (B, H, S, D)
+            out = out.transpose(1, 2).reshape(b * s, h, d).index_select(0, flat)
+            if grad:
+                _grads_of(out, (q, k, v), upstream)
+            return out
     elif provider == "sdpa":  # what a user of PyTorch writes for the padded layouts
         if layout == "packed":
             raise Skip("F.scaled_dot_product_attention has no packed layout")
@@ -190,6 +210,7 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str):
             out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep)
             if grad:
                 _grads_of(out, (q, k, v), upstream.transpose(1, 2))
+            return out.transpose(1, 2)
     else:  # the ATen kernel(s) of the CPU torch backend, on its layout
         if device != "cpu":
             raise Skip("the kernel floor is measured on the CPU (on a GPU the backend's call is the kernel launch)")

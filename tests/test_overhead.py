@@ -359,3 +359,85 @@ def test_the_interleaved_session_alternates_and_its_figures_reach_the_report():
             {**row, "provider": "backend", "median": 0.4}]  # no note: the harness's 0.4 ms per 20 calls
     expected = "| attention-packed | fwd | fp32 | 31.0 | 20.0 | 11.0 | — | — | — | — | 29.5–33.0 |"
     assert expected in bench.report(rows)
+
+
+# --------------------------------------------------------------------------- the short padded route
+def _route_spy(monkeypatch):
+    """Calls of the exact (zero the padding first) route of the CPU torch backend, recorded."""
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    taken = []
+    exact = torch_attention.masked_forward
+    monkeypatch.setattr(torch_attention, "masked_forward", lambda *a: taken.append(1) or exact(*a))
+    return taken
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-graph", "op-rule"])
+@pytest.mark.parametrize("garbage", [1e30, -3e4, float("nan"), float("inf")])
+def test_the_short_masked_route_drops_padding_exactly(monkeypatch, garbage, native):
+    """Masked padded calls skip zeroing the padding (a -inf key bias gives it weight 0): whatever
+    finite values padding holds, outputs, lse and gradients equal those of zeroed padding bit for bit
+    and padded keys get zero gradients; a non-finite value under padding takes the exact route. The
+    same under the op's own autograd rule, whose backward always takes the exact route."""
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    if not native:
+        monkeypatch.setattr(torch_attention, "NATIVE_LIMIT", 0)
+    ATTENTION.forget_failures()  # the choice of route is remembered per signature
+    monkeypatch.setattr(ATTENTION, "_memo", {})
+    taken = _route_spy(monkeypatch)
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    clean = [torch.randn(2, 7, 2, 8, dtype=torch.float64) for _ in range(3)]
+    dirty = [t.clone() for t in clean]
+    for t in dirty[1:]:
+        t[~mask] = garbage
+    clean[1:] = [t.masked_fill(~mask[:, :, None, None], 0.0) for t in clean[1:]]  # zeroed keys and values
+    dout = torch.randn(2, 7, 2, 8, dtype=torch.float64)
+    results = []
+    for tensors in (clean, dirty):
+        inputs = [t.clone().requires_grad_() for t in tensors]
+        out, lse = attention(*inputs, attention_mask=mask, return_lse=True)
+        results.append([out, lse, *torch.autograd.grad(out, inputs, dout)])
+    assert len(taken) == (0 if math.isfinite(garbage) else 1)  # (the clean call is short)
+    for name, c, d in zip(["out", "lse", "dq", "dk", "dv"], *results):
+        torch.testing.assert_close(d, c, rtol=0, atol=0, msg=name)
+    assert (results[1][3][~mask] == 0).all() and (results[1][4][~mask] == 0).all()
+    reference = attention_reference(*clean, attention_mask=mask)
+    torch.testing.assert_close(results[1][0], reference[0])
+
+
+def test_key_masks_are_remembered_by_value(monkeypatch):
+    """A mask's bias and keyless rows are remembered per value: a mask edited in place between calls
+    is seen as the new one (a sequence emptied by it outputs zeros), int masks count as their bool
+    value, and the memory of them is bounded."""
+    from fastmlm.ops.torch_impl import attention as torch_attention
+    monkeypatch.setattr(torch_attention, "_KEY_MASKS", {})
+    monkeypatch.setattr(torch_attention, "KEY_MASKS_KEPT", 2)
+    q, k, v = (torch.randn(2, 5, 2, 4, dtype=torch.float64) for _ in range(3))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for edit in (None, (1, slice(3, None)), (1, slice(None)), (0, slice(0, 1))):
+        if edit is not None:
+            mask[edit] = False  # in place: the same tensor object, new values
+        for m in (mask, mask.int()):
+            out = attention(q, k, v, attention_mask=m)
+            torch.testing.assert_close(out, attention_reference(q, k, v, attention_mask=mask)[0])
+        assert 1 <= len(torch_attention._KEY_MASKS) <= 2
+    assert (out[1] == 0).all()
+
+
+@pytest.mark.parametrize("case", ["attention-padded", "attention-masked", "attention-packed"])
+def test_the_overhead_peers_compute_what_fastmlm_computes(case):
+    """Every attention provider of the overhead bench that returns an output (all but the bare kernel)
+    returns fastmlm's, in fastmlm's layout: a peer that skipped work would report a false floor."""
+    from benchmarks import bench_overhead as bench
+    from benchmarks.harness import Skip
+
+    shape = {**bench.TINY, "case": case, "pass": "fwd+bwd", "calls": 1, "rounds": 1}
+    outputs = {}
+    for provider in bench.providers(shape, "cpu"):
+        try:
+            outputs[provider] = bench._call(provider, shape, torch.float32, "cpu")[0]()
+        except Skip:
+            continue
+    outputs.pop("kernel", None)  # ATen's own call on its layout: returns nothing to compare
+    assert len(outputs) == 3 and "fastmlm" in outputs  # fastmlm, backend and the peer (sdpa or torch)
+    for provider, out in outputs.items():
+        torch.testing.assert_close(out, outputs["fastmlm"], msg=provider)

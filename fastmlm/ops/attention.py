@@ -281,31 +281,49 @@ class _EagerAttention(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _run_forward(inputs: AttentionInputs, backend: str, native: bool) -> tuple[Tensor, Tensor]:
-    """(out, lse) from backend ``backend`` (a :meth:`Registry.select` name): through the custom op
-    when traced or under a mode, else the same call unwrapped, with the op's autograd rule or,
-    when ``native`` (the backend is :meth:`~dispatch.Registry.differentiable` here), PyTorch's own."""
-    q, k, v, attention_mask, cu_seqlens = inputs[:5]
-    if not dispatch.plain_eager(q, k, v, attention_mask, cu_seqlens):
-        return _attention_fwd(*inputs, backend)
-    if not native and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _EagerAttention.apply(*inputs, backend)
+class _Plan(NamedTuple):
+    """What the public op derives from a call's metadata alone, memoised per signature.
+
+    max_seqlen, scale: as in :class:`AttentionInputs`.
+    name: the backend :meth:`Registry.select` returns ("reference", "torch", "auto:torch", ...).
+    module: that backend's module (or fallback chain); None for the reference.
+    native: autograd may record the backend's forward itself (:meth:`~dispatch.Registry.differentiable`).
+    plain: every tensor argument is a plain tensor (:func:`dispatch.plain_types`).
+    """
+
+    max_seqlen: int
+    scale: float
+    name: str
+    module: object
+    native: bool
+    plain: bool
+
+
+def _run_forward(inputs: AttentionInputs, plan: _Plan) -> tuple[Tensor, Tensor]:
+    """(out, lse) from the backend of ``plan``: through the custom op when traced or under a mode,
+    else the same call unwrapped, with the op's autograd rule or, when ``plan.native``, PyTorch's own."""
+    q, k, v = inputs.q, inputs.k, inputs.v
+    if not (plan.plain and dispatch.no_modes()):
+        return _attention_fwd(*inputs, plan.name)
+    if not plan.native and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _EagerAttention.apply(*inputs, plan.name)
     # No gradient wanted, or a backend built of differentiable PyTorch ops (ATen's CPU flash
     # attention has its own derivative): autograd records it natively, with no Python node to
     # call back in the backward pass (tens of µs a call, issue 22).
-    return REGISTRY.module(backend).forward(inputs)
+    return plan.module.forward(inputs)
 
 
-def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> tuple[int, float, str, bool]:
-    """What the public op derives from metadata alone, memoised per signature: (max_seqlen,
-    softmax scale, the backend name :meth:`Registry.select` returns, whether autograd may record
-    that backend natively)."""
+def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> _Plan:
+    """The :class:`_Plan` of a call (validating its metadata on the way)."""
     max_seqlen = validate_metadata("attention", q, k, v, attention_mask, cu_seqlens, max_seqlen)
     scale = validate_options("attention", backend, softmax_scale, q.shape[-1])
     mask = None if attention_mask is None else attention_mask.bool()
     bundle = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
     name = REGISTRY.select(backend, q.device.type, bundle)
-    return max_seqlen, scale, name, name != "reference" and REGISTRY.differentiable(name, bundle)
+    if name == "reference":
+        return _Plan(max_seqlen, scale, name, None, False, False)
+    return _Plan(max_seqlen, scale, name, REGISTRY.module(name), REGISTRY.differentiable(name, bundle),
+                 dispatch.plain_types(q, k, v, attention_mask, cu_seqlens))
 
 
 # --------------------------------------------------------------------------- public op
@@ -340,13 +358,14 @@ def attention(
             q·kᵀ·scale over its real keys, -inf for a row with no real key.
     """
     key = dispatch.call_key(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
-    max_seqlen, scale, name, native = REGISTRY.memo(
-        key, lambda: _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
+    plan = REGISTRY.memo(key, lambda: _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
     if cu_seqlens is not None:  # a value check: every call
-        checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], max_seqlen)
-    if name == "reference" or q.numel() == 0:  # nothing to launch for an empty batch
-        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, scale)
+        checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], plan.max_seqlen)
+    if plan.module is None or q.numel() == 0:  # the reference; or nothing to launch for an empty batch
+        out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, plan.scale)
     else:
-        mask = None if attention_mask is None else attention_mask.bool()
-        out, lse = _run_forward(AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale), name, native)
+        if attention_mask is not None and attention_mask.dtype != torch.bool:  # (a bool one is kept as is)
+            attention_mask = attention_mask.bool()
+        out, lse = _run_forward(AttentionInputs(q, k, v, attention_mask, cu_seqlens, plan.max_seqlen, plan.scale),
+                                plan)
     return (out, lse) if return_lse else out

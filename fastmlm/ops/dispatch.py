@@ -64,7 +64,6 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 from . import kernels_path
 
@@ -151,13 +150,23 @@ def call_key(*args) -> Optional[tuple]:
 
 
 def plain_eager(*tensors) -> bool:
-    """True when a call may skip the custom-op wrapping: eager mode, no torch function or dispatch
-    mode (fake tensors, selective checkpointing, FlopCounter), no functorch transform, and plain
-    ``torch.Tensor`` or ``nn.Parameter`` arguments (None allowed; a Parameter adds no dispatch
-    behaviour, and the loss's weight is one). Anything else goes through the custom ops."""
-    if (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
-            or _current_dispatch_mode() is not None or torch._C._functorch.peek_interpreter_stack() is not None):
-        return False
+    """True when a call may skip the custom-op wrapping: :func:`no_modes`, and plain
+    ``torch.Tensor`` or ``nn.Parameter`` arguments (:func:`plain_types`). Anything else goes
+    through the custom ops."""
+    return no_modes() and plain_types(*tensors)
+
+
+def no_modes() -> bool:
+    """Eager mode, no torch function or dispatch mode (fake tensors, selective checkpointing,
+    FlopCounter) and no functorch transform: the part of :func:`plain_eager` that is state, not
+    argument metadata (a public op that memoises :func:`plain_types` per signature asks only this)."""
+    return not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+def plain_types(*tensors) -> bool:
+    """Every argument None, a plain ``torch.Tensor`` or an ``nn.Parameter`` (a Parameter adds no
+    dispatch behaviour, and the loss's weight is one); part of every :func:`call_key`."""
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 

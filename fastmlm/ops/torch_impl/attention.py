@@ -6,7 +6,10 @@ CPU path, described below.
 
 Uses ``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward,
 which return and consume the log-sum-exp, so forward and backward are the
-same fused kernels SDPA runs on the CPU. Padding keys get a large negative
+same fused kernels SDPA runs on the CPU. A padded batch first takes a short route
+(:func:`_padded_forward`): views, one ATen call with a -inf key bias, views, and one
+host read that finds anything non-finite; a sequence with no real key, a non-finite
+value or a packed batch takes the exact route, where padding keys get a large negative
 additive bias rather than -inf, so an all-padding row stays finite inside ATen;
 we then zero its output and gradients as the contract says. Packed batches are
 padded to (B, max_seqlen) and unpadded afterwards by one flat index (remembered per
@@ -38,7 +41,12 @@ from . import attention_cuda
 
 _ATEN_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _ATEN_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+# The same forward through torch's generated Python binding: it parses its arguments in C++, ~6 µs
+# a call less than the OpOverload's boxed call on tiny inputs (issue 22); the OpOverload where absent.
+_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", _ATEN_FWD)
 PACKINGS_KEPT = 16  # cu_seqlens values whose packing is remembered (a bound, not a tuning knob)
+KEY_MASKS_KEPT = 16  # attention_mask values whose bias and keyless rows are remembered (likewise)
+KEY_MASK_LIMIT = 1 << 14  # entries of a (B, S) mask up to which it is remembered by value
 NATIVE_LIMIT = 1 << 16  # elements of one padded (B, S, H, D) tensor up to which masked or packed calls are recorded
 
 
@@ -59,9 +67,9 @@ def differentiable(inputs: AttentionInputs) -> bool:
     The gradients equal :func:`backward`'s: padded keys get none through ``where``, and a row
     with no key gets a zero upstream gradient through its ``masked_fill``, so ATen yields zeros.
 
-    The recorded graph keeps what ATen read until the backward: for unmasked padded inputs views
-    of q, k, v (what the op's own rule keeps), but for masked inputs the zeroed copies of k and v,
-    and for packed ones the padded copies of q, k, v and out. So those take it only while small
+    The recorded graph keeps what ATen read until the backward: for padded inputs on the short
+    route views of q, k, v (what the op's own rule keeps), but for masked ones on the exact route
+    the zeroed copies of k and v, and for packed ones the padded copies of q, k, v and out. So those take it only while small
     (:data:`NATIVE_LIMIT`), where the Python node's cost dominates; beyond, the op's rule saves
     the inputs themselves and :func:`backward` redoes the layout."""
     if attention_cuda.device_type(inputs.q) != "cpu":
@@ -83,7 +91,7 @@ def _zero_padding(tensors, attention_mask: Tensor, count: int) -> list[Tensor]:
     """(B, S, H, D) tensors with the first ``count`` (the keys and values) zeroed at padded
     positions: ATen masks their scores, but 0 * NaN is NaN, so whatever padding holds would
     otherwise reach the real rows."""
-    real = attention_mask.view(*attention_mask.shape, 1, 1)  # (B, S, 1, 1); a view, cheaper than [:, :, None, None]
+    real = _key_mask(attention_mask).real  # (B, S, 1, 1)
     return [torch.where(real, t, _values(t.dtype)[0]) if i < count else t for i, t in enumerate(tensors)]
 
 
@@ -153,33 +161,40 @@ def _packing(cu_seqlens: Tensor, total: int, max_seqlen: int) -> _Packing:
             return found
     flat = padding.flat_index(cu_seqlens, total, max_seqlen)
     mask = torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < padding.seqlens(cu_seqlens)[:, None]
-    found = _Packing(flat, mask, {})
+    return _keep(_PACKINGS, key, _Packing(flat, mask, {}), PACKINGS_KEPT)
+
+
+def _keep(store: dict, key, value, limit: int):
+    """``value``, remembered in ``store`` under ``key`` (None: not remembered); a store that
+    reaches ``limit`` entries starts over (the values are small, and rebuilt at the next call)."""
     if key is not None:
         with _LOCK:
-            if len(_PACKINGS) >= PACKINGS_KEPT:
-                _PACKINGS.clear()
-            _PACKINGS[key] = found
-    return found
+            if len(store) >= limit:
+                store.clear()
+            store[key] = value
+    return value
 
 
 # --------------------------------------------------------------------------- masks
-_VALUES: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
+_VALUES: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
 
 
-def _values(dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """0-d CPU tensors (0, the dtype's lowest finite value): ``torch.where`` with them is one op,
-    where a Python scalar costs it a conversion and a second dispatch."""
+def _values(dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """0-d CPU tensors (0, the dtype's lowest finite value, -inf): ``torch.where`` with them is one
+    op, where a Python scalar costs it a conversion and a second dispatch."""
     found = _VALUES.get(dtype)
     if found is None:
-        lowest = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
-        found = _VALUES.setdefault(dtype, (torch.zeros((), dtype=dtype), lowest))
+        made = tuple(torch.tensor(x, dtype=dtype) for x in (0.0, torch.finfo(dtype).min, float("-inf")))
+        found = _VALUES.setdefault(dtype, made)
     return found
 
 
-def _bias_of(keep: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive float bias of a bool "may attend" mask in one op: 0 where kept, the dtype's
-    lowest finite value elsewhere (not -inf: a row with no key stays finite inside ATen)."""
-    return torch.where(keep, *_values(dtype))
+def _bias_of(keep: Tensor, dtype: torch.dtype, exact: bool = False) -> Tensor:
+    """Additive float bias of a bool "may attend" mask in one op: 0 where kept, elsewhere the dtype's
+    lowest finite value (a row with no key stays finite inside ATen) or, ``exact``, -inf (a dropped
+    key then gets weight 0 whatever finite value it holds)."""
+    zero, lowest, minus_inf = _values(dtype)
+    return torch.where(keep, zero, minus_inf if exact else lowest)
 
 
 def _keyless_sequences(mask: Tensor) -> Optional[Tensor]:
@@ -187,6 +202,46 @@ def _keyless_sequences(mask: Tensor) -> Optional[Tensor]:
     None when there is none, the usual case (read on the host: a CPU tensor waits for nothing)."""
     has_key = mask.any(dim=1)
     return None if bool(has_key.all()) else ~has_key.view(-1, 1, 1)
+
+
+class _KeyMask(NamedTuple):
+    """What the CPU path derives from one (B, S) bool key mask (True = real key).
+
+    real: (B, S, 1, 1) bool, to zero the padded keys and values of (B, S, H, D) tensors.
+    keyless: see :func:`_keyless_sequences`.
+    biases: (dtype, exact) -> (B, 1, 1, S) additive key bias (:func:`_bias_of`), filled as asked.
+    """
+
+    real: Tensor
+    keyless: Optional[Tensor]
+    biases: dict
+
+    def bias(self, dtype: torch.dtype, exact: bool = False) -> Tensor:
+        found = self.biases.get((dtype, exact))
+        if found is None:
+            b, s = self.real.shape[:2]
+            found = self.biases.setdefault((dtype, exact), _bias_of(self.real.view(b, 1, 1, s), dtype, exact))
+        return found
+
+
+_KEY_MASKS: dict[tuple, _KeyMask] = {}
+
+
+def _key_mask(mask: Tensor) -> _KeyMask:
+    """The :class:`_KeyMask` of ``mask``, remembered by value for small CPU masks: every layer of a
+    step (and its backward) passes the same mask, and its bias, keyless test and host read would
+    otherwise be three to four ops of a call whose kernel takes a few µs (issue 22). The value is
+    the key (its bytes, read in place), so a mask changed in place is never mistaken for the old one;
+    the entry is built from a copy."""
+    key = None
+    if checks.host_readable(mask) and mask.numel() <= KEY_MASK_LIMIT:
+        key = (tuple(mask.shape), mask.numpy().tobytes())
+        found = _KEY_MASKS.get(key)
+        if found is not None:
+            return found
+        mask = mask.clone()
+    b, s = mask.shape
+    return _keep(_KEY_MASKS, key, _KeyMask(mask.view(b, s, 1, 1), _keyless_sequences(mask), {}), KEY_MASKS_KEPT)
 
 
 class _Padded(NamedTuple):
@@ -235,18 +290,36 @@ def _padded(inputs: AttentionInputs, tensors, extra_mask: Optional[Tensor]) -> _
         if bias is None:
             bias = packing.biases.setdefault(dtype, _bias_of(mask.view(b, 1, 1, s), dtype))
         return _Padded(tensors, bias, None, packing)
-    return _Padded(tensors, _bias_of(mask.view(b, 1, 1, s), dtype), _keyless_sequences(mask), None)
+    keys = _key_mask(mask)
+    return _Padded(tensors, keys.bias(dtype), keys.keyless, None)
+
+
+def _all_finite(*tensors: Tensor) -> bool:
+    """Whether every value of ``tensors`` (contiguous ones sum fastest) is finite, by a host read of
+    each one's sum: NaN and inf survive a sum; finite values whose sum overflows say False, which only
+    costs the exact path. ``.data``: no graph to record, and a cheaper alias than ``detach()``."""
+    acc = checks.accum_dtype(tensors[0].dtype)
+    if tensors[0].dtype == acc:  # (a dtype argument costs its parsing)
+        return math.isfinite(sum(t.data.sum().item() for t in tensors))
+    return math.isfinite(sum(t.data.sum(dtype=acc).item() for t in tensors))
 
 
 def _nan_for_nonfinite_queries(q: Tensor, qp: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
     non-finite query makes its row NaN in the exact math, so say so explicitly. One sum read on
-    the host finds whether any query is non-finite (NaN and inf survive a sum; a finite sum that
-    overflows only sends the call down the exact path)."""
-    if math.isfinite(q.detach().sum(dtype=checks.accum_dtype(q.dtype)).item()):  # detached: no graph to build
+    the host finds whether any query is non-finite (see :func:`_all_finite`)."""
+    if _all_finite(q):
         return out, lse
     finite = qp.isfinite().all(dim=-1)
     return torch.where(finite[..., None], out, float("nan")), torch.where(finite, lse, float("nan"))
+
+
+def _lse_back(lse: Tensor, q: Tensor) -> Tensor:
+    """ATen's (B, H, S) lse -> the (B, S, H) layout of q, in q's accumulation dtype: a view (ATen
+    stores it that way) and no cast (ATen computes it in that dtype): no op when nothing is needed."""
+    lse = lse.transpose(1, 2)
+    acc = checks.accum_dtype(q.dtype)
+    return (lse if lse.dtype == acc else lse.to(acc)).contiguous()
 
 
 # --------------------------------------------------------------------------- forward / backward
@@ -254,7 +327,38 @@ def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
     """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous."""
     if attention_cuda.device_type(inputs.q) == "cuda":
         return attention_cuda.forward(inputs)
+    if inputs.cu_seqlens is None:
+        found = _padded_forward(inputs)
+        if found is not None:
+            return found
     return masked_forward(inputs, None)
+
+
+def _padded_forward(inputs: AttentionInputs) -> Optional[tuple[Tensor, Tensor]]:
+    """The padded layout's short route: views, one ATen call, views, one host read; None when the
+    inputs need :func:`masked_forward`'s exact route.
+
+    Padded keys are dropped by a -inf bias instead of being zeroed first (two ops, and two more
+    in the backward): ATen then gives them weight exactly 0, and their gradients exactly 0, for any
+    finite value they hold, as the zeroed route does. A NaN or inf under padding (or one a row
+    reads) makes ``out`` non-finite; that, a non-finite query, or a sequence without a real key
+    (rows ATen would fill with NaN) sends the call down the exact route, which zeroes the padding.
+    """
+    q, mask = inputs.q, inputs.attention_mask
+    bias = None
+    if mask is not None:
+        keys = _key_mask(mask)
+        if keys.keyless is not None:
+            return None
+        bias = keys.bias(q.dtype, exact=True)
+    qp, kp, vp = _unit_stride(q).transpose(1, 2), _unit_stride(inputs.k).transpose(1, 2), \
+        _unit_stride(inputs.v).transpose(1, 2)
+    out, lse = _FLASH(qp, kp, vp, attn_mask=bias, scale=inputs.scale)  # (B, H, S, D) and (B, H, S)
+    if mask is None:
+        out, lse = _nan_for_nonfinite_queries(q, qp, out, lse)
+        return out.transpose(1, 2).contiguous(), _lse_back(lse, q)
+    out = out.transpose(1, 2).contiguous()  # a view: ATen stores (B, S, H, D)
+    return (out, _lse_back(lse, q)) if _all_finite(q, out) else None
 
 
 def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,12 +373,13 @@ def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor]) -> tup
     q, k, v = inputs.q, inputs.k, inputs.v
     call = _padded(inputs, [k, v, q], extra_mask)
     kp, vp, qp = call.tensors
-    out, lse = _ATEN_FWD(qp, kp, vp, 0.0, False, attn_mask=call.bias, scale=inputs.scale)  # lse (B, H, S)
+    out, lse = _FLASH(qp, kp, vp, attn_mask=call.bias, scale=inputs.scale)  # lse (B, H, S)
     out, lse = _nan_for_nonfinite_queries(q, qp, out, lse)
     if call.keyless is not None:
         out = out.masked_fill(call.keyless[..., None], 0.0)
         lse = lse.masked_fill(call.keyless, float("-inf"))
-    return call.back(out), call.back(lse.to(checks.accum_dtype(q.dtype)))
+    acc = checks.accum_dtype(q.dtype)
+    return call.back(out), call.back(lse if lse.dtype == acc else lse.to(acc))
 
 
 def masked_backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor,
