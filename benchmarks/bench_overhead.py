@@ -251,14 +251,15 @@ def _masked_lm_loss(provider: str, shape: dict, dtype: torch.dtype, device: str)
             if grad:
                 _grads_of(loss, leaves)
     elif provider == "backend":
-        inputs = M.MaskedCEInputs(hidden, weight, bias, labels, None, -100, 0.0, 0.0)
-        mod = _chosen_backend(M.REGISTRY, inputs, hidden.device.type)
-        counted = labels != -100
-        grad_rows = counted.float() / counted.sum()  # the mean's weight of each row
+        fraction = M.DEFAULT_MAX_MASKED_FRACTION.get(hidden.device.type, 1.0)  # what masked_lm_loss resolves
+        inputs = M.MaskedCEInputs(hidden, weight, bias, labels, None, -100, 0.0, 0.0, fraction)
+        name = M.REGISTRY.chosen("auto", hidden.device.type, inputs)
+        if name == "reference":
+            raise Skip("auto picks the reference here: there is no backend call to compare with")
 
         def call():
-            with torch.no_grad():  # with gradients: the backend computes them in its forward (issue 16)
-                mod.forward_and_grads(inputs, grad_rows) if grad else mod.forward(inputs)
+            with torch.no_grad():  # the call fastmlm makes: the reduced mean, gradients computed in its forward
+                return M.reduced(name, inputs, True, grad)
     else:  # what a user writes instead: gather the labelled rows, project, cross-entropy
         rows = (labels != -100).nonzero().squeeze(1)  # built once: the peer is given its rows
 

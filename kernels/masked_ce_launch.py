@@ -31,7 +31,7 @@ import triton
 
 from fastmlm.ops.checks import assert_async
 from fastmlm.ops.kernels_path import triton_interpret
-from fastmlm.ops.torch_impl.masked_ce import bound_message, counted_bound
+from fastmlm.ops.row_bound import bound_message, counted_bound
 
 from .masked_ce import _dhidden_kernel, _dlogits_kernel, _dweight_kernel, _forward_kernel
 
@@ -99,7 +99,7 @@ def _compact_rows(inputs):
     if inputs.positions is None and bound < inputs.num_rows:
         # The kernels need no bound (programs past n_rows exit), but the call's max_masked_fraction
         # means the same on every backend: a call the cuda backend stops is stopped here too.
-        assert_async("masked_lm_loss", n_rows[0] <= bound, bound_message(bound, inputs))
+        assert_async("masked_lm_loss", n_rows[0] <= bound, bound_message(bound, inputs.num_rows, inputs.max_masked_fraction))
     return order, index[order], targets[order], n_rows
 
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
+from fastmlm.ops import row_bound
 from helpers import STRIDED_KINDS, assert_error_ratio, strided_view
 
 FAST_BACKENDS = [
@@ -480,7 +481,7 @@ def bounded(monkeypatch):
 
     monkeypatch.setattr(torch_backend, "COMPACT_DEVICES", ())
     monkeypatch.setattr(sys.modules["fastmlm.ops.masked_ce"], "DEFAULT_MAX_MASKED_FRACTION", {"cpu": 0.25})
-    monkeypatch.setattr(torch_backend, "SLACK_ROWS", 2)
+    monkeypatch.setattr(sys.modules["fastmlm.ops.row_bound"], "SLACK_ROWS", 2)
     return torch_backend
 
 
@@ -555,7 +556,7 @@ def test_bounded_rows_follow_the_masked_count(bounded, path, monkeypatch):
 
     seen = _rows_seen(path, monkeypatch)
     h, w, b, labels = _batch_with_count(200, 8, 31, count=30, dtype=torch.float32)
-    assert bounded.counted_bound(200, 0.25) == 52  # ceil(0.25 * 200) + 2
+    assert row_bound.counted_bound(200, 0.25) == 52  # ceil(0.25 * 200) + 2
     with running(path) as (backend, _):
         for reduction, requires_grad in (("mean", False), ("mean", True), ("none", True)):
             seen.clear()
@@ -598,8 +599,8 @@ def test_masked_fraction_bound_is_checked_on_the_cpu_too(monkeypatch):
     checks the same bound as a GPU (there for free), so a call that would stop on CUDA stops here."""
     from fastmlm.ops.torch_impl import masked_ce as torch_backend
 
-    assert torch_backend.counted_bound(200, 0.25) == 114 and torch_backend.counted_bound(200, 1.0) == 200
-    assert torch_backend.counted_bound(40, 0.25) == 40  # the slack covers small batches
+    assert row_bound.counted_bound(200, 0.25) == 114 and row_bound.counted_bound(200, 1.0) == 200
+    assert row_bound.counted_bound(40, 0.25) == 40  # the slack covers small batches
     h, w, b, _ = make_batch(200, 8, 13)
     labels = torch.full((200,), -100)
     labels[torch.randperm(200)[:115]] = torch.randint(0, 13, (115,))
@@ -665,3 +666,92 @@ def test_model_and_hf_patch_pass_their_compacted_rows_unbounded(monkeypatch):
     for num_items in (None, 3):
         hf_patch.masked_rows_loss(hidden, labels, lambda x: x, weight, None, num_items_in_batch=num_items)
     assert calls == [1.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- the reduced path's sums (issue 22)
+@pytest.mark.parametrize("chunk_rows", [None, 2], ids=["one-chunk", "chunks"])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(label_smoothing=0.1, z_loss=1e-2)],
+                         ids=["plain", "smooth", "smooth+z"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_reduced_loss_with_gradients_matches_the_reference(chunk_rows, options, reduction, monkeypatch):
+    """The torch backend's ``reduced`` with gradients sums the loss and the accuracy per chunk (ATen's
+    nll_loss without a z-loss) and scales dz by one number: loss, n_correct and the gradients on
+    fresh fp64 inputs, against the reference."""
+    from fastmlm.ops.torch_impl import masked_ce as torch_backend
+
+    vocab = 23
+    if chunk_rows:
+        monkeypatch.setattr(torch_backend, "CHUNK_ELEMENTS", 2 * chunk_rows * vocab)  # grads: half-size chunks
+    h, w, b, labels = make_batch(19, 6, vocab, rate=0.5, dtype=torch.float64, scale=2.0)
+    labels[[0, 1]] = torch.tensor([3, 22])
+    labels[::4] = (h @ w.t() + b)[::4].argmax(1)  # rows the accuracy counts as correct
+    inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    got, correct = masked_lm_loss(*inputs, labels, backend="torch", reduction=reduction, return_accuracy=True,
+                                  **options)
+    want, want_correct = masked_lm_loss(h, w, b, labels, backend="reference", reduction=reduction,
+                                        return_accuracy=True, **options)
+    assert got.shape == () and got.dtype == torch.float64 and correct.dtype == torch.int64
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert correct.item() == want_correct.item() > 0
+    _, want_grads = _reference_loss_and_grads(h, w, b, labels, reduction=reduction, grad=0.75, **options)
+    _assert_close_to_reference(torch.autograd.grad(got * 0.75, inputs), want_grads,
+                               names=("d_hidden", "d_weight", "d_bias"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_int32_labels_and_positions_match_int64(reduction, grad):
+    """int32 labels and positions are accepted inputs: every torch-backend path (ATen's losses take
+    int64 targets only) gives the int64 result."""
+    h, w, b, labels = make_batch(21, 8, 13, rate=0.5)
+    labels[[2, 3]] = torch.tensor([0, 12])
+    for positions in (None, torch.tensor([3, -1, 2, 3, 7])):
+        results = []
+        for dtype in (torch.int64, torch.int32):
+            inputs = [t.clone().requires_grad_(grad) for t in (h, w, b)]
+            pos = None if positions is None else positions.to(dtype)
+            loss = masked_lm_loss(*inputs, labels.to(dtype), positions=pos, reduction=reduction, backend="torch")
+            results.append([loss, *(torch.autograd.grad(loss.sum(), inputs) if grad else ())])
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_second_backward_after_an_in_place_change_raises():
+    """A retained graph's second backward recomputes the gradients from the inputs: an input changed
+    in place in between is an error (as save_for_backward would raise), not a silent wrong gradient."""
+    h, w, b, labels = make_batch(16, 8, 11, rate=0.5)
+    labels[0] = 3
+    inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, backend="torch")
+    loss.backward(retain_graph=True)
+    with torch.no_grad():
+        inputs[1].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified (in place|by an inplace operation)"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["set", "numpy"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_value_checks_of_short_and_long_inputs(short, index_dtype, monkeypatch):
+    """Labels and positions are value-checked on every call, read as a Python set up to SHORT_IDS
+    entries and with NumPy beyond: both reject the same values with the same message."""
+    from fastmlm.ops import masked_ce
+
+    if not short:
+        monkeypatch.setattr(masked_ce, "SHORT_IDS", 0)
+    h, w, b, labels = make_batch(12, 4, 9, rate=0.5)
+    labels[0] = 8
+
+    def call(labels, positions=None):
+        return masked_lm_loss(h, w, b, labels.to(index_dtype), backend="torch",
+                              positions=None if positions is None else positions.to(index_dtype))
+
+    assert torch.isfinite(call(labels, torch.tensor([0, -1, 11])))
+    for value in (9, -1, -101):  # past the vocabulary, negative but not ignore_index
+        wrong = labels.clone()
+        wrong[5] = value
+        with pytest.raises(RuntimeError, match=r"labels must be ignore_index=-100 or lie in \[0, 9\)"):
+            call(wrong)
+    for value in (12, -2):
+        with pytest.raises(RuntimeError, match=r"positions must lie in \[-1, 12\)"):
+            call(labels, torch.tensor([0, value]))

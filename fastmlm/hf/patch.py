@@ -45,7 +45,6 @@ Anything else raises :class:`~fastmlm.hf.attention.FastMLMUnsupported` saying wh
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -55,11 +54,11 @@ from torch import Tensor, nn
 
 from ..data import IGNORE_INDEX
 from ..ops import masked_lm_loss
+from ..ops.row_bound import counted_bound
 from . import unpad as _unpad
 from .attention import NAME, FastMLMUnsupported, register
 
 STATE = "_fastmlm_patch"  # the attribute patch() sets on the model
-SLACK_ROWS = 64  # rows R keeps beyond max_masked_fraction, for small batches
 DEFAULT_MAX_MASKED_FRACTION = 0.25
 
 
@@ -127,8 +126,8 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 # --------------------------------------------------------------------------- the loss
 def masked_capacity(tokens: int, max_masked_fraction: float) -> int:
-    """R, the static number of rows gathered for a batch of ``tokens`` tokens."""
-    return min(tokens, math.ceil(max_masked_fraction * tokens) + SLACK_ROWS)
+    """R, the static number of rows gathered for a batch of ``tokens`` tokens (the ops' row bound)."""
+    return counted_bound(tokens, max_masked_fraction)
 
 
 def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor], weight: Tensor,

@@ -32,7 +32,8 @@ int64 0-d tensor.
 
 Backends: ``reference`` (below), ``torch`` (row chunks), ``triton`` (kernels/masked_ce.py,
 launched by kernels/masked_ce_launch.py), ``cuda`` (csrc/); the non-reference ones run as
-custom ops, and below those every backend receives one :class:`MaskedCEInputs`:
+custom ops (:mod:`fastmlm.ops.masked_ce_ops`), and below those every backend receives one
+:class:`MaskedCEInputs`:
 
 - ``fastmlm::masked_lm_loss_reduced`` when the loss is reduced ("mean", "sum") and an input
   needs gradients: the backend computes d_hidden, d_weight and d_bias during the forward
@@ -73,6 +74,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # a run at 25% must not fail on a random fluctuation hours in. Pass a tighter fraction (or
 # positions) to project fewer rows. Elsewhere no bound is needed.
 DEFAULT_MAX_MASKED_FRACTION = {"cuda": 0.5}
+# Labels (and positions) up to this many entries are value-checked on the CPU as a Python set
+# (a few µs), beyond it with NumPy (which wins from a few hundred entries on).
+SHORT_IDS = 256
 
 
 def gather_rows(hidden: Tensor, index: Tensor, counted: Tensor) -> Tensor:
@@ -175,74 +179,6 @@ def masked_lm_loss_reference(
     return torch.where(counted, loss, 0.0), torch.where(counted, lse, 0.0), correct & counted
 
 
-# --------------------------------------------------------------------------- custom ops
-# Flat schemas, as torch.library needs; the bundle is built here, below them.
-@torch.library.custom_op("fastmlm::masked_lm_loss_fwd", mutates_args=())
-def _masked_lm_loss_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
-    ignore_index: int, label_smoothing: float, z_loss: float, max_masked_fraction: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
-                            max_masked_fraction)
-    return REGISTRY.module(backend).forward(inputs)
-
-
-@_masked_lm_loss_fwd.register_fake
-def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction, backend):
-    num_rows = labels.shape[0] if positions is None else positions.shape[0]
-    loss = hidden.new_empty(num_rows, dtype=checks.accum_dtype(hidden.dtype))
-    return loss, torch.empty_like(loss), hidden.new_empty(num_rows, dtype=torch.bool)
-
-
-@torch.library.custom_op("fastmlm::masked_lm_loss_bwd", mutates_args=())
-def _masked_lm_loss_bwd(
-    grad_rows: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
-    positions: Optional[Tensor], lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
-    max_masked_fraction: float, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    inputs = MaskedCEInputs(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
-                            max_masked_fraction)
-    return REGISTRY.module(backend).backward(inputs, lse, grad_rows)
-
-
-@_masked_lm_loss_bwd.register_fake
-def _(grad_rows, hidden, weight, bias, labels, positions, lse, ignore_index, label_smoothing, z_loss,
-      max_masked_fraction, backend):
-    # Every backend returns contiguous gradients, whatever the strides of its inputs.
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0])
-
-
-def _setup_context(ctx, inputs, output):
-    _, lse, correct = output
-    ctx.mark_non_differentiable(lse, correct)
-    ctx.save_for_backward(*inputs[:5], lse)  # hidden, weight, bias, labels, positions
-    ctx.options = inputs[5:]  # ignore_index, label_smoothing, z_loss, max_masked_fraction, backend
-    ctx.has_bias = inputs[2] is not None
-
-
-def _backward(ctx, grad_rows, _dlse, _dcorrect):
-    hidden, weight, bias, labels, positions, lse = ctx.saved_tensors
-    d_hidden, d_weight, d_bias = _masked_lm_loss_bwd(grad_rows.contiguous(), hidden, weight, bias, labels,
-                                                     positions, lse, *ctx.options)
-    return d_hidden, d_weight, d_bias if ctx.has_bias else None, None, None, *(None for _ in ctx.options)
-
-
-_masked_lm_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLoss(torch.autograd.Function):
-    """``fastmlm::masked_lm_loss_fwd`` with its autograd rule, without the custom op's dispatcher
-    round trips (the plain eager path; see :func:`fastmlm.ops.dispatch.plain_eager`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):  # with ctx, not a separate setup_context: see _EagerReducedLoss
-        output = REGISTRY.module(inputs[-1]).forward(MaskedCEInputs(*inputs[:-1]))
-        _setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(_backward)
-
-
 # Reduced losses ("mean", "sum"): the backend computes the gradients during the forward, where
 # every chunk of logits is at hand, so the backward only scales them.
 def reduce_rows(module, inputs: MaskedCEInputs, mean: bool, grads: bool):
@@ -280,86 +216,6 @@ def reduced(backend: str, inputs: MaskedCEInputs, mean: bool, grads: bool):
         return REGISTRY.run(backend[len(AUTO_PREFIX):], inputs, call)
     return call(REGISTRY.module(backend))
 
-
-@torch.library.custom_op("fastmlm::masked_lm_loss_reduced", mutates_args=())
-def _masked_lm_loss_reduced(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, positions: Optional[Tensor],
-    ignore_index: int, label_smoothing: float, z_loss: float, max_masked_fraction: float, mean: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _reduced(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
-                    mean, backend)
-
-
-def _reduced(*args):
-    """(loss 0-d, n_correct 0-d int64, d_hidden, d_weight, d_bias): the mean (or sum) of the row
-    losses and its gradients, computed in the forward. args: the bundle's fields, mean, backend."""
-    *fields, mean, backend = args
-    return reduced(backend, MaskedCEInputs(*fields), mean, grads=True)
-
-
-@_masked_lm_loss_reduced.register_fake
-def _(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction, mean,
-      backend):
-    return (hidden.new_empty((), dtype=checks.accum_dtype(hidden.dtype)), hidden.new_empty((), dtype=torch.int64),
-            hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0]))
-
-
-def _setup_reduced(ctx, inputs, output):
-    _, correct, *grads = output
-    ctx.mark_non_differentiable(correct, *grads)
-    _keep_grads(ctx, inputs, grads)
-
-
-def _keep_grads(ctx, inputs, grads):
-    """Hold the gradients computed in the forward for :func:`_backward_reduced`."""
-    ctx.set_materialize_grads(False)  # else autograd builds zero "gradients" of the gradients (V x H)
-    # The gradients ride on ctx, not in save_for_backward, so that the first backward can scale
-    # them in place and hand them over without a copy (a saved d_weight is V x H). The inputs are
-    # saved (they are alive anyway) for a second backward through a retained graph.
-    d_hidden, d_weight, d_bias = grads
-    ctx.grads = [d_hidden, d_weight, d_bias if inputs[2] is not None else None]
-    ctx.save_for_backward(*inputs[:5])
-    ctx.options = inputs[5:]
-
-
-def _backward_reduced(ctx, grad_loss, *_unused):
-    if grad_loss is None:  # the loss was not used (grads are not materialised): no gradient
-        return (None,) * (5 + len(ctx.options))
-    grads, ctx.grads = ctx.grads, None
-    if grads is None:  # a second backward (retain_graph=True): the first one used the gradients up
-        hidden, weight, bias, labels, positions = ctx.saved_tensors
-        grads = list(_masked_lm_loss_reduced(hidden, weight, bias, labels, positions, *ctx.options)[2:])
-        if bias is None:
-            grads[2] = None
-    # Eager: scale in place, and the tensors become the .grad without a copy. Traced (torch.compile,
-    # opcheck: functional or fake tensors), a backward may not mutate forward outputs: out of place.
-    eager = type(grad_loss) is torch.Tensor
-    # loss.backward() passes 1: on the CPU, reading it is no device sync, and it saves a pass over V x H.
-    unit = eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
-    grads = [None if g is None or not need else g if unit else g.mul_(grad_loss) if eager else g * grad_loss
-             for g, need in zip(grads, ctx.needs_input_grad)]
-    return (*grads, None, None, *(None for _ in ctx.options))
-
-
-_masked_lm_loss_reduced.register_autograd(_backward_reduced, setup_context=_setup_reduced)
-
-
-class _EagerReducedLoss(torch.autograd.Function):
-    """``fastmlm::masked_lm_loss_reduced`` with its autograd rule, without the custom op's round trips.
-
-    A ``forward(ctx, ...)`` rather than a separate ``setup_context``: in eager mode ``apply`` costs
-    several times less that way (measured, torch 2.13 on the CPU), and this class is eager only."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        # Only (loss, n_correct) are outputs: the gradients never pass through autograd's output
-        # bookkeeping (the custom op must return them, for functional tracing; eager need not).
-        loss, correct, *grads = _reduced(*inputs)
-        ctx.mark_non_differentiable(correct)
-        _keep_grads(ctx, inputs, grads)
-        return loss, correct
-
-    backward = staticmethod(_backward_reduced)
 
 
 # --------------------------------------------------------------------------- public op
@@ -455,24 +311,25 @@ def masked_lm_loss(
         n_correct [with return_accuracy]: int64 0-d tensor, the counted rows whose argmax
             (first index among ties) is the target.
     """
-    def plan():  # what the signature alone decides, memoised: the metadata checks and the backend
+    def plan():  # what the signature alone decides, memoised: the metadata checks, the backend, the tensor types
         _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
                   reduction)
-        return REGISTRY.select(backend, hidden.device.type, _bundle(hidden, weight, bias, labels, positions,
+        name = REGISTRY.select(backend, hidden.device.type, _bundle(hidden, weight, bias, labels, positions,
                                                                     ignore_index, label_smoothing, z_loss,
                                                                     max_masked_fraction))
+        return name, dispatch.plain_types(hidden, weight, bias, labels, positions)
 
     key = dispatch.call_key(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
                             max_masked_fraction, reduction, backend)
-    name = REGISTRY.memo(key, plan)
+    name, plain_types = REGISTRY.memo(key, plan)
     inputs = _bundle(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
                      max_masked_fraction)
     labels1d = inputs.labels
     vocab, tokens = weight.shape[0], labels1d.shape[0]
     if positions is not None:  # value checks: every call
-        checks.check_ids("masked_lm_loss", positions, -1, tokens, f"positions must lie in [-1, {tokens})")
-    checks.check_ids("masked_lm_loss", labels1d, 0, vocab,
-                     f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
+        _check_ids(positions, -1, tokens, None, lambda: f"positions must lie in [-1, {tokens})")
+    _check_ids(labels1d, 0, vocab, ignore_index,
+               lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})")
 
     if tokens == 0 or inputs.num_rows == 0 or name == "reference" or hidden.shape[-1] == 0:
         loss, correct = _small_cases(inputs, name, reduction)
@@ -480,19 +337,32 @@ def masked_lm_loss(
         loss, correct = _per_row(inputs, name)
     else:  # one backend call computes the reduced loss (and its gradients, when wanted)
         mean, grads = reduction == "mean", _needs_grad(hidden, weight, bias)
-        if dispatch.plain_eager(*inputs[:5]):
+        if plain_types and dispatch.no_modes():  # dispatch.plain_eager, its signature part memoised
             if grads:
-                loss, correct = _EagerReducedLoss.apply(*inputs, mean, name)
+                loss, correct = _ops._EagerReducedLoss.apply(*inputs[:3], _ops.ReducedCall(inputs, mean, name))
             else:
                 loss, correct = reduced(name, inputs, mean, grads=False)[:2]
         elif grads:
-            loss, correct = _masked_lm_loss_reduced(*inputs, mean, name)[:2]
+            loss, correct = _ops._masked_lm_loss_reduced(*inputs, mean, name)[:2]
         else:  # traced, no gradients: the forward-only op, reduced here
-            rows, _, correct = _masked_lm_loss_fwd(*inputs, name)
+            rows, _, correct = _ops._masked_lm_loss_fwd(*inputs, name)
             loss, correct = _reduce(rows, correct, inputs.row_index()[1], mean)
     if reduction == "none":
         loss = loss.reshape(labels.shape if positions is None else positions.shape)
     return (loss, correct) if return_accuracy else loss
+
+
+def _check_ids(t: Tensor, low: int, high: int, allowed: Optional[int], message) -> None:
+    """:func:`fastmlm.ops.checks.check_ids` (every entry of ``t`` in [low, high) or ``allowed``; a
+    RuntimeError with ``message()`` otherwise), reading a short CPU tensor as a Python set: in the
+    training loop at tiny shapes NumPy's round trip costs tens of microseconds more (issue 22)."""
+    if t.shape[0] <= SHORT_IDS and checks.host_readable(t):
+        values = set(t.tolist())
+        values.discard(allowed)
+        if values and not (low <= min(values) and max(values) < high):
+            raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {message()}")
+        return
+    checks.check_ids("masked_lm_loss", t, low, high, message(), allowed=allowed)
 
 
 def _reduce(rows: Tensor, correct: Tensor, counted: Tensor, mean: bool) -> tuple[Tensor, Tensor]:
@@ -504,9 +374,9 @@ def _reduce(rows: Tensor, correct: Tensor, counted: Tensor, mean: bool) -> tuple
 def _per_row(inputs: MaskedCEInputs, name: str) -> tuple[Tensor, Tensor]:
     """(loss (R,), n_correct 0-d) of reduction "none" through the backend's forward (and its backward)."""
     if not dispatch.plain_eager(*inputs[:5]):
-        rows, _, correct = _masked_lm_loss_fwd(*inputs, name)
+        rows, _, correct = _ops._masked_lm_loss_fwd(*inputs, name)
     elif _needs_grad(*inputs[:3]):
-        rows, _, correct = _EagerLoss.apply(*inputs, name)
+        rows, _, correct = _ops._EagerLoss.apply(*inputs, name)
     else:
         rows, _, correct = REGISTRY.module(name).forward(inputs)
     acc = checks.accum_dtype(inputs.hidden.dtype)
@@ -529,3 +399,7 @@ def _small_cases(inputs: MaskedCEInputs, name: str, reduction: str) -> tuple[Ten
     if reduction == "none":
         return rows, correct.sum()
     return _reduce(rows, correct, counted, reduction == "mean")
+
+
+# The custom ops and autograd Functions (registered on import); last, as they import this module.
+from . import masked_ce_ops as _ops  # noqa: E402

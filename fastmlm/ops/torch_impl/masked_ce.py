@@ -39,7 +39,6 @@ calls for "mean"/"sum" on the CPU) with one Python number as every row's weight,
 """
 from __future__ import annotations
 
-import math
 import sys
 from typing import Optional
 
@@ -49,30 +48,15 @@ from torch import Tensor
 
 from ..checks import accum_dtype, assert_async
 from ..masked_ce import MaskedCEInputs, gather_rows, per_row_terms, reduce_rows
+from ..row_bound import bound_message, counted_bound
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 COMPACT_DEVICES = ("cpu",)  # device types where the counted rows are compacted (no device to wait for)
-SLACK_ROWS = 64  # rows added to the bound: room for the spread of small batches' masked counts
 
 
 def why_not(inputs: MaskedCEInputs) -> Optional[str]:
     """Runs every input that passed validation, on any device."""
     return None
-
-
-def counted_bound(rows: int, fraction: float) -> int:
-    """B, the most rows that may count of R = ``rows`` without positions, at ``max_masked_fraction`` =
-    ``fraction``: the static number of rows projected off COMPACT_DEVICES (see the module docstring)."""
-    if fraction >= 1.0:
-        return rows
-    return min(rows, math.ceil(fraction * rows) + SLACK_ROWS)
-
-
-def bound_message(bound: int, inputs: MaskedCEInputs) -> str:
-    """The error of a call with more than ``bound`` counted rows: the bound and the two ways past it."""
-    return (f"more rows count (labels != ignore_index) than the {bound} of {inputs.num_rows} rows allowed without "
-            f"positions (max_masked_fraction={inputs.max_masked_fraction}: ceil(f * rows) + {SLACK_ROWS}); pass "
-            "positions (a static list of the masked tokens, -1 padded) or a larger max_masked_fraction (1.0: no bound)")
 
 
 def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
@@ -90,7 +74,7 @@ def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
     if inputs.positions is not None or bound >= rows:
         return (inputs, None, *row_values)
     counted = inputs.row_index()[1]
-    assert_async("masked_lm_loss", counted.sum() <= bound, bound_message(bound, inputs))
+    assert_async("masked_lm_loss", counted.sum() <= bound, bound_message(bound, inputs.num_rows, inputs.max_masked_fraction))
     # Padded with R (a spare slot that unbound_rows drops); as positions, the padding is -1.
     slots = torch.nonzero_static(counted, size=bound, fill_value=rows)[:, 0]
     valid = slots < rows
@@ -132,8 +116,9 @@ def _plan(inputs: MaskedCEInputs):
     """The rows to project: (slots, index, targets, counted).
 
     slots: (n,) int64, the op's row of each projected row, or None when every row is
-    projected (n = R); index (n,) the token each reads; targets (n,) valid ids (0 where a
-    row does not count); counted (n,) bool, or None when every projected row counts.
+    projected (n = R); index (n,) the token each reads; targets (n,) int64 valid ids (0 where
+    a row does not count: ATen's losses take int64 targets only); counted (n,) bool, or None
+    when every projected row counts.
     """
     labels, positions = inputs.labels, inputs.positions
     if inputs.hidden.device.type in COMPACT_DEVICES:  # nonzero: no device synchronisation there
@@ -142,14 +127,14 @@ def _plan(inputs: MaskedCEInputs):
             slots = labels.ne(inputs.ignore_index).nonzero().squeeze(1)
             bound = counted_bound(labels.shape[0], inputs.max_masked_fraction)
             if slots.shape[0] > bound:  # the bound a GPU enforces, checked here for free: the count is on the host
-                raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, inputs)}")
-            return slots, slots, labels.index_select(0, slots), None
+                raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, inputs.num_rows, inputs.max_masked_fraction)}")
+            return slots, slots, _to(labels.index_select(0, slots), torch.int64), None
         index, counted = inputs.row_index()
         slots = counted.nonzero().squeeze(1)
         index = index.index_select(0, slots)
-        return slots, index, labels.index_select(0, index), None
+        return slots, index, _to(labels.index_select(0, index), torch.int64), None
     index, counted = inputs.row_index()
-    return None, index, torch.where(counted, labels[index], 0), counted
+    return None, index, _to(torch.where(counted, labels[index], 0), torch.int64), counted
 
 
 def _gather(hidden: Tensor, index: Tensor, counted: Optional[Tensor]) -> Tensor:
@@ -182,34 +167,47 @@ def _mask_rows(loss: Tensor, lse: Tensor, correct: Tensor, counted: Optional[Ten
     return torch.where(counted, loss, 0.0), lse, correct & counted
 
 
-def _row_terms(logits: Tensor, targets: Tensor, label_smoothing: float, z_loss: float, need_lse: bool):
-    """:func:`per_row_terms`, or with ``need_lse`` False (and no z-loss) ATen's cross-entropy, several
-    times cheaper than logsumexp on small inputs; lse is then None."""
-    if need_lse or z_loss:
+def _row_terms(logits: Tensor, targets: Tensor, label_smoothing: float, z_loss: float, summed: bool):
+    """:func:`per_row_terms` (loss, lse, correct) per row, or with ``summed`` their sums over the
+    rows, 0-d (loss, None, n_correct): without a z-loss from ATen's cross-entropy, several times
+    cheaper than logsumexp on small inputs."""
+    if not summed:
         return per_row_terms(logits, targets, label_smoothing, z_loss)
-    loss = F.cross_entropy(logits, targets, reduction="none", label_smoothing=label_smoothing)
-    return loss, None, logits.argmax(dim=1).eq(targets)
+    if z_loss:  # needs lse
+        loss, _, correct = per_row_terms(logits, targets, label_smoothing, z_loss)
+        return loss.sum(), None, correct.sum()
+    loss = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=label_smoothing)
+    return loss, None, logits.argmax(dim=1).eq(targets).sum()
 
 
 def _project(inputs: MaskedCEInputs, index: Tensor, targets: Tensor, counted: Optional[Tensor],
-             need_lse: bool = True):
-    """Per projected row (n,): loss, lse (accumulation dtype; None unless ``need_lse`` or a z-loss)
-    and correct (bool), chunk by chunk."""
+             summed: bool = False):
+    """Per projected row (n,): loss, lse (accumulation dtype) and correct (bool), chunk by chunk;
+    with ``summed`` (compacted rows only: counted None) the 0-d sums (loss, None, n_correct)."""
     hidden, weight, bias = inputs[:3]
     label_smoothing, z_loss = inputs.label_smoothing, inputs.z_loss
     parts = []
     for chunk in _chunks(index.shape[0], weight.shape[0]):
         logits = _logits(_gather(hidden, _part(index, chunk), _part(counted, chunk)), weight, bias)
-        parts.append(_row_terms(logits, _part(targets, chunk), label_smoothing, z_loss, need_lse))
+        parts.append(_row_terms(logits, _part(targets, chunk), label_smoothing, z_loss, summed))
     if not parts:  # no row
-        empty = hidden.new_zeros(0, dtype=accum_dtype(hidden.dtype))
-        return empty, empty, empty.bool()
+        return _no_rows(hidden, summed)
     return _mask_rows(*(_cat(column) for column in zip(*parts)), counted)
 
 
+def _no_rows(hidden: Tensor, summed: bool):
+    """(loss, lse, correct) of no row: empty (0,) tensors, or with ``summed`` zero sums."""
+    empty = hidden.new_zeros(0, dtype=accum_dtype(hidden.dtype))
+    if summed:
+        return empty.sum(), None, empty.long().sum()
+    return empty, empty, empty.bool()
+
+
 def _cat(parts) -> Optional[Tensor]:
-    """The chunks' pieces of one output in order (None where they are None)."""
-    return parts[0] if len(parts) == 1 or parts[0] is None else torch.cat(parts)
+    """The chunks' pieces of one output in order (None where they are None); 0-d pieces (sums) are added."""
+    if len(parts) == 1 or parts[0] is None:
+        return parts[0]
+    return torch.stack(parts).sum() if parts[0].dim() == 0 else torch.cat(parts)
 
 
 def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
@@ -221,10 +219,10 @@ def forward(inputs: MaskedCEInputs) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(unbound_rows(unbound_rows(out, slots, inputs.num_rows), bound_slots, rows) for out in outs)
 
 
-def _softmax_grad(logits: Tensor, targets: Tensor, g, label_smoothing: float, z_loss: float, need_lse: bool = True):
+def _softmax_grad(logits: Tensor, targets: Tensor, g, label_smoothing: float, z_loss: float, summed: bool = False):
     """Per-row (loss, lse, correct) of (n, V) logits and dz (n, V), a new buffer, for row weights g:
     a (n,) tensor, or one Python float for every row (fewer tensor ops: the reduced losses' 1 or 1 / count).
-    lse is None when not ``need_lse`` and there is no z-loss.
+    With ``summed`` (g a float): the 0-d sums over the rows (loss, None, n_correct), from fewer ops.
 
     From ATen's log-softmax (one fused pass, and one (n, V) buffer that becomes dz in place):
     the loss is -log p[t] (and -mean log p for label smoothing), lse = max - log p[argmax]
@@ -233,14 +231,23 @@ def _softmax_grad(logits: Tensor, targets: Tensor, g, label_smoothing: float, z_
     vocab = logits.shape[1]
     per_row = isinstance(g, Tensor)
     target_col = targets.unsqueeze(1)
-    top, argmax = logits.max(dim=1)  # the first index among ties, as argmax
     log_p = torch.log_softmax(logits, dim=1)
-    loss = log_p.gather(1, target_col).squeeze(1).neg_()
-    if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss - label_smoothing * log_p.mean(dim=1)
-    lse = top - log_p.gather(1, argmax.unsqueeze(1)).squeeze(1) if need_lse or z_loss else None
-    if z_loss:
-        loss = loss + z_loss * lse.square()
+    if summed and not z_loss:  # no per-row value and no lse wanted
+        loss = F.nll_loss(log_p, targets, reduction="sum")
+        if label_smoothing:  # the rows' mean log p, summed
+            loss = (1.0 - label_smoothing) * loss - (label_smoothing / vocab) * log_p.sum()
+        lse, correct = None, logits.argmax(dim=1).eq(targets).sum()  # argmax: the first index among ties
+    else:
+        top, argmax = logits.max(dim=1)  # the first index among ties, as argmax
+        loss = log_p.gather(1, target_col).squeeze(1).neg_()
+        if label_smoothing:
+            loss = (1.0 - label_smoothing) * loss - label_smoothing * log_p.mean(dim=1)
+        lse = top - log_p.gather(1, argmax.unsqueeze(1)).squeeze(1)
+        if z_loss:
+            loss = loss + z_loss * lse.square()
+        correct = argmax.eq(targets)
+        if summed:
+            loss, correct = loss.sum(), correct.sum()
     dz = log_p.exp_()  # p
     if z_loss:
         dz.mul_((g * (1.0 + 2.0 * z_loss * lse)).unsqueeze(1))
@@ -254,12 +261,13 @@ def _softmax_grad(logits: Tensor, targets: Tensor, g, label_smoothing: float, z_
         dz.scatter_add_(1, target_col, (g * (label_smoothing - 1.0)).unsqueeze(1).to(dz.dtype))
     else:  # the same value at every row's target
         dz.scatter_(1, target_col, g * (label_smoothing - 1.0), reduce="add")
-    return loss, lse, argmax.eq(targets), dz
+    return loss, None if summed else lse, correct, dz
 
 
 def _project_grads(inputs: MaskedCEInputs, index: Tensor, targets: Tensor, counted: Optional[Tensor], g,
-                   need_lse: bool = True):
-    """Per projected row (n,) loss, lse, correct, and the gradients of Σ g · loss: d_hidden (T, H),
+                   summed: bool = False):
+    """Per projected row (n,) loss, lse, correct (with ``summed``: their 0-d sums, lse None; g a float
+    and counted None), and the gradients of Σ g · loss: d_hidden (T, H),
     d_weight (V, H), d_bias (V,) in the input dtype. g: (n,) row weights (0 where a row does not
     count, so its dz is 0 exactly), or one Python float for every row. Two (n, V) buffers per
     chunk (logits and dz), so chunks of half CHUNK_ELEMENTS."""
@@ -275,21 +283,21 @@ def _project_grads(inputs: MaskedCEInputs, index: Tensor, targets: Tensor, count
         if workspace is None and len(chunks) > 1:  # the largest chunk is the first
             workspace = torch.empty(chunk.stop - chunk.start, vocab, device=device, dtype=acc)
         logits = _logits(h, weight, bias, out=None if workspace is None else workspace[: h.shape[0]])
-        *terms, dz = _softmax_grad(logits, _part(targets, chunk), _part(g, chunk), label_smoothing, z_loss, need_lse)
+        *terms, dz = _softmax_grad(logits, _part(targets, chunk), _part(g, chunk), label_smoothing, z_loss, summed)
         for parts, part in zip((losses, lses, corrects), terms):
             parts.append(part)
         d_bias = dz.sum(0) if d_bias is None else d_bias.add_(dz.sum(0))
         dz = _to(dz, weight.dtype)
-        d_rows.append(dz @ weight)
+        d_rows.append(torch.mm(dz, weight))
         if d_weight is None:
-            d_weight = _to(dz.t() @ h, acc)
+            d_weight = _to(torch.mm(dz.t(), h), acc)
         elif dz.dtype == acc:
             d_weight.addmm_(dz.t(), h)  # in place: no (V, H) temporary per chunk
         else:
             d_weight += (dz.t() @ h).to(acc)
     if not chunks:  # no row to project
-        empty = torch.zeros(0, device=device, dtype=acc)
-        losses, lses, corrects, d_rows = [empty], [empty], [empty.bool()], [hidden.new_zeros(0, hidden.shape[1])]
+        loss, lse, correct = _no_rows(hidden, summed)
+        losses, lses, corrects, d_rows = [loss], [lse], [correct], [hidden.new_zeros(0, hidden.shape[1])]
         d_weight, d_bias = torch.zeros(weight.shape, device=device, dtype=acc), torch.zeros(vocab, device=device,
                                                                                              dtype=acc)
     # Duplicated positions sum their gradients. (index_put_ rather than index_add_: many times
@@ -332,11 +340,10 @@ def reduced(inputs: MaskedCEInputs, mean: bool, grads: bool):
     _, index, targets, _ = _plan(inputs)
     g = 1.0 / max(index.shape[0], 1) if mean else 1.0
     if grads:
-        loss, _, correct, *grad_tensors = _project_grads(inputs, index, targets, None, g, need_lse=False)
+        loss, _, correct, *grad_tensors = _project_grads(inputs, index, targets, None, g, summed=True)
     else:
-        (loss, _, correct), grad_tensors = _project(inputs, index, targets, None, need_lse=False), (None, None, None)
-    loss = loss.sum()
-    return (loss.mul_(g) if mean else loss), correct.sum(), *grad_tensors
+        (loss, _, correct), grad_tensors = _project(inputs, index, targets, None, summed=True), (None, None, None)
+    return (loss * g if mean else loss), correct, *grad_tensors
 
 
 def backward(inputs: MaskedCEInputs, lse: Tensor, grad_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
