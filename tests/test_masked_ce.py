@@ -735,10 +735,10 @@ def test_second_backward_after_an_in_place_change_raises():
 def test_value_checks_of_short_and_long_inputs(short, index_dtype, monkeypatch):
     """Labels and positions are value-checked on every call, read as a Python set up to SHORT_IDS
     entries and with NumPy beyond: both reject the same values with the same message."""
-    from fastmlm.ops import masked_ce
+    from fastmlm.ops import checks
 
     if not short:
-        monkeypatch.setattr(masked_ce, "SHORT_IDS", 0)
+        monkeypatch.setattr(checks, "SHORT_IDS", 0)
     h, w, b, labels = make_batch(12, 4, 9, rate=0.5)
     labels[0] = 8
 

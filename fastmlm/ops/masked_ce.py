@@ -74,11 +74,6 @@ REDUCTIONS = ("mean", "sum", "none")
 # a run at 25% must not fail on a random fluctuation hours in. Pass a tighter fraction (or
 # positions) to project fewer rows. Elsewhere no bound is needed.
 DEFAULT_MAX_MASKED_FRACTION = {"cuda": 0.5}
-# Labels (and positions) up to this many entries are value-checked on the CPU as a Python set
-# (a few µs), beyond it with NumPy (which wins from a few hundred entries on).
-SHORT_IDS = 256
-
-
 def gather_rows(hidden: Tensor, index: Tensor, counted: Tensor) -> Tensor:
     """hidden[index] with the rows that do not count zeroed: their logits would be dropped
     anyway, but 0 * NaN is NaN, so a NaN there would still reach the weight gradient."""
@@ -327,9 +322,9 @@ def masked_lm_loss(
     labels1d = inputs.labels
     vocab, tokens = weight.shape[0], labels1d.shape[0]
     if positions is not None:  # value checks: every call
-        _check_ids(positions, -1, tokens, None, lambda: f"positions must lie in [-1, {tokens})")
-    _check_ids(labels1d, 0, vocab, ignore_index,
-               lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})")
+        checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})")
+    checks.check_ids("masked_lm_loss", labels1d, 0, vocab,
+                     lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
 
     if tokens == 0 or inputs.num_rows == 0 or name == "reference" or hidden.shape[-1] == 0:
         loss, correct = _small_cases(inputs, name, reduction)
@@ -350,19 +345,6 @@ def masked_lm_loss(
     if reduction == "none":
         loss = loss.reshape(labels.shape if positions is None else positions.shape)
     return (loss, correct) if return_accuracy else loss
-
-
-def _check_ids(t: Tensor, low: int, high: int, allowed: Optional[int], message) -> None:
-    """:func:`fastmlm.ops.checks.check_ids` (every entry of ``t`` in [low, high) or ``allowed``; a
-    RuntimeError with ``message()`` otherwise), reading a short CPU tensor as a Python set: in the
-    training loop at tiny shapes NumPy's round trip costs tens of microseconds more (issue 22)."""
-    if t.shape[0] <= SHORT_IDS and checks.host_readable(t):
-        values = set(t.tolist())
-        values.discard(allowed)
-        if values and not (low <= min(values) and max(values) < high):
-            raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {message()}")
-        return
-    checks.check_ids("masked_lm_loss", t, low, high, message(), allowed=allowed)
 
 
 def _reduce(rows: Tensor, correct: Tensor, counted: Tensor, mean: bool) -> tuple[Tensor, Tensor]:
