@@ -102,6 +102,18 @@ def unigram_log_probs(counts) -> torch.Tensor:
     return (logp - logp.mean()).float()
 
 
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, scaler, clip_norm: float) -> None:
+    """One optimizer step from the accumulated (scaled) gradients: unscale and clip the gradient
+    norm to ``clip_norm`` (0: no clipping), step (the scaler skips a step with inf/NaN
+    gradients), update the loss scale, advance the schedule."""
+    if clip_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW (decoupled weight decay); biases and LayerNorm weights (1-d parameters) are not decayed.
 
@@ -367,12 +379,7 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
         while step < stop:
             micro = [next(batches) for _ in range(cfg.grad_accum)]
             step_loss = accumulate_gradients(net, micro, device, amp_dtype, scaler, ranks)
-            if cfg.clip_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            optimizer_step(model, optimizer, scheduler, scaler, cfg.clip_norm)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             meter.add(step, step_loss, micro)

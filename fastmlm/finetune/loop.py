@@ -35,7 +35,7 @@ from ..plot import PlotWarning
 from ..predict import folder_tokenizer, is_hf_folder, load_checkpoint, resolve_checkpoint
 from ..progress import Progress
 from ..tokenizer import special_ids
-from ..train import autocast, autocast_dtype, lr_factor, make_optimizer
+from ..train import autocast, autocast_dtype, lr_factor, make_optimizer, optimizer_step
 from . import baselines
 from .config import CONFIG_FILE, RESUMABLE, FinetuneConfig
 from .heads import HEADS, TaskModel, is_task_folder
@@ -264,11 +264,7 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
                                  labels=torch.from_numpy(labels).to(device)).loss
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
+                optimizer_step(model, optimizer, scheduler, scaler, cfg.clip_norm)  # clip_norm > 0 (validated)
                 step, running, seen = step + 1, running + loss.detach().double(), seen + 1
                 tokens += int(mask.sum())  # a host-side numpy count
                 progress.update(step)
