@@ -131,13 +131,20 @@ def locked(run_dir, main: bool = True):
 # --------------------------------------------------------------------------- fresh or resumed start
 def open_resumed(cfg: TrainConfig, resume: str, changes: Optional[dict]):
     """(run config, checkpoint folder, trainer state) of the run to resume (see :func:`resumed_config`)."""
-    root = Path(cfg.out_dir) / "checkpoints"
-    resume_from = ckpt.latest_checkpoint(root) if resume == "latest" else Path(resume)
-    if resume_from is None:
-        raise ckpt.CheckpointError(f"--resume: no checkpoint under {root}")
-    state = ckpt.load_trainer_state(resume_from)
-    saved = TrainConfig.from_dict(json.loads(state["train_config"]))
+    resume_from = None if resume == "latest" else Path(resume)
+    saved, resume_from, state = saved_run(cfg.out_dir, TrainConfig, resume_from)
     return resumed_config(saved, cfg, changes), resume_from, state
+
+
+def saved_run(out_dir, config_class, checkpoint: Optional[Path] = None, flag: str = "--resume"):
+    """(the run's saved config as ``config_class``, checkpoint folder, trainer state) of
+    ``checkpoint``, by default the latest under ``out_dir``/checkpoints."""
+    root = Path(out_dir) / "checkpoints"
+    checkpoint = ckpt.latest_checkpoint(root) if checkpoint is None else checkpoint
+    if checkpoint is None:
+        raise ckpt.CheckpointError(f"{flag}: no checkpoint under {root}")
+    state = ckpt.load_trainer_state(checkpoint)
+    return config_class.from_dict(json.loads(state["train_config"])), checkpoint, state
 
 
 def nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -> dict:

@@ -193,11 +193,7 @@ def _open(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict):
         shutil.rmtree(out_dir / BEST, ignore_errors=True)  # what start_fresh does not know of
         (out_dir / "baselines.json").unlink(missing_ok=True)
         return cfg, None, None
-    last = ckpt.latest_checkpoint(out_dir / "checkpoints")
-    if last is None:
-        raise ckpt.CheckpointError(f"resume: no checkpoint under {out_dir / 'checkpoints'}")
-    state = ckpt.load_trainer_state(last)
-    saved = FinetuneConfig.from_dict(json.loads(state["train_config"]))
+    saved, last, state = run_dir.saved_run(out_dir, FinetuneConfig, flag="resume")
     for name in ("task", "init"):
         if getattr(cfg, name) != getattr(saved, name):
             raise ValueError(f"resume: the run in {out_dir} has {name}={getattr(saved, name)!r}, not "
