@@ -392,6 +392,18 @@ def test_cpu_sparse_route_split_groups(sparse_route, monkeypatch):
     torch.testing.assert_close(results[1][0], ref, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shape,view", [((1, 9, 3, 4), None), ((3, 9, 3, 4), None), ((3, 18, 2), None),
+                                        ((3, 3, 9, 4), "transpose"), ((2, 9, 6), "step"), ((2, 9, 0), None)])
+def test_cpu_sparse_route_take_rows(shape, view):
+    """The gather of table rows (one index_select on a flat view when the table has one) is
+    ``index_select(1, rows)`` for any batch, trailing shape and layout in memory, repeated rows included."""
+    table = torch.randn(shape)
+    table = {None: table, "transpose": table.transpose(1, 2), "step": table[:, :, ::2]}[view]
+    rows = torch.tensor([4, 0, 8, 4, 1])
+    taken = block_sparse_cpu._take_rows(table, rows)
+    assert torch.equal(taken, table.index_select(1, rows))
+
+
 def test_cpu_sparse_route_rows_without_keys(sparse_route):
     """A query block with no kept key block, and rows of visited tiles that keep no key: zeros, lse -inf,
     zero gradients."""
