@@ -619,6 +619,21 @@ def test_masked_fraction_bound_is_checked_on_the_cpu_too(monkeypatch):
                                masked_lm_loss(h, w, b, labels, backend="reference"))
 
 
+def test_masked_fraction_bound_stops_every_backend_choice_on_the_cpu():
+    """The bound is checked at the op's boundary: under backend="auto" it is an error too, not a backend
+    failure that falls back to the reference (and demotes the torch backend for the signature)."""
+    import warnings
+
+    h, w, b, _ = make_batch(200, 8, 13)
+    labels = torch.randint(0, 13, (200,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no BackendFailed fallback warning either
+        for backend in ("auto", "torch"):
+            with pytest.raises(RuntimeError, match=r"the 66 of 200 rows .*max_masked_fraction=0.01"):
+                masked_lm_loss(h, w, b, labels, backend=backend, max_masked_fraction=0.01)
+        torch.testing.assert_close(masked_lm_loss(h, w, b, labels), masked_lm_loss(h, w, b, labels, backend="reference"))
+
+
 def test_masked_fraction_reaches_the_bundle(monkeypatch):
     """None resolves per device type (0.5 for CUDA inputs); the value the backends receive."""
     import fastmlm.ops  # noqa: F401

@@ -55,6 +55,7 @@ from torch import Tensor
 
 from . import checks, dispatch
 from .dispatch import AUTO_PREFIX, Registry
+from .row_bound import bound_message, counted_bound
 
 REGISTRY = Registry(
     "masked_lm_loss",
@@ -325,6 +326,13 @@ def masked_lm_loss(
         checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})")
     checks.check_ids("masked_lm_loss", labels1d, 0, vocab,
                      lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
+    if positions is None and inputs.max_masked_fraction < 1.0 and name != "reference" and checks.host_readable(labels1d):
+        # The row bound the fast backends assert on a GPU, checked here where the count is free to
+        # read: at the boundary, so that no backend's failure (and fallback) can hide it. (The
+        # reference projects every row: it has no bound.)
+        bound = counted_bound(tokens, inputs.max_masked_fraction)
+        if int(labels1d.ne(ignore_index).sum()) > bound:
+            raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, tokens, inputs.max_masked_fraction)}")
 
     if tokens == 0 or inputs.num_rows == 0 or name == "reference" or hidden.shape[-1] == 0:
         loss, correct = _small_cases(inputs, name, reduction)

@@ -16,7 +16,7 @@ never answered wrongly: a device-side assertion (``torch._assert_async``: on a G
 the program at the next synchronisation) names the bound and the two ways past it: pass
 ``positions`` (a static, -1 padded list of the masked tokens: its length is then the bound)
 or a larger ``max_masked_fraction`` (1.0: B = R, always fits).  On the CPU the rows are
-compacted on the host, and the same bound is checked there, for free, so that a call that
+compacted on the host, and the op checks the same bound at its boundary, for free, so that a call that
 would stop on a GPU stops on the CPU too.  Callers whose rows are already compact (fastmlm's
 model, ``fastmlm.hf.patch``) pass 1.0; the op's default is 0.5 on CUDA (see
 ``fastmlm.ops.masked_ce.DEFAULT_MAX_MASKED_FRACTION``).
@@ -124,9 +124,6 @@ def _plan(inputs: MaskedCEInputs):
         # (Method calls rather than operators and indexing: fewer microseconds of Python on tiny inputs.)
         if positions is None:  # every token is a row: the rows that count are the labelled tokens
             slots = labels.ne(inputs.ignore_index).nonzero().squeeze(1)
-            bound = counted_bound(labels.shape[0], inputs.max_masked_fraction)
-            if slots.shape[0] > bound:  # the bound a GPU enforces, checked here for free: the count is on the host
-                raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, inputs.num_rows, inputs.max_masked_fraction)}")
             return slots, slots, _to(labels.index_select(0, slots), torch.int64), None
         index, counted = inputs.row_index()
         slots = counted.nonzero().squeeze(1)
