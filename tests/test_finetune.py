@@ -335,3 +335,23 @@ def test_export_of_a_run_stopped_before_its_first_epoch_says_so(tmp_path, capsys
     assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 2
     assert f"{run} is a fine-tuning run with no model yet (no best/ nor checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused_and_kept(pretrained, tmp_path):
+    """Two runs on one folder: the second is refused (the run lock), whatever its flags, and the first's
+    files stay as they were."""
+    import os
+
+    from fastmlm import run_dir
+
+    task = _write_jsonl(tmp_path / "two.jsonl", [{"text": f"{w} word {i}", "label": w}
+                                                 for i in range(8) for w in ("alpha", "beta")])
+    cfg = _config(pretrained, tmp_path, task=str(task), epochs=1, max_len=16)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("the other run's")
+    with run_dir.RunLock(run):  # a live run (this process, through another open file)
+        for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+            with pytest.raises(run_dir.RunLockedError, match=f"in use by another fastmlm run \\(pid {os.getpid()}"):
+                finetune(cfg, **kwargs)
+    assert sorted(p.name for p in run.iterdir() if p.name != run_dir.LOCK) == ["keep.txt"]
