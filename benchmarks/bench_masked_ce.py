@@ -20,7 +20,7 @@ FLOPs are the useful work on the R masked rows: 2*R*H*V forward, 4*R*H*V backwar
 from __future__ import annotations
 
 import functools
-import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +77,33 @@ def _inputs(shape: dict, dtype, device):
 
 
 def _available_bytes() -> int:
+    """Memory this process could still take: the kernel's MemAvailable, capped by a cgroup limit.
+
+    Not ``SC_AVPHYS_PAGES``: that counts only free pages, and on a machine whose page cache fills
+    its memory (a CI runner after a clone and a pip install) it is near zero although the cache
+    gives way at once.
+    """
+    avail = 1 << 62
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):
-        return 1 << 62
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    # A cgroup's usage counts its page cache too; the inactive part of that cache gives way as well.
+    for folder, limit_name, usage_name, cache_name in (
+            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+        try:
+            limit = Path(folder, limit_name).read_text().strip()
+            usage = int(Path(folder, usage_name).read_text())
+            stat = dict(line.split() for line in Path(folder, "memory.stat").read_text().splitlines()
+                        if line.count(" ") == 1)
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            avail = min(avail, max(int(limit) - usage + int(stat.get(cache_name, 0)), 0))
+    return avail
 
 
 def _liger():
@@ -131,8 +154,8 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
         # gradient, softmax temporaries): measured at about 5x the logits' bytes.
         need = 5 * t * vocab * 4
         if need > 0.6 * _available_bytes():
-            raise Skip(f"the all-tokens reference needs about {need / 2**30:.0f} GiB; "
-                       f"{_available_bytes() / 2**30:.0f} GiB available")
+            raise Skip(f"the all-tokens reference needs about {need / 2**20:,.0f} MiB; "
+                       f"{_available_bytes() / 2**20:,.0f} MiB available")
     fn = _provider_fn(provider, device)
     (h, w, b), labels, positions = _inputs(shape, dtype, device)
 
