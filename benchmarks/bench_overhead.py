@@ -181,10 +181,11 @@ def _attention(provider: str, shape: dict, dtype: torch.dtype, device: str):
         mod = _chosen_backend(A.REGISTRY, inputs, q.device.type)
 
         def call():
+            if not grad:  # the inputs want no gradient: nothing to record, so no no_grad context (a few µs)
+                return mod.forward(inputs)[0]
             with torch.no_grad():
                 out, lse = mod.forward(inputs)
-                if grad:
-                    mod.backward(inputs, out, lse, upstream)
+                mod.backward(inputs, out, lse, upstream)
             return out
     elif provider == "torch":  # what a user of PyTorch writes for the packed layout
         if layout != "packed":
@@ -257,9 +258,11 @@ def _masked_lm_loss(provider: str, shape: dict, dtype: torch.dtype, device: str)
         if name == "reference":
             raise Skip("auto picks the reference here: there is no backend call to compare with")
 
-        def call():
-            with torch.no_grad():  # the call fastmlm makes: the reduced mean, gradients computed in its forward
-                return M.reduced(name, inputs, True, grad)
+        def call():  # the call fastmlm makes: the reduced mean, gradients computed in its forward
+            if not grad:  # as for attention: no no_grad context where nothing would be recorded
+                return M.reduced(name, inputs, True, False)
+            with torch.no_grad():
+                return M.reduced(name, inputs, True, True)
     else:  # what a user writes instead: gather the labelled rows, project, cross-entropy
         rows = (labels != -100).nonzero().squeeze(1)  # built once: the peer is given its rows
 

@@ -35,6 +35,10 @@ def test_call_key_tells_apart_what_validation_tells_apart():
     assert call_key(torch.zeros(2, device="meta")) is None  # tests stub devices with meta tensors
     assert call_key(x, [1, 2]) is None  # any other kind of argument: validate every time
 
+    class Fraction(float):  # e.g. numpy.float64: equal to the float, but validation may see it differently
+        pass
+    assert call_key(x, Fraction(0.5)) is None
+
 
 # --------------------------------------------------------------------------- checks still fire
 def test_a_changed_signature_is_checked_again():
@@ -77,6 +81,34 @@ def test_every_cu_seqlens_check_agrees(monkeypatch, path):
     for offsets in bad:
         with pytest.raises(RuntimeError, match="fastmlm.ops.attention: cu_seqlens must start at 0"):
             checks.check_cu_seqlens("attention", torch.tensor(offsets, dtype=torch.int32), 8, 5)
+
+
+@pytest.mark.parametrize("path", ["python", "numpy", "assert_async"])
+def test_every_id_check_agrees_with_the_rule(monkeypatch, path):
+    """check_ids's three paths (a Python set when short, NumPy when long, the device-side
+    assertion) accept exactly the tensors whose entries lie in [low, high) or equal ``allowed``:
+    fresh random values, both index dtypes, 2-D and strided views."""
+    monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
+    monkeypatch.setattr(checks, "SHORT_IDS", 256 if path == "python" else 0)
+    gen = torch.Generator().manual_seed(22)
+    pool = torch.tensor([-101, -100, -2, -1, 0, 1, 5, 9, 10, 11])
+    for trial in range(300):
+        values = pool[torch.randint(0, len(pool), (int(torch.randint(0, 13, (1,), generator=gen)),), generator=gen)]
+        low, high = [(0, 10), (-1, 10), (0, 1)][trial % 3]
+        allowed = [None, -100, -1, 10][trial % 4]
+        want = all(v == allowed or low <= v < high for v in values.tolist())
+        t = values.to(torch.int32 if trial % 2 else torch.int64)
+        if trial % 5 == 0:
+            wide = t.new_zeros(t.numel(), 2)
+            wide[:, 0] = t
+            t = wide[:, 0]  # a strided view of the same values
+        elif trial % 5 == 1 and t.numel() % 2 == 0 and t.numel():
+            t = t.view(2, -1)
+        if want:
+            checks.check_ids("masked_lm_loss", t, low, high, "bad ids", allowed=allowed)
+        else:
+            with pytest.raises(RuntimeError, match="fastmlm.ops.masked_lm_loss: bad ids"):
+                checks.check_ids("masked_lm_loss", t, low, high, lambda: "bad ids", allowed=allowed)
 
 
 def test_a_failure_after_the_choice_was_remembered_still_falls_back(monkeypatch):

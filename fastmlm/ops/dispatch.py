@@ -73,7 +73,7 @@ DEFAULT_PRIORITY = ("torch", "reference")  # every other device (the Triton inte
 REFERENCE_LIMIT = 1 << 20  # units of work above which auto never runs the reference on CUDA inputs
 AUTO_PREFIX = "auto:"
 MEMO_SIZE = 1024  # signatures remembered per op before the memo starts over (a bound, not a tuning knob)
-_SCALARS = (bool, int, float, str)
+_SCALARS = frozenset((bool, int, float, str))  # the option types call_key remembers by value
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types that carry no dispatch behaviour of their own
 
 
@@ -127,23 +127,24 @@ def signature(bundle) -> tuple:
 def call_key(*args) -> Optional[tuple]:
     """A hashable summary of a call's arguments without any tensor value, for :meth:`Registry.memo`.
 
-    Tensors count by (type, dtype, device, shape, strides, requires_grad); None by itself; bool, int,
-    float and str by (type, value), so 16 and 16.0 differ and NaN never matches itself.
-    None (do not memoise) under torch.compile, for a meta tensor, or for an argument of
-    any other kind (it will fail validation, which must then run).
+    Tensors count by (type, dtype, device, shape, strides, requires_grad); None by itself; a bool,
+    int, float or str (exactly those types) by (type, value), so 16 and 16.0 differ and NaN never
+    matches itself. None (do not memoise) under torch.compile, for a meta tensor, or for an
+    argument of any other kind, a subclass of those scalars included (it is validated every call).
     """
     if torch.compiler.is_compiling():
         return None
     parts = []
-    for a in args:  # on every call of a public op: the cheapest attribute reads first (issue 22)
-        if a is None:
+    for a in args:  # on every call of a public op: the cheapest tests first (issue 22)
+        kind = type(a)
+        if kind in _SCALARS:  # a set lookup of the exact type: cheaper than isinstance on a tuple
+            parts.append((kind, a))
+        elif a is None:
             parts.append(None)
         elif isinstance(a, torch.Tensor):
             if a.is_meta:
                 return None
-            parts.append((type(a), a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
-        elif isinstance(a, _SCALARS):
-            parts.append((type(a), a))
+            parts.append((kind, a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
         else:
             return None
     return tuple(parts)

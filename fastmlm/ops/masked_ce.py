@@ -73,7 +73,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # overflow is a device-side assert, which ends the CUDA context, so the default sits well above
 # every masking rate in common use (BERT's 15%, 25-40% in later recipes), not at one of them:
 # a run at 25% must not fail on a random fluctuation hours in. Pass a tighter fraction (or
-# positions) to project fewer rows. Elsewhere no bound is needed.
+# positions) to project fewer rows. Elsewhere no bound is needed. (Read once per call signature.)
 DEFAULT_MAX_MASKED_FRACTION = {"cuda": 0.5}
 def gather_rows(hidden: Tensor, index: Tensor, counted: Tensor) -> Tensor:
     """hidden[index] with the rows that do not count zeroed: their logits would be dropped
@@ -246,24 +246,6 @@ def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoot
                         f"count without positions; 1.0: no bound), got {max_masked_fraction!r}")
 
 
-def _bundle(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
-            max_masked_fraction) -> MaskedCEInputs:
-    """The backends' bundle of validated inputs: hidden as (T, H), labels as (T,), the fraction resolved."""
-    # Reshaped only when needed: even a no-op reshape is a dispatcher round trip per tensor.
-    labels1d = labels if labels.dim() == 1 else labels.reshape(-1)
-    hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(labels1d.shape[0], hidden.shape[-1])  # not -1:
-    # ambiguous when hidden_size is 0
-    if max_masked_fraction is None:
-        max_masked_fraction = DEFAULT_MAX_MASKED_FRACTION.get(hidden.device.type, 1.0)
-    return MaskedCEInputs(hidden2d, weight, bias, labels1d, positions, ignore_index, float(label_smoothing),
-                          float(z_loss), float(max_masked_fraction))
-
-
-def _needs_grad(*tensors) -> bool:
-    """Whether autograd will want gradients of any of ``tensors`` (shapes and flags only, no sync)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def masked_lm_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -307,52 +289,107 @@ def masked_lm_loss(
         n_correct [with return_accuracy]: int64 0-d tensor, the counted rows whose argmax
             (first index among ties) is the target.
     """
-    def plan():  # what the signature alone decides, memoised: the metadata checks, the backend, the tensor types
-        _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
-                  reduction)
-        name = REGISTRY.select(backend, hidden.device.type, _bundle(hidden, weight, bias, labels, positions,
-                                                                    ignore_index, label_smoothing, z_loss,
-                                                                    max_masked_fraction))
-        return name, dispatch.plain_types(hidden, weight, bias, labels, positions)
-
     key = dispatch.call_key(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
                             max_masked_fraction, reduction, backend)
-    name, plain_types = REGISTRY.memo(key, plan)
-    inputs = _bundle(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss,
-                     max_masked_fraction)
-    labels1d = inputs.labels
-    vocab, tokens = weight.shape[0], labels1d.shape[0]
-    if positions is not None:  # value checks: every call
-        checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})")
-    checks.check_ids("masked_lm_loss", labels1d, 0, vocab,
-                     lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
-    if positions is None and inputs.max_masked_fraction < 1.0 and name != "reference" and checks.host_readable(labels1d):
-        # The row bound the fast backends assert on a GPU, checked here where the count is free to
-        # read: at the boundary, so that no backend's failure (and fallback) can hide it. (The
-        # reference projects every row: it has no bound.)
-        bound = counted_bound(tokens, inputs.max_masked_fraction)
-        if int(labels1d.ne(ignore_index).sum()) > bound:
-            raise RuntimeError(f"fastmlm.ops.masked_lm_loss: {bound_message(bound, tokens, inputs.max_masked_fraction)}")
+    plan = REGISTRY.memo(key, lambda: _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing,
+                                            z_loss, max_masked_fraction, reduction, backend))
+    # Reshaped only when needed: even a no-op reshape is a dispatcher round trip per tensor.
+    labels1d = labels if labels.dim() == 1 else labels.reshape(-1)
+    hidden2d = hidden if hidden.dim() == 2 else hidden.reshape(labels1d.shape[0], hidden.shape[-1])  # not -1:
+    # ambiguous when hidden_size is 0
+    inputs = MaskedCEInputs(hidden2d, weight, bias, labels1d, positions, ignore_index, plan.label_smoothing,
+                            plan.z_loss, plan.max_masked_fraction)
+    _check_values(inputs, plan)
+    name = plan.name
+    if plan.one_call and dispatch.no_modes():  # dispatch.plain_eager, its signature part memoised
+        # The common call, a mean (or sum) in plain eager mode: one backend call, and the
+        # gradients it computes in the forward (when wanted) wait on the autograd node.
+        mean = reduction == "mean"
+        if plan.wants_grad and torch.is_grad_enabled():
+            loss, correct = _ops._EagerReducedLoss.apply(hidden2d, weight, bias, _ops.ReducedCall(inputs, mean, name))
+        else:
+            loss, correct = reduced(name, inputs, mean, grads=False)[:2]
+        return (loss, correct) if return_accuracy else loss
 
-    if tokens == 0 or inputs.num_rows == 0 or name == "reference" or hidden.shape[-1] == 0:
+    if not plan.launches:
         loss, correct = _small_cases(inputs, name, reduction)
     elif reduction == "none":
         loss, correct = _per_row(inputs, name)
-    else:  # one backend call computes the reduced loss (and its gradients, when wanted)
-        mean, grads = reduction == "mean", _needs_grad(hidden, weight, bias)
-        if plain_types and dispatch.no_modes():  # dispatch.plain_eager, its signature part memoised
-            if grads:
-                loss, correct = _ops._EagerReducedLoss.apply(*inputs[:3], _ops.ReducedCall(inputs, mean, name))
-            else:
-                loss, correct = reduced(name, inputs, mean, grads=False)[:2]
-        elif grads:
+    else:  # traced, or under a mode: through the custom ops
+        mean = reduction == "mean"
+        if _needs_grad(hidden, weight, bias):
             loss, correct = _ops._masked_lm_loss_reduced(*inputs, mean, name)[:2]
-        else:  # traced, no gradients: the forward-only op, reduced here
+        else:  # no gradients: the forward-only op, reduced here
             rows, _, correct = _ops._masked_lm_loss_fwd(*inputs, name)
             loss, correct = _reduce(rows, correct, inputs.row_index()[1], mean)
     if reduction == "none":
         loss = loss.reshape(labels.shape if positions is None else positions.shape)
     return (loss, correct) if return_accuracy else loss
+
+
+class _Plan(NamedTuple):
+    """What :func:`masked_lm_loss` derives from a call's metadata alone, memoised per signature.
+
+    name: the backend :meth:`Registry.select` returns ("reference", "torch", "auto:torch", ...).
+    label_smoothing, z_loss, max_masked_fraction: the options as floats (the fraction resolved).
+    row_bound: the counted rows the fast backends allow without positions, where the boundary
+        checks it (a fraction below 1, not the reference); None otherwise.
+    launches: a backend kernel runs (not the reference, and tokens, rows and hidden size > 0).
+    one_call: ``launches``, a reduced loss, plain tensor types: the eager path of one ``reduced`` call.
+    wants_grad: hidden, weight or bias requires grad (their flags are part of the signature).
+    """
+
+    name: str
+    label_smoothing: float
+    z_loss: float
+    max_masked_fraction: float
+    row_bound: Optional[int]
+    launches: bool
+    one_call: bool
+    wants_grad: bool
+
+
+def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
+          reduction, backend) -> _Plan:
+    """The :class:`_Plan` of a call (validating its metadata on the way)."""
+    _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
+              reduction)
+    if max_masked_fraction is None:
+        max_masked_fraction = DEFAULT_MAX_MASKED_FRACTION.get(hidden.device.type, 1.0)
+    tokens = labels.numel()
+    bundle = MaskedCEInputs(hidden.reshape(tokens, hidden.shape[-1]), weight, bias, labels.reshape(-1), positions,
+                            ignore_index, float(label_smoothing), float(z_loss), float(max_masked_fraction))
+    name = REGISTRY.select(backend, hidden.device.type, bundle)
+    fast = name != "reference"
+    bounded = positions is None and bundle.max_masked_fraction < 1.0 and fast
+    launches = fast and tokens > 0 and bundle.num_rows > 0 and hidden.shape[-1] > 0
+    return _Plan(name, bundle.label_smoothing, bundle.z_loss, bundle.max_masked_fraction,
+                 counted_bound(tokens, bundle.max_masked_fraction) if bounded else None, launches,
+                 launches and reduction != "none" and dispatch.plain_types(hidden, weight, bias, labels, positions),
+                 any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
+
+
+def _check_values(inputs: MaskedCEInputs, plan: _Plan) -> None:
+    """The checks that read values, on every call: positions and labels in range, and (where the
+    boundary checks it) the row bound. On a GPU device-side assertions, no host sync."""
+    labels, positions, ignore_index = inputs.labels, inputs.positions, inputs.ignore_index
+    tokens, vocab = labels.shape[0], inputs.weight.shape[0]
+    if positions is not None:
+        checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})")
+    checks.check_ids("masked_lm_loss", labels, 0, vocab,
+                     lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
+    if plan.row_bound is not None and checks.host_readable(labels):
+        # The row bound the fast backends assert on a GPU, checked here where the count is free to
+        # read: at the boundary, so that no backend's failure (and fallback) can hide it. (The
+        # reference projects every row: it has no bound.)
+        if int(labels.ne(ignore_index).sum()) > plan.row_bound:
+            raise RuntimeError("fastmlm.ops.masked_lm_loss: "
+                               + bound_message(plan.row_bound, tokens, inputs.max_masked_fraction))
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will want gradients of any of ``tensors`` (shapes and flags only, no sync)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _reduce(rows: Tensor, correct: Tensor, counted: Tensor, mean: bool) -> tuple[Tensor, Tensor]:
