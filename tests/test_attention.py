@@ -352,3 +352,38 @@ def test_nan_in_one_packed_sequence_stays_there(backend, dtype):
         torch.testing.assert_close(out[3:], out_alone)
         for g, g_alone in zip(grads, torch.autograd.grad(out_alone, alone, dout[3:])):
             torch.testing.assert_close(g[3:], g_alone)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("case", ["padded", "masked", "keyless", "nan_query", "packed", "strided"])
+def test_out_without_lse_is_the_out_with_it(backend, case):
+    """return_lse=False lets a backend skip laying out the lse (the CPU torch backend's
+    forward_out): the output and its gradients are bitwise those of the call that returns it,
+    which the tests above check against the reference."""
+    with running(backend) as (name, device):
+        dtype = plain_dtype(backend)
+        gen = torch.Generator().manual_seed(7)
+        shape = (11, 2, 16) if case == "packed" else (3, 7, 2, 16)
+        base = [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3)]
+        if case == "nan_query":
+            base[0][1, 2, 0, 3] = float("nan")
+        if case == "strided":
+            base = [strided_view(t, "last_two_dims_swapped") for t in base]
+        kwargs = {}
+        if case in ("masked", "keyless"):
+            mask = random_mask(3, 7, min_len=1).to(device)
+            if case == "keyless":
+                mask[2] = False
+            kwargs["attention_mask"] = mask
+        if case == "packed":
+            kwargs.update(cu_seqlens=cu_seqlens_of([5, 0, 6]).to(device), max_seqlen=6)
+        dout = torch.randn(shape, generator=gen).to(device, dtype)
+        results = []
+        for return_lse in (False, True):
+            leaves = [t.detach().requires_grad_() for t in base]
+            out = attention(*leaves, return_lse=return_lse, backend=name, **kwargs)
+            out = out[0] if return_lse else out
+            results.append((out, *torch.autograd.grad(out, leaves, dout)))
+        for without, with_lse in zip(*results):
+            assert torch.equal(without.nan_to_num(7.0), with_lse.nan_to_num(7.0))
+            assert torch.equal(without.isnan(), with_lse.isnan())

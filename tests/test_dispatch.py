@@ -307,7 +307,7 @@ def test_the_real_op_falls_back_forward_and_backward(monkeypatch):
     """attention under auto on the CPU: the torch backend raising -> a warning, the reference's result and gradients."""
     torch_backend = ATTENTION.module("torch")
 
-    def broken(*args):
+    def broken(*args, **kwargs):
         raise RuntimeError("simulated launch failure")
 
     monkeypatch.setattr(torch_backend, "forward", broken)

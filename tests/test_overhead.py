@@ -115,7 +115,7 @@ def test_a_failure_after_the_choice_was_remembered_still_falls_back(monkeypatch)
     q, k, v = (torch.randn(2, 7, 2, 8, dtype=torch.float64) for _ in range(3))
     ATTENTION.forget_failures()
     attention(q, k, v)  # auto -> torch, remembered
-    monkeypatch.setattr(ATTENTION.module("torch"), "forward", lambda inputs: (_ for _ in ()).throw(
+    monkeypatch.setattr(ATTENTION.module("torch"), "forward", lambda inputs, **options: (_ for _ in ()).throw(
         RuntimeError("simulated launch failure")))
     try:
         with pytest.warns(BackendFailed, match="simulated launch failure"):

@@ -299,9 +299,10 @@ class _Plan(NamedTuple):
     plain: bool
 
 
-def _run_forward(inputs: AttentionInputs, plan: _Plan) -> tuple[Tensor, Tensor]:
+def _run_forward(inputs: AttentionInputs, plan: _Plan, want_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(out, lse) from the backend of ``plan``: through the custom op when traced or under a mode,
-    else the same call unwrapped, with the op's autograd rule or, when ``plan.native``, PyTorch's own."""
+    else the same call unwrapped, with the op's autograd rule or, when ``plan.native``, PyTorch's own
+    (and there lse is None unless ``want_lse``: the backend may skip laying it out)."""
     q, k, v = inputs.q, inputs.k, inputs.v
     if not (plan.plain and dispatch.no_modes()):
         return _attention_fwd(*inputs, plan.name)
@@ -310,7 +311,7 @@ def _run_forward(inputs: AttentionInputs, plan: _Plan) -> tuple[Tensor, Tensor]:
     # No gradient wanted, or a backend built of differentiable PyTorch ops (ATen's CPU flash
     # attention has its own derivative): autograd records it natively, with no Python node to
     # call back in the backward pass (tens of µs a call, issue 22).
-    return plan.module.forward(inputs)
+    return plan.module.forward(inputs) if want_lse else (dispatch.forward_out(plan.module, inputs), None)
 
 
 def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend) -> _Plan:
@@ -367,5 +368,5 @@ def attention(
         if attention_mask is not None and attention_mask.dtype != torch.bool:  # (a bool one is kept as is)
             attention_mask = attention_mask.bool()
         out, lse = _run_forward(AttentionInputs(q, k, v, attention_mask, cu_seqlens, plan.max_seqlen, plan.scale),
-                                plan)
+                                plan, return_lse)
     return (out, lse) if return_lse else out

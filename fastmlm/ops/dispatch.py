@@ -150,6 +150,13 @@ def call_key(*args) -> Optional[tuple]:
     return tuple(parts)
 
 
+def forward_out(module, inputs):
+    """A backend's first output alone (attention's out, without its lse): its optional
+    ``forward_out(inputs)`` where it has one (it may skip the work of the rest), else ``forward``'s."""
+    own = getattr(module, "forward_out", None)
+    return own(inputs) if own is not None else module.forward(inputs)[0]
+
+
 def plain_eager(*tensors) -> bool:
     """True when a call may skip the custom-op wrapping: :func:`no_modes`, and plain
     ``torch.Tensor`` or ``nn.Parameter`` arguments (:func:`plain_types`). Anything else goes
@@ -393,6 +400,9 @@ class _Fallback:
 
     def forward(self, inputs):
         return self.registry.run(self.first, inputs, lambda mod: mod.forward(inputs))
+
+    def forward_out(self, inputs):
+        return self.registry.run(self.first, inputs, lambda mod: forward_out(mod, inputs))
 
     def backward(self, inputs, *args):
         return self.registry.run(self.first, inputs, lambda mod: mod.backward(inputs, *args))

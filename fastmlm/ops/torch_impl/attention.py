@@ -304,14 +304,15 @@ def _all_finite(*tensors: Tensor) -> bool:
     return math.isfinite(sum(t.data.sum(dtype=acc).item() for t in tensors))
 
 
-def _nan_for_nonfinite_queries(q: Tensor, qp: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+def _nan_for_nonfinite_queries(q: Tensor, qp: Tensor, out: Tensor, lse: Optional[Tensor]):
     """ATen's kernel for short unmasked sequences turns a NaN query into a finite row; a
     non-finite query makes its row NaN in the exact math, so say so explicitly. One sum read on
-    the host finds whether any query is non-finite (see :func:`_all_finite`)."""
+    the host finds whether any query is non-finite (see :func:`_all_finite`). (lse None: none wanted.)"""
     if _all_finite(q):
         return out, lse
     finite = qp.isfinite().all(dim=-1)
-    return torch.where(finite[..., None], out, float("nan")), torch.where(finite, lse, float("nan"))
+    return (torch.where(finite[..., None], out, float("nan")),
+            None if lse is None else torch.where(finite, lse, float("nan")))
 
 
 def _lse_back(lse: Tensor, q: Tensor) -> Tensor:
@@ -323,18 +324,24 @@ def _lse_back(lse: Tensor, q: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- forward / backward
-def forward(inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
-    """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous."""
+def forward(inputs: AttentionInputs, need_lse: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """Returns (out shaped like q, lse shaped q.shape[:-1]), both contiguous; lse None when not ``need_lse``."""
     if attention_cuda.device_type(inputs.q) == "cuda":
         return attention_cuda.forward(inputs)
     if inputs.cu_seqlens is None:
-        found = _padded_forward(inputs)
+        found = _padded_forward(inputs, need_lse)
         if found is not None:
             return found
-    return masked_forward(inputs, None)
+    return masked_forward(inputs, None, need_lse)
 
 
-def _padded_forward(inputs: AttentionInputs) -> Optional[tuple[Tensor, Tensor]]:
+def forward_out(inputs: AttentionInputs) -> Tensor:
+    """:func:`forward`'s out alone, for a caller that drops the lse: on the CPU its layout ops
+    (a transpose and copy; for packed batches an unpadding gather) are then skipped."""
+    return forward(inputs, need_lse=False)[0]
+
+
+def _padded_forward(inputs: AttentionInputs, need_lse: bool = True) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """The padded layout's short route: views, one ATen call, views, one host read; None when the
     inputs need :func:`masked_forward`'s exact route.
 
@@ -354,11 +361,14 @@ def _padded_forward(inputs: AttentionInputs) -> Optional[tuple[Tensor, Tensor]]:
     qp, kp, vp = _unit_stride(q).transpose(1, 2), _unit_stride(inputs.k).transpose(1, 2), \
         _unit_stride(inputs.v).transpose(1, 2)
     out, lse = _FLASH(qp, kp, vp, attn_mask=bias, scale=inputs.scale)  # (B, H, S, D) and (B, H, S)
+    lse = lse if need_lse else None
     if mask is None:
         out, lse = _nan_for_nonfinite_queries(q, qp, out, lse)
-        return out.transpose(1, 2).contiguous(), _lse_back(lse, q)
+        return out.transpose(1, 2).contiguous(), None if lse is None else _lse_back(lse, q)
     out = out.transpose(1, 2).contiguous()  # a view: ATen stores (B, S, H, D)
-    return (out, _lse_back(lse, q)) if _all_finite(q, out) else None
+    if not _all_finite(q, out):
+        return None
+    return out, None if lse is None else _lse_back(lse, q)
 
 
 def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -368,16 +378,19 @@ def backward(inputs: AttentionInputs, out: Tensor, lse: Tensor, dout: Tensor) ->
     return masked_backward(inputs, out, lse, dout, None)
 
 
-def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def masked_forward(inputs: AttentionInputs, extra_mask: Optional[Tensor],
+                   need_lse: bool = True) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`forward` with an extra (H or 1, S, S) bool mask, True = may attend (block-sparse attention)."""
     q, k, v = inputs.q, inputs.k, inputs.v
     call = _padded(inputs, [k, v, q], extra_mask)
     kp, vp, qp = call.tensors
     out, lse = _FLASH(qp, kp, vp, attn_mask=call.bias, scale=inputs.scale)  # lse (B, H, S)
-    out, lse = _nan_for_nonfinite_queries(q, qp, out, lse)
+    out, lse = _nan_for_nonfinite_queries(q, qp, out, lse if need_lse else None)
     if call.keyless is not None:
         out = out.masked_fill(call.keyless[..., None], 0.0)
-        lse = lse.masked_fill(call.keyless, float("-inf"))
+        lse = None if lse is None else lse.masked_fill(call.keyless, float("-inf"))
+    if lse is None:
+        return call.back(out), None
     acc = checks.accum_dtype(q.dtype)
     return call.back(out), call.back(lse if lse.dtype == acc else lse.to(acc))
 
