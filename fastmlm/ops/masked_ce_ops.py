@@ -135,7 +135,7 @@ def _scaled_grads(ctx, grad_loss: Tensor, recompute) -> list:
     # opcheck: functional or fake tensors), a backward may not mutate forward outputs: out of place.
     eager = type(grad_loss) is torch.Tensor
     # loss.backward() passes 1: on the CPU, reading it is no device sync, and it saves a pass over V x H.
-    if eager and grad_loss.device.type == "cpu" and grad_loss.item() == 1.0:
+    if eager and grad_loss.is_cpu and grad_loss.item() == 1.0:
         return [g if need else None for g, need in zip(grads, ctx.needs_input_grad)]
     return [None if g is None or not need else g.mul_(grad_loss) if eager else g * grad_loss
             for g, need in zip(grads, ctx.needs_input_grad)]
@@ -184,22 +184,27 @@ class _EagerReducedLoss(torch.autograd.Function):
         ctx.call = call
         # For a second backward: the bundle already holds the inputs (inputs, not outputs: no
         # reference cycle); their versions stand in for save_for_backward's in-place check.
-        ctx.versions = tuple(t._version for t in call.inputs[:5] if t is not None)
+        ctx.versions = _versions(call.inputs)
         return loss, correct
 
     @staticmethod
     def backward(ctx, grad_loss, _dcorrect):
         if grad_loss is None:
             return None, None, None, None
-        call = ctx.call
+        return (*_scaled_grads(ctx, grad_loss, lambda: _recompute(ctx)), None)
 
-        def recompute():
-            tensors = [t for t in call.inputs[:5] if t is not None]
-            if tuple(t._version for t in tensors) != ctx.versions:  # what save_for_backward would catch
-                raise RuntimeError("fastmlm.ops.masked_lm_loss: an input of the loss was modified in place "
-                                   "between the forward and a second backward (retain_graph=True)")
-            with torch.no_grad():
-                grads = list(reduced(call.backend, call.inputs, call.mean, grads=True)[2:])
-            return grads if call.inputs.bias is not None else [*grads[:2], None]
 
-        return (*_scaled_grads(ctx, grad_loss, recompute), None)
+def _versions(inputs: MaskedCEInputs) -> list:
+    """The version counters of the bundle's tensors (hidden, weight, bias, labels, positions; None where absent)."""
+    return [None if t is None else t._version for t in inputs[:5]]
+
+
+def _recompute(ctx) -> list:
+    """:class:`_EagerReducedLoss`'s gradients for a second backward (retain_graph=True), from its bundle."""
+    call = ctx.call
+    if _versions(call.inputs) != ctx.versions:  # what save_for_backward would catch
+        raise RuntimeError("fastmlm.ops.masked_lm_loss: an input of the loss was modified in place "
+                           "between the forward and a second backward (retain_graph=True)")
+    with torch.no_grad():
+        grads = list(reduced(call.backend, call.inputs, call.mean, grads=True)[2:])
+    return grads if call.inputs.bias is not None else [*grads[:2], None]
