@@ -60,7 +60,12 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: 
     if host_readable(cu_seqlens):
         if cu_seqlens.numel() <= SHORT_CHECK:  # a short list: plain Python beats any vectorised call
             c = cu_seqlens.tolist()
-            ok = c[0] == 0 and c[-1] == total and all(0 <= b - a <= max_seqlen for a, b in zip(c, c[1:]))
+            ok, previous = c[0] == 0 and c[-1] == total, 0
+            for offset in c:  # a plain loop: a generator's set-up costs more than a batch's few steps
+                if not 0 <= offset - previous <= max_seqlen:
+                    ok = False
+                    break
+                previous = offset
         else:
             c = cu_seqlens.numpy().astype("int64")  # int32 differences could wrap
             lengths = c[1:] - c[:-1]
