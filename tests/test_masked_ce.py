@@ -7,13 +7,21 @@ import torch.nn.functional as F
 
 from fastmlm.ops import masked_lm_loss, masked_lm_loss_reference
 from fastmlm.ops import row_bound
-from helpers import STRIDED_KINDS, assert_error_ratio, strided_view
+from helpers import STRIDED_KINDS, assert_error_ratio, loss_route, strided_view
 
 FAST_BACKENDS = [
     pytest.param("torch", id="torch"),
     pytest.param("triton", id="triton", marks=pytest.mark.interpreter),
     pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _fused_route(monkeypatch):
+    """This file checks the torch backend's fused route (gradients computed in the forward) at
+    small sizes too: the native route it takes there (autograd recording its forward) is checked
+    against the reference by the test_native_route_* tests at the end."""
+    loss_route(monkeypatch, "fused")
 
 
 def skip_if_unsupported(backend, dtype, device):
@@ -66,22 +74,30 @@ def test_positions_select_rows_and_none_reduction_shape():
 @pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)], ids=["plain", "smooth+z"])
 @pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
 def test_backend_error_ratio(backend, dtype, tokens, hidden, vocab, options, use_positions, device):
+    _check_error_ratio(backend, dtype, tokens, hidden, vocab, options, use_positions, device)
+
+
+def _check_error_ratio(backend, dtype, tokens, hidden, vocab, options, use_positions, device, reduction="mean",
+                       duplicates=False):
+    """The error-ratio rule for the loss, its accuracy and its three gradients against the fp64
+    reference, on fresh inputs; returns the backend's loss."""
     skip_if_unsupported(backend, dtype, device)
     h, w, b, labels = make_batch(tokens, hidden, vocab, dtype=torch.float64, device=device)
     labels[0] = 3  # at least one counted row
     positions = None
     if use_positions:
         masked = (labels != -100).nonzero()[:, 0]
-        positions = torch.cat([torch.full((2,), -1, device=device), masked.flip(0)])
+        positions = torch.cat([torch.full((2,), -1, device=device), masked.flip(0)]
+                              + ([masked[:2]] if duplicates else []))  # a repeated row counts twice
     exact_in = [t.requires_grad_() for t in (h, w, b)]
     low_in = [t.detach().to(dtype).requires_grad_() for t in (h, w, b)]
-    kw = dict(positions=positions, **options)
+    kw = dict(positions=positions, reduction=reduction, **options)
     grad = torch.rand(()) + 0.5  # a grad_output other than 1
 
     exact = masked_lm_loss(*exact_in, labels, backend="reference", **kw)
     lowp_rows = masked_lm_loss_reference(*low_in, labels, positions, -100, options.get("label_smoothing", 0.0),
                                          options.get("z_loss", 0.0), upcast=False)[0]
-    lowp = lowp_rows.sum() / (lowp_rows != 0).sum()
+    lowp = lowp_rows.sum() / (lowp_rows != 0).sum() if reduction == "mean" else lowp_rows.sum()
     fast, correct = masked_lm_loss(*low_in, labels, backend=backend, return_accuracy=True, **kw)
     _, exact_correct = masked_lm_loss(*exact_in, labels, backend="reference", return_accuracy=True, **kw)
     assert fast.dtype == torch.float32
@@ -94,6 +110,7 @@ def test_backend_error_ratio(backend, dtype, tokens, hidden, vocab, options, use
     for name, f, e, l in zip(names, torch.autograd.grad(fast * grad, low_in), torch.autograd.grad(exact * grad, exact_in),
                              torch.autograd.grad(lowp * grad, low_in)):
         assert_error_ratio(f, e, l, 3.0, floor, name)
+    return fast
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
@@ -771,3 +788,62 @@ def test_value_checks_of_short_and_long_inputs(short, index_dtype, monkeypatch):
     for value in (12, -2):
         with pytest.raises(RuntimeError, match=r"positions must lie in \[-1, 12\)"):
             call(labels, torch.tensor([0, value]))
+
+
+# --------------------------------------------------------------------------- the native route
+def _assert_native(loss):
+    """The loss came from the torch backend's native route: autograd's own nodes, not the op's."""
+    assert loss.grad_fn is not None and "EagerReducedLoss" not in type(loss.grad_fn).__name__, loss.grad_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,hidden,vocab", [(1, 8, 123), (97, 24, 123), (64, 40, 301)])
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1, z_loss=1e-3)], ids=["plain", "smooth+z"])
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_native_route_error_ratio(dtype, tokens, hidden, vocab, options, use_positions, reduction, monkeypatch):
+    """Small CPU calls let autograd record the torch backend's forward (no gradients computed in
+    the forward, no Python node): the error-ratio rule holds for the loss and its gradients,
+    duplicated positions summing theirs."""
+    loss_route(monkeypatch, "native")
+    fast = _check_error_ratio("torch", dtype, tokens, hidden, vocab, options, use_positions, "cpu", reduction,
+                              duplicates=True)
+    _assert_native(fast)
+
+
+@pytest.mark.parametrize("use_positions", [False, True], ids=["labels", "positions"])
+def test_native_route_edge_cases(use_positions, monkeypatch):
+    """The native route keeps the contract's edges: NaN or inf in rows that do not count reaches
+    neither the loss nor a gradient; no counted row gives a zero loss with zero gradients for every
+    input; a retained graph's second backward accumulates as the fused route's does."""
+    h, w, b, labels = make_batch(12, 8, 11, rate=0.0)
+    labels[[1, 4, 7]] = torch.tensor([3, 0, 9])
+    positions = torch.tensor([4, -1, 1, 7, -1]) if use_positions else None
+    dirty = h.clone()
+    dirty[[0, 2, 11]] = float("nan")
+    dirty[5, 3] = float("inf")
+    kw = dict(positions=positions, z_loss=1e-3, label_smoothing=0.1)
+    loss_route(monkeypatch, "fused")
+    clean = _loss_and_grads("torch", h, w, b, labels, **kw)
+    loss_route(monkeypatch, "native")
+    inputs = [t.clone().requires_grad_() for t in (dirty, w, b)]
+    loss = masked_lm_loss(*inputs, labels, backend="torch", **kw)
+    _assert_native(loss)
+    got = [loss, *torch.autograd.grad(loss, inputs)]
+    for name, c, g in zip(["loss", "d_hidden", "d_weight", "d_bias"], clean, got):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, c, msg=name)
+
+    none_count = labels.clone()
+    none_count[:] = -100
+    inputs = [t.clone().requires_grad_() for t in (dirty, w, b)]
+    loss, correct = masked_lm_loss(*inputs, none_count, positions=positions, backend="torch", return_accuracy=True)
+    assert loss.item() == 0 and correct.item() == 0 and loss.dtype == torch.float32
+    assert all((g == 0).all() for g in torch.autograd.grad(loss, inputs))
+
+    inputs = [t.clone().requires_grad_() for t in (h, w, b)]
+    loss = masked_lm_loss(*inputs, labels, positions=positions, backend="torch")
+    (loss * 3.0).backward(retain_graph=True)
+    (loss * -0.5).backward()
+    _, want = _reference_loss_and_grads(h, w, b, labels, positions=positions, grad=2.5)
+    _assert_close_to_reference([t.grad for t in inputs], want, names=("d_hidden", "d_weight", "d_bias"))

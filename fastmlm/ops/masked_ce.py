@@ -43,7 +43,9 @@ custom ops (:mod:`fastmlm.ops.masked_ce_ops`), and below those every backend rec
   host, so no (R,) row tensors); else :func:`reduce_rows` drives its ``forward_and_grads``;
 - ``fastmlm::masked_lm_loss_fwd`` / ``_bwd`` otherwise (reduction "none", or no gradients
   wanted: then no gradient is computed or kept). In plain eager mode a reduced loss without
-  gradients calls the backend's ``reduced(..., grads=False)`` directly, one call.
+  gradients calls the backend's ``reduced(..., grads=False)`` directly, one call; so does one
+  with gradients where the backend says autograd may record that call itself (``differentiable``:
+  the CPU torch backend on small calls, whose route is differentiable PyTorch).
 """
 from __future__ import annotations
 
@@ -305,9 +307,9 @@ def masked_lm_loss(
         # The common call, a mean (or sum) in plain eager mode: one backend call, and the
         # gradients it computes in the forward (when wanted) wait on the autograd node.
         mean = reduction == "mean"
-        if plan.wants_grad and torch.is_grad_enabled():
+        if plan.wants_grad and not plan.native and torch.is_grad_enabled():
             loss, correct = _ops._EagerReducedLoss.apply(hidden2d, weight, bias, _ops.ReducedCall(inputs, mean, name))
-        else:
+        else:  # no gradient wanted, or a backend whose forward autograd records itself (plan.native)
             loss, correct = reduced(name, inputs, mean, grads=False)[:2]
         return (loss, correct) if return_accuracy else loss
 
@@ -337,6 +339,8 @@ class _Plan(NamedTuple):
     launches: a backend kernel runs (not the reference, and tokens, rows and hidden size > 0).
     one_call: ``launches``, a reduced loss, plain tensor types: the eager path of one ``reduced`` call.
     wants_grad: hidden, weight or bias requires grad (their flags are part of the signature).
+    native: autograd may record the backend's ``reduced(..., grads=False)`` itself
+        (:meth:`~dispatch.Registry.differentiable`): no Python autograd node, no gradients in the forward.
     """
 
     name: str
@@ -347,6 +351,7 @@ class _Plan(NamedTuple):
     launches: bool
     one_call: bool
     wants_grad: bool
+    native: bool
 
 
 def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
@@ -366,7 +371,8 @@ def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing
     return _Plan(name, bundle.label_smoothing, bundle.z_loss, bundle.max_masked_fraction,
                  counted_bound(tokens, bundle.max_masked_fraction) if bounded else None, launches,
                  launches and reduction != "none" and dispatch.plain_types(hidden, weight, bias, labels, positions),
-                 any(t is not None and t.requires_grad for t in (hidden, weight, bias)))
+                 any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
+                 launches and REGISTRY.differentiable(name, bundle))
 
 
 def _check_values(inputs: MaskedCEInputs, plan: _Plan) -> None:

@@ -51,11 +51,22 @@ from ..row_bound import bound_message, counted_bound
 
 CHUNK_ELEMENTS = 1 << 25  # fp32 logits per chunk: 128 MiB
 COMPACT_DEVICES = ("cpu",)  # device types where the counted rows are compacted (no device to wait for)
+NATIVE_LIMIT = 1 << 16  # R·V logits up to which autograd may record a reduced loss (see differentiable)
 
 
 def why_not(inputs: MaskedCEInputs) -> Optional[str]:
     """Runs every input that passed validation, on any device."""
     return None
+
+
+def differentiable(inputs: MaskedCEInputs) -> bool:
+    """Whether autograd may record :func:`reduced` with ``grads=False`` itself, its gradients then
+    being the ones this backend computes: on COMPACT_DEVICES that route is differentiable PyTorch
+    (the counted rows' ``index_select``, ``addmm``, ATen's cross-entropy), and on a small call
+    autograd's own nodes cost less than the op's Python node waiting with gradients computed in
+    the forward (issue 22). The recorded graph holds the (R, V) logits, which the fused route
+    never does, hence the bound (R·V <= :data:`NATIVE_LIMIT`, 256 KiB of fp32)."""
+    return inputs.hidden.device.type in COMPACT_DEVICES and inputs.num_rows * inputs.weight.shape[0] <= NATIVE_LIMIT
 
 
 def bound_rows(inputs: MaskedCEInputs, *row_values: Tensor):
@@ -332,6 +343,10 @@ def reduced(inputs: MaskedCEInputs, mean: bool, grads: bool):
     g = 1.0 / max(index.shape[0], 1) if mean else 1.0
     if grads:
         loss, _, correct, *grad_tensors = _project_grads(inputs, index, targets, None, g, summed=True)
+    elif index.shape[0] == 0:  # no row counts: 0, on every input's graph (see differentiable)
+        acc = accum_dtype(inputs.hidden.dtype)
+        loss, correct = sum(t[:0].sum(dtype=acc) for t in inputs[:3] if t is not None), index.new_zeros(())
+        grad_tensors = (None, None, None)
     else:
         (loss, _, correct), grad_tensors = _project(inputs, index, targets, None, summed=True), (None, None, None)
     return (loss * g if mean else loss), correct, *grad_tensors
