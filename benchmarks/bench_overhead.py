@@ -12,7 +12,12 @@ each for ``pass`` fwd and fwd+bwd. Providers:
 
   fastmlm    the public op (``backend="auto"``) on a repeated signature
   backend    the chosen backend's own ``forward`` (and ``backward``) on the same bundle, called
-             directly: what is left once the boundary is gone (no autograd either)
+             directly: what is left once the boundary is gone (no autograd either). Attention's
+             fwd asks for the out alone, as ``attention(...)`` does. The loss's is its reduced
+             call, with fwd+bwd the gradients computed in the forward (the fused route), although
+             on these tiny CPU calls the op lets autograd record its forward-only route instead:
+             there ``fastmlm - backend`` is autograd's backward plus the boundary, set against
+             the fused route's own cost
   kernel     CPU attention only: the ATen flash-attention call(s) the torch backend makes, on
              tensors already in its layout (the floor under any Python layer)
   sdpa       padded attention only: ``F.scaled_dot_product_attention`` on (B, H, S, D) views, the

@@ -35,6 +35,11 @@ then d_rows = dz·W and d_weight += dzᵀ·h (into one fp32 accumulator, chunk a
 a fixed order, so the result is deterministic), d_bias += Σ dz. ``backward`` (reduction
 "none") runs the same routine with the incoming row gradients; ``reduced`` (what the op
 calls for "mean"/"sum" on the CPU) with one Python number as every row's weight, and sums.
+
+Small calls.  On the CPU, ``reduced`` without gradients is plain differentiable PyTorch; for
+R·V up to ``NATIVE_LIMIT`` logits the op lets autograd record it (:func:`differentiable`),
+which at such sizes costs less than computing the gradients in the forward and waiting on a
+Python autograd node (issue 22).
 """
 from __future__ import annotations
 
