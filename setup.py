@@ -1,4 +1,5 @@
-"""Build script: the Python packages, plus the CUDA extension ``fastmlm._C`` when it can be built.
+"""Build script: the Python packages, the C helper ``fastmlm.ops._call_key``, plus the CUDA
+extension ``fastmlm._C`` when it can be built.
 
 FASTMLM_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be
 built), =0 skips it; unset, it is built when torch is a CUDA build and nvcc is
@@ -10,7 +11,7 @@ import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 
 def compile_flags():
@@ -67,6 +68,9 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
+# The C helper behind fastmlm.ops.dispatch.call_key (plain C, the Python API only): optional, so
+# that an install without a C compiler still works, on the Python version of the same key.
+ext_modules.append(Extension("fastmlm.ops._call_key", ["fastmlm/ops/_call_key.c"], optional=True))
 setup(
     packages=find_packages(include=["fastmlm", "fastmlm.*"]) + ["fastmlm_kernels"],
     package_dir={"fastmlm_kernels": "kernels"},

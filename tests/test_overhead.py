@@ -40,6 +40,33 @@ def test_call_key_tells_apart_what_validation_tells_apart():
     assert call_key(x, Fraction(0.5)) is None
 
 
+def test_the_c_call_key_is_built_and_builds_the_python_key():
+    """The C helper (fastmlm/ops/_call_key.c, built by pip install -e .) gives exactly the key of
+    dispatch._python_call_key, and None where it does: tensors of several kinds, views, scalars of
+    each type, their subclasses, meta tensors, NaN, other objects."""
+    assert dispatch._native_call_key is not None, "fastmlm.ops._call_key was not built (a C compiler is needed)"
+
+    class Fraction(float):
+        pass
+
+    class Subclass(torch.Tensor):
+        pass
+
+    x = torch.zeros(2, 3)
+    cases = [
+        (), (x,), (x, 16), (x, 16.0), (x, True), (x, "auto"), (x, None, None), (x.t(), x[:, 1:]),
+        (x.double().requires_grad_(), torch.nn.Parameter(torch.ones(3))), (x.as_subclass(Subclass),),
+        (torch.zeros(0, 5, dtype=torch.int32), -100, 0.0, 0.1, None, "mean", "auto"),
+        (x, float("nan")), (x, Fraction(0.5)), (x, [1, 2]), (x, torch.zeros(2, device="meta")), (object(),),
+    ]
+    for args in cases:
+        native, python = dispatch._native_call_key(*args), dispatch._python_call_key(args)
+        if python is None:
+            assert native is None, args
+        else:  # (a NaN is the same object in both keys here, so they compare equal)
+            assert native == python and hash(native) == hash(python), args
+
+
 # --------------------------------------------------------------------------- checks still fire
 def test_a_changed_signature_is_checked_again():
     q, k, v, cu = _packed()
