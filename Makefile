@@ -13,7 +13,7 @@ TRITON_SIDE_DIR := $(VENV)/triton-$(TRITON_SIDE)
 
 .PHONY: venv test test-cpu compile-cuda compile-triton demo bench gpu-check mutate clean
 
-$(VENV)/.installed: pyproject.toml setup.py fastmlm/ops/_call_key.c
+$(VENV)/.installed: pyproject.toml setup.py fastmlm/ops/_boundary.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"

@@ -1,4 +1,4 @@
-"""Build script: the Python packages, the C helper ``fastmlm.ops._call_key``, plus the CUDA
+"""Build script: the Python packages, the C helpers ``fastmlm.ops._boundary``, plus the CUDA
 extension ``fastmlm._C`` when it can be built.
 
 FASTMLM_BUILD_CUDA=1 forces the extension (and fails loudly if it cannot be
@@ -68,9 +68,10 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-# The C helper behind fastmlm.ops.dispatch.call_key (plain C, the Python API only): optional, so
-# that an install without a C compiler still works, on the Python version of the same key.
-ext_modules.append(Extension("fastmlm.ops._call_key", ["fastmlm/ops/_call_key.c"], optional=True))
+# The C helpers of the ops' boundary (fastmlm.ops.dispatch.call_key, checks.check_ids; plain C,
+# the Python API only): optional, so that an install without a C compiler still works, on the
+# Python versions of the same functions.
+ext_modules.append(Extension("fastmlm.ops._boundary", ["fastmlm/ops/_boundary.c"], optional=True))
 setup(
     packages=find_packages(include=["fastmlm", "fastmlm.*"]) + ["fastmlm_kernels"],
     package_dir={"fastmlm_kernels": "kernels"},

@@ -168,6 +168,9 @@ def _call(**overrides):
         (dict(z_loss=-1e-3), ValueError, "z_loss must be a finite number >= 0.0, got -0.001"),
         (dict(z_loss="1e-4"), ValueError, "z_loss must be a finite number >= 0.0, got '1e-4' \\(str\\)"),
         (dict(ignore_index=0), ValueError, "ignore_index"),
+        (dict(ignore_index=-100.0), ValueError, r"ignore_index must be a negative int .*got -100.0"),
+        (dict(ignore_index=True), ValueError, r"ignore_index must be a negative int .*got True"),
+        (dict(ignore_index=-2**64), ValueError, r"ignore_index must be a negative int"),
         (dict(labels=torch.full((10,), 7)), RuntimeError, "labels must be ignore_index"),
         (dict(positions=torch.tensor([3, 10])), RuntimeError, "positions must lie"),
         (dict(positions=torch.tensor([-2])), RuntimeError, "positions must lie"),
@@ -763,14 +766,16 @@ def test_second_backward_after_an_in_place_change_raises():
         loss.backward()
 
 
-@pytest.mark.parametrize("short", [True, False], ids=["set", "numpy"])
+@pytest.mark.parametrize("path", ["c", "set", "numpy"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_value_checks_of_short_and_long_inputs(short, index_dtype, monkeypatch):
-    """Labels and positions are value-checked on every call, read as a Python set up to SHORT_IDS
-    entries and with NumPy beyond: both reject the same values with the same message."""
+def test_value_checks_of_short_and_long_inputs(path, index_dtype, monkeypatch):
+    """Labels and positions are value-checked on every call, read by the C helper, or as a Python
+    set up to SHORT_IDS entries and with NumPy beyond: all reject the same values with the same message."""
     from fastmlm.ops import checks
 
-    if not short:
+    if path != "c":
+        monkeypatch.setattr(checks, "native_boundary", None)
+    if path == "numpy":
         monkeypatch.setattr(checks, "SHORT_IDS", 0)
     h, w, b, labels = make_batch(12, 4, 9, rate=0.5)
     labels[0] = 8

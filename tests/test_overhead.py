@@ -41,10 +41,10 @@ def test_call_key_tells_apart_what_validation_tells_apart():
 
 
 def test_the_c_call_key_is_built_and_builds_the_python_key():
-    """The C helper (fastmlm/ops/_call_key.c, built by pip install -e .) gives exactly the key of
+    """The C helper (fastmlm/ops/_boundary.c, built by pip install -e .) gives exactly the key of
     dispatch._python_call_key, and None where it does: tensors of several kinds, views, scalars of
     each type, their subclasses, meta tensors, NaN, other objects."""
-    assert dispatch._native_call_key is not None, "fastmlm.ops._call_key was not built (a C compiler is needed)"
+    assert dispatch._native_call_key is not None, "fastmlm.ops._boundary was not built (a C compiler is needed)"
 
     class Fraction(float):
         pass
@@ -110,11 +110,16 @@ def test_every_cu_seqlens_check_agrees(monkeypatch, path):
             checks.check_cu_seqlens("attention", torch.tensor(offsets, dtype=torch.int32), 8, 5)
 
 
-@pytest.mark.parametrize("path", ["python", "numpy", "assert_async"])
+@pytest.mark.parametrize("path", ["c", "python", "numpy", "assert_async"])
 def test_every_id_check_agrees_with_the_rule(monkeypatch, path):
-    """check_ids's three paths (a Python set when short, NumPy when long, the device-side
-    assertion) accept exactly the tensors whose entries lie in [low, high) or equal ``allowed``:
-    fresh random values, both index dtypes, 2-D and strided views."""
+    """check_ids's four paths (the C helper for contiguous CPU tensors, a Python set when short,
+    NumPy when long, the device-side assertion) accept exactly the tensors whose entries lie in
+    [low, high) or equal ``allowed``: fresh random values, both index dtypes, 2-D and strided views
+    (which the C path leaves to the others)."""
+    if path == "c":
+        assert checks.native_boundary is not None, "fastmlm.ops._boundary was not built (a C compiler is needed)"
+    else:
+        monkeypatch.setattr(checks, "native_boundary", None)
     monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
     monkeypatch.setattr(checks, "SHORT_IDS", 256 if path == "python" else 0)
     gen = torch.Generator().manual_seed(22)

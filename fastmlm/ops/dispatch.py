@@ -65,7 +65,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import kernels_path
+from . import checks, kernels_path
 
 BACKENDS = ("reference", "torch", "triton", "cuda")
 PRIORITY = {"cuda": ("cuda", "triton", "torch", "reference")}  # device type -> auto's order
@@ -131,7 +131,7 @@ def call_key(*args) -> Optional[tuple]:
     int, float or str (exactly those types) by (type, value), so 16 and 16.0 differ and NaN never
     matches itself. None (do not memoise) under torch.compile, for a meta tensor, or for an
     argument of any other kind, a subclass of those scalars included (it is validated every call).
-    Built by the C helper ``fastmlm.ops._call_key`` where it was compiled (a few µs less on every
+    Built by the C helper ``fastmlm.ops._boundary.call_key`` where it was compiled (a few µs less on every
     call of a public op, issue 22), else by :func:`_python_call_key`: the same tuple.
     """
     if torch.compiler.is_compiling():
@@ -162,12 +162,10 @@ def _python_call_key(args: tuple) -> Optional[tuple]:
 def _load_native_call_key():
     """The C helper's call_key, initialised; None where the extension was not built (an install
     without a C compiler: ``setup.py`` builds it as optional)."""
-    try:
-        from . import _call_key
-    except ImportError:
+    if checks.native_boundary is None:
         return None
-    _call_key.init(torch.Tensor, _SCALARS)
-    return _call_key.call_key
+    checks.native_boundary.init(torch.Tensor, _SCALARS)
+    return checks.native_boundary.call_key
 
 
 _native_call_key = _load_native_call_key()

@@ -239,8 +239,10 @@ def _validate(hidden, weight, bias, labels, positions, ignore_index, label_smoot
     checks.check_real(op, "z_loss", z_loss, 0.0)
     if reduction not in REDUCTIONS:
         checks.fail(op, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if ignore_index >= 0:
-        checks.fail(op, f"ignore_index must be negative so it cannot be a token id, got {ignore_index}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral) or \
+            not -2**63 <= ignore_index < 0:
+        checks.fail(op, "ignore_index must be a negative int (an int64 label no token id can equal), "
+                        f"got {ignore_index!r}")
     if max_masked_fraction is not None and (
             isinstance(max_masked_fraction, bool) or not isinstance(max_masked_fraction, numbers.Real)
             or not 0 < max_masked_fraction <= 1):  # NaN fails the comparison too

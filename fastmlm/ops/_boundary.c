@@ -1,21 +1,28 @@
-/* fastmlm.ops._call_key: dispatch.call_key's key, built in C.
+/* fastmlm.ops._boundary: two things the public ops do on every call (issue 22), in C.
 
-   The public ops build this key on every call (issue 22). The Python loop costs ~4 us for a
-   masked_lm_loss call on the CPU tier's host, this one ~3 us alone, and in front of a backend
-   call it saves 3-4 us (measured interleaved: the interpreter's work slows the kernel call that
-   follows it). The key is the same tuple the Python version (dispatch._python_call_key) builds,
-   and the tests hold the two to that:
+   call_key(*args): dispatch.call_key's key. The Python loop costs ~4 us for a masked_lm_loss
+   call on the CPU tier's host, this one ~3 us alone, and in front of a backend call it saves
+   3-4 us (measured interleaved: the interpreter's work slows the kernel call that follows it).
+   The key is the tuple the Python version (dispatch._python_call_key) builds, and the tests
+   hold the two to that:
 
      a bool, int, float or str (exactly those types)  -> (type, value)
      None                                             -> None
      a torch.Tensor (or subclass), not on meta        -> (type, dtype, device, shape, stride(), requires_grad)
      a meta tensor, or anything else                  -> the whole key is None (do not memoise)
 
-   Plain C against the Python API only (no torch headers): it reads the tensor's attributes as
-   Python does, without the bytecode around them. init(tensor_type, scalar_types) must be called
-   once, with torch.Tensor and the frozenset of scalar types. */
+   ids_in_range(address, count, itemsize, low, high, allowed): whether the `count` int32
+   (itemsize 4) or int64 (itemsize 8) values at `address` all lie in [low, high) or equal
+   `allowed` (None: no such value): checks.check_ids's test of a contiguous CPU tensor, whose
+   caller vouches for the memory (a plain strided CPU tensor it holds, data_ptr() and numel()).
+   ~1 us where a Python set of 64 labels takes ~4.
+
+   Plain C against the Python API only (no torch headers): call_key reads the tensor's
+   attributes as Python does, without the bytecode around them. init(tensor_type, scalar_types)
+   must be called once, with torch.Tensor and the frozenset of scalar types. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 
 static PyObject *tensor_type = NULL;  /* torch.Tensor */
 static PyObject *scalar_types = NULL; /* frozenset of the exact scalar types */
@@ -54,7 +61,7 @@ static PyObject *tensor_part(PyObject *a, PyObject *kind) {
 
 static PyObject *call_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (tensor_type == NULL || scalar_types == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "fastmlm.ops._call_key: init() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "fastmlm.ops._boundary: init() was not called");
         return NULL;
     }
     PyObject *parts = PyTuple_New(nargs);
@@ -91,16 +98,55 @@ fail:
     return NULL;
 }
 
+/* Whether every value lies in [low, high) or equals allowed (see the module comment). */
+#define ALL_IN_RANGE(type)                                                        \
+    do {                                                                          \
+        const type *v = (const type *)address;                                    \
+        for (Py_ssize_t i = 0; i < count; i++)                                    \
+            if (!((v[i] >= low && v[i] < high) || (has_allowed && v[i] == allowed))) \
+                Py_RETURN_FALSE;                                                  \
+    } while (0)
+
+static PyObject *ids_in_range(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "ids_in_range(address, count, itemsize, low, high, allowed)");
+        return NULL;
+    }
+    void *address = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    long itemsize = PyLong_AsLong(args[2]);
+    long long low = PyLong_AsLongLong(args[3]);
+    long long high = PyLong_AsLongLong(args[4]);
+    int has_allowed = args[5] != Py_None;
+    long long allowed = has_allowed ? PyLong_AsLongLong(args[5]) : 0;
+    if (PyErr_Occurred()) return NULL;
+    if (count < 0 || (count > 0 && address == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "ids_in_range: a negative count, or no address");
+        return NULL;
+    }
+    if (itemsize == 8) {
+        ALL_IN_RANGE(int64_t);
+    } else if (itemsize == 4) {
+        ALL_IN_RANGE(int32_t);
+    } else {
+        PyErr_SetString(PyExc_ValueError, "ids_in_range: itemsize must be 4 (int32) or 8 (int64)");
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "init(tensor_type, scalar_types: frozenset): what call_key tells apart."},
     {"call_key", (PyCFunction)(void (*)(void))call_key, METH_FASTCALL,
      "call_key(*args) -> tuple or None: dispatch.call_key's key (see the module comment)."},
+    {"ids_in_range", (PyCFunction)(void (*)(void))ids_in_range, METH_FASTCALL,
+     "ids_in_range(address, count, itemsize, low, high, allowed) -> bool (see the module comment)."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_call_key", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_boundary", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__call_key(void) {
+PyMODINIT_FUNC PyInit__boundary(void) {
     s_dtype = PyUnicode_InternFromString("dtype");
     s_device = PyUnicode_InternFromString("device");
     s_shape = PyUnicode_InternFromString("shape");
