@@ -208,9 +208,13 @@ def describe_machine(has_gpu: bool) -> list[str]:
     env = environment("cuda" if has_gpu else "cpu")
     nvcc = _cmd_output(["nvcc", "--version"]).splitlines()
     smi = _cmd_output(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"])
+    # In a fresh interpreter: the build step may have compiled it after this process imported fastmlm.
+    helper = _cmd_output([sys.executable, "-c", "import fastmlm.ops.checks as c; "
+                          "print('built' if c.native_boundary else 'absent (the Python versions run)')"])
     return [f"- device: {env['device']}" + (f" (nvidia-smi: {smi})" if has_gpu else ""),
             f"- python {platform.python_version()}, torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}",
             f"- nvcc: {nvcc[-1] if nvcc else 'not available'}",
+            f"- C boundary helpers (fastmlm/ops/_boundary.c): {helper.splitlines()[-1] if helper else 'unknown'}",
             f"- git commit {env['commit']}, {env['date']}"]
 
 

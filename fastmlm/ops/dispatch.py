@@ -131,8 +131,8 @@ def call_key(*args) -> Optional[tuple]:
     int, float or str (exactly those types) by (type, value), so 16 and 16.0 differ and NaN never
     matches itself. None (do not memoise) under torch.compile, for a meta tensor, or for an
     argument of any other kind, a subclass of those scalars included (it is validated every call).
-    Built by the C helper ``fastmlm.ops._boundary.call_key`` where it was compiled (a few µs less on every
-    call of a public op, issue 22), else by :func:`_python_call_key`: the same tuple.
+    Built by the C helper ``fastmlm.ops._boundary.call_key`` where it was compiled (a few µs less
+    on every call of a public op, issue 22), else by :func:`_python_call_key`: the same tuple.
     """
     if torch.compiler.is_compiling():
         return None

@@ -306,8 +306,9 @@ def masked_lm_loss(
     _check_values(inputs, plan)
     name = plan.name
     if plan.one_call and dispatch.no_modes():  # dispatch.plain_eager, its signature part memoised
-        # The common call, a mean (or sum) in plain eager mode: one backend call, and the
-        # gradients it computes in the forward (when wanted) wait on the autograd node.
+        # The common call, a mean (or sum) in plain eager mode: one backend call. Gradients, when
+        # wanted, are computed in its forward and wait on the op's autograd node, or (plan.native)
+        # autograd records the forward-only call itself.
         mean = reduction == "mean"
         if plan.wants_grad and not plan.native and torch.is_grad_enabled():
             loss, correct = _ops._EagerReducedLoss.apply(hidden2d, weight, bias, _ops.ReducedCall(inputs, mean, name))
