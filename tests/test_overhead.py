@@ -95,10 +95,14 @@ def test_value_checks_run_on_every_call_of_a_remembered_signature(bad, why):
         attention(q, k, v, cu_seqlens=torch.tensor(bad, dtype=torch.int32), max_seqlen=5)
 
 
-@pytest.mark.parametrize("path", ["python", "numpy", "assert_async"])
+@pytest.mark.parametrize("path", ["c", "python", "numpy", "assert_async"])
 def test_every_cu_seqlens_check_agrees(monkeypatch, path):
-    """The CPU checks (a Python list when short, NumPy when long) and the device-side assertion
-    accept and refuse the same offsets."""
+    """The CPU checks (the C helper, a Python list when short, NumPy when long) and the
+    device-side assertion accept and refuse the same offsets."""
+    if path == "c":
+        assert checks.native_boundary is not None, "fastmlm.ops._boundary was not built (a C compiler is needed)"
+    else:
+        monkeypatch.setattr(checks, "native_boundary", None)
     monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
     monkeypatch.setattr(checks, "SHORT_CHECK", 64 if path == "python" else 0)
     good = [[0], [0, 0], [0, 3, 3, 8], [0, 5, 8]]

@@ -1,4 +1,4 @@
-/* fastmlm.ops._boundary: two things the public ops do on every call (issue 22), in C.
+/* fastmlm.ops._boundary: what the public ops do on every call (issue 22), in C.
 
    call_key(*args): dispatch.call_key's key. The Python loop costs ~4 us for a masked_lm_loss
    call on the CPU tier's host, this one ~3 us alone, and in front of a backend call it saves
@@ -15,7 +15,8 @@
    (itemsize 4) or int64 (itemsize 8) values at `address` all lie in [low, high) or equal
    `allowed` (None: no such value): checks.check_ids's test of a contiguous CPU tensor, whose
    caller vouches for the memory (a plain strided CPU tensor it holds, data_ptr() and numel()).
-   ~1 us where a Python set of 64 labels takes ~4.
+   ~1 us where a Python set of 64 labels takes ~4. offsets_ok(address, count, total, max_seqlen):
+   the same for checks.check_cu_seqlens (int32 offsets).
 
    Plain C against the Python API only (no torch headers): call_key reads the tensor's
    attributes as Python does, without the bytecode around them. init(tensor_type, scalar_types)
@@ -135,12 +136,40 @@ static PyObject *ids_in_range(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_TRUE;
 }
 
+/* offsets_ok(address, count, total, max_seqlen): whether the `count` int32 values at `address`
+   start at 0, never decrease, end at `total` and never step by more than `max_seqlen`:
+   checks.check_cu_seqlens's test of a contiguous CPU cu_seqlens (the same caller contract). */
+static PyObject *offsets_ok(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "offsets_ok(address, count, total, max_seqlen)");
+        return NULL;
+    }
+    void *address = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    long long total = PyLong_AsLongLong(args[2]);
+    long long max_seqlen = PyLong_AsLongLong(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (count < 1 || address == NULL) {
+        PyErr_SetString(PyExc_ValueError, "offsets_ok: at least one offset, and an address");
+        return NULL;
+    }
+    const int32_t *v = (const int32_t *)address;
+    if (v[0] != 0 || (long long)v[count - 1] != total) Py_RETURN_FALSE;
+    for (Py_ssize_t i = 1; i < count; i++) {
+        long long step = (long long)v[i] - (long long)v[i - 1]; /* in 64 bits: int32 differences could wrap */
+        if (step < 0 || step > max_seqlen) Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyMethodDef methods[] = {
     {"init", init, METH_VARARGS, "init(tensor_type, scalar_types: frozenset): what call_key tells apart."},
     {"call_key", (PyCFunction)(void (*)(void))call_key, METH_FASTCALL,
      "call_key(*args) -> tuple or None: dispatch.call_key's key (see the module comment)."},
     {"ids_in_range", (PyCFunction)(void (*)(void))ids_in_range, METH_FASTCALL,
      "ids_in_range(address, count, itemsize, low, high, allowed) -> bool (see the module comment)."},
+    {"offsets_ok", (PyCFunction)(void (*)(void))offsets_ok, METH_FASTCALL,
+     "offsets_ok(address, count, total, max_seqlen) -> bool: a valid cu_seqlens (see above)."},
     {NULL, NULL, 0, NULL},
 };
 
