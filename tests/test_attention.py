@@ -195,6 +195,8 @@ def _call(q=None, k=None, v=None, **kwargs):
         (dict(cu_seqlens=torch.tensor([0, 4], dtype=torch.int32)), "cu_seqlens is for the packed"),
         (dict(softmax_scale=-1.0), "softmax_scale"),
         (dict(backend="fast"), "backend must be"),
+        (dict(q=torch.randn(1, 4, 2, 8).to_sparse()), r"q must be a dense \(strided\) tensor, got layout torch.sparse_coo"),
+        (dict(attention_mask=torch.ones(1, 4, dtype=torch.bool).to_sparse()), "attention_mask must be a dense"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )

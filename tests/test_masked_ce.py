@@ -168,6 +168,8 @@ def _call(**overrides):
         (dict(z_loss=-1e-3), ValueError, "z_loss must be a finite number >= 0.0, got -0.001"),
         (dict(z_loss="1e-4"), ValueError, "z_loss must be a finite number >= 0.0, got '1e-4' \\(str\\)"),
         (dict(ignore_index=0), ValueError, "ignore_index"),
+        (dict(hidden=torch.randn(10, 8).to_sparse()), ValueError, r"hidden must be a dense \(strided\) tensor"),
+        (dict(labels=torch.zeros(10, dtype=torch.long).to_sparse()), ValueError, "labels must be a dense"),
         (dict(ignore_index=-100.0), ValueError, r"ignore_index must be a negative int .*got -100.0"),
         (dict(ignore_index=True), ValueError, r"ignore_index must be a negative int .*got True"),
         (dict(ignore_index=-2**64), ValueError, r"ignore_index must be a negative int"),

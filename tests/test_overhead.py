@@ -33,6 +33,7 @@ def test_call_key_tells_apart_what_validation_tells_apart():
     assert call_key(x) != call_key(x.t())  # strides count
     assert call_key(x) != call_key(x.double()) != call_key(x.requires_grad_())
     assert call_key(torch.zeros(2, device="meta")) is None  # tests stub devices with meta tensors
+    assert call_key(torch.zeros(2, 2).to_sparse()) is None  # no strides to tell it apart: validated (and refused)
     assert call_key(x, [1, 2]) is None  # any other kind of argument: validate every time
 
     class Fraction(float):  # e.g. numpy.float64: equal to the float, but validation may see it differently
@@ -58,6 +59,7 @@ def test_the_c_call_key_is_built_and_builds_the_python_key():
         (x.double().requires_grad_(), torch.nn.Parameter(torch.ones(3))), (x.as_subclass(Subclass),),
         (torch.zeros(0, 5, dtype=torch.int32), -100, 0.0, 0.1, None, "mean", "auto"),
         (x, float("nan")), (x, Fraction(0.5)), (x, [1, 2]), (x, torch.zeros(2, device="meta")), (object(),),
+        (x.to_sparse(),), (torch.ones(2, 1).expand(2, 3).to_sparse(), x),
     ]
     for args in cases:
         native, python = dispatch._native_call_key(*args), dispatch._python_call_key(args)

@@ -8,8 +8,9 @@
 
      a bool, int, float or str (exactly those types)  -> (type, value)
      None                                             -> None
-     a torch.Tensor (or subclass), not on meta        -> (type, dtype, device, shape, stride(), requires_grad)
-     a meta tensor, or anything else                  -> the whole key is None (do not memoise)
+     a dense torch.Tensor (or subclass), not on meta  -> (type, dtype, device, shape, stride(), requires_grad)
+     a meta or non-strided (sparse, mkldnn) tensor,
+     or anything else                                 -> the whole key is None (do not memoise)
 
    ids_in_range(address, count, itemsize, low, high, allowed): whether the `count` int32
    (itemsize 4) or int64 (itemsize 8) values at `address` all lie in [low, high) or equal
@@ -19,33 +20,39 @@
    the same for checks.check_cu_seqlens (int32 offsets).
 
    Plain C against the Python API only (no torch headers): call_key reads the tensor's
-   attributes as Python does, without the bytecode around them. init(tensor_type, scalar_types)
-   must be called once, with torch.Tensor and the frozenset of scalar types. */
+   attributes as Python does, without the bytecode around them. init(tensor_type, scalar_types,
+   strided) must be called once, with torch.Tensor, the frozenset of scalar types and torch.strided. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 
 static PyObject *tensor_type = NULL;  /* torch.Tensor */
 static PyObject *scalar_types = NULL; /* frozenset of the exact scalar types */
-static PyObject *s_dtype, *s_device, *s_shape, *s_stride, *s_requires_grad, *s_is_meta;
+static PyObject *strided = NULL;      /* torch.strided: the one layout the key describes */
+static PyObject *s_dtype, *s_device, *s_shape, *s_stride, *s_requires_grad, *s_is_meta, *s_layout;
 
 static PyObject *init(PyObject *self, PyObject *args) {
-    PyObject *tensor, *scalars;
-    if (!PyArg_ParseTuple(args, "OO!", &tensor, &PyFrozenSet_Type, &scalars)) return NULL;
+    PyObject *tensor, *scalars, *layout;
+    if (!PyArg_ParseTuple(args, "OO!O", &tensor, &PyFrozenSet_Type, &scalars, &layout)) return NULL;
     Py_XSETREF(tensor_type, Py_NewRef(tensor));
     Py_XSETREF(scalar_types, Py_NewRef(scalars));
+    Py_XSETREF(strided, Py_NewRef(layout));
     Py_RETURN_NONE;
 }
 
 /* The (type, dtype, device, shape, stride(), requires_grad) of a tensor; Py_None (a new
-   reference) for a meta tensor; NULL with an exception set on error. */
+   reference) for a meta or non-strided one; NULL with an exception set on error. */
 static PyObject *tensor_part(PyObject *a, PyObject *kind) {
     PyObject *meta = PyObject_GetAttr(a, s_is_meta);
     if (meta == NULL) return NULL;
     int is_meta = PyObject_IsTrue(meta);
     Py_DECREF(meta);
     if (is_meta < 0) return NULL;
-    if (is_meta) return Py_NewRef(Py_None);
+    PyObject *layout = is_meta ? NULL : PyObject_GetAttr(a, s_layout);
+    if (!is_meta && layout == NULL) return NULL;
+    int dense = layout == strided;
+    Py_XDECREF(layout);
+    if (is_meta || !dense) return Py_NewRef(Py_None);
     PyObject *dtype = PyObject_GetAttr(a, s_dtype);
     PyObject *device = dtype ? PyObject_GetAttr(a, s_device) : NULL;
     PyObject *shape = device ? PyObject_GetAttr(a, s_shape) : NULL;
@@ -61,7 +68,7 @@ static PyObject *tensor_part(PyObject *a, PyObject *kind) {
 }
 
 static PyObject *call_key(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (tensor_type == NULL || scalar_types == NULL) {
+    if (tensor_type == NULL || scalar_types == NULL || strided == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "fastmlm.ops._boundary: init() was not called");
         return NULL;
     }
@@ -82,7 +89,7 @@ static PyObject *call_key(PyObject *self, PyObject *const *args, Py_ssize_t narg
             if (tensor < 0) goto fail;
             if (!tensor) goto no_key;
             part = tensor_part(a, kind);
-            if (part == Py_None) {  /* a meta tensor */
+            if (part == Py_None) {  /* a meta or non-strided tensor */
                 Py_DECREF(part);
                 goto no_key;
             }
@@ -163,7 +170,7 @@ static PyObject *offsets_ok(PyObject *self, PyObject *const *args, Py_ssize_t na
 }
 
 static PyMethodDef methods[] = {
-    {"init", init, METH_VARARGS, "init(tensor_type, scalar_types: frozenset): what call_key tells apart."},
+    {"init", init, METH_VARARGS, "init(tensor_type, scalar_types: frozenset, strided): what call_key tells apart."},
     {"call_key", (PyCFunction)(void (*)(void))call_key, METH_FASTCALL,
      "call_key(*args) -> tuple or None: dispatch.call_key's key (see the module comment)."},
     {"ids_in_range", (PyCFunction)(void (*)(void))ids_in_range, METH_FASTCALL,
@@ -182,6 +189,7 @@ PyMODINIT_FUNC PyInit__boundary(void) {
     s_stride = PyUnicode_InternFromString("stride");
     s_requires_grad = PyUnicode_InternFromString("requires_grad");
     s_is_meta = PyUnicode_InternFromString("is_meta");
-    if (!s_dtype || !s_device || !s_shape || !s_stride || !s_requires_grad || !s_is_meta) return NULL;
+    s_layout = PyUnicode_InternFromString("layout");
+    if (!s_dtype || !s_device || !s_shape || !s_stride || !s_requires_grad || !s_is_meta || !s_layout) return NULL;
     return PyModule_Create(&module);
 }

@@ -30,6 +30,8 @@ def check_tensor(op: str, name: str, t, *, ndim=None, dtypes=None, device=None) 
     """Type, rank, dtype and device of one argument."""
     if not isinstance(t, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        fail(op, f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if ndim is not None and t.dim() not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         fail(op, f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:

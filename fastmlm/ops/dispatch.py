@@ -129,8 +129,9 @@ def call_key(*args) -> Optional[tuple]:
 
     Tensors count by (type, dtype, device, shape, strides, requires_grad); None by itself; a bool,
     int, float or str (exactly those types) by (type, value), so 16 and 16.0 differ and NaN never
-    matches itself. None (do not memoise) under torch.compile, for a meta tensor, or for an
-    argument of any other kind, a subclass of those scalars included (it is validated every call).
+    matches itself. None (do not memoise) under torch.compile, for a meta or non-strided (sparse)
+    tensor, or for an argument of any other kind, a subclass of those scalars included (it is
+    validated every call).
     Built by the C helper ``fastmlm.ops._boundary.call_key`` where it was compiled (a few µs less
     on every call of a public op, issue 22), else by :func:`_python_call_key`: the same tuple.
     """
@@ -151,7 +152,7 @@ def _python_call_key(args: tuple) -> Optional[tuple]:
         elif a is None:
             parts.append(None)
         elif isinstance(a, torch.Tensor):
-            if a.is_meta:
+            if a.is_meta or a.layout is not torch.strided:
                 return None
             parts.append((kind, a.dtype, a.device, a.shape, a.stride(), a.requires_grad))
         else:
@@ -164,7 +165,7 @@ def _load_native_call_key():
     without a C compiler: ``setup.py`` builds it as optional)."""
     if checks.native_boundary is None:
         return None
-    checks.native_boundary.init(torch.Tensor, _SCALARS)
+    checks.native_boundary.init(torch.Tensor, _SCALARS, torch.strided)
     return checks.native_boundary.call_key
 
 
