@@ -516,3 +516,19 @@ def test_the_overhead_peers_compute_what_fastmlm_computes(case):
     assert len(outputs) == 3 and "fastmlm" in outputs  # fastmlm, backend and the peer (sdpa or torch)
     for provider, out in outputs.items():
         torch.testing.assert_close(out, outputs["fastmlm"], msg=provider)
+
+
+def test_a_remembered_c_check_falls_back_when_the_helper_is_gone(monkeypatch):
+    """The plan remembers that the C helper reads labels and cu_seqlens; without the helper (an
+    install without a C compiler, or here a test) the same remembered signature is checked in Python."""
+    hidden, weight, bias, labels = _loss_inputs()
+    q, k, v, cu = _packed()
+    masked_lm_loss(hidden, weight, bias, labels)
+    attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+    monkeypatch.setattr(checks, "native_boundary", None)
+    bad = labels.clone()
+    bad[0] = weight.shape[0]
+    with pytest.raises(RuntimeError, match="labels must be ignore_index=-100 or lie in"):
+        masked_lm_loss(hidden, weight, bias, bad)
+    with pytest.raises(RuntimeError, match="cu_seqlens must start at 0"):
+        attention(q, k, v, cu_seqlens=torch.tensor([0, 6, 8], dtype=torch.int32), max_seqlen=5)

@@ -289,6 +289,7 @@ class _Plan(NamedTuple):
     module: that backend's module (or fallback chain); None for the reference.
     native: autograd may record the backend's forward itself (:meth:`~dispatch.Registry.differentiable`).
     plain: every tensor argument is a plain tensor (:func:`dispatch.plain_types`).
+    native_offsets: :func:`checks.native_offsets` of cu_seqlens (False when padded).
     """
 
     max_seqlen: int
@@ -297,6 +298,7 @@ class _Plan(NamedTuple):
     module: object
     native: bool
     plain: bool
+    native_offsets: bool
 
 
 def _run_forward(inputs: AttentionInputs, plan: _Plan, want_lse: bool) -> tuple[Tensor, Optional[Tensor]]:
@@ -321,10 +323,11 @@ def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backen
     mask = None if attention_mask is None else attention_mask.bool()
     bundle = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
     name = REGISTRY.select(backend, q.device.type, bundle)
+    native_offsets = cu_seqlens is not None and checks.native_offsets(cu_seqlens)
     if name == "reference":
-        return _Plan(max_seqlen, scale, name, None, False, False)
+        return _Plan(max_seqlen, scale, name, None, False, False, native_offsets)
     return _Plan(max_seqlen, scale, name, REGISTRY.module(name), REGISTRY.differentiable(name, bundle),
-                 dispatch.plain_types(q, k, v, attention_mask, cu_seqlens))
+                 dispatch.plain_types(q, k, v, attention_mask, cu_seqlens), native_offsets)
 
 
 # --------------------------------------------------------------------------- public op
@@ -361,7 +364,7 @@ def attention(
     key = dispatch.call_key(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend)
     plan = REGISTRY.memo(key, lambda: _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backend))
     if cu_seqlens is not None:  # a value check: every call
-        checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], plan.max_seqlen)
+        checks.check_cu_seqlens("attention", cu_seqlens, q.shape[0], plan.max_seqlen, plan.native_offsets)
     if plan.module is None or q.numel() == 0:  # the reference; or nothing to launch for an empty batch
         out, lse = attention_reference(q, k, v, attention_mask, cu_seqlens, plan.scale)
     else:

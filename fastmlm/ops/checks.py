@@ -55,18 +55,29 @@ def host_readable(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.is_cpu and not torch.compiler.is_compiling()  # is_cpu: no device object
 
 
-def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+def native_offsets(cu_seqlens: torch.Tensor) -> bool:
+    """Whether :func:`check_cu_seqlens` reads the offsets through the C helper (as :func:`native_ids`:
+    metadata only, an op may remember it per signature)."""
+    return (native_boundary is not None and host_readable(cu_seqlens) and cu_seqlens.layout == torch.strided
+            and cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous())
+
+
+def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
+                     native: bool | None = None) -> None:
     """``cu_seqlens`` ((B+1,) int32) starts at 0, never decreases, ends at ``total`` and no step
     exceeds ``max_seqlen``; a RuntimeError naming them otherwise.
 
     On the CPU the values are read in place: by the C helper when contiguous, else in Python up
     to :data:`SHORT_CHECK` entries and with NumPy beyond (a handful of tensor ops would cost more
     than the attention of a short batch); elsewhere one fused device-side assertion, no host sync.
+    ``native``: :func:`native_offsets` of ``cu_seqlens``, where the caller remembers it (None: found here).
     """
+    if native_boundary is not None and (native or (native is None and native_offsets(cu_seqlens))):
+        if not native_boundary.offsets_ok(cu_seqlens.data_ptr(), cu_seqlens.numel(), total, max_seqlen):
+            raise RuntimeError(f"fastmlm.ops.{op}: {_offsets_message(total, max_seqlen)}")
+        return
     if host_readable(cu_seqlens):
-        if native_boundary is not None and cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous():
-            ok = native_boundary.offsets_ok(cu_seqlens.data_ptr(), cu_seqlens.numel(), total, max_seqlen)
-        elif cu_seqlens.numel() <= SHORT_CHECK:  # a short list: plain Python beats any vectorised call
+        if cu_seqlens.numel() <= SHORT_CHECK:  # a short list: plain Python beats any vectorised call
             c = cu_seqlens.tolist()
             ok, previous = c[0] == 0 and c[-1] == total, 0
             for offset in c:  # a plain loop: a generator's set-up costs more than a batch's few steps
@@ -96,18 +107,29 @@ def _offsets_message(total: int, max_seqlen: int) -> str:
 SHORT_IDS = 256  # up to this many CPU entries, check_ids reads a Python set: NumPy's round trip costs more
 
 
-def check_ids(op: str, t: torch.Tensor, low: int, high: int, msg, allowed: int | None = None) -> None:
+def native_ids(t: torch.Tensor) -> bool:
+    """Whether :func:`check_ids` reads ``t``'s values through the C helper: a plain, contiguous,
+    dense CPU int32/int64 tensor in eager mode. Metadata only (all of it in ``dispatch.call_key``),
+    so an op may remember it per signature and pass it to check_ids."""
+    return (native_boundary is not None and host_readable(t) and t.layout == torch.strided
+            and t.dtype in INDEX_DTYPES and t.is_contiguous())
+
+
+def check_ids(op: str, t: torch.Tensor, low: int, high: int, msg, allowed: int | None = None,
+              native: bool | None = None) -> None:
     """Every entry of the integer tensor ``t`` lies in [low, high) or equals ``allowed``; a
     RuntimeError with ``msg`` (a string, or a function returning it: built only on failure)
     otherwise. On the CPU the values are read in place: a contiguous tensor by the C helper
     (~1 µs for a batch's labels), else a short one as a Python set (several microseconds cheaper
     on tiny inputs than any tensor or NumPy call) and a long one in one NumPy pass; elsewhere one
-    device-side assertion, no host sync."""
+    device-side assertion, no host sync. ``native``: :func:`native_ids` of ``t``, where the caller
+    remembers it (None: found here)."""
+    if native_boundary is not None and (native or (native is None and native_ids(t))):  # (it reads t's memory: we hold t)
+        if not native_boundary.ids_in_range(t.data_ptr(), t.numel(), t.element_size(), low, high, allowed):
+            raise RuntimeError(f"fastmlm.ops.{op}: {msg() if callable(msg) else msg}")
+        return
     if host_readable(t):
-        if native_boundary is not None and t.layout == torch.strided and t.dtype in INDEX_DTYPES \
-                and t.is_contiguous():  # (the helper reads the tensor's memory: this call holds t)
-            bad = not native_boundary.ids_in_range(t.data_ptr(), t.numel(), t.element_size(), low, high, allowed)
-        elif t.numel() <= SHORT_IDS:
+        if t.numel() <= SHORT_IDS:
             values = set((t if t.dim() == 1 else t.reshape(-1)).tolist())  # (even a no-op view costs ~2 µs)
             values.discard(allowed)
             bad = bool(values) and not (low <= min(values) and max(values) < high)

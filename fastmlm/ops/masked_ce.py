@@ -344,6 +344,7 @@ class _Plan(NamedTuple):
     wants_grad: hidden, weight or bias requires grad (their flags are part of the signature).
     native: autograd may record the backend's ``reduced(..., grads=False)`` itself
         (:meth:`~dispatch.Registry.differentiable`): no Python autograd node, no gradients in the forward.
+    native_ids: :func:`checks.native_ids` of (labels, positions): the C helper reads their values.
     """
 
     name: str
@@ -355,6 +356,7 @@ class _Plan(NamedTuple):
     one_call: bool
     wants_grad: bool
     native: bool
+    native_ids: tuple
 
 
 def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing, z_loss, max_masked_fraction,
@@ -375,7 +377,8 @@ def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing
                  counted_bound(tokens, bundle.max_masked_fraction) if bounded else None, launches,
                  launches and reduction != "none" and dispatch.plain_types(hidden, weight, bias, labels, positions),
                  any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
-                 launches and REGISTRY.differentiable(name, bundle))
+                 launches and REGISTRY.differentiable(name, bundle),
+                 (checks.native_ids(bundle.labels), positions is not None and checks.native_ids(positions)))
 
 
 def _check_values(inputs: MaskedCEInputs, plan: _Plan) -> None:
@@ -383,10 +386,13 @@ def _check_values(inputs: MaskedCEInputs, plan: _Plan) -> None:
     boundary checks it) the row bound. On a GPU device-side assertions, no host sync."""
     labels, positions, ignore_index = inputs.labels, inputs.positions, inputs.ignore_index
     tokens, vocab = labels.shape[0], inputs.weight.shape[0]
+    native_labels, native_positions = plan.native_ids
     if positions is not None:
-        checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})")
+        checks.check_ids("masked_lm_loss", positions, -1, tokens, lambda: f"positions must lie in [-1, {tokens})",
+                         native=native_positions)
     checks.check_ids("masked_lm_loss", labels, 0, vocab,
-                     lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index)
+                     lambda: f"labels must be ignore_index={ignore_index} or lie in [0, {vocab})", allowed=ignore_index,
+                     native=native_labels)
     if plan.row_bound is not None and checks.host_readable(labels):
         # The row bound the fast backends assert on a GPU, checked here where the count is free to
         # read: at the boundary, so that no backend's failure (and fallback) can hide it. (The
