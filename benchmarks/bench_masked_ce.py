@@ -76,33 +76,38 @@ def _inputs(shape: dict, dtype, device):
     return leaves, labels.to(device), positions.to(device)
 
 
-def _available_bytes() -> int:
+_CGROUPS = (  # (folder, limit file, usage file, the memory.stat entry of its reclaimable page cache): v2, v1
+    ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _available_bytes(meminfo: str = "/proc/meminfo", cgroups=_CGROUPS) -> int:
     """Memory this process could still take: the kernel's MemAvailable, capped by a cgroup limit.
 
     Not ``SC_AVPHYS_PAGES``: that counts only free pages, and on a machine whose page cache fills
     its memory (a CI runner after a clone and a pip install) it is near zero although the cache
-    gives way at once.
+    gives way at once. A cgroup's usage counts its page cache too; the inactive part of that
+    cache gives way as well. Unreadable or absent files are skipped (no limit known: 2**62).
     """
     avail = 1 << 62
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        for line in Path(meminfo).read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    # A cgroup's usage counts its page cache too; the inactive part of that cache gives way as well.
-    for folder, limit_name, usage_name, cache_name in (
-            ("/sys/fs/cgroup", "memory.max", "memory.current", "inactive_file"),
-            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")):
+    for folder, limit_name, usage_name, cache_name in cgroups:
         try:
             limit = Path(folder, limit_name).read_text().strip()
             usage = int(Path(folder, usage_name).read_text())
             stat = dict(line.split() for line in Path(folder, "memory.stat").read_text().splitlines()
                         if line.count(" ") == 1)
+            cache = int(stat.get(cache_name, 0))
         except (OSError, ValueError):
             continue
-        if limit.isdigit():
-            avail = min(avail, max(int(limit) - usage + int(stat.get(cache_name, 0)), 0))
+        if limit.isdigit():  # "max" (cgroup v2): no limit
+            avail = min(avail, max(int(limit) - usage + cache, 0))
     return avail
 
 

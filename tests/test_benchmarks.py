@@ -219,3 +219,27 @@ def test_gpu_check_stops_a_step_at_its_limit_and_keeps_the_log(tmp_path):
         [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], log, timeout_s=2)
     assert code is None and "started" in output
     assert "stopped after the step's limit of 2 s" in log.read_text()
+
+
+def test_available_memory_counts_the_page_cache_as_available(tmp_path):
+    """The all-tokens reference's guard reads MemAvailable, not free pages (a CI runner's page cache
+    leaves ~0 free: the guard then skipped a 160 MiB reference), and a cgroup limit net of its
+    inactive page cache; absent, unreadable or odd files are skipped."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:           50000 kB\nMemAvailable:   20000000 kB\n")
+    none = ()
+    assert bench_masked_ce._available_bytes(str(meminfo), none) == 20000000 * 1024
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text(f"{8 << 30}\n")
+    (v2 / "memory.current").write_text(f"{7 << 30}\n")
+    (v2 / "memory.stat").write_text(f"anon 1024\ninactive_file {3 << 30}\n")
+    cgroup = ((str(v2), "memory.max", "memory.current", "inactive_file"),)
+    assert bench_masked_ce._available_bytes(str(meminfo), cgroup) == (8 - 7 + 3) << 30  # below MemAvailable
+    (v2 / "memory.max").write_text("max\n")  # no limit
+    assert bench_masked_ce._available_bytes(str(meminfo), cgroup) == 20000000 * 1024
+    (v2 / "memory.stat").write_text("inactive_file lots\n")  # unreadable: skipped
+    (v2 / "memory.max").write_text(f"{8 << 30}\n")
+    assert bench_masked_ce._available_bytes(str(meminfo), cgroup) == 20000000 * 1024
+    assert bench_masked_ce._available_bytes(str(tmp_path / "absent"), none) == 1 << 62
+    assert bench_masked_ce._available_bytes() > 0  # this machine's own files

@@ -854,3 +854,15 @@ def test_native_route_edge_cases(use_positions, monkeypatch):
     (loss * -0.5).backward()
     _, want = _reference_loss_and_grads(h, w, b, labels, positions=positions, grad=2.5)
     _assert_close_to_reference([t.grad for t in inputs], want, names=("d_hidden", "d_weight", "d_bias"))
+
+
+def test_ignore_index_may_be_a_numpy_integer():
+    """An ignore_index read from a NumPy array (np.int64, np.int32) counts as the int it equals."""
+    np = pytest.importorskip("numpy")
+    h, w, b, labels = make_batch(12, 8, 9, rate=0.5)
+    labels[0] = 3
+    want = masked_lm_loss(h, w, b, labels)
+    for value in (np.int64(-100), np.int32(-100)):
+        torch.testing.assert_close(masked_lm_loss(h, w, b, labels, ignore_index=value), want, rtol=0, atol=0)
+    other = torch.where(labels == -100, -7, labels)
+    torch.testing.assert_close(masked_lm_loss(h, w, b, other, ignore_index=np.int64(-7)), want, rtol=0, atol=0)

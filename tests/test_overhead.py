@@ -97,16 +97,22 @@ def test_value_checks_run_on_every_call_of_a_remembered_signature(bad, why):
         attention(q, k, v, cu_seqlens=torch.tensor(bad, dtype=torch.int32), max_seqlen=5)
 
 
-@pytest.mark.parametrize("path", ["c", "python", "numpy", "assert_async"])
-def test_every_cu_seqlens_check_agrees(monkeypatch, path):
-    """The CPU checks (the C helper, a Python list when short, NumPy when long) and the
-    device-side assertion accept and refuse the same offsets."""
+def _use_check_path(monkeypatch, path: str, short_name: str, short_size: int):
+    """Send the value checks down one path: "c" (the C helper, which must be built here), "python"
+    (``short_name`` entries read as a Python list or set), "numpy", or "assert_async" (the device one)."""
     if path == "c":
         assert checks.native_boundary is not None, "fastmlm.ops._boundary was not built (a C compiler is needed)"
     else:
         monkeypatch.setattr(checks, "native_boundary", None)
     monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
-    monkeypatch.setattr(checks, "SHORT_CHECK", 64 if path == "python" else 0)
+    monkeypatch.setattr(checks, short_name, short_size if path == "python" else 0)
+
+
+@pytest.mark.parametrize("path", ["c", "python", "numpy", "assert_async"])
+def test_every_cu_seqlens_check_agrees(monkeypatch, path):
+    """The CPU checks (the C helper, a Python list when short, NumPy when long) and the
+    device-side assertion accept and refuse the same offsets."""
+    _use_check_path(monkeypatch, path, "SHORT_CHECK", 64)
     good = [[0], [0, 0], [0, 3, 3, 8], [0, 5, 8]]
     bad = [[1, 8], [0, 9], [0, 6, 5, 8], [0, 6, 8], [0, -2, 8], [0, 2**31 - 1, -2**31 + 2, 8]]
     for offsets in good:
@@ -122,12 +128,7 @@ def test_every_id_check_agrees_with_the_rule(monkeypatch, path):
     NumPy when long, the device-side assertion) accept exactly the tensors whose entries lie in
     [low, high) or equal ``allowed``: fresh random values, both index dtypes, 2-D and strided views
     (which the C path leaves to the others)."""
-    if path == "c":
-        assert checks.native_boundary is not None, "fastmlm.ops._boundary was not built (a C compiler is needed)"
-    else:
-        monkeypatch.setattr(checks, "native_boundary", None)
-    monkeypatch.setattr(checks, "host_readable", lambda t: path != "assert_async")
-    monkeypatch.setattr(checks, "SHORT_IDS", 256 if path == "python" else 0)
+    _use_check_path(monkeypatch, path, "SHORT_IDS", 256)
     gen = torch.Generator().manual_seed(22)
     pool = torch.tensor([-101, -100, -2, -1, 0, 1, 5, 9, 10, 11])
     for trial in range(300):

@@ -289,7 +289,7 @@ class _Plan(NamedTuple):
     module: that backend's module (or fallback chain); None for the reference.
     native: autograd may record the backend's forward itself (:meth:`~dispatch.Registry.differentiable`).
     plain: every tensor argument is a plain tensor (:func:`dispatch.plain_types`).
-    native_offsets: :func:`checks.native_offsets` of cu_seqlens (False when padded).
+    native_offsets: :func:`checks.native_reads` of cu_seqlens (False when padded).
     """
 
     max_seqlen: int
@@ -323,7 +323,7 @@ def _plan(q, k, v, attention_mask, cu_seqlens, max_seqlen, softmax_scale, backen
     mask = None if attention_mask is None else attention_mask.bool()
     bundle = AttentionInputs(q, k, v, mask, cu_seqlens, max_seqlen, scale)
     name = REGISTRY.select(backend, q.device.type, bundle)
-    native_offsets = cu_seqlens is not None and checks.native_offsets(cu_seqlens)
+    native_offsets = cu_seqlens is not None and checks.native_reads(cu_seqlens, (torch.int32,))
     if name == "reference":
         return _Plan(max_seqlen, scale, name, None, False, False, native_offsets)
     return _Plan(max_seqlen, scale, name, REGISTRY.module(name), REGISTRY.differentiable(name, bundle),

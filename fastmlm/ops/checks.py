@@ -55,11 +55,13 @@ def host_readable(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.is_cpu and not torch.compiler.is_compiling()  # is_cpu: no device object
 
 
-def native_offsets(cu_seqlens: torch.Tensor) -> bool:
-    """Whether :func:`check_cu_seqlens` reads the offsets through the C helper (as :func:`native_ids`:
-    metadata only, an op may remember it per signature)."""
-    return (native_boundary is not None and host_readable(cu_seqlens) and cu_seqlens.layout == torch.strided
-            and cu_seqlens.dtype == torch.int32 and cu_seqlens.is_contiguous())
+def native_reads(t: torch.Tensor, dtypes=INDEX_DTYPES) -> bool:
+    """Whether the C helper reads ``t``'s values for :func:`check_ids` (``dtypes`` int32/int64) or
+    :func:`check_cu_seqlens` (int32): a plain, contiguous, dense CPU tensor in eager mode. Metadata
+    only (all of it in ``dispatch.call_key``), so an op may remember it per signature and pass it
+    to the check as ``native``."""
+    return (native_boundary is not None and host_readable(t) and t.layout == torch.strided
+            and t.dtype in dtypes and t.is_contiguous())
 
 
 def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int,
@@ -70,9 +72,9 @@ def check_cu_seqlens(op: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: 
     On the CPU the values are read in place: by the C helper when contiguous, else in Python up
     to :data:`SHORT_CHECK` entries and with NumPy beyond (a handful of tensor ops would cost more
     than the attention of a short batch); elsewhere one fused device-side assertion, no host sync.
-    ``native``: :func:`native_offsets` of ``cu_seqlens``, where the caller remembers it (None: found here).
+    ``native``: ``native_reads(cu_seqlens, (torch.int32,))``, where the caller remembers it (None: found here).
     """
-    if native_boundary is not None and (native or (native is None and native_offsets(cu_seqlens))):
+    if native_boundary is not None and (native or (native is None and native_reads(cu_seqlens, (torch.int32,)))):
         if not native_boundary.offsets_ok(cu_seqlens.data_ptr(), cu_seqlens.numel(), total, max_seqlen):
             raise RuntimeError(f"fastmlm.ops.{op}: {_offsets_message(total, max_seqlen)}")
         return
@@ -107,14 +109,6 @@ def _offsets_message(total: int, max_seqlen: int) -> str:
 SHORT_IDS = 256  # up to this many CPU entries, check_ids reads a Python set: NumPy's round trip costs more
 
 
-def native_ids(t: torch.Tensor) -> bool:
-    """Whether :func:`check_ids` reads ``t``'s values through the C helper: a plain, contiguous,
-    dense CPU int32/int64 tensor in eager mode. Metadata only (all of it in ``dispatch.call_key``),
-    so an op may remember it per signature and pass it to check_ids."""
-    return (native_boundary is not None and host_readable(t) and t.layout == torch.strided
-            and t.dtype in INDEX_DTYPES and t.is_contiguous())
-
-
 def check_ids(op: str, t: torch.Tensor, low: int, high: int, msg, allowed: int | None = None,
               native: bool | None = None) -> None:
     """Every entry of the integer tensor ``t`` lies in [low, high) or equals ``allowed``; a
@@ -122,9 +116,9 @@ def check_ids(op: str, t: torch.Tensor, low: int, high: int, msg, allowed: int |
     otherwise. On the CPU the values are read in place: a contiguous tensor by the C helper
     (~1 µs for a batch's labels), else a short one as a Python set (several microseconds cheaper
     on tiny inputs than any tensor or NumPy call) and a long one in one NumPy pass; elsewhere one
-    device-side assertion, no host sync. ``native``: :func:`native_ids` of ``t``, where the caller
+    device-side assertion, no host sync. ``native``: :func:`native_reads` of ``t``, where the caller
     remembers it (None: found here)."""
-    if native_boundary is not None and (native or (native is None and native_ids(t))):  # (it reads t's memory: we hold t)
+    if native_boundary is not None and (native or (native is None and native_reads(t))):  # (it reads t's memory: we hold t)
         if not native_boundary.ids_in_range(t.data_ptr(), t.numel(), t.element_size(), low, high, allowed):
             raise RuntimeError(f"fastmlm.ops.{op}: {msg() if callable(msg) else msg}")
         return

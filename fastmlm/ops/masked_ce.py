@@ -344,7 +344,7 @@ class _Plan(NamedTuple):
     wants_grad: hidden, weight or bias requires grad (their flags are part of the signature).
     native: autograd may record the backend's ``reduced(..., grads=False)`` itself
         (:meth:`~dispatch.Registry.differentiable`): no Python autograd node, no gradients in the forward.
-    native_ids: :func:`checks.native_ids` of (labels, positions): the C helper reads their values.
+    native_ids: :func:`checks.native_reads` of (labels, positions): the C helper reads their values.
     """
 
     name: str
@@ -378,7 +378,7 @@ def _plan(hidden, weight, bias, labels, positions, ignore_index, label_smoothing
                  launches and reduction != "none" and dispatch.plain_types(hidden, weight, bias, labels, positions),
                  any(t is not None and t.requires_grad for t in (hidden, weight, bias)),
                  launches and REGISTRY.differentiable(name, bundle),
-                 (checks.native_ids(bundle.labels), positions is not None and checks.native_ids(positions)))
+                 (checks.native_reads(bundle.labels), positions is not None and checks.native_reads(positions)))
 
 
 def _check_values(inputs: MaskedCEInputs, plan: _Plan) -> None:
