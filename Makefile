@@ -11,7 +11,7 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null)
 TRITON_SIDE ?= 3.6.0
 TRITON_SIDE_DIR := $(VENV)/triton-$(TRITON_SIDE)
 
-.PHONY: venv test test-cpu compile-cuda compile-triton demo bench gpu-check mutate clean
+.PHONY: venv test test-cpu compile-cuda compile-triton demo bench gpu-check gpu-wheels mutate clean
 
 $(VENV)/.installed: pyproject.toml setup.py fastmlm/ops/_boundary.c
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,11 @@ bench: venv
 # machine's own Python and torch and installs nothing.
 gpu-check:
 	$(PYTHON) benchmarks/gpu_check.py --out "$${GPU_CHECK_OUT:-benchmarks/results}"
+
+# The masked loss's peers (Liger Kernel, Cut Cross-Entropy) as wheels in .whl, at the versions the venv's
+# test extras pin: gpu-check installs them on a GPU machine that has no package registry.
+gpu-wheels: venv
+	$(PY) -m benchmarks.peer_wheels .whl
 
 clean:
 	rm -rf $(VENV) build *.egg-info fastmlm/_C*.so

@@ -13,7 +13,11 @@ Providers:
   fastmlm-<backend>-labels          masked_lm_loss(hidden, weight, bias, labels): as the README
                   calls it, full hidden and labels with -100, no positions
   liger           Liger Kernel's fused linear cross-entropy on the gathered rows
-  cce             Cut Cross-Entropy's linear_cross_entropy on the gathered rows
+  cce             Cut Cross-Entropy's linear_cross_entropy on the gathered rows, at its
+                  defaults (its gradient filter skips the blocks whose softmax is below
+                  a threshold: an approximation, checked like every provider)
+  cce-exact       the same with filter_eps=None: exact gradients, the equal-work peer
+  (CCE takes no bias: both fold it into the projection, see _cce; the copies count in its time)
 
 FLOPs are the useful work on the R masked rows: 2*R*H*V forward, 4*R*H*V backward.
 """
@@ -58,7 +62,7 @@ def label(shape: dict) -> str:
 
 def providers(shape: dict, device: str) -> list[str]:
     fastmlm = [f"fastmlm-{b}{how}" for b in ("torch", "triton", "cuda") for how in ("", LABELS)]
-    return ["reference", "torch-gathered", *fastmlm, "liger", "cce"]
+    return ["reference", "torch-gathered", *fastmlm, *PEERS]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -111,23 +115,52 @@ def _available_bytes(meminfo: str = "/proc/meminfo", cgroups=_CGROUPS) -> int:
     return avail
 
 
-def _liger():
+def _liger(dtype):
     module = require_module("liger_kernel.transformers", "Liger Kernel")
     loss_fn = module.LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
 
     def run(h, w, b, labels, positions):
-        out = loss_fn(w, h[positions], labels[positions], b)
+        out = loss_fn(w, h[positions], labels[positions], b)  # (weight, input, target, bias)
         return out[0] if isinstance(out, tuple) else out
 
     return run
 
 
-def _cce():
+FOLD_COLUMNS = 8  # bias column + zero padding: rows of 2-byte elements stay a multiple of 16 bytes long
+
+
+def _cce(dtype, exact: bool):
+    """Cut Cross-Entropy on the gathered rows, with the bias folded into the projection.
+
+    ``linear_cross_entropy(e, c, targets)`` computes ``e @ c.T`` with no bias, and the MLM head has
+    one, so the rows get a column of ones and the classifier the bias as that column:
+    ``[e, 1, 0..] @ [c, b, 0..].T = e @ c.T + b``, gradients of all three through ``torch.cat``. A user
+    of CCE with a BERT head has to do the same, and so its time counts here: the classifier's V x (H+8)
+    copy, and the split of its gradient.
+    """
     module = require_module("cut_cross_entropy", "Cut Cross-Entropy")
-    return lambda h, w, b, labels, positions: module.linear_cross_entropy(h[positions], w, labels[positions], bias=b)
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise Skip(f"Cut Cross-Entropy's backward takes bf16 or fp16 hidden states, not {dtype}")
+    filter_eps = None if exact else "high"  # "high": the package's default
+
+    def run(h, w, b, labels, positions):
+        rows = h[positions]
+        one = torch.zeros(1, FOLD_COLUMNS, dtype=h.dtype, device=h.device)
+        one[0, 0] = 1
+        e = torch.cat([rows, one.expand(rows.shape[0], -1)], dim=1)
+        c = torch.cat([w, b[:, None], w.new_zeros(w.shape[0], FOLD_COLUMNS - 1)], dim=1)
+        return module.linear_cross_entropy(e, c, labels[positions], filter_eps=filter_eps)
+
+    return run
 
 
-def _provider_fn(provider: str, device: str):
+# The peers a user would pick instead, each a Triton GPU package: name -> builder(dtype) -> loss function.
+PEERS = {"liger": _liger,
+         "cce": functools.partial(_cce, exact=False),
+         "cce-exact": functools.partial(_cce, exact=True)}
+
+
+def _provider_fn(provider: str, device: str, dtype: torch.dtype):
     if provider.endswith(LABELS):  # no positions: the op finds the masked rows itself
         backend = fastmlm_backend(provider[: -len(LABELS)])
         if backend is None:
@@ -144,10 +177,10 @@ def _provider_fn(provider: str, device: str):
     if provider == "torch-gathered":
         return lambda h, w, b, labels, positions: F.cross_entropy(F.linear(h[positions], w, b).float(),
                                                                   labels[positions])
-    if provider in ("liger", "cce"):
+    if provider in PEERS:
         if not device.startswith("cuda"):
             raise Skip(f"{provider} is a set of Triton GPU kernels")
-        return _liger() if provider == "liger" else _cce()
+        return PEERS[provider](dtype)
     raise ValueError(f"unknown masked_lm_loss provider {provider!r}")
 
 
@@ -161,7 +194,7 @@ def make(provider: str, shape: dict, dtype: torch.dtype, device: str) -> Workloa
         if need > 0.6 * _available_bytes():
             raise Skip(f"the all-tokens reference needs about {need / 2**20:,.0f} MiB; "
                        f"{_available_bytes() / 2**20:,.0f} MiB available")
-    fn = _provider_fn(provider, device)
+    fn = _provider_fn(provider, device, dtype)
     (h, w, b), labels, positions = _inputs(shape, dtype, device)
 
     def step():

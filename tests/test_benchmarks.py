@@ -3,12 +3,14 @@
 The benchmarks themselves are programs (python -m benchmarks); here they run at tiny shapes
 only, to prove every provider either runs and passes its check or is skipped with a reason.
 """
+import inspect
 import json
 import sys
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks import __main__ as cli
 from benchmarks import bench_attention, bench_block_sparse, bench_masked_ce, bench_train_step, gpu_check, plot, tables
@@ -118,8 +120,8 @@ def test_smoke_preset_every_provider_runs_or_says_why(bench):
 
 def test_masked_ce_check_catches_a_wrong_loss(monkeypatch):
     shape = bench_masked_ce.shapes("smoke")[0]
-    real = bench_masked_ce._provider_fn("torch-gathered", "cpu")
-    monkeypatch.setattr(bench_masked_ce, "_provider_fn", lambda p, d: lambda *a: real(*a) * 1.01)
+    real = bench_masked_ce._provider_fn("torch-gathered", "cpu", torch.float32)
+    monkeypatch.setattr(bench_masked_ce, "_provider_fn", lambda p, d, dt: lambda *a: real(*a) * 1.01)
     with pytest.raises(CheckFailed, match="loss"):
         bench_masked_ce.make("torch-gathered", shape, torch.float32, "cpu").check()
 
@@ -243,3 +245,36 @@ def test_available_memory_counts_the_page_cache_as_available(tmp_path):
     assert bench_masked_ce._available_bytes(str(meminfo), cgroup) == 20000000 * 1024
     assert bench_masked_ce._available_bytes(str(tmp_path / "absent"), none) == 1 << 62
     assert bench_masked_ce._available_bytes() > 0  # this machine's own files
+
+
+def _peer_workload(monkeypatch, provider, dtype):
+    """The peer's loss function on the CPU: the builder bench_masked_ce uses on CUDA, past its device gate."""
+    monkeypatch.setattr(bench_masked_ce, "_provider_fn", lambda p, d, dt: bench_masked_ce.PEERS[p](dt))
+    return bench_masked_ce.make(provider, bench_masked_ce.shapes("smoke")[0], dtype, "cpu")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_liger_row_passes_its_check_under_the_interpreter(monkeypatch, dtype):
+    """Liger's own Triton kernels, run by the interpreter: the argument order (weight, input, target, bias)
+    and the bias are right, by the same error-ratio check the GPU row passes before it is timed."""
+    pytest.importorskip("liger_kernel.transformers", reason="Liger Kernel is in the test extras")
+    assert "limit" in _peer_workload(monkeypatch, "liger", dtype).check()
+
+
+def _torch_cce(e, c, targets, ignore_index=-100, softcap=None, reduction="mean", shift=False, filter_eps="high",
+               impl="cce"):
+    """What cut_cross_entropy.linear_cross_entropy computes (its kernels need a GPU), in fp32 torch."""
+    return F.cross_entropy(e.float() @ c.float().T, targets, ignore_index=ignore_index, reduction=reduction)
+
+
+@pytest.mark.parametrize("provider", ["cce", "cce-exact"])
+def test_cce_rows_fold_the_bias_into_the_projection(monkeypatch, provider):
+    """CCE takes no bias: the bench folds it in as a column. With CCE's call signature (checked against the
+    installed package) and its arithmetic in torch, loss and all three gradients pass the error-ratio check."""
+    real = pytest.importorskip("cut_cross_entropy", reason="Cut Cross-Entropy is in the test extras")
+    assert list(inspect.signature(real.linear_cross_entropy).parameters) == list(inspect.signature(_torch_cce).parameters)
+    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=_torch_cce))
+    assert "limit" in _peer_workload(monkeypatch, provider, torch.float16).check()
+    with pytest.raises(Skip, match="bf16 or fp16"):
+        bench_masked_ce.PEERS[provider](torch.float32)

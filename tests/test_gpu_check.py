@@ -67,3 +67,57 @@ def test_plots_and_logs_are_written(smoke_run):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.glob("*.png"))
     assert next(out.glob("*-pytest.log")).read_text().count("PASSED") >= 3
     assert "benchmarks" in next(out.glob("*-bench.log")).read_text()
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal pure-Python wheel: one module that says its version, and its dist-info."""
+    import zipfile
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(f"{name}.py", f"VERSION = {version!r}\n")
+        whl.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        whl.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_peer_wheels_install_into_a_folder_the_benchmark_processes_see(tmp_path, monkeypatch):
+    """gpu_check's first act on a registry-less machine: the carried wheels go into a folder outside the repo,
+    first on sys.path and on PYTHONPATH, so the benchmark subprocesses import them."""
+    from benchmarks import peer_wheels
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    src, target = tmp_path / "whl", tmp_path / "site"
+    assert "no wheels in" in peer_wheels.install(src, target)  # absent folder: a note, nothing installed
+    src.mkdir()
+    _wheel(src, "fastmlm_peer_probe", "1.2.3")
+    note = peer_wheels.install(src, target)
+    assert note.startswith("installed fastmlm_peer_probe-1.2.3-py3-none-any.whl"), note
+    assert sys.path[0] == str(target) and os.environ["PYTHONPATH"] == f"{target}{os.pathsep}/somewhere"
+    child = subprocess.run([sys.executable, "-c", "import fastmlm_peer_probe as p; print(p.VERSION)"],
+                           capture_output=True, text=True, env=dict(os.environ))
+    assert child.stdout.strip() == "1.2.3", child.stderr
+    (src / "broken-0-py3-none-any.whl").write_bytes(b"not a zip")
+    assert "failed" in peer_wheels.install(src, tmp_path / "site2")
+
+
+def test_bench_step_fails_on_our_rows_not_on_a_peer_failing_its_check(tmp_path, monkeypatch):
+    """CCE at its defaults may fail the error-ratio rule: that is listed, not a failed step; a failed check of
+    ours, or any provider's error (a peer's: most likely our adapter), fails the step."""
+    import argparse
+    from benchmarks import gpu_check
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text("")
+    monkeypatch.setattr(gpu_check, "run_logged", lambda *a, **k: (0, ""))
+
+    def outcome(*statuses):
+        rows = [{"provider": p, "status": s} for p, s in statuses]
+        monkeypatch.setattr(gpu_check, "read_rows", lambda path: rows)
+        step, _ = gpu_check.step_bench(False, rows_path, tmp_path / "log", 100.0, argparse.Namespace(cpu_smoke=True))
+        return step.status, step.note
+
+    status, note = outcome(("fastmlm-triton", "ok"), ("cce", "failed check"))
+    assert status == "passed" and "peers failing the check (not timed): cce" in note
+    assert outcome(("fastmlm-triton", "failed check"), ("cce", "ok"))[0] == "failed"
+    assert outcome(("fastmlm-triton", "ok"), ("liger", "error"))[0] == "failed"
