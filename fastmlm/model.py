@@ -274,8 +274,9 @@ class FastMLMForMaskedLM(nn.Module):
 
         labels: like input_ids, the target id at masked tokens and -100 elsewhere (and at padding).
         masked_positions: optional (R,) flat indices of the masked tokens into input_ids, padded
-            with -1 (a static R, e.g. from the collator). Without it the masked tokens are found
-            from labels, which costs a host synchronisation.
+            with -1 (a static R, e.g. from the collator); every token whose label is not -100 must be
+            in it, once. Without it the masked tokens are found from labels, which costs a host
+            synchronisation.
         loss_reduction: "mean" over the masked tokens (0 when there are none) or "sum".
         """
         if loss_reduction not in ("mean", "sum"):
@@ -302,6 +303,10 @@ class FastMLMForMaskedLM(nn.Module):
             masked_labels, reduction=loss_reduction, return_accuracy=True, backend=self.config.loss_backend,
             max_masked_fraction=1.0)  # the rows are the masked tokens already: no bound
         out.n_masked = (masked_labels != IGNORE_INDEX).sum()
+        if masked_positions is not None:  # a labelled token left out of them would silently not count
+            torch._assert_async(out.n_masked == (labels != IGNORE_INDEX).sum(),
+                                f"{_NAME}: masked_positions must list every token whose label is not "
+                                f"{IGNORE_INDEX}, each once")
         return out
 
     def masked_logits(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,

@@ -210,6 +210,36 @@ def test_head_errors(pretrained):
     assert out.loss.item() == 0.0  # nothing labelled: 0, not NaN
 
 
+def test_head_labels_outside_the_classes_are_clear_errors(pretrained):
+    ids = torch.ones(2, 5, dtype=torch.long)
+    for kind, bad in [("sequence", torch.tensor([0, 3])), ("sequence", torch.tensor([-1, 0])),
+                      ("tokens", torch.full((2, 5), 3)), ("tokens", torch.full((2, 5), -5))]:
+        name = "SequenceClassifier" if kind == "sequence" else "TokenClassifier"
+        with pytest.raises(RuntimeError, match=rf"{name}: labels must be class indices in \[0, 3\) or -100"):
+            _head(kind, pretrained)(ids, labels=bad)  # was cross_entropy's IndexError "Target 3 is out of bounds"
+    with pytest.raises(ValueError, match=r"SequenceClassifier: labels must be int64 of shape \(2,\), got list"):
+        _head("sequence", pretrained)(ids, labels=[0, 1])
+    with pytest.raises(ValueError, match="TokenClassifier: labels is on meta but the logits are on cpu"):
+        _head("tokens", pretrained)(ids, labels=torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    model = _head("sequence", pretrained)
+    for labels, rows in [(torch.full((2,), -100), 2), (torch.zeros(0, dtype=torch.long), 0)]:
+        assert model(ids[:rows], labels=labels).loss.item() == 0.0  # no labelled example: 0, not NaN
+    one = model(ids, labels=torch.tensor([-100, 1]))
+    assert torch.allclose(one.loss, torch.nn.functional.cross_entropy(one.logits[1:], torch.tensor([1])))
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused_at_load(pretrained, tmp_path):
+    from fastmlm.finetune.loop import load_encoder
+    from fastmlm.hf import save_hf
+
+    small = FastMLMForMaskedLM(preset("tiny", vocab_size=100, hidden_size=32, num_layers=1, num_heads=2,
+                                      intermediate_size=64))
+    folder = save_hf(small, tmp_path / "hf")
+    (folder / "tokenizer.json").write_bytes((pretrained / "tokenizer.json").read_bytes())  # 400 tokens
+    with pytest.raises(ValueError, match=r"the tokenizer in .* has 400 tokens but the model's vocab_size is 100"):
+        load_encoder(folder)  # was: input_ids out of range at the first training batch
+
+
 @pytest.mark.parametrize("kind", ["sequence", "tokens"])
 def test_export_round_trip_gives_equal_logits(kind, pretrained, tmp_path):
     transformers = pytest.importorskip("transformers")
@@ -328,6 +358,16 @@ def test_a_clip_norm_that_would_stop_or_reverse_learning_is_refused(clip_norm):
     FinetuneConfig(init="x", clip_norm=float("inf")).validate()  # no clipping at all is a choice
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0, got inf"),  # was accepted: NaN loss
+    ("warmup", "0.1", "warmup must be a fraction in \\[0, 1\\), got '0.1'"),  # was a TypeError from the comparison
+    ("classifier_dropout", "0.1", "classifier_dropout must be in \\[0, 1\\) or None, got '0.1'"),
+])
+def test_settings_of_the_wrong_type_or_infinite_are_refused_by_name(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        FinetuneConfig(init="x", **{field: value}).validate()
+
+
 def test_export_of_a_run_stopped_before_its_first_epoch_says_so(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -355,3 +395,20 @@ def test_a_run_folder_in_use_by_another_run_is_refused_and_kept(pretrained, tmp_
             with pytest.raises(run_dir.RunLockedError, match=f"in use by another fastmlm run \\(pid {os.getpid()}"):
                 finetune(cfg, **kwargs)
     assert sorted(p.name for p in run.iterdir() if p.name != run_dir.LOCK) == ["keep.txt"]
+
+
+def test_overwrite_with_a_bad_task_keeps_the_run_it_would_replace(pretrained, tmp_path, monkeypatch):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)  # a picture: seconds of matplotlib, not tested here
+    task = _write_jsonl(tmp_path / "two.jsonl", [{"text": f"{w} word {i}", "label": w}
+                                                 for i in range(8) for w in ("alpha", "beta")])
+    finetune(_config(pretrained, tmp_path, task=str(task), epochs=1, max_len=16))
+    run = tmp_path / "run"
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert (run / "best" / "task.json").is_file() and (run / "summary.json").is_file()
+    one_class = _write_jsonl(tmp_path / "one.jsonl", [{"text": f"t {i}", "label": "x"} for i in range(12)])
+    with pytest.raises(TaskFileError, match=r"only the label\(s\) \['x'\]"):
+        finetune(_config(pretrained, tmp_path, task=str(one_class), epochs=1, max_len=16), overwrite=True)
+    # was: the old run's checkpoints, best/ and summary deleted before the task was read
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -221,6 +221,60 @@ def test_bad_files_and_configs(tmp_path):
             load_hf(folder)
 
 
+def test_config_json_that_is_not_a_bert_config_is_a_clear_error(tmp_path):
+    folder = exported(hf_mlm(), tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"config.json is a file; expected a Hugging Face checkpoint directory"):
+        load_hf(folder / "config.json")
+    for text, message in [("[1, 2]", r"config.json holds \[1, 2\]; expected a JSON object of config fields"),
+                          ("null", "config.json holds null; expected a JSON object")]:
+        (folder / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_hf(folder)
+    for change, message in [  # each was a KeyError / TypeError from inside config_from_hf
+        ({"vocab_size": None}, "vocab_size is missing"),
+        ({"num_hidden_layers": None, "intermediate_size": None}, "(?s)num_hidden_layers is missing.*intermediate_size"),
+        ({"hidden_act": ["gelu"]}, r"hidden_act=\['gelu'\]; supported"),
+    ]:
+        edited = {k: v for k, v in {**config, **change}.items() if v is not None}
+        (folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=message):
+            load_hf(folder)
+
+
+def test_config_overrides_may_not_change_what_the_checkpoint_computes(tmp_path):
+    folder = exported(hf_mlm(), tmp_path)
+    for overrides, shown in [(dict(activation="relu"), "activation='gelu'"),
+                             (dict(num_heads=6, layer_norm_eps=1e-5), "num_heads=3, layer_norm_eps=1e-12")]:
+        with pytest.raises(CheckpointError, match=rf"config overrides .* would change what the checkpoint computes "
+                                                  rf"\(its config gives {shown}\)"):
+            load_hf(folder, **overrides)  # was: loaded, computing another function without a warning
+    model = load_hf(folder, attention_backend="torch", hidden_dropout=0.0, num_heads=3)  # the same value is fine
+    assert model.config.attention_backend == "torch" and model.config.hidden_dropout == 0.0
+
+
+def test_bad_query_key_value_shapes_and_shard_indexes_are_clear_errors(tmp_path):
+    hf = hf_mlm()
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(hf.config.to_json_string())
+    state = hf.state_dict()
+    key = "bert.encoder.layer.1.attention.self.key.bias"
+    torch.save({**state, key: state[key][:, None]}, folder / "pytorch_model.bin")  # was torch.cat's RuntimeError
+    with pytest.raises(CheckpointError, match=r"self.key.bias, .* have shapes \[\(48,\), \(48, 1\), \(48,\)\]; "
+                                              "query, key and value must have one shape"):
+        load_hf(folder)
+    (folder / "pytorch_model.bin").unlink()
+    index = folder / "model.safetensors.index.json"
+    for text, message in [('{"weight_map": {"a": 5}}', 'not a valid shard index: expected "weight_map": an object'),
+                          ('[1]', "not a valid shard index"),
+                          ('{"weight_map": {"a": "gone.safetensors"}}', "names the shard gone.safetensors, which is "
+                                                                        "not in")]:
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_hf(folder)
+
+
 def test_attention_dropout_is_dropped_with_a_warning(tmp_path):
     folder = exported(hf_mlm(attention_probs_dropout_prob=0.1), tmp_path)
     with pytest.warns(UserWarning, match="attention_probs_dropout_prob=0.1 is dropped"):
@@ -238,6 +292,42 @@ def test_save_hf_refuses_an_existing_file_or_a_non_empty_folder(tmp_path):
         save_hf(model, tmp_path / "empty")
     (tmp_path / "made").mkdir()
     assert (save_hf(model, tmp_path / "made") / "model.safetensors").is_file()  # existing but empty
+
+
+def test_save_hf_and_save_hf_classifier_name_the_other_for_the_other_model(tmp_path):
+    from fastmlm.finetune import SequenceClassifier
+    from fastmlm.hf import save_hf_classifier
+
+    model = FastMLMForMaskedLM(preset("tiny"))
+    with pytest.raises(ValueError, match="save_hf_classifier: model must be a fastmlm.finetune SequenceClassifier or "
+                                         r"TokenClassifier, got FastMLMForMaskedLM \(an MLM model: use save_hf\)"):
+        save_hf_classifier(model, tmp_path / "a")  # was AttributeError: no attribute 'kind'
+    classifier = SequenceClassifier(model, ["x", "y"])
+    with pytest.raises(ValueError, match=r"save_hf: model must be a FastMLMForMaskedLM, got SequenceClassifier \(a "
+                                         r"fastmlm.finetune classifier: use save_hf_classifier\)"):
+        save_hf(classifier, tmp_path / "b")  # was AttributeError: no attribute 'head'
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(CheckpointError, match=r"(?s)unknown keys: \['classifier.bias', 'classifier.weight'\].*"
+                                              "fastmlm.hf.load_hf_encoder reads its encoder"):
+        load_hf(save_hf_classifier(classifier, tmp_path / "c"))
+
+
+def test_save_hf_tokenizer_refuses_what_a_bert_tokenizer_folder_cannot_hold(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from fastmlm.hf import save_hf_tokenizer
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    wordpiece = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(special + ["a"])}, unk_token="[UNK]"))
+    for bad in (0, "512", True):  # was written into tokenizer_config.json as it was
+        with pytest.raises(ValueError, match=f"model_max_length must be a positive int .*, got {bad!r}"):
+            save_hf_tokenizer(wordpiece, tmp_path, bad)
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(special + ["a"])}, merges=[], unk_token="[UNK]"))
+    with pytest.raises(ValueError, match="writes a BERT \\(WordPiece\\) tokenizer; got a BPE one"):
+        save_hf_tokenizer(bpe, tmp_path, 512)  # was: vocab.json + merges.txt under a BertTokenizer config
+    assert not any(tmp_path.iterdir())
+    save_hf_tokenizer(wordpiece, tmp_path, 512)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["model_max_length"] == 512
 
 
 def test_export_refuses_what_bert_cannot_express(tmp_path):

@@ -279,6 +279,8 @@ def test_masked_logits_on_request_and_tuple_outputs():
     assert (out.logits[n:] == 0).all()
     with pytest.raises(ValueError, match="return_masked_logits=True needs labels"):
         model(input_ids=ids, return_masked_logits=True)
+    with pytest.raises(ValueError, match="labels must be a tensor like input_ids .*, got list"):
+        model(input_ids=ids, labels=ids.tolist())  # was AttributeError: 'list' object has no attribute 'shape'
 
 
 def test_no_masked_tokens_give_zero_loss_and_zero_gradients():
@@ -288,6 +290,21 @@ def test_no_masked_tokens_give_zero_loss_and_zero_gradients():
     loss.backward()
     assert loss.item() == 0.0
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.grad is not None)
+
+
+def test_a_trainer_batch_without_masked_tokens_gives_zero_with_num_items_in_batch_zero():
+    # ModernBERT's loss is the sum / num_items_in_batch, which the Trainer counts over the accumulated batch: 0
+    # when none of it is masked. That was 0 / 0 = NaN, against the documented 0.
+    model = fh.patch(make_model("modernbert"))
+    ids, mask, _ = make_batch("holes")
+    none = torch.full_like(ids, -100)
+    loss = model(input_ids=ids, attention_mask=mask, labels=none, num_items_in_batch=torch.tensor(0)).loss
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.grad is not None)
+    labels = torch.where(mask.bool(), ids, -100)
+    with pytest.raises(RuntimeError, match="num_items_in_batch is less than the batch's masked tokens"):
+        model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(0))
 
 
 def test_too_many_masked_tokens_is_a_clear_error():
@@ -318,6 +335,27 @@ def test_unpatch_restores_the_model_exactly():
         assert torch.equal(model(input_ids=ids, attention_mask=mask, labels=labels).logits,
                            pristine(input_ids=ids, attention_mask=mask, labels=labels).logits)
     assert fh.unpatch(model) is model  # unpatching an unpatched model changes nothing
+
+
+def test_a_patched_model_deep_copies_but_refuses_pickling_by_name():
+    import io
+    import pickle
+
+    model = fh.patch(make_model("bert")).eval()
+    for save in (lambda: torch.save(model, io.BytesIO()), lambda: pickle.dumps(model)):
+        # was: PicklingError on a lambda of fastmlm.hf.patch (and without the lambdas, an unpickled model
+        # that says it is patched but runs the class's forward)
+        with pytest.raises(TypeError, match=r"patched by fastmlm.hf.patch cannot be pickled whole .* "
+                                            r"fastmlm.hf.unpatch\(model\) first"):
+            save()
+    twin = copy.deepcopy(model)
+    assert fh.is_patched(twin) and twin.forward.__self__ is twin
+    ids, mask, labels = make_batch("holes")
+    with torch.no_grad():
+        assert torch.equal(twin(input_ids=ids, attention_mask=mask, labels=labels).loss,
+                           model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    pickle.loads(pickle.dumps(fh.unpatch(twin)))  # unpatched, it pickles again
+    assert fh.is_patched(model)
 
 
 def test_register_is_idempotent_and_fills_both_interfaces():
@@ -375,6 +413,79 @@ def test_what_fastmlm_attention_cannot_compute_is_refused():
     with torch.no_grad():  # a (B, 1, 1, S) bool key-padding mask is the 2-D mask, broadcast
         four_d = model(input_ids=ids, attention_mask=mask.bool()[:, None, None, :], labels=labels).loss
         assert torch.equal(four_d, model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+
+
+def test_attention_with_a_term_added_to_its_scores_is_refused():
+    # T5 passes its relative position bias as position_bias=...; fastmlm attention used to ignore it,
+    # silently computing other attention (logits off by ~0.4 on this tiny model).
+    fh.register()
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                                           num_heads=4, dropout_rate=0.0)).eval()
+    t5.set_attn_implementation("fastmlm")
+    with pytest.raises(fh.FastMLMUnsupported, match=r"T5Attention passes position_bias to its attention function, a "
+                                                    r"term added to the attention scores.*'eager' or 'sdpa'"):
+        t5(input_ids=torch.randint(3, VOCAB, (2, 5)))
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(fh.FastMLMUnsupported, match="passes s_aux, softcap to its attention function"):
+        fh.fastmlm_attention(torch.nn.Module(), q, q, q, None, s_aux=torch.zeros(2), softcap=30.0)
+    out, _ = fh.fastmlm_attention(torch.nn.Module(), q, q, q, None, softcap=None)  # None: no such term
+    assert out.shape == (1, 4, 2, 8)
+
+
+def test_a_subclass_with_its_own_forward_is_refused():
+    class Smoothed(transformers.BertForMaskedLM):  # a loss of its own, which the patched forward would replace
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            if labels is not None:
+                out.loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(),
+                                                             label_smoothing=0.5)
+            return out
+
+    class Plain(transformers.BertForMaskedLM):  # a subclass that keeps the forward is patched as before
+        pass
+
+    with pytest.raises(fh.FastMLMUnsupported, match="cannot patch Smoothed: it overrides BertForMaskedLM.forward"):
+        fh.patch(Smoothed(make_config("bert")))
+    assert fh.is_patched(fh.patch(Plain(make_config("bert"))))
+
+
+@pytest.mark.parametrize("arch", ["bert", "modernbert"])
+def test_output_attentions_false_in_the_call_overrides_the_config(arch):
+    model = make_model(arch)
+    model.set_attn_implementation("eager")  # transformers lets only eager models set config.output_attentions
+    model.config.output_attentions = True
+    model = fh.patch(model).eval()
+    ids, mask, labels = make_batch("holes")
+    with pytest.raises(fh.FastMLMUnsupported, match="output_attentions=True"):
+        model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():  # was refused too: the config's True was read over the call's False
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, output_attentions=False)
+    assert out.attentions is None and out.loss.isfinite()
+
+
+def test_attention_mask_of_the_wrong_length_names_its_shape():
+    model = fh.patch(make_model("bert")).eval()
+    ids, mask, labels = make_batch("holes")
+    with pytest.raises(fh.FastMLMUnsupported, match=r"an attention_mask of shape \(3, 10\) for 13 tokens \(expected "
+                                                    r"\(batch, seqlen\) = \(3, 13\)\)"):
+        model(input_ids=ids, attention_mask=mask[:, :10], labels=labels)
+
+
+def test_patch_and_unpatch_refuse_wrappers_and_non_models():
+    model = make_model("bert")
+    for wrapped, name in [(torch.compile(model, backend="eager"), r"OptimizedModule wraps the model in ._orig_mod "
+                                                                  r"\(as torch.compile does\)"),
+                          (torch.nn.DataParallel(model), r"DataParallel wraps the model in .module \(as DataParallel")]:
+        with pytest.raises(fh.FastMLMUnsupported, match=rf"fastmlm.hf.patch: {name}.*; call "
+                                                        r"fastmlm.hf.patch\(model\) on the model itself"):
+            fh.patch(wrapped)
+        with pytest.raises(fh.FastMLMUnsupported, match=f"fastmlm.hf.unpatch: {name}"):  # it did nothing, silently
+            fh.unpatch(wrapped)
+    assert not fh.is_patched(model)
+    for function in (fh.patch, fh.unpatch):
+        with pytest.raises(ValueError, match=rf"fastmlm.hf.{function.__name__}: model must be a transformers "
+                                             r"\*ForMaskedLM \(a torch.nn.Module\), got NoneType"):
+            function(None)
 
 
 # --------------------------------------------------------------------------- Trainer

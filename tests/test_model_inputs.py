@@ -86,6 +86,19 @@ def test_nan_under_padding_does_not_reach_real_rows(backend):
 
 
 
+def test_masked_positions_that_miss_a_labelled_token_are_refused():
+    model = make_model()
+    ids, mask, labels = make_batch([6, 3], 6)
+    found = (labels.reshape(-1) != -100).nonzero()[:, 0]
+    assert found.numel() >= 2
+    message = "masked_positions must list every token whose label is not -100, each once"
+    # was: the left-out tokens silently did not count (a loss over the others, or 0 with none listed)
+    for positions in (found[1:], torch.full((4,), -1), torch.cat([found, found[:1]])):
+        with pytest.raises(RuntimeError, match=message):
+            model(ids, attention_mask=mask, labels=labels, masked_positions=positions)
+    model(ids, attention_mask=mask, labels=labels, masked_positions=torch.cat([found, torch.full((3,), -1)]))
+
+
 # --------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_get_clear_errors():
     model = make_model()

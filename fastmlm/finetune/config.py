@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -12,6 +13,10 @@ from ..config import from_fields
 # total, as ``train --max-steps`` does; ``stop_after`` pauses a run without touching its schedule.
 RESUMABLE = ("epochs", "stop_after", "patience", "progress", "device")
 CONFIG_FILE = "finetune_config.json"  # in the run folder: the settings the run's last session ran with
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -62,15 +67,17 @@ class FinetuneConfig:
                                                  self.max_train_examples >= 2),
              f"max_train_examples must be >= 2 or None, got {self.max_train_examples!r}")
         need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
-        need(0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
-        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(_number(self.warmup) and 0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
+        # an infinite decay drives every weight to -inf in one step: a NaN loss blamed on the learning rate
+        need(_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         # clip_grad_norm_ scales the gradients by clip_norm / norm: 0 would stop learning, a negative one reverse it
         need(isinstance(self.clip_norm, (int, float)) and self.clip_norm > 0,
              f"clip_norm (--clip-norm) must be a number > 0, got {self.clip_norm!r}")
         need(self.schedule in ("linear", "cosine"), f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"),
              f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
-        need(self.classifier_dropout is None or 0 <= self.classifier_dropout < 1,
+        need(self.classifier_dropout is None or (_number(self.classifier_dropout) and 0 <= self.classifier_dropout < 1),
              f"classifier_dropout must be in [0, 1) or None, got {self.classifier_dropout!r}")
         return self
 

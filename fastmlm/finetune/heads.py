@@ -100,15 +100,15 @@ class SequenceClassifier(TaskModel):
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> ClassifierOutput:
-        """labels: optional (B,) int64 class indices in [0, C)."""
+        """labels: optional (B,) int64 class indices in [0, C), or -100 for an example to leave out of
+        the loss (as transformers' classifiers do). The loss is the mean over the labelled examples, 0
+        when there are none."""
         pooled = self._encode(input_ids, attention_mask, token_type_ids).pooler_output  # (B, H)
         logits = self.classifier(self.dropout(pooled)).float()  # (B, C)
         loss = None
         if labels is not None:
-            if labels.dtype != torch.long or labels.shape != logits.shape[:1]:
-                raise ValueError(f"SequenceClassifier: labels must be int64 of shape {tuple(logits.shape[:1])}, "
-                                 f"got {labels.dtype} {tuple(labels.shape)}")
-            loss = F.cross_entropy(logits, labels)
+            _check_labels("SequenceClassifier", labels, tuple(logits.shape[:1]), len(self.labels), logits.device)
+            loss = _mean_cross_entropy(logits, labels)
         return ClassifierOutput(loss, logits)
 
 
@@ -130,14 +130,28 @@ class TokenClassifier(TaskModel):
         logits = self.classifier(self.dropout(hidden)).float()  # (B, S, C)
         loss = None
         if labels is not None:
-            if labels.dtype != torch.long or labels.shape != input_ids.shape:
-                raise ValueError(f"TokenClassifier: labels must be int64 of shape {tuple(input_ids.shape)}, "
-                                 f"got {labels.dtype} {tuple(labels.shape)}")
-            flat = labels.reshape(-1)
-            summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=IGNORE_INDEX,
-                                     reduction="sum")
-            loss = summed / (flat != IGNORE_INDEX).sum().clamp(min=1)  # no labelled token: 0, not NaN
+            _check_labels("TokenClassifier", labels, tuple(input_ids.shape), len(self.labels), logits.device)
+            loss = _mean_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
         return ClassifierOutput(loss, logits)
+
+
+def _check_labels(owner: str, labels, shape: tuple, classes: int, device: torch.device) -> None:
+    """ValueError unless ``labels`` is an int64 tensor of ``shape`` on ``device``; a class index outside
+    [0, classes) other than -100 stops the step (a device-side assertion: no host sync) instead of
+    reaching cross_entropy, whose IndexError names no argument."""
+    if not isinstance(labels, Tensor) or labels.dtype != torch.long or tuple(labels.shape) != shape:
+        got = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"{owner}: labels must be int64 of shape {shape}, got {got}")
+    if labels.device != device:
+        raise ValueError(f"{owner}: labels is on {labels.device} but the logits are on {device}")
+    torch._assert_async(((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < classes))).all(),
+                        f"{owner}: labels must be class indices in [0, {classes}) or -100 (not labelled)")
+
+
+def _mean_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the labels that are not -100; 0 (not NaN) when there are none."""
+    summed = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return summed / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 HEADS = {cls.kind: cls for cls in (SequenceClassifier, TokenClassifier)}

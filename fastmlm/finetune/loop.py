@@ -69,11 +69,18 @@ def load_encoder(source, device="cpu"):
     path = source_folder(source)
     if not is_hf_folder(path):
         model, tokenizer = load_checkpoint(path, device)
-        return model.train(), tokenizer
-    from ..hf import load_hf_encoder
+    else:
+        from ..hf import load_hf_encoder
 
-    tokenizer = folder_tokenizer(path, hf=True)  # before the weights, so a folder without one fails at once
-    return load_hf_encoder(path).to(device), tokenizer
+        tokenizer = folder_tokenizer(path, hf=True)  # before the weights, so a folder without one fails at once
+        model = load_hf_encoder(path).to(device)
+    # A tokenizer with more ids than the embedding has rows would stop the run at its first batch
+    # (input_ids out of range), after the baselines; a smaller one is fine (vocabularies are often padded).
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ckpt.CheckpointError(f"--from {source}: the tokenizer in {path} has {tokenizer.get_vocab_size()} "
+                                   f"tokens but the model's vocab_size is {model.config.vocab_size}; they must "
+                                   "come from the same checkpoint")
+    return model.train(), tokenizer
 
 
 def training_slice(task: Task, cfg: FinetuneConfig) -> Task:
@@ -202,15 +209,24 @@ def _open(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict):
     return FinetuneConfig.from_dict(merged).validate(), last, state
 
 
-def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict) -> dict:
-    cfg, last, state = _open(cfg, resume, overwrite, changes)
-    out_dir, device = Path(cfg.out_dir), resolve_device(cfg.device)
+def _inputs(cfg: FinetuneConfig, device):
+    """(task, encoder, tokenizer): everything a bad --task or --from fails on."""
     task = training_slice(load_task(cfg.task, cfg.valid), cfg)
     torch.manual_seed(cfg.seed)
     encoder, tokenizer = load_encoder(cfg.init, device)
     if cfg.max_len > encoder.config.max_position_embeddings:
         raise ValueError(f"max_len {cfg.max_len} exceeds the model's max_position_embeddings "
                          f"{encoder.config.max_position_embeddings}")
+    return task, encoder, tokenizer
+
+
+def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict) -> dict:
+    if resume:  # the saved settings first: they say what to load
+        cfg, last, state = _open(cfg, resume, overwrite, changes)
+    task, encoder, tokenizer = _inputs(cfg, resolve_device(cfg.device))
+    if not resume:  # clears an earlier run in out_dir (all of it with overwrite): only once the inputs have loaded
+        cfg, last, state = _open(cfg, resume, overwrite, changes)
+    out_dir, device = Path(cfg.out_dir), resolve_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)  # written once the task and the model have loaded
     ckpt.write_text_atomic(out_dir / CONFIG_FILE, cfg.to_json())
     model = HEADS[task.kind](encoder, task.labels, cfg.classifier_dropout).to(device).train()

@@ -22,8 +22,9 @@ What fastmlm cannot compute raises :class:`FastMLMUnsupported` naming what to ch
 attention dropout in training mode (fastmlm's kernels have none: set the config field it
 names to 0), ``output_attentions`` (no probabilities are formed), a causal mask or
 ``is_causal`` module (fastmlm attention is bidirectional), cross-attention, caches and
-prefixes, custom mask functions, ``head_mask``, and any 4-D mask other than a
-(B, 1, 1, S) boolean key-padding mask. A model that never calls the interfaces (its
+prefixes, custom mask functions, ``head_mask``, terms added to the scores (T5's
+``position_bias``, attention sinks, soft-capping: :data:`SCORE_TERMS`), and any 4-D mask
+other than a (B, 1, 1, S) boolean key-padding mask. A model that never calls the interfaces (its
 attention is written inline, e.g. DeBERTa-v2) cannot be reached from here;
 :func:`fastmlm.hf.patch` refuses such models.
 
@@ -50,6 +51,10 @@ MIN_TRANSFORMERS = "5.0"  # encoders build their masks through AttentionMaskInte
 # Where configs keep the attention dropout: BERT / RoBERTa / XLM-R / ELECTRA, then DistilBERT / ModernBERT.
 DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
 WINDOW_BLOCK = 64  # block size of the sliding-window layouts (the Triton kernels want a power of two)
+# Keyword arguments some models pass to the attention function that change the scores (T5's relative
+# position bias, attention sinks, logit soft-capping); fastmlm's kernels have no such term, so ignoring
+# one would silently compute other attention.
+SCORE_TERMS = frozenset(("position_bias", "s_aux", "sinks", "softcap"))
 
 
 class FastMLMUnsupported(ValueError):
@@ -151,9 +156,11 @@ def fastmlm_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
     if not (_is_zero(q_offset) and _is_zero(kv_offset)):
         raise FastMLMUnsupported(f"mask offsets q_offset={q_offset!r}, kv_offset={kv_offset!r} (a cache or prefix "
                                  "tuning): fastmlm attention runs full sequences without a cache")
-    if q_length != kv_length:
-        raise FastMLMUnsupported(f"queries ({q_length}) and keys ({kv_length}) differ in length (cross-attention or a "
-                                 "prefix); fastmlm attention is self-attention")
+    if q_length != kv_length:  # kv_length is the attention_mask's width when one is given
+        raise FastMLMUnsupported(f"queries ({q_length}) and keys ({kv_length}) differ in length: an attention_mask "
+                                 f"of shape {tuple(attention_mask.shape) if attention_mask is not None else None} "
+                                 f"for {q_length} tokens (expected (batch, seqlen) = ({batch_size}, {q_length})), "
+                                 "or cross-attention or a prefix; fastmlm attention is self-attention")
     padding = attention_mask
     if padding is not None:
         if padding.dim() != 2 or tuple(padding.shape) != (batch_size, kv_length):
@@ -186,11 +193,18 @@ def _check_call(module, query: Tensor, key: Tensor, value: Tensor, dropout: floa
     if dropout:
         raise FastMLMUnsupported(_dropout_message(module, float(dropout)))
     config = getattr(module, "config", None)
-    if kwargs.get("output_attentions") or getattr(config, "output_attentions", False):
+    asked = kwargs.get("output_attentions")  # the call's own value, when it gives one, overrides the config's
+    if asked or (asked is None and getattr(config, "output_attentions", False)):
         raise FastMLMUnsupported("output_attentions=True: fastmlm attention never forms the attention probabilities; "
                                  "use attn_implementation='eager' to inspect them")
     if kwargs.get("head_mask") is not None:
         raise FastMLMUnsupported("head_mask is not supported by fastmlm attention")
+    if not SCORE_TERMS.isdisjoint(kwargs):  # one set operation on the few keyword names: cheap per layer
+        terms = sorted(k for k in SCORE_TERMS & kwargs.keys() if kwargs[k] is not None)
+        if terms:
+            raise FastMLMUnsupported(f"{name} passes {', '.join(terms)} to its attention function, a term added to "
+                                     "the attention scores; fastmlm attention computes softmax(q k^T * scale) with a "
+                                     "key-padding mask only: keep this model on attn_implementation='eager' or 'sdpa'")
     if getattr(module, "is_causal", False) or kwargs.get("is_causal"):
         raise FastMLMUnsupported(f"{name} is causal (a decoder); fastmlm attention is bidirectional")
     if "CrossAttention" in name or getattr(module, "is_cross_attention", False):

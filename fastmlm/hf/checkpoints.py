@@ -71,13 +71,17 @@ _HEAD_MAP = {"head.dense": "cls.predictions.transform.dense", "head.norm": "cls.
 _POOLER = "pooler.dense"  # the same name on both sides (under the encoder's prefix in Hugging Face)
 _SKIPPED = re.compile(r"^(bert\.)?embeddings\.position_ids$|^cls\.seq_relationship\.")
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_FROM_CHECKPOINT = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "activation", "norm_position")
 
 
 # --------------------------------------------------------------------------- configs
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """A Hugging Face BertConfig dict -> ModelConfig; CheckpointError for features fastmlm lacks."""
     model_type = hf.get("model_type", "bert")
-    problems = []
+    required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+    problems = [f"{name} is missing (BertConfig has no default fastmlm could trust for it)"
+                for name in required if name not in hf]
     if model_type != "bert":
         problems.append(f"model_type is {model_type!r}; only 'bert' checkpoints are supported")
     if hf.get("position_embedding_type", "absolute") != "absolute":
@@ -87,7 +91,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     if not hf.get("tie_word_embeddings", True):
         problems.append("tie_word_embeddings is false; fastmlm's decoder is always the word-embedding matrix")
     act = hf.get("hidden_act", "gelu")
-    if act not in _ACT_FROM_HF:
+    if not isinstance(act, str) or act not in _ACT_FROM_HF:  # JSON may give a list or object: unhashable
         problems.append(f"hidden_act={act!r}; supported: {sorted(_ACT_FROM_HF)}")
     if problems:
         raise CheckpointError("cannot load this Hugging Face config:\n  " + "\n  ".join(problems))
@@ -102,6 +106,13 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         attention_dropout=0.0, layer_norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_ACT_FROM_HF[act],
         initializer_range=hf.get("initializer_range", 0.02), norm_position="post",
     )
+    # An override of what the checkpoint fixes would load its weights into another function (a gelu model
+    # run as relu, 12 heads split as 6) without any shape mismatch to stop it.
+    changed = {k: v for k, v in overrides.items() if k in _FROM_CHECKPOINT and v != fields[k]}
+    if changed:
+        raise CheckpointError(f"config overrides {changed} would change what the checkpoint computes (its config "
+                              f"gives {', '.join(f'{k}={fields[k]!r}' for k in changed)}); overrides are for "
+                              "settings the checkpoint does not fix, such as attention_backend or hidden_dropout")
     return ModelConfig(**{**fields, **overrides}).validate()
 
 
@@ -172,9 +183,15 @@ def state_dict_from_hf(tensors: dict[str, Tensor], cfg: ModelConfig) -> tuple[di
         raise CheckpointError("the checkpoint does not match a BERT with this config "
                               f"({cfg.num_layers} layers, key prefix {prefix!r}):"
                               + (f"\n  unknown keys: {unknown}" if unknown else "")
-                              + (f"\n  missing keys: {missing}" if missing else ""))
+                              + (f"\n  missing keys: {missing}" if missing else "")
+                              + ("\n  (classifier.* is the head of a Bert*Classification checkpoint: "
+                                 "fastmlm.hf.load_hf_encoder reads its encoder)"
+                                 if any(_CLASSIFIER.match(k) for k in unknown) else ""))
     out = {ours: tensors[theirs] for ours, theirs in wanted.items()}
     for (i, p), parts in qkv.items():
+        shapes = [tuple(tensors[n].shape) for n in parts]
+        if len(set(shapes)) != 1:  # else torch.cat fails with a message naming no key
+            raise CheckpointError(f"{', '.join(parts)} have shapes {shapes}; query, key and value must have one shape")
         out[f"layers.{i}.qkv.{p}"] = torch.cat([tensors[n] for n in parts], dim=0)  # 3 x (H, ...) -> (3H, ...)
     # Tied copies must really be copies: an untied decoder would silently change the model.
     for tied, source in zip(_TIED, (out["embeddings.word.weight"], out.get("head.bias"))):
@@ -214,12 +231,20 @@ def _read_tensors(file: Path) -> dict[str, Tensor]:
 def read_hf_config(directory) -> dict:
     """The config.json of a Hugging Face checkpoint directory, as a dict."""
     cfg_file = Path(directory) / CONFIG_NAME
+    if Path(directory).is_file():
+        raise CheckpointError(f"{directory} is a file; expected a Hugging Face checkpoint directory (holding "
+                              f"{CONFIG_NAME})")
     if not cfg_file.is_file():
         raise CheckpointError(f"{cfg_file} not found: a Hugging Face checkpoint directory holds {CONFIG_NAME}")
     try:
-        return json.loads(cfg_file.read_text())
+        hf = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        shown = json.dumps(hf)
+        raise CheckpointError(f"{cfg_file} holds {shown if len(shown) <= 60 else shown[:57] + '...'}; expected a "
+                              "JSON object of config fields (a BertConfig)")
+    return hf
 
 
 def read_hf_weights(directory) -> dict[str, Tensor]:
@@ -234,11 +259,16 @@ def read_hf_weights(directory) -> dict[str, Tensor]:
         index = path / f"{name}.index.json"
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+                weight_map = json.loads(index.read_text()).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
                 raise CheckpointError(f"{index} is not a valid shard index ({exc})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index} is not a valid shard index: expected \"weight_map\": an object "
+                                      "mapping tensor names to shard file names")
             tensors = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise CheckpointError(f"{index} names the shard {shard}, which is not in {path}")
                 tensors.update(_read_tensors(path / shard))
             return tensors
     raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {BIN_NAME} (or a sharded index)")
@@ -263,7 +293,8 @@ def _encoder_from_hf(directory, config_overrides: dict, drop=None) -> tuple[Fast
 def load_hf(directory, **config_overrides) -> FastMLMForMaskedLM:
     """A fastmlm model holding the weights of a Hugging Face BertForMaskedLM / BertModel checkpoint.
 
-    ``config_overrides`` set fastmlm-only fields such as ``attention_backend``.
+    ``config_overrides`` set fastmlm-only fields such as ``attention_backend``; a field the checkpoint
+    fixes (``num_heads``, ``activation``, ...) may only be given its checkpoint value (CheckpointError).
     The config is checked before any weights are read. A checkpoint without an MLM head
     (a BertModel) loads with a freshly initialised head and a warning.
     """
@@ -302,6 +333,9 @@ def _write_hf_folder(directory, hf_config: dict, tensors: dict[str, Tensor]) -> 
 def save_hf(model: FastMLMForMaskedLM, directory) -> Path:
     """Write config.json + model.safetensors that transformers loads as BertForMaskedLM (and as
     BertModel, with the pooler when the model has one). ``directory`` must be new or empty."""
+    if not isinstance(model, FastMLMForMaskedLM):
+        hint = " (a fastmlm.finetune classifier: use save_hf_classifier)" if hasattr(model, "kind") else ""
+        raise ValueError(f"save_hf: model must be a FastMLMForMaskedLM, got {type(model).__name__}{hint}")
     return _write_hf_folder(directory, config_to_hf(model.config), state_dict_to_hf(model))
 
 
@@ -314,10 +348,16 @@ def save_hf_tokenizer(tokenizer, directory, model_max_length: int) -> Path:
     transformers tokenizer adds only what tokenizer.json's post-processor says, so the file gets
     BERT's (``[CLS] A [SEP]``, pairs ``[CLS] A [SEP] B [SEP]``), the rows the model was trained on.
     """
-    from tokenizers import Tokenizer, processors
+    from tokenizers import Tokenizer, models, processors
 
     from ..tokenizer import special_ids
 
+    if isinstance(model_max_length, bool) or not isinstance(model_max_length, int) or model_max_length < 1:
+        raise ValueError(f"save_hf_tokenizer: model_max_length must be a positive int (the model's "
+                         f"max_position_embeddings), got {model_max_length!r}")
+    if not isinstance(tokenizer.model, models.WordPiece):  # vocab.txt and BertTokenizer are WordPiece's
+        kind = type(tokenizer.model).__name__
+        raise ValueError(f"save_hf_tokenizer writes a BERT (WordPiece) tokenizer; got a {kind} one")
     path = Path(directory)
     special = special_ids(tokenizer)
     exported = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer is left as it is
@@ -365,6 +405,11 @@ def save_hf_classifier(model, directory) -> Path:
     """Write config.json + model.safetensors that transformers loads as BertForSequenceClassification
     (a ``kind == "sequence"`` model: pooler, dropout, linear) or BertForTokenClassification
     (``"tokens"``), with the same logits. ``directory`` must be new or empty."""
+    if getattr(model, "kind", None) not in _HF_CLASSES or not isinstance(getattr(model, "encoder", None),
+                                                                         FastMLMForMaskedLM):
+        hint = " (an MLM model: use save_hf)" if isinstance(model, FastMLMForMaskedLM) else ""
+        raise ValueError(f"save_hf_classifier: model must be a fastmlm.finetune SequenceClassifier or "
+                         f"TokenClassifier, got {type(model).__name__}{hint}")
     hf_config = classifier_config_to_hf(model)
     if model.kind == "sequence" and model.encoder.pooler is None:
         raise CheckpointError("a sequence classifier needs its pooler; this one has none")

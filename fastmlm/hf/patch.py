@@ -107,11 +107,31 @@ ARCHITECTURES = {
 }
 
 
+def _check_module(function: str, model) -> None:
+    """ValueError unless ``model`` is an nn.Module; FastMLMUnsupported for a wrapper around one (torch.compile,
+    DataParallel / DistributedDataParallel), whose class is not the *ForMaskedLM it holds."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"fastmlm.hf.{function}: model must be a transformers *ForMaskedLM (a torch.nn.Module), "
+                         f"got {type(model).__name__}")
+    for attribute, wrapper in (("_orig_mod", "torch.compile"), ("module", "DataParallel / DistributedDataParallel")):
+        # a wrapper holds the model as a submodule and has no config of its own (torch.compile forwards
+        # attribute reads to the model, so hasattr(model, "config") would not tell)
+        if attribute in model._modules and "config" not in model.__dict__:
+            raise FastMLMUnsupported(f"fastmlm.hf.{function}: {type(model).__name__} wraps the model in .{attribute} "
+                                     f"(as {wrapper} does); call fastmlm.hf.{function}(model) on the model itself, "
+                                     "before wrapping it")
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     """The :class:`Architecture` of a supported model (a subclass counts); FastMLMUnsupported otherwise."""
     for cls in type(model).__mro__:
         arch = ARCHITECTURES.get(cls.__name__)
         if arch is not None and cls.__module__ == arch.module:
+            if type(model).forward is not cls.forward:  # the patched forward computes cls's loss, not the subclass's
+                raise FastMLMUnsupported(f"fastmlm.hf.patch cannot patch {type(model).__name__}: it overrides "
+                                         f"{cls.__name__}.forward, and the patched forward computes "
+                                         f"{cls.__name__}'s loss from its encoder and head, so yours would be "
+                                         "silently replaced; patch a model that keeps that forward")
             return arch
     name = type(model).__name__
     can_set = getattr(type(model), "_can_set_attn_implementation", None)
@@ -139,7 +159,8 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
     tokens and -100 elsewhere. The masked tokens are gathered (R rows, R static, see
     :func:`masked_capacity`), put through ``transform`` and projected by ``weight`` (V, H) and
     ``bias`` (V,) inside ``fastmlm.ops.masked_lm_loss``. Loss: mean over the masked tokens, or
-    their sum / ``num_items_in_batch`` when that is given. ``positions``: (R,) flat token index
+    their sum / ``num_items_in_batch`` when that is given (at least the batch's masked tokens; 0, for
+    an accumulated batch without any, gives 0). ``positions``: (R,) flat token index
     of each row, -1 past the masked ones; ``logits``: (R, V) with ``return_logits``, zeros there.
     No host synchronisation; under autocast the projection runs in the autocast dtype.
     """
@@ -151,7 +172,8 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
     flat = labels.reshape(-1).to(hidden.device)
     rows = masked_capacity(tokens, max_masked_fraction)
     counted = flat != IGNORE_INDEX
-    torch._assert_async(counted.sum() <= rows,
+    masked = counted.sum()
+    torch._assert_async(masked <= rows,
                         f"fastmlm.hf: the batch has more masked tokens (labels != -100) than the {rows} rows reserved "
                         f"for its {tokens} tokens (max_masked_fraction={max_masked_fraction}); call "
                         "fastmlm.hf.patch(model, max_masked_fraction=...) with a larger fraction (1.0 always fits)")
@@ -165,10 +187,15 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
     if num_items_in_batch is None:
         loss = masked_lm_loss(x, weight, bias, row_labels, max_masked_fraction=1.0)  # rows compacted above
     else:
-        if isinstance(num_items_in_batch, Tensor):
-            num_items_in_batch = num_items_in_batch.to(x.device)
+        # A (gradient-accumulated) batch without masked tokens has num_items_in_batch 0: its loss is 0, as with
+        # the mean, not 0 / 0. Fewer items than this batch's masked tokens is a count of something else.
+        tensor = isinstance(num_items_in_batch, Tensor)
+        count = num_items_in_batch.to(x.device) if tensor else num_items_in_batch
+        torch._assert_async(masked <= count,
+                            "fastmlm.hf: num_items_in_batch is less than the batch's masked tokens (labels != -100); "
+                            "it must count the masked tokens of the whole (accumulated) batch")
         loss = masked_lm_loss(x, weight, bias, row_labels, reduction="sum",
-                              max_masked_fraction=1.0) / num_items_in_batch
+                              max_masked_fraction=1.0) / (count.clamp(min=1) if tensor else max(count, 1))
     positions = torch.where(row_labels != IGNORE_INDEX, order, -1)
     logits = None
     if return_logits:
@@ -188,6 +215,19 @@ class PatchState:
     not_for_encoder: tuple  # those of them the encoder does not take (they must be None with labels)
     max_masked_fraction: float
     unpad: object  # "auto", True or False (fastmlm/hf/unpad.py)
+
+    # Pickling the model would store its forward as getattr(model, "forward"), which unpickles to the class's
+    # forward: a model that says it is patched and is not. Refuse it by name (pickle stops at the first
+    # object that refuses) instead of failing on a lambda of ARCHITECTURES; copy.deepcopy stays exact.
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a model patched by fastmlm.hf.patch cannot be pickled whole (torch.save(model), "
+                        "multiprocessing): save its weights (model.save_pretrained(...) or model.state_dict()), "
+                        "or call fastmlm.hf.unpatch(model) first and patch it again after loading")
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return PatchState(**{name: copy.deepcopy(value, memo) for name, value in vars(self).items()})
 
 
 def _parameters(forward) -> tuple[list[str], bool]:
@@ -225,6 +265,9 @@ def _patched_forward(model, args: tuple, kwargs: dict):
         original = state.previous_forward or type(model).forward.__get__(model)
         return original(**call)
 
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a tensor like input_ids (the token id at masked positions, -100 "
+                         f"elsewhere), got {type(labels).__name__}")
     return_dict = call.pop("return_dict", None)
     if return_dict is None:
         return_dict = getattr(model.config, "return_dict", True)
@@ -290,6 +333,7 @@ def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_F
             or not 0 < max_masked_fraction <= 1:
         raise ValueError(f"max_masked_fraction must be a number in (0, 1], got {max_masked_fraction!r}")
     _unpad.check_mode(unpad)
+    _check_module("patch", model)
     arch = architecture_of(model)
     config = model.config
     if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
@@ -321,6 +365,7 @@ def patch(model: nn.Module, *, max_masked_fraction: float = DEFAULT_MAX_MASKED_F
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: the original forward and attention implementation. A model that is not
     patched is returned unchanged."""
+    _check_module("unpatch", model)
     state: Optional[PatchState] = model.__dict__.pop(STATE, None)
     if state is None:
         return model
