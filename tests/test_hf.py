@@ -266,10 +266,12 @@ def test_bad_query_key_value_shapes_and_shard_indexes_are_clear_errors(tmp_path)
         load_hf(folder)
     (folder / "pytorch_model.bin").unlink()
     index = folder / "model.safetensors.index.json"
+    (tmp_path / "outside.safetensors").write_bytes(b"")  # a file, but outside the checkpoint folder
     for text, message in [('{"weight_map": {"a": 5}}', 'not a valid shard index: expected "weight_map": an object'),
                           ('[1]', "not a valid shard index"),
                           ('{"weight_map": {"a": "gone.safetensors"}}', "names the shard gone.safetensors, which is "
-                                                                        "not in")]:
+                                                                        "not a file in"),
+                          ('{"weight_map": {"a": "../outside.safetensors"}}', "names the shard ../outside.safetensors")]:
         index.write_text(text)
         with pytest.raises(CheckpointError, match=message):
             load_hf(folder)

@@ -267,8 +267,9 @@ def read_hf_weights(directory) -> dict[str, Tensor]:
                                       "mapping tensor names to shard file names")
             tensors = {}
             for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise CheckpointError(f"{index} names the shard {shard}, which is not in {path}")
+                # A shard is a file of this folder: a name like ../x or /x would read weights from elsewhere.
+                if Path(shard).name != shard or not (path / shard).is_file():
+                    raise CheckpointError(f"{index} names the shard {shard}, which is not a file in {path}")
                 tensors.update(_read_tensors(path / shard))
             return tensors
     raise CheckpointError(f"no weights in {path}: expected {WEIGHTS_NAME} or {BIN_NAME} (or a sharded index)")
