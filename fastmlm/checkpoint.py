@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -56,6 +57,20 @@ def write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def undo_folder(folder: Path, made: bool) -> None:
+    """Put ``folder``, new or empty before a write into it failed, back as it was: removed when the write
+    ``made`` it, else emptied again (so the same command can run again; a half-written folder is refused)."""
+    folder = Path(folder)
+    if made:
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    for path in folder.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, state: dict, keep: int = 2) -> Path:
@@ -105,10 +120,14 @@ def latest_checkpoint(root: Path) -> Optional[Path]:
     """The checkpoint named by ``latest`` (or the newest one found), None when there is none."""
     root = Path(root)
     pointer = root / LATEST
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if named.is_dir():
-            return named
+    if pointer.is_file():
+        try:
+            name = pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):  # a damaged pointer is no error: the newest checkpoint is found below
+            name = ""
+        # only a checkpoint of this folder: "../other/step_..." or a name with a NUL byte (a ValueError) is ignored
+        if re.fullmatch(r"step_\d+", name) and (root / name).is_dir():
+            return root / name
     found = list_checkpoints(root)
     return found[-1] if found else None
 
@@ -137,10 +156,14 @@ def verify_checkpoint(path: Path) -> dict:
 def load_trainer_state(path: Path) -> dict:
     """The verified trainer state of a checkpoint (tensors on the CPU)."""
     verify_checkpoint(path)
+    file = Path(path) / STATE
+    if not file.is_file():  # a model folder (save_pretrained, an export) has weights but no trainer state
+        raise CheckpointError(f"{path} holds no {STATE}: a model folder, not a training checkpoint to resume")
     try:
-        return torch.load(Path(path) / STATE, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {Path(path) / STATE}: {type(exc).__name__}: {exc}") from None
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's own message is pages long and suggests weights_only=False: not here
+        raise CheckpointError(f"cannot read {file}: not a trainer state fastmlm saved, or corrupt "
+                              f"({type(exc).__name__})") from None
 
 
 def write_manifest(folder: Path, names, **fields) -> dict:
@@ -306,7 +329,10 @@ def load_model_folder(model_class, directory, **config_overrides):
         hint = " Load Hugging Face checkpoints with fastmlm.hf.load_hf(directory)." if kind == "bert" else ""
         _model_error(f"{cfg_file} is not a fastmlm config (model_type={kind!r}).{hint}")
     data.pop("model_type")
-    cfg = ModelConfig.from_dict({**data, **config_overrides})
+    try:
+        cfg = ModelConfig.from_dict({**data, **config_overrides})
+    except ValueError as exc:  # a field of the wrong type or value: say in which file
+        _model_error(f"{cfg_file}: {exc}")
     tensors = read_safetensors(weights_file)
     model = model_class(cfg, pooler=any(k.startswith("pooler.") for k in tensors))
     load_model_weights(model, tensors)

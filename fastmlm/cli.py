@@ -14,7 +14,8 @@ help text taken from the field's metadata; ``--set key=value`` overrides a model
 CHECKPOINT is a run folder, a checkpoint folder or a Hugging Face BertForMaskedLM folder.
 
 Errors in what the user asked for (ValueError, and fastmlm.checkpoint.CheckpointError, a
-ValueError that fastmlm.hf raises too) print ``fastmlm <command>: error: ...`` and
+ValueError that fastmlm.hf raises too), and paths that cannot be read or written (OSError),
+print ``fastmlm <command>: error: ...`` and
 exit with 2, as argparse does; Ctrl-C stops with 130 and says where the last checkpoint is.
 """
 from __future__ import annotations
@@ -176,6 +177,12 @@ def cmd_train(args) -> int:
 
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run in --out-dir and --overwrite deletes it; give one of them")
+    # flags that would be ignored, silently, beside the others given
+    if args.memory_gib is not None and not args.dry_run:
+        raise ValueError("--memory-gib says whether the memory plan of --dry-run fits a device; give --dry-run too")
+    if args.valid_holdout is not None and args.valid_data:
+        raise ValueError("--valid-holdout holds out validation text from --data when there is no --valid-data; "
+                         "give one of them")
     cfg = train_config_from_args(args)
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite,
@@ -264,9 +271,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import CURVES, plot_runs
+    from .plot import CURVES, plot_runs, read_log
 
+    for run in args.runs:  # a run that has logged nothing would be drawn as empty axes, and "wrote" said of it
+        log = read_log(run)
+        if not log["train"]["step"] and not log["valid"]["step"]:
+            raise ValueError(f"{run}: its log.csv has no rows yet (the run has not logged a step); nothing to draw")
     out = args.out or (Path(args.runs[0]) / CURVES if len(args.runs) == 1 else Path(CURVES))
+    if out.is_dir() or (out.parent.exists() and not out.parent.is_dir()):  # else a drawing is made, then not written
+        where = "is a folder" if out.is_dir() else f"is in {out.parent}, which is a file"
+        raise ValueError(f"--out {out} {where}; expected the path of the PNG file to write")
     try:
         written = plot_runs(args.runs, out, title=args.title)
     except ImportError:
@@ -382,6 +396,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_text(exc: Exception) -> str:
+    """The error as one line: fastmlm's own messages as they are; the system's OSErrors as
+    "Not a directory: PATH" rather than "[Errno 20] Not a directory: 'PATH'"."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return str(exc)
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
 
@@ -395,8 +417,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as exc:
-        print(f"fastmlm {args.command}: error: {exc}", file=sys.stderr)
+    except (CheckpointError, OSError, ValueError) as exc:  # OSError: a path that cannot be read or written
+        print(f"fastmlm {args.command}: error: {_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted(args.command)

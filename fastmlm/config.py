@@ -228,6 +228,7 @@ def _arg(default, help: str, choices: Optional[tuple] = None, factory=None, defa
 
 
 SCHEDULES = ("linear", "cosine")
+MIN_VOCAB_SIZE = 105  # fastmlm.tokenizer.train_tokenizer's minimum: its five special tokens and 100 more
 LAYOUTS = ("padded", "packed")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MADE_BY = ("train", "demo")
@@ -326,12 +327,26 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
         need(self.seq_len >= 8, f"seq_len must be at least 8, got {self.seq_len}")
+        # the smallest vocabulary train_tokenizer trains (the five special tokens + 100): refused here, before
+        # a run folder is touched (with --tokenizer, no tokenizer is trained and vocab_size is not used)
+        need(self.tokenizer is not None or self.vocab_size >= MIN_VOCAB_SIZE,
+             f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {self.vocab_size}")
+        # keep_checkpoints 0 would delete every checkpoint a resume needs; eval_batches 0 validates on nothing
+        need(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints > 0,
+             f"keep_checkpoints must be a positive int, got {self.keep_checkpoints!r}")
+        need(self.eval_batches is None or (isinstance(self.eval_batches, int) and self.eval_batches > 0),
+             f"eval_batches must be None (the whole validation set) or a positive int, got {self.eval_batches!r}")
         need(0 <= self.warmup_steps, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         need(0.0 < self.mask_rate < 1.0, f"mask_rate must lie in (0, 1), got {self.mask_rate}")
         need(finite(self.lr) and self.lr > 0, f"lr must be a finite number > 0, got {self.lr!r}")
         for name in ("weight_decay", "clip_norm"):
             need(finite(getattr(self, name)) and getattr(self, name) >= 0,
                  f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        # AdamW's own ranges, checked here so that the message names the field (torch's does not)
+        need(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2
+             and all(finite(b) and 0.0 <= b < 1.0 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        need(finite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps!r}")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         need(self.schedule in SCHEDULES, f"schedule must be 'linear' or 'cosine', got {self.schedule!r}")
         need(self.layout in LAYOUTS, f"layout must be 'padded' or 'packed', got {self.layout!r}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 CURVES = "curves.png"
+_LOG_COLUMNS = ("step", "split", "loss", "accuracy", "perplexity", "lr")  # of log.csv (fastmlm.run_dir.Logger)
 
 
 class PlotWarning(UserWarning):
@@ -36,7 +37,8 @@ def _number(text: str) -> float:
 
 def read_log(run) -> dict[str, dict[str, list[float]]]:
     """``{"train": {"step": [...], "loss": [...], "lr": [...]}, "valid": {"step", "loss", "accuracy",
-    "perplexity"}}`` from a run folder's log.csv (or a log.csv path); FileNotFoundError without one."""
+    "perplexity"}}`` from a run folder's log.csv (or a log.csv path); FileNotFoundError without one,
+    ValueError for a file that is not such a log."""
     path = Path(run)
     if path.is_dir():
         path = path / "log.csv"
@@ -44,12 +46,20 @@ def read_log(run) -> dict[str, dict[str, list[float]]]:
         raise FileNotFoundError(f"no training log at {path} (a run folder holds log.csv)")
     columns = {"train": ("step", "loss", "lr"), "valid": ("step", "loss", "accuracy", "perplexity")}
     out = {split: {name: [] for name in names} for split, names in columns.items()}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            split = row.get("split")
-            if split in out:
-                for name in columns[split]:
-                    out[split][name].append(_number(row.get(name)))
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if not {"step", "split"} <= set(reader.fieldnames or ()):  # else drawn as an empty picture
+                found = f"its columns are {reader.fieldnames}" if reader.fieldnames else "it is empty"
+                raise ValueError(f"{path} is not a fastmlm training log: {found}, expected the columns "
+                                 f"{', '.join(_LOG_COLUMNS)}")
+            for row in reader:
+                split = row.get("split")
+                if split in out:
+                    for name in columns[split]:
+                        out[split][name].append(_number(row.get(name)))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a fastmlm training log: it is not UTF-8 text") from None
     return out
 
 

@@ -73,9 +73,20 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
     if hf:
         from .hf import load_hf  # fastmlm.hf imports transformers-free helpers only; loaded when needed
 
-        model = load_hf(path)
+        try:
+            model = load_hf(path)
+        except ckpt.CheckpointError as exc:  # name the folder where fastmlm.hf's message does not
+            if str(path) in str(exc):
+                raise
+            raise ckpt.CheckpointError(f"{path}: {exc}") from None
     else:
         model = FastMLMForMaskedLM.from_pretrained(path)
+    # a tokenizer with ids past the embeddings is not the model's (a tokenizer.json swapped in): every
+    # fill and evaluation would end in the model's input check, deep in a traceback
+    n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_tokens > model.config.vocab_size:
+        raise ckpt.CheckpointError(f"{path}: the tokenizer has {n_tokens} tokens, more than the model's vocabulary "
+                                   f"of {model.config.vocab_size}: it is not the tokenizer the model was trained with")
     return model.to(device).eval(), tokenizer
 
 
@@ -83,6 +94,11 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text``: the ``top_k`` (token, probability) pairs, most likely first."""
     _check_int("top_k", top_k, 1, model.config.vocab_size)  # at most the whole vocabulary
+    try:  # a command-line argument in another encoding arrives with lone surrogates, which tokenizers refuses
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds bytes that are not UTF-8 (at character {exc.start}: {text!r}); "
+                         f"give it as UTF-8") from None
     special = special_ids(tokenizer)
     ids = [special.cls] + tokenizer.encode(text, add_special_tokens=False).ids + [special.sep]
     limit = model.config.max_position_embeddings
@@ -118,6 +134,9 @@ def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int =
     batches = data.eval_batches(paths, tokenizer, collator, seed=seed, max_batches=max_batches)
     if not batches:
         raise ValueError(f"no text to evaluate in {paths}")
+    if not sum(b.n_masked for b in batches):  # else loss, accuracy and perplexity would all be NaN
+        raise ValueError(f"no token of {paths} was masked at mask rate {mask_rate:g} (too little text, or only "
+                         f"special tokens), so there is nothing to score; give more text or a higher --mask-rate")
     return evaluate(model, batches, next(model.parameters()).device)
 
 
@@ -142,6 +161,11 @@ def export_hf(checkpoint, out_dir) -> Path:
     """
     from .hf import check_output_dir, save_hf, save_hf_tokenizer
 
-    check_output_dir(out_dir)  # before the checkpoint is loaded, so a wrong path fails at once
+    made = not check_output_dir(out_dir).exists()  # before the checkpoint is loaded, so a wrong path fails at once
     model, tokenizer = load_checkpoint(checkpoint)
-    return save_hf_tokenizer(tokenizer, save_hf(model, out_dir), model.config.max_position_embeddings)
+    try:
+        return save_hf_tokenizer(tokenizer, save_hf(model, out_dir), model.config.max_position_embeddings)
+    except BaseException:  # a full disk, Ctrl-C: out_dir back as it was, else a rerun is refused as "not empty"
+        if Path(out_dir).is_dir():
+            ckpt.undo_folder(out_dir, made)
+        raise

@@ -36,8 +36,10 @@ class Meter:
         self.loss_sum += step_loss
         self.first_bad = torch.where(step_loss.isfinite(), self.first_bad, self.first_bad.clamp(max=step))  # no sync
 
-    def interval(self, ranks: Dist) -> tuple[float, float]:
-        """(loss, tokens/s) since the last log row, over all ranks; the loss is NaN/inf when any step's was.
+    def interval(self, ranks: Dist) -> tuple[Optional[float], float]:
+        """(loss, tokens/s) since the last log row, over all ranks; the loss is NaN/inf when any step's was,
+        and None when no token was masked in the interval (a tiny corpus at a low mask rate): no loss was
+        measured, which is not a loss of 0.
 
         The one host sync of a log interval. Resets the sums (:meth:`restart_clock` resets the clock).
         """
@@ -46,12 +48,13 @@ class Meter:
         loss_total, masked_total = totals.tolist()  # host sync once per log interval
         if not math.isfinite(loss_total):  # NaN/inf on some rank: all ranks see it in the sum and stop
             return loss_total, 0.0
-        self.last_loss = loss_total / max(masked_total, 1.0)
+        loss = loss_total / masked_total if masked_total else None
+        self.last_loss = self.last_loss if loss is None else loss
         tokens_per_s = self.tokens * ranks.world_size / max(time.perf_counter() - self.start, 1e-9)
         self.run_tokens += self.tokens * ranks.world_size
         self.loss_sum.zero_()
         self.masked, self.tokens = 0, 0
-        return self.last_loss, tokens_per_s
+        return loss, tokens_per_s
 
     def restart_clock(self) -> None:
         """Start timing the next interval (after a log row)."""
@@ -108,15 +111,16 @@ class Progress:
             self.bar.update(step - self.step)
         self.step = step
 
-    def log(self, loss: float, lr: float, tokens_per_s: float) -> None:
-        """The log step's figures: on the bar, or one plain line."""
+    def log(self, loss: Optional[float], lr: float, tokens_per_s: float) -> None:
+        """The log step's figures: on the bar, or one plain line (loss None: no token was masked, shown as "-")."""
+        shown = "-" if loss is None else f"{loss:.3f}"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
+            self.bar.set_postfix(loss=shown, tok_s=f"{tokens_per_s:,.0f}", lr=f"{lr:.1e}")
         elif self.mode == "lines":
             elapsed = time.perf_counter() - self.began
             done = self.step - self.begin_step
             eta = elapsed / done * (self.total - self.step) if done else float("nan")
-            print(f"step {self.step}/{self.total} ({self.step / self.total:.0%}) | loss {loss:.3f} | lr {lr:.1e} | "
+            print(f"step {self.step}/{self.total} ({self.step / self.total:.0%}) | loss {shown} | lr {lr:.1e} | "
                   f"{tokens_per_s:,.0f} tokens/s | {_clock(elapsed)} elapsed, ETA "
                   f"{_clock(eta) if eta == eta else '?'}", flush=True)
 

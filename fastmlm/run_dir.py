@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -29,7 +30,7 @@ from typing import Optional
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, resumed_config
-from .corpus_reader import read_documents
+from .corpus_reader import HeldOut, read_documents
 from .distributed import Dist
 from .tokenizer import load_tokenizer, train_tokenizer
 
@@ -61,7 +62,13 @@ class RunLock:
     def acquire(self) -> "RunLock":
         import fcntl  # POSIX; imported here so that reading checkpoints works without it
 
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"--out-dir {self.run_dir} is a file; expected a run folder (new or existing)")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file on the way there, no permission: named, not a traceback
+            raise ValueError(f"--out-dir {self.run_dir}: cannot make the run folder ({exc.strerror}: "
+                             f"{exc.filename})") from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -140,10 +147,18 @@ def saved_run(out_dir, config_class, checkpoint: Optional[Path] = None, flag: st
     """(the run's saved config as ``config_class``, checkpoint folder, trainer state) of
     ``checkpoint``, by default the latest under ``out_dir``/checkpoints."""
     root = Path(out_dir) / "checkpoints"
-    checkpoint = ckpt.latest_checkpoint(root) if checkpoint is None else checkpoint
+    latest = checkpoint is None
+    checkpoint = ckpt.latest_checkpoint(root) if latest else checkpoint
     if checkpoint is None:
         raise ckpt.CheckpointError(f"{flag}: no checkpoint under {root}")
-    state = ckpt.load_trainer_state(checkpoint)
+    try:
+        state = ckpt.load_trainer_state(checkpoint)
+    except ckpt.CheckpointError as exc:  # a damaged latest checkpoint: say which earlier one the run can go on from
+        earlier = [p for p in ckpt.list_checkpoints(root) if p.name < checkpoint.name] if latest else []
+        if not earlier:
+            raise
+        raise ckpt.CheckpointError(f"{exc}; the run's previous checkpoint is {earlier[-1]}: continue from it with "
+                                   f"{flag} {earlier[-1]}") from None
     return config_class.from_dict(json.loads(state["train_config"])), checkpoint, state
 
 
@@ -164,18 +179,25 @@ def nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -
     return {**summary, "rank": ranks.rank, "nothing_to_do": msg}
 
 
-def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist) -> None:
+def refuse_existing_run(out_dir: Path, overwrite: bool) -> bool:
+    """Whether ``out_dir`` holds a run (checkpoints); ValueError when it does and ``overwrite`` is off."""
+    holds_run = bool(ckpt.list_checkpoints(Path(out_dir) / "checkpoints"))
+    if holds_run and not overwrite:
+        raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
+                         f"or replace it (--overwrite)")
+    return holds_run
+
+
+def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist, keep: tuple = ()) -> None:
     """Clear what an earlier run left in ``out_dir``: always its logs (a run killed before its
-    first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``."""
+    first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``
+    (:func:`refuse_existing_run` refuses without it). ``keep``: names the new run has written already."""
     names = ["log.csv", "summary.json", "tensorboard", "curves.png"]
-    if ckpt.list_checkpoints(out_dir / "checkpoints"):
-        if not overwrite:
-            raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
-                             f"or replace it (--overwrite)")
+    if refuse_existing_run(out_dir, overwrite):
         names += ["checkpoints", "tokenizer.json"]
         ranks.barrier()  # every rank has looked before rank 0 deletes
     if ranks.main:
-        for name in names:
+        for name in (n for n in names if n not in keep):
             path = out_dir / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -214,6 +236,18 @@ def write_config(cfg: TrainConfig, ranks: Dist) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text_atomic(out_dir / "train_config.json", json.dumps(cfg.to_dict(), indent=2))
     ranks.barrier()
+
+
+def no_training_text(train_files) -> str:
+    """The error for training text without a document (``train_files``: a list of paths or a HeldOut):
+    which text it is, and why, when --data was one document, which its held-out slice took."""
+    if not isinstance(train_files, HeldOut):
+        return f"--data: {[str(f) for f in train_files]} holds no text to train on"
+    message = f"--data: {train_files} holds no text to train on"
+    if next(read_documents(dataclasses.replace(train_files, part="valid")), None) is not None:
+        message += (" (the first document of --data is always held out for validation: give more documents, "
+                    "separated by blank lines, or --valid-data, or --valid-holdout 0)")
+    return message
 
 
 def prepare_tokenizer(cfg: TrainConfig, train_files, ranks: Dist):

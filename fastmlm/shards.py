@@ -69,10 +69,8 @@ def prepare(paths: Sequence, tokenizer, out_dir, shard_tokens: int = SHARD_TOKEN
     Documents are tokenised ``chunk`` at a time by ``encode_batch`` (Rust, on every core).
     ``out_dir`` must not exist or be empty. ValueError when the corpus holds no document.
     """
-    from tqdm import tqdm
-
-    from .checkpoint import write_text_atomic
-    from .corpus_reader import _hash_share, corpus_files, read_documents
+    from .checkpoint import undo_folder
+    from .corpus_reader import corpus_files
     from .tokenizer import check_whole_encodings
 
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
@@ -82,7 +80,25 @@ def prepare(paths: Sequence, tokenizer, out_dir, shard_tokens: int = SHARD_TOKEN
         raise ValueError(f"--out {out}: exists and is not an empty folder; give a new folder")
     check_whole_encodings(tokenizer)
     files = corpus_files(paths)  # missing paths fail here, before any work
-    out.mkdir(parents=True, exist_ok=True)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way there, no permission
+        raise ValueError(f"--out {out}: cannot make the folder ({exc.strerror}: {exc.filename})") from None
+    try:
+        return _write_shards(paths, files, tokenizer, out, shard_tokens, progress, chunk)
+    except BaseException:  # an unreadable file, Ctrl-C: leave --out as it was (new or empty), so the same
+        undo_folder(out, made)  # command can run again (a half-written folder was refused as "not empty")
+        raise
+
+
+def _write_shards(paths, files, tokenizer, out: Path, shard_tokens: int, progress: bool, chunk: int) -> dict:
+    """:func:`prepare`'s work, into the folder ``out`` (new or empty)."""
+    from tqdm import tqdm
+
+    from .checkpoint import write_text_atomic
+    from .corpus_reader import _hash_share, read_documents
+
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
     writer = _ShardWriter(out, dtype, shard_tokens)
@@ -264,10 +280,17 @@ def add_parser(subparsers, **kwargs) -> None:
                    help="the tokenizer.json or BERT vocab.txt the training run will use (default: none, required)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="a new (or empty) folder for the shards (default: none, required)")
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, metavar="N",
+    p.add_argument("--shard-tokens", type=_positive_int, default=SHARD_TOKENS, metavar="N",
                    help=f"tokens per shard file (default: {SHARD_TOKENS})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: off: a progress bar is shown)")
     p.set_defaults(func=cmd_prepare_data)
+
+
+def _positive_int(text: str) -> int:
+    """``--shard-tokens``: refused by the parser, naming the flag (prepare() named only shard_tokens)."""
+    from .cli import _positive_int as positive
+
+    return positive(text)
 
 
 def cmd_prepare_data(args) -> int:

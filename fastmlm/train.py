@@ -57,6 +57,7 @@ import torch
 from . import checkpoint as ckpt
 from . import data, plot, run_dir
 from .config import TrainConfig, preset  # fastmlm.train.TrainConfig is the README's name for it
+from .corpus_reader import read_documents
 from .distributed import Dist, launch_rank, no_sync, resolve_device, setup_distributed, wrap_model
 from .model import FastMLMForMaskedLM
 from .progress import Meter, Progress
@@ -78,13 +79,27 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def model_config(cfg: TrainConfig, tokenizer):
     """The run's ModelConfig: the preset, sized to the tokenizer, with the run's overrides."""
-    return sized_model_config(cfg, tokenizer.get_vocab_size(with_added_tokens=True), special_ids(tokenizer).pad)
+    n_tokens, pad = tokenizer.get_vocab_size(with_added_tokens=True), special_ids(tokenizer).pad
+    model_cfg = sized_model_config(cfg, n_tokens, pad)
+    # --set may make the vocabulary larger than the tokenizer's, not contradict it: the first step failed
+    # deep in the model ("labels must be -100 or a token id in [0, 10)"), and another pad id trained silently
+    if model_cfg.vocab_size < n_tokens:
+        raise ValueError(f"--set vocab_size={model_cfg.vocab_size}: the tokenizer has {n_tokens} tokens, and the "
+                         f"model's vocabulary must hold them all")
+    if model_cfg.pad_token_id != pad:
+        raise ValueError(f"--set pad_token_id={model_cfg.pad_token_id}: the tokenizer's [PAD] is token {pad}; "
+                         f"leave pad_token_id out (it is taken from the tokenizer)")
+    return model_cfg
 
 
 def sized_model_config(cfg: TrainConfig, vocab_size: int, pad_token_id: int = 0):
     """:func:`model_config` for a vocabulary of ``vocab_size`` (the memory plan has no tokenizer at hand)."""
-    return preset(cfg.model, **{"vocab_size": vocab_size, "pad_token_id": pad_token_id,
-                                "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
+    model_cfg = preset(cfg.model, **{"vocab_size": vocab_size, "pad_token_id": pad_token_id,
+                                     "max_position_embeddings": max(cfg.seq_len, 128), **cfg.model_overrides})
+    if model_cfg.max_position_embeddings < cfg.seq_len:  # else refused at the first step, the run folder made
+        raise ValueError(f"--set max_position_embeddings={model_cfg.max_position_embeddings} is less than --seq-len "
+                         f"{cfg.seq_len}: every row needs a position embedding for each of its tokens")
+    return model_cfg
 
 
 def unigram_log_probs(counts) -> torch.Tensor:
@@ -299,6 +314,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = None, overwrite: bool = Fals
     if cfg.dry_run:  # the memory plan only: nothing is read, written or trained
         from .memory_plan import dry_run
 
+        if resume:  # the plan of the run being resumed (its settings and the changes asked), not the flags' preset
+            cfg = run_dir.open_resumed(cfg, resume, changes)[0]
         plan = dry_run(cfg)
         return {"nothing_to_do": "dry run", "memory_plan": dataclasses.asdict(plan), "total_bytes": plan.total}
     resolve_device(cfg.device)  # a wrong device fails before the run folder is touched
@@ -317,10 +334,14 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
     if state is not None and state["step"] >= stop:
         return run_dir.nothing_to_do(cfg, state["step"], resume_from, ranks)
     if state is None:
-        run_dir.start_fresh(out_dir, overwrite, ranks)
-    run_dir.write_config(cfg, ranks)
-
+        run_dir.refuse_existing_run(out_dir, overwrite)  # before anything is written into the folder
+    # Everything that reads what the user gave (the data, the tokenizer, --set, the validation text) comes
+    # before an earlier run's files are cleared (start_fresh, below), so that a mistake in it is refused
+    # with that run intact: --overwrite deletes the old run only once the new one is ready to train.
     run_data = RunData(cfg)  # text or a shard folder
+    if run_data.train_files is not None and next(read_documents(run_data.train_files), None) is None:
+        # text is read as it streams: without this, a missing or empty --data (with --tokenizer) showed at step 1
+        raise ValueError(run_dir.no_training_text(run_data.train_files))
     tokenizer = run_data.tokenizer(resume_from, ranks)
 
     # Model: identical initial weights on every rank, then a per-rank dropout stream.
@@ -357,6 +378,18 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
                              ckpt.saved_epoch_batches(state, ranks.rank, ranks.world_size) if state is not None
                              else None)
     valid = run_data.validation(tokenizer, collator, ranks)
+    # Else every validation reports NaN accuracy and perplexity. Counted over all ranks (each holds a slice),
+    # so that every rank stops here, not one while the others wait for it at a collective.
+    batches, masked = ranks.all_sum(torch.tensor([float(len(valid)), float(sum(b.n_masked for b in valid))],
+                                                 dtype=torch.float64, device=device)).tolist()
+    if batches and not masked:
+        raise ValueError(f"the validation text ({run_data.describe_validation() or run_data.valid_files}) has no "
+                         f"token masked at --mask-rate {cfg.mask_rate:g}: too little text to validate on; give "
+                         f"more --valid-data, or no validation (--valid-holdout 0 with --data alone)")
+    if state is None:  # the tokenizer.json a run trains on text (RunData.tokenizer) is this run's, not the old one's
+        trained_tokenizer = not cfg.tokenizer and run_data.shards is None
+        run_dir.start_fresh(out_dir, overwrite, ranks, keep=("tokenizer.json",) if trained_tokenizer else ())
+    run_dir.write_config(cfg, ranks)
     logger = run_dir.Logger(out_dir, ranks.main, resume_step=step)
     n_params = sum(p.numel() for p in model.parameters())
     _say(ranks, f"fastmlm train: {cfg.model} model ({n_params / 1e6:.1f}M parameters, vocab "
@@ -388,7 +421,7 @@ def _train_locked(cfg: TrainConfig, resume: Optional[str], overwrite: bool, chan
             final = step == stop
             if step % cfg.log_every == 0 or final:
                 loss, tokens_per_s = meter.interval(ranks)
-                if not math.isfinite(loss):
+                if loss is not None and not math.isfinite(loss):  # None: nothing was masked since the last row
                     raise _diverged(min(step, int(ranks.all_min(meter.first_bad))), "the training loss", out_dir, cfg)
                 lr = scheduler.get_last_lr()[0]
                 progress.log(loss, lr, tokens_per_s)

@@ -168,6 +168,35 @@ def test_library_errors_exit_2_without_a_traceback(run, capsys, tmp_path):
     assert "--lr: the run has 0.002, asked 0.5" in capsys.readouterr().err
 
 
+def test_paths_that_cannot_be_written_are_named_not_a_traceback(run, capsys, tmp_path):
+    """A file given where a folder is made: NotADirectoryError / FileExistsError tracebacks (or a bare
+    "[Errno 17] File exists: ...") before; now an error naming the flag, with the file left as it was."""
+    root, out = run
+    existing = tmp_path / "file"
+    existing.write_text("keep me")
+    for args, message in [(_train_args(root, existing), f"--out-dir {existing} is a file; expected a run folder"),
+                          (_train_args(root, existing / "run"), f"--out-dir {existing / 'run'}: cannot make the run "
+                                                                f"folder (Not a directory: "),
+                          (["export-hf", str(out), str(existing / "export")],
+                           f"Not a directory: {existing / 'export'}")]:
+        assert cli.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert f"fastmlm {args[0]}: error: {message}" in err and "Traceback" not in err, err
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--memory-gib", "4"], "--memory-gib says whether the memory plan of --dry-run fits"),
+    (["--valid-holdout", "0.2"], "--valid-holdout holds out validation text from --data when there is no --valid-data"),
+])
+def test_flags_that_would_be_ignored_are_refused(run, capsys, tmp_path, flags, message):
+    """Each was ignored without a word beside the other flags (a full run trained, no plan compared)."""
+    root, _ = run
+    assert cli.main(_train_args(root, tmp_path / "r", *flags)) == 2
+    assert f"fastmlm train: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_resume_of_the_finished_run_changes_nothing(run, capsys):
     _, out = run
     before = {p: p.read_bytes() for p in (out / "log.csv", out / "summary.json", out / "train_config.json")}

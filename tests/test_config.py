@@ -102,6 +102,16 @@ def test_every_train_field_carries_its_help_and_choices():
     ("valid_holdout", 1.0, r"valid_holdout must lie in \[0, 1\)"),
     ("valid_holdout", -0.1, r"valid_holdout must lie in \[0, 1\)"),
     ("made_by", "someone", "made_by must be one of"),
+    # refused by the config, naming the field, before --overwrite clears a run folder (torch's AdamW
+    # and the tokenizer trainer said "Invalid beta parameter at index 0" ... only after that)
+    ("betas", (1.5, 0.9), r"betas must be two numbers in \[0, 1\)"),
+    ("betas", (float("nan"), 0.9), r"betas must be two numbers in \[0, 1\)"),
+    ("eps", -1.0, "eps must be a finite number > 0"),
+    ("eps", float("nan"), "eps must be a finite number > 0"),
+    ("vocab_size", 50, "vocab_size must be at least 105"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be a positive int"),  # silently kept them all
+    ("eval_batches", 0, "eval_batches must be None"),  # "the validation data ... holds no text"
+    ("eval_batches", -3, "eval_batches must be None"),  # "Indices for islice() must be None or an integer"
 ])
 def test_train_config_refuses_bad_new_fields(field, value, message):
     from fastmlm.config import TrainConfig

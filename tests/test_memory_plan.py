@@ -55,3 +55,20 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert "does NOT fit in 0.0001 GiB" in capsys.readouterr().out
     assert cli.main(args + ["--memory-gib", "nan"]) == 2
     assert "memory_gib must be None or a number of GiB > 0, got nan" in capsys.readouterr().err
+
+
+def test_dry_run_of_a_resume_plans_the_run_being_resumed(tmp_path, capsys):
+    """`--resume --dry-run` planned the demo preset (a mini model, 16 x 64 tokens) whatever the run was."""
+    from mlm_corpus import make_small_corpus
+
+    root = make_small_corpus(tmp_path)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--preset", "tiny", "--data", str(root / "train.txt"), "--valid-data",
+                     str(root / "valid.txt"), "--tokenizer", str(root / "tokenizer.json"), "--out-dir", str(out),
+                     "--max-steps", "1", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--out-dir", str(out), "--resume", "--dry-run", "--memory-gib", "1000"]) == 0
+    text = capsys.readouterr().out
+    assert "tiny model" in text and "8 x 32 tokens per micro-batch" in text and "fits in 1000 GiB" in text, text
+    assert cli.main(["train", "--out-dir", str(out), "--resume", "--dry-run", "--lr", "0.5"]) == 2  # as a resume
+    assert "--lr: the run has 0.002, asked 0.5" in capsys.readouterr().err

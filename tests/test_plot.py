@@ -1,5 +1,6 @@
 """Training curves (fastmlm/plot.py): curves.png from a hand-written log.csv, runs overlaid, the `fastmlm plot`
 command, and training that goes on without matplotlib."""
+import re
 import sys
 
 import pytest
@@ -70,3 +71,29 @@ def test_an_unreadable_log_is_a_warning(tmp_path):
     (run / "log.csv").write_bytes(b"\xff\xfe not csv")
     with pytest.warns(plot.PlotWarning, match="could not draw"):
         assert plot.write_curves(run) is None
+
+
+def test_fastmlm_plot_refuses_what_it_cannot_draw(tmp_path, capsys):
+    """Each of these was drawn as an empty picture and reported "wrote ...", or ended in a traceback
+    (--out a folder: IsADirectoryError; a binary log: a bare UnicodeDecodeError naming no file)."""
+    pytest.importorskip("matplotlib")
+    empty = _write_log(tmp_path / "empty", [])  # a run that has logged nothing yet
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.csv").write_text("a,b\n1,2\n")
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "log.csv").write_bytes(b"\x00\xff\xfe garbage")
+    (tmp_path / "file").write_text("x")
+    good = _run(tmp_path)
+    for args, message in [([str(empty)], "its log.csv has no rows yet"),
+                          ([str(other)], r"other/log.csv is not a fastmlm training log: its columns are \['a', 'b'\]"),
+                          ([str(binary)], "binary/log.csv is not a fastmlm training log: it is not UTF-8 text"),
+                          ([str(tmp_path / "file")], r"file is not a fastmlm training log: its columns are \['x'\]"),
+                          ([str(good), "--out", str(tmp_path)], f"--out {tmp_path} is a folder; expected the path"),
+                          ([str(good), "--out", str(tmp_path / "file" / "x.png")], "which is a file")]:
+        assert cli.main(["plot", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert "fastmlm plot: error: " in err and "Traceback" not in err
+        assert re.search(message, err), (args, err)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind

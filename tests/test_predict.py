@@ -76,3 +76,61 @@ def test_export_hf_refuses_an_existing_file_or_a_non_empty_folder(folder, tmp_pa
     (tmp_path / "empty").mkdir()
     out = predict.export_hf(folder, tmp_path / "empty")  # an existing empty folder is fine
     assert {"config.json", "model.safetensors", "vocab.txt", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(folder):
+    """A tokenizer that is not the model's (more ids than its embeddings) is refused on loading; fill-mask
+    and eval ended in "RuntimeError: FastMLMForMaskedLM: input_ids must lie in [0, 16)", a traceback."""
+    (folder / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + tuple(WORDS) + ("more", "words")) + "\n")
+    with pytest.raises(ckpt.CheckpointError, match=f"the tokenizer has {VOCAB + 2} tokens, more than the model's "
+                                                   f"vocabulary of {VOCAB}: it is not the tokenizer"):
+        predict.load_checkpoint(folder)
+
+
+def test_evaluating_text_with_nothing_masked_is_an_error_not_nan(folder, tmp_path):
+    """Text whose every token is special (or too short for one mask) had NaN loss, accuracy and perplexity
+    printed as results (and `eval --json` wrote NaN, which is not JSON)."""
+    model, tokenizer = predict.load_checkpoint(folder)
+    for text in ("[CLS] [SEP] [MASK] [PAD]\n", "cat\n"):
+        (tmp_path / "valid.txt").write_text(text)
+        with pytest.raises(ValueError, match=r"no token of .*valid.txt.* was masked at mask rate 0.01"):
+            predict.evaluate_text(model, tokenizer, [tmp_path / "valid.txt"], seq_len=8, mask_rate=0.01)
+
+
+def test_a_config_of_another_model_type_names_the_folder(tmp_path):
+    """A RoBERTa (or any non-BERT) config.json said "cannot load this Hugging Face config: model_type is
+    'roberta'; ...", naming no folder."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta", "vocab_size": VOCAB}))
+    (tmp_path / "vocab.txt").write_text("\n".join(SPECIAL_TOKENS + tuple(WORDS)) + "\n")
+    with pytest.raises(ckpt.CheckpointError, match=rf"(?s)^{tmp_path}: cannot load this Hugging Face config:\n.*"
+                                                   r"model_type is 'roberta'"):
+        predict.load_checkpoint(tmp_path)
+
+
+def test_fill_mask_text_that_is_not_utf8_is_named(folder):
+    """A latin-1 command-line argument reaches Python as lone surrogates: it ended in tokenizers'
+    "TypeError: TextInputSequence must be str", a traceback."""
+    model, tokenizer = predict.load_checkpoint(folder)
+    text = b"caf\xe9 [MASK] .".decode("utf-8", "surrogateescape")  # what sys.argv holds for those bytes
+    with pytest.raises(ValueError, match="the text holds bytes that are not UTF-8 \\(at character 3"):
+        predict.fill_mask(model, tokenizer, text)
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(folder, tmp_path, monkeypatch):
+    """A write that fails half way (a full disk, Ctrl-C) left config.json and model.safetensors behind, and the
+    export run again was refused: "output directory ... is not empty"."""
+    from fastmlm import hf
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_hf_tokenizer", full_disk)
+    (tmp_path / "empty").mkdir()
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        with pytest.raises(OSError, match="No space left"):
+            predict.export_hf(folder, out)
+        assert (out.is_dir() and not any(out.iterdir())) if existed else not out.exists()
+    monkeypatch.undo()
+    assert (predict.export_hf(folder, tmp_path / "new") / "config.json").is_file()  # the same export, again

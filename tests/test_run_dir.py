@@ -1,5 +1,6 @@
 """Run folders under faults: diverging losses, two processes on one folder, resume with changed
 settings, finished runs, kills while logs are rewritten and leftovers of killed saves."""
+import contextlib
 import csv
 import json
 import math
@@ -97,6 +98,64 @@ def test_a_locked_run_folder_is_refused_and_kept(corpus, tmp_path):
                 train.train(cfg, **kwargs)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     train.train(cfg, overwrite=True)  # free again
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_overwrite_with_bad_input_keeps_the_old_run(corpus, tmp_path):
+    """--overwrite deletes the old run only once the new one is ready: a missing or empty --data, a bad
+    --tokenizer or --set, or empty validation text is refused with every file of the old run kept
+    (the old run's checkpoints and tokenizer were deleted before any of them was read)."""
+    out = tmp_path / "run"
+    train.train(tiny(corpus, out, max_steps=2, save_every=2, eval_every=2, tokenizer=None, vocab_size=300))
+    before = _tree(out)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "bad_vocab.txt").write_bytes(b"\xff\xfe\x00")
+    (tmp_path / "special.txt").write_text("[CLS] [SEP] [MASK]\n")
+    bad = [({"data": [str(tmp_path / "missing.txt")]}, "no such file or folder"),
+           ({"data": [str(tmp_path / "empty.txt")], "tokenizer": None}, r"--data: \[.*empty.txt'\] holds no text"),
+           ({"data": [str(tmp_path / "empty.txt")]}, r"--data: \[.*empty.txt'\] holds no text to train on"),
+           ({"tokenizer": str(tmp_path / "bad_vocab.txt")}, "is not a UTF-8 text file"),
+           ({"model_overrides": {"hidden_size": "wide"}}, "hidden_size must be a positive int"),
+           ({"valid_data": [str(tmp_path / "empty.txt")]}, "holds no text"),
+           # validated on nothing: every validation said "accuracy nan%, perplexity nan"
+           ({"valid_data": [str(tmp_path / "special.txt")]}, r"the validation text \(.*special.txt.*\) has no token "
+                                                             r"masked at --mask-rate 0.15")]
+    for overrides, message in bad:
+        with pytest.warns() if "empty.txt" in str(overrides) else contextlib.nullcontext():
+            with pytest.raises((ValueError, FileNotFoundError), match=message):
+                train.train(tiny(corpus, out, max_steps=2, **overrides), overwrite=True)
+        assert _tree(out) == before, overrides
+    train.train(tiny(corpus, out, max_steps=2, save_every=2, eval_every=2), overwrite=True)  # a good one replaces it
+    assert not (out / "tokenizer.json").exists()  # the old run's: this one was given --tokenizer
+    assert ckpt.list_checkpoints(out / "checkpoints")[-1].name == "step_00000002"
+
+
+def test_one_document_of_data_says_it_was_held_out(tmp_path):
+    """--data of one document: its held-out validation slice is all of it, and the error says so (it said
+    "the documents hold no text to train a tokenizer on", of a file full of text)."""
+    (tmp_path / "one.txt").write_text("a single long document of words " * 50)
+    cfg = train.TrainConfig(data=[str(tmp_path / "one.txt")], out_dir=str(tmp_path / "run"), progress=False,
+                            vocab_size=200)
+    with pytest.raises(ValueError, match=r"--data: all but the held-out validation slice .* holds no text to train "
+                                         r"on \(the first document of --data is always held out"):
+        train.train(cfg)
+
+
+def test_a_damaged_latest_checkpoint_names_the_one_to_resume_from(corpus, tmp_path):
+    """The newest checkpoint damaged (a disk error): resume said only that it is corrupt; now it names the
+    run's previous checkpoint and the flag, and resuming from it works."""
+    cfg = tiny(corpus, tmp_path, max_steps=4, save_every=2, eval_every=4)
+    train.train(cfg)
+    weights = tmp_path / "checkpoints" / "step_00000004" / ckpt.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:100])
+    previous = tmp_path / "checkpoints" / "step_00000002"
+    with pytest.raises(ckpt.CheckpointError, match=f"is corrupt: .*; the run's previous checkpoint is {previous}: "
+                                                   f"continue from it with --resume {previous}"):
+        train.train(cfg, resume="latest")
+    assert train.train(cfg, resume=str(previous))["step"] == 4
 
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):

@@ -147,6 +147,34 @@ def test_refusals_name_what_is_wrong(corpus, tokenizer, shard_dir, tmp_path):
         ShardStream(shards.ShardSet(shard_dir), np.arange(3), data.MaskingCollator(tokenizer, 32, 1000))
 
 
+def test_a_failed_prepare_leaves_out_as_it_was(corpus, tokenizer, tmp_path, capsys):
+    """A file that breaks off mid-way (a truncated .gz): the shards written before it are removed, so the
+    same command runs again once the file is fixed (a half-written --out was refused as "not empty");
+    an --out made empty by the user stays, empty. --shard-tokens 0 and an --out inside a file are named."""
+    import gzip
+
+    text = (corpus / "train.txt").read_bytes()
+    whole = gzip.compress(text * 6)  # half of it is more than prepare() tokenises at once (1024 documents)
+    (tmp_path / "cut.txt.gz").write_bytes(whole[:len(whole) // 2])
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            out.mkdir()
+        with pytest.raises(ValueError, match="cannot be read past line"):
+            shards.prepare([corpus / "train.txt", tmp_path / "cut.txt.gz"], tokenizer, out, shard_tokens=2000,
+                           progress=False)
+        assert (out.is_dir() and not any(out.iterdir())) if existed else not out.exists()
+    (tmp_path / "cut.txt.gz").write_bytes(whole)  # fixed: the same command works
+    shards.prepare([corpus / "train.txt", tmp_path / "cut.txt.gz"], tokenizer, tmp_path / "new", shard_tokens=2000,
+                   progress=False)
+    args = ["prepare-data", "--data", str(corpus / "valid.txt"), "--tokenizer", str(corpus / "tokenizer.json"),
+            "--no-progress", "--out"]
+    with pytest.raises(SystemExit):
+        cli.main([*args, str(tmp_path / "s"), "--shard-tokens", "0"])
+    assert "argument --shard-tokens: expected a positive integer, got '0'" in capsys.readouterr().err
+    assert cli.main([*args, str(corpus / "valid.txt" / "s")]) == 2  # NotADirectoryError's traceback before
+    assert f"error: --out {corpus / 'valid.txt' / 's'}: cannot make the folder" in capsys.readouterr().err
+
+
 class _Numbers:
     """A stand-in stream: batches are ints, with an error at ``fail_at``."""
 

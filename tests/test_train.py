@@ -150,6 +150,39 @@ def test_truncated_weights_are_a_clear_error(corpus, tmp_path):
         FastMLMForMaskedLM.from_pretrained(path)
 
 
+def test_unreadable_trainer_state_and_wrongly_typed_config_are_named(corpus, tmp_path):
+    """A trainer_state.pt that is not one (its manifest rewritten to match) is a one-line error, not torch's
+    page suggesting weights_only=False; a model folder has no trainer state to resume; a config.json field
+    of the wrong type names the file (it said only "ModelConfig: hidden_size must be a positive int")."""
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
+    model = FastMLMForMaskedLM(preset("tiny", vocab_size=400))
+    path = ckpt.save_checkpoint(tmp_path / "checkpoints", 1, model, tokenizer, {"step": 1})
+    (path / ckpt.STATE).write_bytes(b"garbage")
+    ckpt.write_manifest(path, [ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME, "tokenizer.json", ckpt.STATE], step=1)
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer_state.pt: not a trainer state fastmlm saved, or "
+                                                   r"corrupt \(UnpicklingError\)$"):
+        ckpt.load_trainer_state(path)
+    folder = model.save_pretrained(tmp_path / "model")
+    with pytest.raises(ckpt.CheckpointError, match="holds no trainer_state.pt: a model folder, not a training"):
+        ckpt.load_trainer_state(folder)
+    config = json.loads((folder / ckpt.CONFIG_NAME).read_text())
+    (folder / ckpt.CONFIG_NAME).write_text(json.dumps({**config, "hidden_size": "64"}))
+    with pytest.raises(ValueError, match=r"model/config.json: ModelConfig: hidden_size must be a positive int, "
+                                         r"got '64'"):
+        FastMLMForMaskedLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"vocab_size": 10}, r"--set vocab_size=10: the tokenizer has 400 tokens"),  # a traceback at step 1
+    ({"max_position_embeddings": 16}, "--set max_position_embeddings=16 is less than --seq-len 32"),  # ditto
+    ({"pad_token_id": 3}, r"--set pad_token_id=3: the tokenizer's \[PAD\] is token 0"),  # trained silently
+])
+def test_model_overrides_that_contradict_the_tokenizer_or_rows_are_refused(corpus, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.train(tiny(corpus, tmp_path, max_steps=1, model_overrides=overrides))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "log.csv").exists()
+
+
 # --------------------------------------------------------------------------- runs
 def test_tiny_run_learns_logs_and_resumes_exactly(corpus, tmp_path):
     """An uninterrupted run vs. one stopped at step 5 and resumed: identical losses after the stop."""
@@ -279,3 +312,40 @@ def test_activation_checkpointing_run_has_the_same_losses(corpus, tmp_path, caps
     assert len(losses[True]) == 3
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, rel=1e-6)
+
+
+def test_a_log_interval_without_a_masked_token_has_no_loss_not_zero(capsys):
+    """A tiny corpus at a low mask rate can give steps with no masked token: their log rows said loss 0.0
+    (and the summary "final train loss 0.0000"). Now the row has no loss, the line shows "-", and the
+    last measured loss stays the run's."""
+    from fastmlm.distributed import Dist
+    from fastmlm.progress import Meter, Progress
+
+    meter = Meter(torch.device("cpu"))
+    measured = data.Batch(torch.zeros(4, dtype=torch.long), None, None, n_masked=2, n_tokens=4)
+    unmasked = data.Batch(torch.zeros(4, dtype=torch.long), None, None, n_masked=0, n_tokens=4)
+    meter.add(1, torch.tensor(3.0, dtype=torch.float64), [measured])
+    assert meter.interval(Dist())[0] == 1.5
+    meter.add(2, torch.tensor(0.0, dtype=torch.float64), [unmasked])
+    loss, tokens_per_s = meter.interval(Dist())
+    assert loss is None and tokens_per_s > 0 and meter.last_loss == 1.5
+    progress = Progress(10, 2, enabled=True, mode="lines")
+    progress.step = 2
+    progress.log(loss, 1e-3, tokens_per_s)
+    assert "| loss - |" in capsys.readouterr().out
+
+
+def test_a_damaged_latest_pointer_falls_back_to_the_newest_checkpoint(corpus, tmp_path):
+    """checkpoints/latest holding bytes that are not UTF-8 stopped resume and eval with "'utf-8' codec can't
+    decode byte 0xff", naming no file; one naming another run's checkpoint ("../../other/...") was followed."""
+    tokenizer = load_tokenizer(corpus / "tokenizer.json")
+    model = FastMLMForMaskedLM(preset("tiny", vocab_size=400))
+    root = tmp_path / "run" / "checkpoints"
+    for step in (1, 2):
+        newest = ckpt.save_checkpoint(root, step, model, tokenizer, {}, keep=2)
+    other = ckpt.save_checkpoint(tmp_path / "other" / "checkpoints", 7, model, tokenizer, {})
+    for pointer in (b"\xff\xfe\x00", b"step_0000\x00", b"../../other/checkpoints/" + other.name.encode(), b""):
+        (root / ckpt.LATEST).write_bytes(pointer)
+        assert ckpt.latest_checkpoint(root) == newest, pointer
+    (root / ckpt.LATEST).write_text("step_00000001\n")  # a good pointer still names the checkpoint
+    assert ckpt.latest_checkpoint(root) == root / "step_00000001"
