@@ -301,14 +301,31 @@ def save_model_folder(model, directory) -> Path:
     return path
 
 
+# ModelConfig fields that a checkpoint's weights were trained with. An override of one would run them as
+# another function (a gelu model as relu, 12 heads split as 6), mostly with no shape mismatch to stop it.
+FIXED_BY_WEIGHTS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "activation", "norm_position")
+
+
+def refuse_changing_overrides(saved, overrides: dict) -> None:
+    """CheckpointError when ``overrides`` give a :data:`FIXED_BY_WEIGHTS` field another value than the
+    checkpoint's ``saved`` config (a ModelConfig, or a dict of its fields); the same value is accepted."""
+    value = saved.get if isinstance(saved, dict) else lambda k: getattr(saved, k)
+    changed = {k: v for k, v in overrides.items() if k in FIXED_BY_WEIGHTS and v != value(k)}
+    if changed:
+        raise CheckpointError(f"config overrides {changed} would change what the checkpoint computes (its config "
+                              f"gives {', '.join(f'{k}={value(k)!r}' for k in changed)}); overrides are for "
+                              "settings the checkpoint does not fix, such as attention_backend or hidden_dropout")
+
+
 def load_model_folder(model_class, directory, **config_overrides):
     """Read what :func:`save_model_folder` wrote (safetensors only); clear ValueErrors on bad files.
 
     Arguments:
         model_class: FastMLMForMaskedLM (or a subclass), built as ``model_class(cfg, pooler=...)``.
         directory: the folder holding config.json and model.safetensors.
-        config_overrides: ModelConfig fields that do not change the weights' shapes
-            (e.g. ``attention_backend``, ``hidden_dropout``).
+        config_overrides: ModelConfig fields that the weights do not fix (e.g. ``attention_backend``,
+            ``hidden_dropout``); one of :data:`FIXED_BY_WEIGHTS` may only be given its saved value.
     Returns:
         the model, with a pooler when the weights hold one. The manifest is not checked here:
         ``fastmlm.predict.load_checkpoint`` and training resume verify it.
@@ -330,7 +347,10 @@ def load_model_folder(model_class, directory, **config_overrides):
         _model_error(f"{cfg_file} is not a fastmlm config (model_type={kind!r}).{hint}")
     data.pop("model_type")
     try:
+        refuse_changing_overrides(ModelConfig.from_dict(data), config_overrides)
         cfg = ModelConfig.from_dict({**data, **config_overrides})
+    except CheckpointError:
+        raise
     except ValueError as exc:  # a field of the wrong type or value: say in which file
         _model_error(f"{cfg_file}: {exc}")
     tensors = read_safetensors(weights_file)

@@ -248,6 +248,21 @@ def test_save_and_load_round_trip(tmp_path):
                                model(ids, attention_mask=mask, labels=labels).loss)
 
 
+def test_load_overrides_may_not_change_what_the_weights_compute(tmp_path):
+    """from_pretrained's overrides pick kernels and dropout; one that would run the weights as another function
+    (other heads, activation, norm placement) was loaded without a word, and is now refused by name."""
+    from fastmlm.checkpoint import CheckpointError
+
+    model = make_model(torch.float32)
+    model.save_pretrained(tmp_path)
+    heads = model.config.num_heads
+    for overrides in (dict(activation="relu"), dict(num_heads=1), dict(norm_position="pre")):
+        with pytest.raises(CheckpointError, match=rf"config overrides {overrides} would change what the checkpoint"):
+            FastMLMForMaskedLM.from_pretrained(tmp_path, **overrides)
+    loaded = FastMLMForMaskedLM.from_pretrained(tmp_path, num_heads=heads, hidden_dropout=0.0)  # same value: fine
+    assert loaded.config.num_heads == heads and loaded.config.hidden_dropout == 0.0
+
+
 def test_save_pretrained_writes_a_manifest_and_keeps_the_pooler(tmp_path):
     from fastmlm import checkpoint as ckpt
 

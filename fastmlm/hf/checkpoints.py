@@ -47,7 +47,7 @@ from torch import Tensor
 
 # CheckpointError is fastmlm.checkpoint's (fastmlm.hf.CheckpointError is the same class); here it means a
 # Hugging Face checkpoint that fastmlm cannot load or write as it is, and the message says why.
-from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_safetensors
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_safetensors, refuse_changing_overrides
 from ..config import ModelConfig
 from ..model import FastMLMForMaskedLM
 
@@ -71,8 +71,6 @@ _HEAD_MAP = {"head.dense": "cls.predictions.transform.dense", "head.norm": "cls.
 _POOLER = "pooler.dense"  # the same name on both sides (under the encoder's prefix in Hugging Face)
 _SKIPPED = re.compile(r"^(bert\.)?embeddings\.position_ids$|^cls\.seq_relationship\.")
 _TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-_FROM_CHECKPOINT = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                    "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "activation", "norm_position")
 
 
 # --------------------------------------------------------------------------- configs
@@ -106,13 +104,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         attention_dropout=0.0, layer_norm_eps=hf.get("layer_norm_eps", 1e-12), activation=_ACT_FROM_HF[act],
         initializer_range=hf.get("initializer_range", 0.02), norm_position="post",
     )
-    # An override of what the checkpoint fixes would load its weights into another function (a gelu model
-    # run as relu, 12 heads split as 6) without any shape mismatch to stop it.
-    changed = {k: v for k, v in overrides.items() if k in _FROM_CHECKPOINT and v != fields[k]}
-    if changed:
-        raise CheckpointError(f"config overrides {changed} would change what the checkpoint computes (its config "
-                              f"gives {', '.join(f'{k}={fields[k]!r}' for k in changed)}); overrides are for "
-                              "settings the checkpoint does not fix, such as attention_backend or hidden_dropout")
+    refuse_changing_overrides(fields, overrides)
     return ModelConfig(**{**fields, **overrides}).validate()
 
 
