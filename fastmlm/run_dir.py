@@ -179,21 +179,35 @@ def nothing_to_do(cfg: TrainConfig, step: int, resume_from: Path, ranks: Dist) -
     return {**summary, "rank": ranks.rank, "nothing_to_do": msg}
 
 
-def refuse_existing_run(out_dir: Path, overwrite: bool) -> bool:
-    """Whether ``out_dir`` holds a run (checkpoints); ValueError when it does and ``overwrite`` is off."""
-    holds_run = bool(ckpt.list_checkpoints(Path(out_dir) / "checkpoints"))
+RUN_LOGS = ("log.csv", "summary.json", "tensorboard", "curves.png")  # what every run writes beside its checkpoints
+
+
+def refuse_existing_run(out_dir: Path, overwrite: bool, config_name: str = "train_config.json",
+                        logs: tuple = RUN_LOGS) -> bool:
+    """Whether ``out_dir`` holds a run (checkpoints); ValueError when it does and ``overwrite`` is off,
+    and when a folder that no run made (no checkpoints, no ``config_name``) holds files named as the
+    run's ``logs``: those are the user's, and a fresh run would clear or append to them."""
+    out_dir = Path(out_dir)
+    holds_run = bool(ckpt.list_checkpoints(out_dir / "checkpoints"))
     if holds_run and not overwrite:
         raise ValueError(f"{out_dir} already holds a run; resume it (--resume), pick another --out-dir, "
                          f"or replace it (--overwrite)")
+    if not holds_run and not (out_dir / config_name).is_file():
+        foreign = [name for name in logs if (out_dir / name).exists()]
+        if foreign:
+            raise ValueError(f"--out-dir {out_dir} holds {', '.join(foreign)} but is not a fastmlm run folder (no "
+                             f"{config_name}): a run would replace them; pick another --out-dir, or move them")
     return holds_run
 
 
-def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist, keep: tuple = ()) -> None:
-    """Clear what an earlier run left in ``out_dir``: always its logs (a run killed before its
+def start_fresh(out_dir: Path, overwrite: bool, ranks: Dist, keep: tuple = (), config_name: str = "train_config.json",
+                logs: tuple = RUN_LOGS) -> None:
+    """Clear what an earlier run left in ``out_dir``: always its ``logs`` (a run killed before its
     first checkpoint leaves some), and its checkpoints and tokenizer only with ``overwrite``
-    (:func:`refuse_existing_run` refuses without it). ``keep``: names the new run has written already."""
-    names = ["log.csv", "summary.json", "tensorboard", "curves.png"]
-    if refuse_existing_run(out_dir, overwrite):
+    (:func:`refuse_existing_run` refuses without it, and refuses a folder no run made that holds
+    such names). ``keep``: names the new run has written already; ``config_name``: the run's config file."""
+    names = list(logs)
+    if refuse_existing_run(out_dir, overwrite, config_name, logs):
         names += ["checkpoints", "tokenizer.json"]
         ranks.barrier()  # every rank has looked before rank 0 deletes
     if ranks.main:

@@ -229,6 +229,7 @@ def test_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
 
 
 def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_a_fresh_log(corpus, tmp_path):
+    (tmp_path / "train_config.json").write_text("{}")  # what the dead run wrote before its logger
     (tmp_path / "log.csv").write_text("step,split,loss\n1,train,9.0\n2,train,8.0\n")  # the dead run's rows
     (tmp_path / "summary.json").write_text("{}")
     train.train(tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2))
@@ -236,6 +237,24 @@ def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_a_fresh_log(cor
     with open(tmp_path / "log.csv", newline="") as f:
         assert all(float(r["loss"]) < 8.0 for r in csv.DictReader(f) if r["split"] == "train")
     assert json.loads((tmp_path / "summary.json").read_text())["step"] == 2
+
+
+def test_a_folder_no_run_made_keeps_its_files_of_the_logs_names(corpus, tmp_path):
+    """--out-dir at a folder of the user's that holds a log.csv or a best/ (no run config, no checkpoints):
+    a fresh run deleted them (start_fresh clears a dead run's logs); now it is refused, every file kept."""
+
+    mine = {"log.csv": "my,own,table\n", "curves.png": "not a run's"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"--out-dir {tmp_path} holds log.csv, curves.png but is not a fastmlm "
+                                         r"run folder \(no train_config.json\)"):
+        train.train(tiny(corpus, tmp_path, max_steps=2))
+    (tmp_path / "best").mkdir()
+    with pytest.raises(ValueError, match=r"holds log.csv, curves.png, best but is not a fastmlm run folder \(no "
+                                         r"finetune_config.json\)"):
+        run_dir.refuse_existing_run(tmp_path, False, "finetune_config.json", (*run_dir.RUN_LOGS, "best"))
+    assert {p.name for p in tmp_path.iterdir()} >= {*mine, "best"}
+    assert all((tmp_path / name).read_text() == text for name, text in mine.items())
 
 
 def test_leftovers_of_killed_saves_are_removed_at_start(corpus, tmp_path):

@@ -196,9 +196,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
 def _open(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes: dict):
     out_dir = Path(cfg.out_dir)
     if not resume:
-        run_dir.start_fresh(out_dir, overwrite, Dist())
-        shutil.rmtree(out_dir / BEST, ignore_errors=True)  # what start_fresh does not know of
-        (out_dir / "baselines.json").unlink(missing_ok=True)
+        run_dir.start_fresh(out_dir, overwrite, Dist(), config_name=CONFIG_FILE,
+                            logs=(*run_dir.RUN_LOGS, BEST, "baselines.json"))
         return cfg, None, None
     saved, last, state = run_dir.saved_run(out_dir, FinetuneConfig, flag="resume")
     for name in ("task", "init"):
