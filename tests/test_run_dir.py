@@ -242,7 +242,6 @@ def test_a_rerun_after_a_kill_before_the_first_checkpoint_starts_a_fresh_log(cor
 def test_a_folder_no_run_made_keeps_its_files_of_the_logs_names(corpus, tmp_path):
     """--out-dir at a folder of the user's that holds a log.csv or a best/ (no run config, no checkpoints):
     a fresh run deleted them (start_fresh clears a dead run's logs); now it is refused, every file kept."""
-
     mine = {"log.csv": "my,own,table\n", "curves.png": "not a run's"}
     for name, text in mine.items():
         (tmp_path / name).write_text(text)
