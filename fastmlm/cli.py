@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -232,7 +233,10 @@ def cmd_eval(args) -> int:
     pick = lambda name, fallback: getattr(args, name) if getattr(args, name) is not None else run.get(name, fallback)  # noqa: E731
     metrics = evaluate_text(model, tokenizer, paths, pick("seq_len", 128), pick("batch_size", 32),
                             pick("mask_rate", 0.15), args.max_batches, whole_word=pick("whole_word", False))
-    print(json.dumps(metrics) if args.json else
+    # JSON has no Infinity: a perplexity past the float range (exp of a loss above 709: a diverged model) is
+    # written as null, which every JSON reader takes; the loss beside it stays a number.
+    print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()},
+                     allow_nan=False) if args.json else
           f"masked-token accuracy {metrics['accuracy']:.2%}, perplexity {metrics['perplexity']:.2f}, "
           f"loss {metrics['loss']:.4f} over {metrics['n_masked']} masked tokens")
     return 0

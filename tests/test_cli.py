@@ -412,3 +412,16 @@ def test_resume_moves_the_data_before_the_first_step(run, tmp_path, capsys):
 
     state = ckpt.load_trainer_state(ckpt.latest_checkpoint(out / "checkpoints"))
     assert state["data_position"] == 4 and len(state["data_epoch_batches"]) == 1
+
+
+def test_eval_json_writes_a_perplexity_past_the_float_range_as_null(monkeypatch, capsys):
+    """A diverged model's perplexity is exp(loss) = inf; json.dumps wrote Infinity, which JSON readers refuse."""
+    import fastmlm.predict as predict
+
+    monkeypatch.setattr(predict, "load_checkpoint", lambda path, device: (None, None))
+    monkeypatch.setattr(predict, "run_settings", lambda path: {})
+    monkeypatch.setattr(predict, "evaluate_text", lambda *a, **k: {"accuracy": 0.0, "perplexity": float("inf"),
+                                                                   "loss": 800.0, "n_masked": 3})
+    assert cli.main(["eval", "some/run", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out, parse_constant=pytest.fail) == {
+        "accuracy": 0.0, "perplexity": None, "loss": 800.0, "n_masked": 3}
