@@ -303,7 +303,7 @@ def test_a_trainer_batch_without_masked_tokens_gives_zero_with_num_items_in_batc
     assert loss.item() == 0.0
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters() if p.grad is not None)
     labels = torch.where(mask.bool(), ids, -100)
-    with pytest.raises(RuntimeError, match="num_items_in_batch is less than the batch's masked tokens"):
+    with pytest.raises(RuntimeError, match="num_items_in_batch is 0 but the batch has masked tokens"):
         model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(0))
 
 

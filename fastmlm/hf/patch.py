@@ -159,8 +159,8 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
     tokens and -100 elsewhere. The masked tokens are gathered (R rows, R static, see
     :func:`masked_capacity`), put through ``transform`` and projected by ``weight`` (V, H) and
     ``bias`` (V,) inside ``fastmlm.ops.masked_lm_loss``. Loss: mean over the masked tokens, or
-    their sum / ``num_items_in_batch`` when that is given (at least the batch's masked tokens; 0, for
-    an accumulated batch without any, gives 0). ``positions``: (R,) flat token index
+    their sum / ``num_items_in_batch`` when that is given (0, for an accumulated batch without any
+    masked token, gives 0). ``positions``: (R,) flat token index
     of each row, -1 past the masked ones; ``logits``: (R, V) with ``return_logits``, zeros there.
     No host synchronisation; under autocast the projection runs in the autocast dtype.
     """
@@ -188,12 +188,14 @@ def masked_rows_loss(hidden: Tensor, labels: Tensor, transform: Callable[[Tensor
         loss = masked_lm_loss(x, weight, bias, row_labels, max_masked_fraction=1.0)  # rows compacted above
     else:
         # A (gradient-accumulated) batch without masked tokens has num_items_in_batch 0: its loss is 0, as with
-        # the mean, not 0 / 0. Fewer items than this batch's masked tokens is a count of something else.
+        # the mean, not 0 / 0. A count of 0 beside masked tokens is a caller's bug (any other count may be a
+        # normaliser of the caller's choosing, so it is not checked against this batch's tokens).
         tensor = isinstance(num_items_in_batch, Tensor)
         count = num_items_in_batch.to(x.device) if tensor else num_items_in_batch
-        torch._assert_async(masked <= count,
-                            "fastmlm.hf: num_items_in_batch is less than the batch's masked tokens (labels != -100); "
-                            "it must count the masked tokens of the whole (accumulated) batch")
+        if tensor or count == 0:  # a Python count > 0 needs no check (nor a device copy of it)
+            torch._assert_async((masked == 0) | (count > 0),
+                                "fastmlm.hf: num_items_in_batch is 0 but the batch has masked tokens (labels != -100); "
+                                "it must count the masked tokens of the whole (accumulated) batch")
         loss = masked_lm_loss(x, weight, bias, row_labels, reduction="sum",
                               max_masked_fraction=1.0) / (count.clamp(min=1) if tensor else max(count, 1))
     positions = torch.where(row_labels != IGNORE_INDEX, order, -1)
