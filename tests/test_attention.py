@@ -389,3 +389,41 @@ def test_out_without_lse_is_the_out_with_it(backend, case):
         for without, with_lse in zip(*results):
             assert torch.equal(without.nan_to_num(7.0), with_lse.nan_to_num(7.0))
             assert torch.equal(without.isnan(), with_lse.isnan())
+
+
+# --------------------------------------------------------------------------- padding helpers (a new user's audit)
+@pytest.mark.parametrize(
+    "lengths,match",
+    [
+        ([3, 2], "got list"),
+        (torch.tensor([3.0, 2.5]), "got torch.float32"),  # 3 + 2.5 became offsets [0, 3, 5]
+        (torch.tensor([True, False]), "got torch.bool"),
+        (torch.tensor([[3, 2]]), r"got torch.int64 \(1, 2\)"),  # became a (1, 3) "cu_seqlens"
+        (torch.tensor([3, -1, 2]), "got min -1, total 4"),  # offsets [0, 3, 2, 4]: not increasing
+        (torch.tensor([2**31, 1]), "total 2147483649"),  # wrapped to negative int32 offsets
+    ],
+)
+def test_cu_seqlens_from_lengths_refuses_what_it_would_get_wrong(lengths, match):
+    from fastmlm.ops import padding
+    with pytest.raises(ValueError, match="lengths must be .*" + match):
+        padding.cu_seqlens_from_lengths(lengths)
+    assert padding.cu_seqlens_from_lengths(torch.tensor([3, 0, 2])[::1]).tolist() == [0, 3, 3, 5]
+    assert padding.cu_seqlens_from_lengths(torch.zeros(0, dtype=torch.int64)).tolist() == [0]
+
+
+def test_cu_seqlens_from_mask_refuses_float_and_left_padded_masks():
+    """A float (additive) mask was summed as numbers (0/-inf gave int32 garbage, 0.5 counted 0), a 1-D mask
+    failed inside torch, a left-padded mask gave offsets that unpad reads padding with, and an int mask of
+    2s counted each token twice; now: a ValueError, a ValueError, a ValueError, and nonzero = one real token."""
+    from fastmlm.ops import padding
+    for mask in (torch.tensor([[0.0, 0.0, float("-inf")]]), torch.tensor([[1.0, 0.5, 0.0]]), torch.tensor([1, 1, 0])):
+        with pytest.raises(ValueError, match=r"attention_mask must be a \(B, S\) bool or integer tensor"):
+            padding.cu_seqlens_from_mask(mask)
+    for mask in (torch.tensor([[0, 1, 1], [1, 1, 0]]), torch.tensor([[1, 0, 1]])):
+        with pytest.raises(ValueError, match="attention_mask must be right-padded"):
+            padding.cu_seqlens_from_mask(mask)
+    cu, longest = padding.cu_seqlens_from_mask(torch.tensor([[2, 2, 0], [1, 0, 0]]))
+    assert cu.tolist() == [0, 2, 3] and longest == 2
+    cu, longest = padding.cu_seqlens_from_mask(torch.tensor([[True, False], [True, True], [False, False]]).t().t())
+    assert cu.tolist() == [0, 1, 3, 3] and longest == 2
+    assert padding.cu_seqlens_from_mask(torch.zeros(0, 4, dtype=torch.bool))[0].tolist() == [0]

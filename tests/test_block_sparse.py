@@ -569,3 +569,106 @@ def test_cpu_routes_follow_a_layout_edited_in_place(sparse_route, monkeypatch):
         out = block_sparse_attention(q[:, :n], k[:, :n], v[:, :n], lay, backend="torch")
         torch.testing.assert_close(out, block_sparse_attention(q[:, :n], k[:, :n], v[:, :n], lay, backend="reference"))
     assert sparse_route["forward"] == 2
+
+
+# --------------------------------------------------------------------------- a new user's layouts (audit)
+def test_a_window_or_global_count_past_the_sequence_means_every_token():
+    """sliding_window(S, 10**30) and global_tokens(S, 10**30) attend to everything (a value past S means
+    the same as S), not an OverflowError from torch; the stored values are clamped to fit the kernels' ints."""
+    q = torch.randn(1, 16, 2, 8, dtype=torch.float64)
+    dense = attention(q, q, q, backend="reference")
+    for layout in (L.sliding_window(16, 10**30, 4), L.global_tokens(16, 10**30, 4),
+                   L.BlockSparseLayout(torch.full((1, 4, 4), L.PARTIAL), 4, 16, window=10**30)):
+        assert (layout.window, layout.num_global) in ((15, 0), (-1, 16)) and layout.to_dense().all()
+        torch.testing.assert_close(block_sparse_attention(q, q, q, layout, backend="torch"), dense)
+
+
+@pytest.mark.parametrize("seed", [1.5, None, "1", True, 2**64, -2**63 - 1])
+def test_random_blocks_seed_must_be_an_int(seed):
+    """A float, None, a string or a seed past 64 bits: a ValueError naming seed (not torch's RuntimeError
+    "manual_seed expected a long"); a bool is not silently seed 1."""
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\), got"):
+        L.random_blocks(16, 1, 4, seed=seed)
+    largest = L.random_blocks(16, 1, 4, seed=2**64 - 1).blocks
+    assert torch.equal(largest, L.random_blocks(16, 1, 4, seed=2**64 - 1).blocks)
+
+
+def test_a_layout_with_no_heads_or_a_mismatched_token_mask_is_refused_when_built():
+    """Checked once, where the layout is built (not on every attention call): zero heads, a token mask
+    whose heads match neither the tiles' nor 1, a token mask on another device than the tiles."""
+    tiles = torch.ones(2, 2, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"blocks must be \(heads >= 1, 2, 2\) .* got \(0, 2, 2\)"):
+        L.BlockSparseLayout(tiles[:0], 4, 8)
+    with pytest.raises(ValueError, match="token_mask has 3 heads but blocks has 2"):
+        L.BlockSparseLayout(tiles, 4, 8, token_mask=torch.ones(3, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="token_mask is on meta but blocks is on cpu"):
+        L.BlockSparseLayout(tiles, 4, 8, token_mask=torch.ones(1, 8, 8, dtype=torch.bool, device="meta"))
+    for heads in (1, 2):  # shared masks, and one mask per head, still build
+        L.BlockSparseLayout(tiles, 4, 8, token_mask=torch.ones(heads, 8, 8, dtype=torch.bool))
+    L.BlockSparseLayout(tiles[:1], 4, 8, token_mask=torch.ones(3, 8, 8, dtype=torch.bool))
+
+
+def test_a_layout_or_something_else_is_a_type_error():
+    with pytest.raises(TypeError, match=r"unsupported operand type\(s\) for \|"):
+        L.sliding_window(16, 1, 4) | torch.ones(16, 16, dtype=torch.bool)
+
+
+def test_device_copies_and_kv_blocks_follow_an_in_place_edit():
+    """A layout edited in place after .to(device) (or after reading kv_blocks) is copied (listed) again:
+    the kept copy would run the old tiles on the device while host_blocks read the edited ones."""
+    layout = L.sliding_window(16, 2, 4)
+    copy = layout.to("meta")
+    _, counts = layout.kv_blocks
+    assert layout.to("meta") is copy and layout.kv_blocks[1] is counts  # unchanged: reused
+    layout.blocks[0, 0] = L.FULL
+    fresh = layout.to("meta")
+    assert fresh is not copy and layout.to("meta") is fresh
+    assert L.host_blocks(fresh.blocks) is layout.blocks
+    assert layout.kv_blocks[1][0].tolist() == [4, 3, 3, 2]
+
+
+def test_dilated_reach_past_the_sequence_and_a_huge_block_size():
+    """dilated(S, 10**30, 1) keeps every block and a dilation past the blocks keeps the diagonal (the same
+    as the largest meaningful values), not an OverflowError from torch; a block size past the kernels'
+    int32 is a ValueError naming block_size."""
+    assert torch.equal(L.dilated(16, 10**30, 1, 4).blocks, L.dilated(16, 3, 1, 4).blocks)
+    assert torch.equal(L.dilated(16, 1, 10**30, 4).blocks, L.dilated(16, 0, 1, 4).blocks)
+    with pytest.raises(ValueError, match=r"block_size must be at most 2\*\*31 - 1 .* got 1000000000000000000000"):
+        L.sliding_window(16, 1, 10**30)
+
+
+def test_layouts_on_two_devices_do_not_combine():
+    with pytest.raises(ValueError, match=r"layouts on meta and cpu do not combine \(move one with .to\(device\)\)"):
+        L.sliding_window(16, 1, 4).to("meta") | L.global_tokens(16, 1, 4)
+
+
+def test_a_union_means_the_union_of_its_layouts_token_masks():
+    """A hand-made layout may narrow its rule by its tiles (here: block-diagonal tiles with a window of 15,
+    global tokens, or an all-True token mask). The union applies both rules in every partial tile of
+    either, so that rule leaked into the other layout's tiles (256 pairs kept instead of 64); now such
+    a layout joins as its exact token mask. Unions of the builders stay mask-free."""
+    diag = torch.where(torch.eye(4, dtype=torch.bool), L.PARTIAL, L.SKIP)[None]
+    narrowed = [L.BlockSparseLayout(diag, 4, 16, window=15), L.BlockSparseLayout(diag, 4, 16, num_global=2),
+                L.BlockSparseLayout(diag, 4, 16, token_mask=torch.ones(1, 16, 16, dtype=torch.bool))]
+    eye = torch.eye(16, dtype=torch.bool)[None]
+    others = [L.sliding_window(16, 1, 4), L.global_tokens(16, 1, 4),
+              L.BlockSparseLayout(torch.full((1, 4, 4), L.PARTIAL), 4, 16, token_mask=eye)]
+    for a in narrowed:
+        for b in others:
+            for union in (a | b, b | a):
+                assert torch.equal(union.to_dense(), a.to_dense() | b.to_dense())
+    plain = L.sliding_window(16, 2, 4) | L.global_tokens(16, 1, 4) | L.random_blocks(16, 1, 4, seed=2)
+    assert plain.token_mask is None and (plain.window, plain.num_global) == (2, 1)
+
+
+def test_host_tiles_of_a_device_copy_follow_an_in_place_edit():
+    """The CUDA routes judge a layout (e.g. whether it is a pure window) on host_blocks of its device tiles.
+    After an in-place edit of the device copy (or of the host tiles it came from) that was the stale host
+    tensor; now the device is read again (a meta tensor has no values: NotImplementedError shows the read)."""
+    for edit_device in (True, False):
+        layout = L.sliding_window(16, 2, 4)
+        copy = layout.to("meta")
+        assert L.host_blocks(copy.blocks) is layout.blocks
+        (copy.blocks if edit_device else layout.blocks)[0, 0, 3] = L.FULL
+        with pytest.raises(NotImplementedError, match="meta"):
+            L.host_blocks(copy.blocks)

@@ -122,4 +122,4 @@ def plan(unpad, attention_mask, labels: Tensor, *, contiguous_only: bool = False
     flat = real.reshape(-1)
     index = torch.sort((~flat).to(torch.int8), stable=True).indices[:tokens]  # real tokens first, in order
     batch, seqlen = real.shape
-    return Unpadded(index, cu_seqlens_from_lengths(real.sum(1)), batch, seqlen)
+    return Unpadded(index, cu_seqlens_from_lengths(real.sum(1), check=False), batch, seqlen)  # counts: valid

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from typing import Callable, Optional
 
 import torch
@@ -33,6 +32,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 SKIP, FULL, PARTIAL = 0, 1, 2  # tile states; the Triton kernels (kernels/_flash.py) import these
+INT32_MAX = 2**31 - 1
 
 
 def visit_list(keep: Tensor) -> tuple[Tensor, Tensor]:
@@ -53,20 +53,24 @@ def visit_list(keep: Tensor) -> tuple[Tensor, Tensor]:
     return index.contiguous(), count.contiguous()
 
 
-# A device copy's tile states -> the host tensor it was copied from, so a backend that needs the
-# layout's structure on the host (which route to take) reads it without a device-to-host copy.
+# A device copy's tile states -> (the host tensor it was copied from, both tensors' versions then), so
+# a backend that needs the layout's structure on the host (which route to take) reads it without a
+# device-to-host copy, for as long as neither was edited in place.
 _HOST_BLOCKS = WeakIdKeyDictionary()
+_KV_BLOCKS = WeakIdKeyDictionary()  # a layout's tile tensor -> its kv_blocks (see per_layout)
 
 
 def host_blocks(blocks: Tensor) -> Tensor:
     """The tile states of ``blocks`` on the CPU: itself, the host tensor a :meth:`BlockSparseLayout.to`
-    copy came from, or (for a layout built on the device) one copy to the host, remembered."""
+    copy came from, or (for a layout built on the device) one copy to the host, remembered; read from the
+    device again after an in-place edit of either tensor, so a route is never judged on stale tiles."""
     if blocks.device.type == "cpu":
         return blocks
-    host = _HOST_BLOCKS.get(blocks)
-    if host is None:
-        host = _HOST_BLOCKS[blocks] = blocks.cpu()  # once per device layout
-    return host
+    found = _HOST_BLOCKS.get(blocks)
+    if found is None or found[1] != (blocks._version, found[0]._version):  # an edit of either: read the device
+        host = blocks.cpu()  # once per device layout (and edit)
+        found = _HOST_BLOCKS[blocks] = (host, (blocks._version, host._version))
+    return found[0]
 
 
 def per_layout(cache: WeakIdKeyDictionary, blocks: Tensor, token_mask: Optional[Tensor], key: tuple,
@@ -104,6 +108,8 @@ def _check_sizes(seqlen, block_size) -> int:
     """Check the two sizes every layout has; return the number of blocks per side."""
     _check_int("seqlen", seqlen, 1)
     _check_int("block_size", block_size, 1)
+    if block_size > INT32_MAX:  # not an OverflowError deep in torch.arange
+        raise ValueError(f"block_size must be at most 2**31 - 1 (the kernels' int32), got {block_size!r}")
     return -(-seqlen // block_size)
 
 
@@ -145,20 +151,27 @@ class BlockSparseLayout:
     window: int = -1
     num_global: int = 0
     token_mask: Optional[Tensor] = None
-    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> layout there
+    _copies: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # device -> (versions, layout)
 
     def __post_init__(self):
         nb = _check_sizes(self.seqlen, self.block_size)
         _check_int("window", self.window, -1)
         _check_int("num_global", self.num_global, 0)
+        # A window of seqlen - 1 already covers every pair and seqlen global tokens are all of them: a
+        # larger value means the same, and clamped it fits the int64 of torch and the kernels' ints
+        # (sliding_window(S, 10**30) is "attend to everything", not an OverflowError deep in torch).
+        object.__setattr__(self, "window", int(min(self.window, self.seqlen - 1)))
+        object.__setattr__(self, "num_global", int(min(self.num_global, self.seqlen)))
+        object.__setattr__(self, "seqlen", int(self.seqlen))  # Python ints (not numpy's) for the custom ops
+        object.__setattr__(self, "block_size", int(self.block_size))
         blocks = self.blocks
         if not isinstance(blocks, Tensor) or blocks.dtype.is_floating_point or blocks.dtype.is_complex \
                 or blocks.dtype == torch.bool:
             raise ValueError(f"blocks must be an integer tensor of tile states 0/1/2, got "
                              f"{blocks.dtype if isinstance(blocks, Tensor) else type(blocks).__name__}")
-        if blocks.dim() != 3 or tuple(blocks.shape[1:]) != (nb, nb):
-            raise ValueError(f"blocks must be (heads, {nb}, {nb}) for seqlen {self.seqlen} and block {self.block_size}, "
-                             f"got {tuple(blocks.shape)}")
+        if blocks.dim() != 3 or tuple(blocks.shape[1:]) != (nb, nb) or blocks.shape[0] == 0:
+            raise ValueError(f"blocks must be (heads >= 1, {nb}, {nb}) for seqlen {self.seqlen} and block "
+                             f"{self.block_size}, got {tuple(blocks.shape)}")
         valid = (blocks >= SKIP) & (blocks <= PARTIAL)
         if blocks.device.type == "cpu":  # layouts are built on the host: say which value is wrong
             if not valid.all():
@@ -172,6 +185,14 @@ class BlockSparseLayout:
                                or tuple(tm.shape[1:]) != (self.seqlen, self.seqlen)):
             got = f"{tm.dtype} {tuple(tm.shape)}" if isinstance(tm, Tensor) else type(tm).__name__
             raise ValueError(f"token_mask must be a bool (heads, {self.seqlen}, {self.seqlen}) tensor, got {got}")
+        # Checked once here rather than on every attention call: a mask whose heads match neither the
+        # tiles' nor 1 fits no q, and one on another device than the tiles would fail inside a kernel.
+        if tm is not None and tm.shape[0] not in (1, self.num_heads) and self.num_heads != 1:
+            raise ValueError(f"token_mask has {tm.shape[0]} heads but blocks has {self.num_heads} "
+                             "(use 1 for either to share it across heads)")
+        if tm is not None and tm.device != self.blocks.device:
+            raise ValueError(f"token_mask is on {tm.device} but blocks is on {self.blocks.device} "
+                             "(build the layout on one device, then move it with .to(device))")
 
     @property
     def num_heads(self) -> int:
@@ -186,11 +207,12 @@ class BlockSparseLayout:
         """(H or 1, seqlen, seqlen) bool: the token-level mask this layout means."""
         return token_keep(self.blocks, self.block_size, self.seqlen, self.window, self.num_global, self.token_mask)
 
-    @cached_property
+    @property
     def kv_blocks(self) -> tuple[Tensor, Tensor]:
         """Key blocks to visit per (head, query block): :func:`visit_list` of the kept tiles,
-        (H, nb, nb) int32 ascending padded with -1, and (H, nb) int32 counts. Built once per layout."""
-        return visit_list(self.blocks != SKIP)
+        (H, nb, nb) int32 ascending padded with -1, and (H, nb) int32 counts. Built once per layout
+        (again after an in-place edit of its tiles, as the backends' schedules are)."""
+        return per_layout(_KV_BLOCKS, self.blocks, None, ("kv_blocks",), lambda: visit_list(self.blocks != SKIP))
 
     def to(self, device) -> "BlockSparseLayout":
         """This layout on ``device``: itself when already there, else one copy per device, kept, so
@@ -199,17 +221,48 @@ class BlockSparseLayout:
         if self.blocks.device == device:  # keep the cached kv_blocks
             return self
         key = str(device)
-        if key not in self._copies:
+        # A copy is of the tensors' values when it was made: after an in-place edit of this layout's
+        # tiles or token mask (which the backends follow, see per_layout) copy them again, or the device
+        # would run the old layout while host_blocks read the edited one.
+        versions = (self.blocks._version, None if self.token_mask is None else self.token_mask._version)
+        found = self._copies.get(key)
+        if found is None or found[0] != versions:
             tm = None if self.token_mask is None else self.token_mask.to(device)
             copy = replace(self, blocks=self.blocks.to(device), token_mask=tm)
             if self.blocks.device.type == "cpu":
-                _HOST_BLOCKS[copy.blocks] = self.blocks
-            self._copies[key] = copy
-        return self._copies[key]
+                _HOST_BLOCKS[copy.blocks] = (self.blocks, (copy.blocks._version, self.blocks._version))
+            found = self._copies[key] = (versions, copy)
+        return found[1]
+
+    def _rule_reaches_skipped_tiles(self) -> bool:
+        """Whether the token rule (window, global tokens, token mask) keeps a pair in a tile this layout
+        skips: the builders never do, but a hand-made layout may narrow a rule by its tiles. Block-level
+        work for the window and global rules; a token mask is looked at token by token."""
+        first, last = (t.to(self.blocks.device) for t in _block_bounds(self.seqlen, self.block_size))
+        q0, q1, k0, k1 = first[:, None], last[:, None], first[None, :], last[None, :]
+        reached = torch.zeros(len(first), len(first), dtype=torch.bool, device=self.blocks.device)
+        if self.window >= 0:  # the tile holds a pair at most window apart
+            reached |= torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0) <= self.window
+        if self.num_global > 0:  # the tile holds a global query or key
+            reached |= (q0 < self.num_global) | (k0 < self.num_global)
+        if self.token_mask is not None:
+            reached = reached | from_dense_mask(self.token_mask, self.block_size).blocks.bool()
+        return bool((reached & (self.blocks == SKIP)).any())
 
     def __or__(self, other: "BlockSparseLayout") -> "BlockSparseLayout":
+        if not isinstance(other, BlockSparseLayout):
+            return NotImplemented  # Python's TypeError "unsupported operand type(s) for |", not an AttributeError
         if (self.block_size, self.seqlen) != (other.block_size, other.seqlen):
             raise ValueError("only layouts with the same block_size and seqlen combine")
+        if self.blocks.device != other.blocks.device:  # not torch's "Tensor on device cpu is not on the expected ..."
+            raise ValueError(f"layouts on {self.blocks.device} and {other.blocks.device} do not combine "
+                             "(move one with .to(device))")
+        # The union applies both rules in every partial tile of either: a rule that reaches tiles its own
+        # layout skips would leak pairs into the other's tiles, so such a layout joins as its exact token mask.
+        if self._rule_reaches_skipped_tiles():
+            return from_dense_mask(self.to_dense(), self.block_size) | other
+        if other._rule_reaches_skipped_tiles():
+            return self | from_dense_mask(other.to_dense(), other.block_size)
         a, b = self.blocks, other.blocks
         if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
             raise ValueError(f"layouts with {a.shape[0]} and {b.shape[0]} heads do not combine")
@@ -225,6 +278,7 @@ def sliding_window(seqlen: int, window: int, block_size: int = 64) -> BlockSpars
     """Each token attends to tokens at most ``window`` positions away (symmetric)."""
     _check_sizes(seqlen, block_size)
     _check_int("window", window, 0)
+    window = min(window, seqlen - 1)  # as BlockSparseLayout clamps it: a larger window means the same
     first, last = _block_bounds(seqlen, block_size)
     q0, q1, k0, k1 = first[:, None], last[:, None], first[None, :], last[None, :]
     nearest = torch.clamp(torch.maximum(k0 - q1, q0 - k1), min=0)
@@ -236,6 +290,7 @@ def global_tokens(seqlen: int, num_global: int, block_size: int = 64) -> BlockSp
     """The first ``num_global`` tokens (e.g. [CLS]) attend to and are attended by everything."""
     _check_sizes(seqlen, block_size)
     _check_int("num_global", num_global, 0)
+    num_global = min(num_global, seqlen)  # as BlockSparseLayout clamps it: more than seqlen means the same
     first, last = _block_bounds(seqlen, block_size)
     full = (last[:, None] < num_global) | (last[None, :] < num_global)
     some = (first[:, None] < num_global) | (first[None, :] < num_global)
@@ -248,7 +303,11 @@ def random_blocks(seqlen: int, blocks_per_row: int, block_size: int = 64, num_he
     nb = _check_sizes(seqlen, block_size)
     _check_int("blocks_per_row", blocks_per_row, 0)
     _check_int("num_heads", num_heads, 1)
-    gen = torch.Generator().manual_seed(seed)
+    # torch.Generator.manual_seed would take a bool as 0/1, fail on a float with a RuntimeError and on
+    # a seed past 64 bits with "Overflow when unpacking long long".
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [-2**63, 2**64), got {seed!r}")
+    gen = torch.Generator().manual_seed(int(seed))
     scores = torch.rand(num_heads, nb, nb, generator=gen)
     chosen = scores.argsort(dim=-1)[..., : min(blocks_per_row, nb)]
     keep = torch.zeros(num_heads, nb, nb, dtype=torch.bool).scatter_(-1, chosen, True)
@@ -261,7 +320,9 @@ def dilated(seqlen: int, num_blocks: int, dilation: int, block_size: int = 64) -
     _check_int("num_blocks", num_blocks, 0)
     _check_int("dilation", dilation, 1)
     dist = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).abs()
-    keep = (dist % dilation == 0) & (dist <= num_blocks * dilation)
+    # Distances are below nb: clamped to nb, a larger dilation or reach keeps the same blocks and
+    # fits torch's int64 (dilated(S, 10**30, 1) is every block, not an OverflowError).
+    keep = (dist % min(dilation, nb) == 0) & (dist <= min(num_blocks * dilation, nb))
     return BlockSparseLayout(_classify(keep, keep)[None], block_size, seqlen)
 
 

@@ -100,7 +100,7 @@ class PackedBatch:
             return batch, None if count is None else int(count)  # HOST SYNC, only when count is given
         mask = attention_mask.bool().reshape(-1)  # (B, S) -> (B*S,)
         lengths = mask.view(b, s).sum(1, dtype=torch.int32)  # (B,)
-        cu = padding.cu_seqlens_from_lengths(lengths)  # (B+1,)
+        cu = padding.cu_seqlens_from_lengths(lengths, check=False)  # (B+1,); counts of a mask: valid
         wanted = [cu[-1], F.pad(lengths, (0, 1)).max()] + ([] if count is None else [count.reshape(())])
         total, longest, *host_count = torch.stack([w.long() for w in wanted]).tolist()  # HOST SYNC: the one of a step
         # The real tokens, in order: a stable sort puts mask == True first. Positions are the

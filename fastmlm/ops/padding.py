@@ -66,16 +66,46 @@ def unpad_flat(padded: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return padded.reshape((-1,) + tuple(padded.shape[2:])).index_select(0, flat)
 
 
-def cu_seqlens_from_lengths(lengths: torch.Tensor) -> torch.Tensor:
-    """(B,) lengths -> (B+1,) int32 cumulative offsets starting at 0, the inverse of :func:`seqlens`."""
+def cu_seqlens_from_lengths(lengths: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """(B,) integer lengths -> (B+1,) int32 cumulative offsets starting at 0, the inverse of :func:`seqlens`.
+
+    Host lengths are checked (>= 0, an int32 total); device ones are not, to read nothing back.
+    ``check=False`` skips the checks, for lengths counted from a mask every step.
+    """
+    if not check:
+        return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.dtype == torch.bool \
+            or lengths.dtype.is_floating_point or lengths.dtype.is_complex:
+        got = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+        raise ValueError(f"lengths must be a (B,) integer tensor, got {got}")
+    if lengths.device.type == "cpu" and lengths.numel():  # a float would truncate, a negative length or
+        # a total past int32 wrap the offsets: silently wrong cu_seqlens rather than an error
+        low, total = int(lengths.min()), int(lengths.sum(dtype=torch.int64))
+        if low < 0 or total > torch.iinfo(torch.int32).max:
+            raise ValueError(f"lengths must be >= 0 with a total below 2**31, got min {low}, total {total}")
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 def cu_seqlens_from_mask(attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Right-padded (B, S) mask -> ((B+1,) int32 cu_seqlens, max_seqlen).
 
+    Nonzero = real token, as for the model's attention_mask; a float (additive) mask is refused.
     Reads the lengths back to the host once (call it where the data is made,
     not inside a training step).
     """
-    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
-    return cu_seqlens_from_lengths(lengths), int(lengths.max()) if lengths.numel() else 0
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 \
+            or attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+        got = (f"{attention_mask.dtype} {tuple(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor)
+               else type(attention_mask).__name__)
+        raise ValueError(f"attention_mask must be a (B, S) bool or integer tensor (nonzero = real token), got {got}")
+    mask = attention_mask.bool()  # an int mask of 2s counts each real token once, not twice
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    # The offsets only say how many tokens each row has: with left padding or holes, unpad would take
+    # the first `length` positions of the row, padding included. Checked on the same host read.
+    right = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths[:, None]
+    longest, holes = torch.stack([lengths.max() if lengths.numel() else lengths.new_zeros(()),
+                                  (mask != right).any().to(torch.int32)]).tolist()  # HOST SYNC
+    if holes:
+        raise ValueError("attention_mask must be right-padded (each row's real tokens first, then padding); "
+                         "pack a left-padded batch with fastmlm.ops.packing.PackedBatch.from_padded")
+    return cu_seqlens_from_lengths(lengths, check=False), longest
