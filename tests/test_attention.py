@@ -427,3 +427,23 @@ def test_cu_seqlens_from_mask_refuses_float_and_left_padded_masks():
     cu, longest = padding.cu_seqlens_from_mask(torch.tensor([[True, False], [True, True], [False, False]]).t().t())
     assert cu.tolist() == [0, 1, 3, 3] and longest == 2
     assert padding.cu_seqlens_from_mask(torch.zeros(0, 4, dtype=torch.bool))[0].tolist() == [0]
+
+
+@pytest.mark.parametrize("op", ["attention", "block_sparse_attention"])
+def test_options_that_would_be_misread_are_refused(op):
+    """softmax_scale=True was taken as a scale of 1.0, and a max_seqlen beside padded q was ignored (a user
+    passing 3 for S=8 got attention over all 8 positions); both now fail naming the argument."""
+    from fastmlm.ops import block_layout, block_sparse_attention
+
+    q = torch.randn(2, 8, 2, 16)
+    if op == "attention":
+        call = lambda **kw: attention(q, q, q, **kw)  # noqa: E731
+    else:
+        layout = block_layout.sliding_window(8, 2, block_size=4)
+        call = lambda **kw: block_sparse_attention(q, q, q, layout, **kw)  # noqa: E731
+    with pytest.raises(ValueError, match="softmax_scale must be a positive finite float, got True"):
+        call(softmax_scale=True)
+    with pytest.raises(ValueError, match=r"max_seqlen is for the packed \(T, H, D\) layout; padded q has seqlen 8, "
+                                         r"got max_seqlen=3"):
+        call(max_seqlen=3)
+    torch.testing.assert_close(call(max_seqlen=8), call())  # S itself is accepted, as before

@@ -177,6 +177,9 @@ def validate_metadata(op, q, k, v, attention_mask, cu_seqlens, max_seqlen) -> in
                 checks.fail(op, "attention_mask must be bool or integer (True/1 = real token), not a float additive bias")
             if tuple(attention_mask.shape) != tuple(q.shape[:2]):
                 checks.fail(op, f"attention_mask shape {tuple(attention_mask.shape)} must be (batch, seqlen) = {tuple(q.shape[:2])}")
+        if max_seqlen is not None and max_seqlen != q.shape[1]:  # it would be ignored: S is every row's length
+            checks.fail(op, f"max_seqlen is for the packed (T, H, D) layout; padded q has seqlen {q.shape[1]}, "
+                            f"got max_seqlen={max_seqlen!r} (leave it out, or give it as {q.shape[1]})")
         return q.shape[1]
     if attention_mask is not None:
         checks.fail(op, "attention_mask is for the padded (B, S, H, D) layout; packed inputs use cu_seqlens")
@@ -205,7 +208,8 @@ def validate_options(op: str, backend: str, softmax_scale, head_dim: int) -> flo
         checks.fail(op, f"backend must be a string, got {type(backend).__name__}")
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(softmax_scale, (int, float)) or not math.isfinite(softmax_scale) or softmax_scale <= 0:
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)) \
+            or not math.isfinite(softmax_scale) or softmax_scale <= 0:  # True would be taken as 1.0
         checks.fail(op, f"softmax_scale must be a positive finite float, got {softmax_scale!r}")
     return float(softmax_scale)
 
