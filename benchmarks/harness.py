@@ -24,7 +24,7 @@ provider and shape); this module does the rest the same way for every op:
 A row: op, provider, shape (a label), dtype, metric, median, p20, p80, unit, status,
 note, device, torch, triton, cuda, commit, date, threads, load (the host's load
 average: CPU timings on a shared machine need it), run (one id per invocation),
-pass and params (the shape as a dict, for plots). ``status`` is "ok", "skipped",
+preset, pass and params (the shape as a dict, for plots). ``status`` is "ok", "skipped",
 "failed check" or "error"; non-ok rows carry the reason in ``note`` and no numbers.
 """
 from __future__ import annotations
@@ -266,7 +266,10 @@ class Settings:
     gpu_warmup_ms: int = 25
     gpu_rep_ms: int = 100
     memory: bool = True
-    run_id: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"))
+    # The start time (newest sorts last) and a random tag: two runs started in the same second (in parallel,
+    # into one results file) would otherwise share an id, and --report-only would merge their rows.
+    run_id: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
+                        + os.urandom(3).hex())
 
 
 def _reason(exc: BaseException) -> str:
@@ -338,10 +341,15 @@ def measure(bench, provider: str, shape: dict, dtype: torch.dtype, device: str, 
 
 
 def run_bench(bench, preset: str, device: str, settings: Settings, out: Optional[Path],
-              deadline: Optional[float] = None, echo: Callable[[str], None] = print) -> list[dict]:
-    """Every shape x dtype x provider of one bench module; rows are appended to ``out`` as they come."""
-    env = environment(device)
-    rows: list[dict] = []
+              deadline: Optional[float] = None, echo: Callable[[str], None] = print,
+              rows: Optional[list] = None) -> list[dict]:
+    """Every shape x dtype x provider of one bench module; rows are appended to ``out`` as they come.
+
+    ``rows``: a list to extend as each measurement finishes (and return), so a caller interrupted by
+    Ctrl-C still holds the rows measured so far.
+    """
+    env = {**environment(device), "preset": preset}  # every row says its preset (for --report-only's summary)
+    rows = [] if rows is None else rows
     for shape in bench.shapes(preset):
         for dtype in bench.dtypes(preset):
             for provider in bench.providers(shape, device):
@@ -373,15 +381,50 @@ def one_line(rows: list[dict]) -> str:
 
 # --------------------------------------------------------------------------- results file
 def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append whole lines, one ``write`` per batch (an O_APPEND write is not interleaved with another run's).
+
+    A file whose last line was cut short (a full disk, a copy cut off) gets a newline first: the damage
+    stays on its own line, which :func:`read_rows` names, instead of swallowing this batch's first row.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    with open(path, "a+b", buffering=0) as fh:
+        if fh.seek(0, os.SEEK_END) > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                data = b"\n" + data
+        view = memoryview(data)
+        while view:  # a regular file takes it in one call; loop in case of a short write
+            view = view[fh.write(view):]
+
+
+# The fields tables, plots and --report-only read: a line without them is corrupt or from an older harness.
+ROW_FIELDS = ("op", "provider", "shape", "dtype", "metric", "median", "p20", "p80", "unit", "status", "note",
+              "device", "torch", "triton", "cuda", "commit", "date", "run")
+
+
+class RowsError(ValueError):
+    """A results file line that is not a row of this harness; the message names the file and line."""
 
 
 def read_rows(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RowsError(f"{path}:{number}: not a JSON row (column {exc.colno}: {exc.msg}); delete or "
+                                "repair that line") from None
+            missing = [k for k in ROW_FIELDS if k not in row] if isinstance(row, dict) else ["every field"]
+            if missing:
+                raise RowsError(f"{path}:{number}: not a row of this benchmark harness (missing "
+                                f"{', '.join(missing)}): a file from an older version? write new runs to a "
+                                "new file")
+            rows.append(row)
+    return rows
 
 
 def latest_run(rows: list[dict]) -> list[dict]:

@@ -13,7 +13,6 @@ Needs matplotlib (pip install -e ".[bench]").
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -146,12 +145,24 @@ def main(argv=None) -> int:
     p.add_argument("--prefix", default=None, help="file name prefix (default: the results file's name stem)")
     p.add_argument("--all-runs", action="store_true", help="plot every run in the file, not only the newest")
     args = p.parse_args(argv)
-    with open(args.results) as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
-    if rows and not args.all_runs:
-        newest = max(r["run"] for r in rows)
-        rows = [r for r in rows if r["run"] == newest]
-    prefix = args.prefix if args.prefix is not None else args.results.name.replace("rows.jsonl", "")
+    if __package__ in (None, ""):  # run as benchmarks/plot.py: make the benchmarks package importable
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.harness import RowsError, latest_run, read_rows  # names a corrupt or older line
+
+    if not args.results.is_file():
+        p.error(f"argument results: no results file {args.results}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        p.error(f"argument --out: {args.out} is a file; expected a folder")
+    try:
+        rows = read_rows(args.results)
+    except RowsError as exc:
+        p.error(f"argument results: {exc}")
+    if not args.all_runs:
+        rows = latest_run(rows)
+    # As python -m benchmarks names them: "cpu-rows.jsonl" -> "cpu-", any other name its stem and a dash
+    name = args.results.name
+    stem = name[: -len("rows.jsonl")] if name.endswith("rows.jsonl") else args.results.stem + "-"
+    prefix = args.prefix if args.prefix is not None else stem
     try:
         made = plot_rows(rows, args.out or args.results.parent, prefix)
     except MissingMatplotlib as exc:

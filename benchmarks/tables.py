@@ -108,6 +108,8 @@ def headline(rows: list[dict]) -> str:
         ref = cells.get("reference", {})
         bad = [f"{n} ({c['status']['status']})" for n, c in cells.items()
                if c["status"]["status"] in ("failed check", "error")]
+        # A good timing whose memory measurement failed: say so here too, not just a bare "—" under peak MiB.
+        bad += [f"{n} ({problem.split(':')[0]} error)" for n, c in cells.items() for problem in c.get("problems", [])]
         mem = _value(cells.get(ours, {}), "peak memory") if ours else None
         lines.append("| " + " | ".join([
             op, shape, dtype, ours or "none ran", _fmt(ours_time), _ratio(_value(ref, "time"), ours_time),

@@ -278,3 +278,205 @@ def test_cce_rows_fold_the_bias_into_the_projection(monkeypatch, provider):
     assert "limit" in _peer_workload(monkeypatch, provider, torch.float16).check()
     with pytest.raises(Skip, match="bf16 or fp16"):
         bench_masked_ce.PEERS[provider](torch.float32)
+
+
+# --------------------------------------------------------------------------- the CLI as a new user meets it
+def _cli_fake(monkeypatch, interrupt_at=None):
+    """``--ops fake``: a two-provider bench that counts its calls to make (and can raise Ctrl-C in one)."""
+    made = []
+
+    def make(provider, shape, dtype, device):
+        made.append(provider)
+        if provider == interrupt_at:
+            raise KeyboardInterrupt
+        return Workload(step=lambda: None, check=lambda: "ok")
+
+    bench = types.SimpleNamespace(OP="fake", __name__="benchmarks.fake_bench", make=make, label=lambda s: "n=1",
+                                  shapes=lambda preset: [{"n": 1}], dtypes=lambda preset: [torch.float64],
+                                  providers=lambda shape, device: ["reference", "fastmlm-torch"])
+    monkeypatch.setitem(cli.OPS, "fake", "fake_bench")
+    monkeypatch.setitem(sys.modules, "benchmarks.fake_bench", bench)
+    return made
+
+
+def _cli_args(tmp_path, *extra):
+    return ["--cpu", "--preset", "smoke", "--ops", "fake", "--no-memory", "--cpu-time-s", "0.01",
+            "--out", str(tmp_path / "rows.jsonl"), "--plots", "none", *extra]
+
+
+def _usage_error(capsys, argv) -> str:
+    """main(argv) must stop as argparse does (exit 2, usage + one error line); returns that line."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage:"), (exc.value.code, err)
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("ops", ["masked_ce,bogus", "masked_ce,", ""])
+def test_cli_refuses_unknown_ops_as_a_usage_error(tmp_path, capsys, ops):
+    line = _usage_error(capsys, ["--cpu", "--ops", ops, "--out", str(tmp_path / "rows.jsonl")])
+    assert "argument --ops: unknown op(s)" in line and "choose from attention,masked_ce" in line
+    assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_cli_runs_an_op_named_twice_once(tmp_path, monkeypatch):
+    made = _cli_fake(monkeypatch)
+    assert cli.main(_cli_args(tmp_path, "--ops", "fake,fake")) == 0
+    assert made == ["reference", "fastmlm-torch"]
+
+
+@pytest.mark.parametrize("flag,value", [("--budget-s", "0"), ("--budget-s", "-1"), ("--budget-s", "nan"),
+                                        ("--cpu-time-s", "0"), ("--cpu-time-s", "inf"), ("--threads", "0"),
+                                        ("--threads", "-1"), ("--threads", "100000")])
+def test_cli_refuses_numbers_that_would_measure_nothing_or_nonsense(tmp_path, monkeypatch, capsys, flag, value):
+    """--budget-s 0 skipped every row, nan never stopped, --threads 0 was ignored and -1 a traceback."""
+    made = _cli_fake(monkeypatch)
+    line = _usage_error(capsys, _cli_args(tmp_path, flag, value))
+    assert f"argument {flag}: expected" in line and not made
+
+
+def test_cli_checks_its_output_paths_before_measuring(tmp_path, monkeypatch, capsys):
+    made = _cli_fake(monkeypatch)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept\n")
+    cases = {"--out": [str(tmp_path), str(a_file / "rows.jsonl")], "--summary": [str(tmp_path), str(a_file / "s.md")],
+             "--plots": [str(a_file), str(a_file / "plots")]}
+    for flag, paths in cases.items():
+        for path in paths:
+            line = _usage_error(capsys, _cli_args(tmp_path, flag, path))
+            assert f"argument {flag}: " in line and path in line, line
+    assert not made and a_file.read_text() == "kept\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no empty rows or summary file left
+
+
+def test_cli_report_only_names_a_missing_empty_corrupt_or_older_file(tmp_path, monkeypatch, capsys):
+    _cli_fake(monkeypatch)
+    out = tmp_path / "rows.jsonl"
+    assert cli.main(_cli_args(tmp_path)) == 0
+    good = out.read_text()
+    report = ["--report-only", "--cpu", "--plots", "none", "--out", str(out)]
+    out.unlink()
+    assert "no results file" in _usage_error(capsys, report)
+    out.write_text("\n")
+    assert "has no rows" in _usage_error(capsys, report)
+    out.write_text(good + '{"op": "fake", "provi\n')
+    assert f"{out}:3: not a JSON row" in _usage_error(capsys, report)
+    old = [{k: v for k, v in json.loads(line).items() if k != "run"} for line in good.splitlines()]
+    out.write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert f"{out}:1: not a row of this benchmark harness (missing run)" in _usage_error(capsys, report)
+    out.write_text(good)
+    capsys.readouterr()
+    assert cli.main(report) == 0 and f"rows read from {out}" in capsys.readouterr().out
+
+
+def test_append_after_a_cut_line_keeps_the_new_rows_whole(tmp_path):
+    from benchmarks.harness import RowsError, append_rows, read_rows
+    out = tmp_path / "rows.jsonl"
+    out.write_text('{"op": "fake", "provi')  # the last line of a file whose disk filled up
+    append_rows(out, [{"a": 1}, {"b": 2}])
+    assert out.read_text().splitlines()[1:] == ['{"a": 1}', '{"b": 2}']
+    with pytest.raises(RowsError, match=r"rows\.jsonl:1: not a JSON row"):
+        read_rows(out)
+
+
+def test_cli_ctrl_c_keeps_and_reports_the_rows_so_far(tmp_path, monkeypatch, capsys):
+    made = _cli_fake(monkeypatch, interrupt_at="fastmlm-torch")
+    try:
+        code = cli.main(_cli_args(tmp_path))
+    except KeyboardInterrupt:  # it used to escape as a traceback (and would stop pytest itself)
+        pytest.fail("Ctrl-C escaped main()")
+    assert code == 130
+    assert made == ["reference", "fastmlm-torch"]
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert {r["provider"] for r in rows} == {"reference"}
+    assert "| reference |" in (tmp_path / "summary.md").read_text()
+    assert "interrupted: the 1 rows measured so far are kept in" in capsys.readouterr().out
+
+
+def test_plot_cli_names_a_bad_line_and_prefixes_as_the_suite_does(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    rows = tmp_path / "run.jsonl"
+    params = {"layout": "full", "heads": 2, "head_dim": 16, "pass": "fwd", "seqlen": 64}
+    row = {**_rows("attention", "fastmlm-torch", "s=64", "TFLOP/s", 1.0, params), "device": "cpu", "torch": "x",
+           "triton": "x", "cuda": "none", "commit": "c", "date": "d"}
+    rows.write_text(json.dumps(row) + "\nnot json\n")
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(rows), "--out", str(tmp_path)])
+    assert exc.value.code == 2 and f"{rows}:2: not a JSON row" in capsys.readouterr().err
+    rows.write_text(json.dumps(row) + "\n")
+    assert plot.main([str(rows), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "run-attention-tflops.png").exists()  # was "run.jsonlattention-tflops.png"
+
+
+def test_headline_names_a_provider_whose_memory_measurement_failed():
+    rows = [_rows("attention", "reference", "s=512", "time", 8.0),
+            _rows("attention", "fastmlm-torch", "s=512", "time", 1.0),
+            _rows("attention", "fastmlm-torch", "s=512", "peak memory", None, status="error",
+                  note="RuntimeError: memory worker failed")]
+    line = tables.headline(rows).splitlines()[-1]
+    assert line.endswith("| fastmlm-torch (peak memory error) |"), line
+
+
+@pytest.mark.parametrize("flag", [["--ops", "masked_ce"], ["--budget-s", "5"], ["--cpu-time-s", "1"],
+                                  ["--threads", "1"], ["--no-memory"]])
+def test_cli_report_only_refuses_measuring_flags_it_would_ignore(tmp_path, capsys, flag):
+    out = tmp_path / "rows.jsonl"
+    line = _usage_error(capsys, ["--report-only", "--cpu", "--plots", "none", "--out", str(out), *flag])
+    assert f"argument --report-only: measures nothing, so {flag[0]} would be ignored" in line
+
+
+def test_cli_will_not_append_to_a_file_it_could_not_read_back(tmp_path, monkeypatch, capsys):
+    made = _cli_fake(monkeypatch)
+    out = tmp_path / "rows.jsonl"
+    out.write_text('{"op": "attention", "median": 1.0}\n')  # an older harness's row: no run, no device, ...
+    line = _usage_error(capsys, _cli_args(tmp_path))
+    assert f"argument --out: {out}:1: not a row of this benchmark harness" in line
+    assert not made and out.read_text() == '{"op": "attention", "median": 1.0}\n'
+
+
+def test_cli_summary_may_not_overwrite_the_rows_file(tmp_path, monkeypatch, capsys):
+    made = _cli_fake(monkeypatch)
+    out = tmp_path / "rows.jsonl"
+    assert cli.main(_cli_args(tmp_path)) == 0
+    before = out.read_text()
+    line = _usage_error(capsys, _cli_args(tmp_path, "--summary", str(out)))
+    assert "argument --summary: " in line and "would replace the rows" in line
+    assert out.read_text() == before and len(made) == 2
+
+
+def test_cli_plots_are_named_after_their_results_file(tmp_path, monkeypatch):
+    """Two results files in one folder (smoke-rows.jsonl, full-rows.jsonl) each keep their plots: they were
+    both named cpu-*.png, the second run's replacing the first's."""
+    pytest.importorskip("matplotlib")
+    _cli_fake(monkeypatch)
+    shape = {"layout": "full", "heads": 2, "head_dim": 16, "pass": "fwd", "seqlen": 64}
+    monkeypatch.setattr(sys.modules["benchmarks.fake_bench"], "OP", "attention")
+    monkeypatch.setattr(sys.modules["benchmarks.fake_bench"], "shapes", lambda preset: [dict(shape)])
+    monkeypatch.setattr(sys.modules["benchmarks.fake_bench"], "make",
+                        lambda *a: Workload(step=lambda: None, check=lambda: "ok", flops=1e3))
+    for name in ("smoke-rows.jsonl", "full-rows.jsonl"):
+        args = _cli_args(tmp_path, "--out", str(tmp_path / name), "--plots", str(tmp_path))
+        assert cli.main(args) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["full-attention-tflops.png", "smoke-attention-tflops.png"]
+
+
+@pytest.mark.parametrize("preset", ["gpu", "gpu-check"], ids=lambda p: f"preset={p}")  # not the gpu marker
+def test_cli_refuses_a_gpu_preset_on_the_cpu(tmp_path, monkeypatch, capsys, preset):
+    """Without a GPU, --preset gpu silently ran the GPU shapes (bf16, 8k tokens) on the CPU for hours."""
+    made = _cli_fake(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = [a for a in _cli_args(tmp_path, "--preset", preset) if a != "--cpu"]
+    line = _usage_error(capsys, args)
+    assert f"argument --preset: {preset} is sized for a GPU" in line and "no CUDA GPU" in line and not made
+
+
+def test_two_runs_started_in_one_second_get_their_own_run_ids():
+    assert Settings().run_id != Settings().run_id  # (they were the start second alone)
+
+
+def test_cli_report_only_titles_the_summary_with_the_runs_preset(tmp_path, monkeypatch):
+    _cli_fake(monkeypatch)
+    assert cli.main(_cli_args(tmp_path)) == 0  # --preset smoke
+    assert cli.main(["--report-only", "--cpu", "--plots", "none", "--out", str(tmp_path / "rows.jsonl")]) == 0
+    assert (tmp_path / "summary.md").read_text().splitlines()[0] == "# Benchmarks: cpu, preset smoke"  # was "cpu"
