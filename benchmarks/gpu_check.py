@@ -29,6 +29,7 @@ GPU, marked as a smoke run; tests/test_gpu_check.py runs it). Exit status on a G
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -53,7 +54,7 @@ except ImportError:  # a python without torch (e.g. a bare python3 on a CPU mach
 
 from benchmarks import peer_wheels, tables  # noqa: E402
 from benchmarks.__main__ import bench_reports, device_tag  # noqa: E402
-from benchmarks.harness import environment, read_rows  # noqa: E402
+from benchmarks.harness import ROW_FIELDS, environment, read_rows  # noqa: E402
 
 # Seconds per step (the overall budget caps their sum); benchmarks are split per op.
 STEP_BUDGET = {"build": 200, "tests": 150, "bench": 200}
@@ -190,6 +191,10 @@ def step_bench(has_gpu: bool, rows_path: Path, log: Path, budget: float, args) -
         if code != 0:
             ok = False
             notes.append(f"{op}: {'stopped at its time limit' if code is None else f'exit {code}'}")
+        dropped = drop_unreadable_lines(rows_path)
+        if dropped:  # an op stopped while writing: the next op would refuse to append after such a line
+            ok = False
+            notes.append(f"{op}: {dropped} unreadable line(s) of {rows_path.name} dropped")
     rows = read_rows(rows_path) if rows_path.exists() else []
     # A peer that fails the error-ratio check (CCE's default gradient filter may) is a finding about the
     # peer, listed but not a failure of ours; a peer that errors is more likely our adapter's fault.
@@ -202,6 +207,26 @@ def step_bench(has_gpu: bool, rows_path: Path, log: Path, budget: float, args) -
         notes.append(f"peers failing the check (not timed): {', '.join(peers)}")
     status = "passed" if ok and not bad else "failed"
     return step.done(status, start, "; ".join(notes) or f"{len(rows)} rows"), rows
+
+
+def drop_unreadable_lines(path: Path) -> int:
+    """Remove the lines of a rows file that read_rows would refuse (a line cut short when an op's process
+    was stopped at its limit mid-write); return how many. The rows of the other ops stay readable."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    good = []
+    for line in lines:
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and all(k in row for k in ROW_FIELDS):
+            good.append(line if line.endswith("\n") else line + "\n")
+    dropped = sum(1 for line in lines if line.strip()) - len(good)
+    if dropped:
+        path.write_text("".join(good))
+    return dropped
 
 
 # --------------------------------------------------------------------------- report

@@ -121,3 +121,19 @@ def test_bench_step_fails_on_our_rows_not_on_a_peer_failing_its_check(tmp_path, 
     assert status == "passed" and "peers failing the check (not timed): cce" in note
     assert outcome(("fastmlm-triton", "failed check"), ("cce", "ok"))[0] == "failed"
     assert outcome(("fastmlm-triton", "ok"), ("liger", "error"))[0] == "failed"
+
+
+def test_a_line_cut_by_a_stopped_op_is_dropped_so_the_next_op_can_append(tmp_path, monkeypatch):
+    """An op's process stopped at its limit mid-write leaves a cut line; the benchmark CLI refuses to append
+    after one, so every later op of the GPU run would exit 2. gpu_check drops such lines after each op."""
+    import argparse
+    from benchmarks import gpu_check
+    from benchmarks.harness import ROW_FIELDS
+    good = json.dumps({k: "x" for k in ROW_FIELDS} | {"provider": "fastmlm-torch", "status": "ok"})
+    rows_path = tmp_path / "rows.jsonl"
+    rows_path.write_text(good + "\n" + good[:40])  # the second row cut short
+    monkeypatch.setattr(gpu_check, "run_logged", lambda *a, **k: (0, ""))
+    step, rows = gpu_check.step_bench(False, rows_path, tmp_path / "log", 100.0, argparse.Namespace(cpu_smoke=True))
+    assert rows_path.read_text() == good + "\n" and len(rows) == 1
+    assert step.status == "failed" and "1 unreadable line(s) of rows.jsonl dropped" in step.note
+    assert gpu_check.drop_unreadable_lines(rows_path) == 0 and gpu_check.drop_unreadable_lines(tmp_path / "no") == 0
