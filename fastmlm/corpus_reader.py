@@ -21,6 +21,7 @@ import gzip
 import hashlib
 import io
 import json
+import numbers
 import os
 import re
 import warnings
@@ -44,9 +45,12 @@ def bundled_corpus(split: str) -> Path:
 
 
 def corpus_files(paths: Sequence[os.PathLike | str]) -> list[Path]:
-    """Expand files and folders (recursively) into a sorted list of text/JSONL files."""
+    """Expand files and folders (recursively) into a sorted list of text/JSONL files; a file named
+    twice (also as part of a folder given) is refused, since its documents would be read twice."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if paths is None:
+        raise TypeError("paths must be a file or folder or a list of them, got None")
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -60,6 +64,11 @@ def corpus_files(paths: Sequence[os.PathLike | str]) -> list[Path]:
             files.append(path)
         else:
             raise FileNotFoundError(f"no such file or folder: {path}")
+    first: dict[Path, Path] = {}
+    for f in files:
+        if first.setdefault(f.resolve(), f) is not f:
+            raise ValueError(f"{f} is given twice (as {first[f.resolve()]} too, directly or inside a folder); "
+                             f"its documents would be read twice: give each file once")
     return files
 
 
@@ -148,6 +157,8 @@ def read_jsonl(path, undecodable: Optional[_Undecodable] = None,
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise error(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:  # json gives up on deep nesting (e.g. a line of "[[[[..."), not a JSONDecodeError
+            raise error(f"{path}:{number}: not valid JSON for a corpus (nested too deeply to parse)") from None
         yield number, record
 
 
@@ -191,6 +202,10 @@ def _documents_of(path: Path) -> Iterator[str]:
 def read_documents(paths: "Sequence[os.PathLike | str] | HeldOut", rank: int = 0, world_size: int = 1) -> Iterator[str]:
     """Stream the documents of ``paths`` (or of a :class:`HeldOut` part of them); with ``world_size > 1``
     only every world_size-th one, from ``rank``."""
+    ok_ints = all(isinstance(n, int) and not isinstance(n, bool) for n in (rank, world_size))
+    if not (ok_ints and 0 <= rank < world_size):  # else a ZeroDivisionError, or no documents at all
+        raise ValueError(f"rank and world_size must be ints with 0 <= rank < world_size, got rank={rank!r}, "
+                         f"world_size={world_size!r}")
     if isinstance(paths, HeldOut):
         documents = paths.documents()
     else:
@@ -227,6 +242,8 @@ class HeldOut:
     def __post_init__(self):
         if self.part not in ("train", "valid"):
             raise ValueError(f"part must be 'train' or 'valid', got {self.part!r}")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, numbers.Real):
+            raise TypeError(f"the held-out fraction must be a number, got {self.fraction!r}")
         if not 0.0 < self.fraction < 1.0:
             raise ValueError(f"the held-out fraction must lie in (0, 1), got {self.fraction!r}")
 

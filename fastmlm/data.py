@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -43,6 +44,13 @@ from .tokenizer import check_whole_encodings, continuation_flags, special_ids
 
 
 IGNORE_INDEX = -100  # the label of a token that is not predicted (fastmlm.model reads it from here)
+
+
+def check_int(name: str, value, least: int, why: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool or a float) >= ``least``
+    (the wording of fastmlm.predict's checks)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}{why}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- packing
@@ -66,8 +74,7 @@ class RowPacker:
     """
 
     def __init__(self, seq_len: int, cls: int, sep: int):
-        if seq_len < 3:
-            raise ValueError(f"seq_len must be at least 3 ([CLS] x [SEP]), got {seq_len}")
+        check_int("seq_len", seq_len, 3, " ([CLS] x [SEP])")
         self.seq_len, self.cls, self.sep = seq_len, cls, sep
         self.segments: list[np.ndarray] = []
         self.used = 0
@@ -99,14 +106,19 @@ class RowPacker:
 
 def iter_rows(documents: Iterable[str], tokenizer, seq_len: int) -> Iterator[Row]:
     """Tokenise documents (64 at a time, in Rust) and pack them into rows of ``seq_len`` tokens."""
+    if isinstance(documents, str):  # iterating a str would make every character a document of its own
+        raise TypeError("documents must be an iterable of str (one per document), got a str; wrap it: [text]")
     check_whole_encodings(tokenizer)
     special = special_ids(tokenizer)
     packer = RowPacker(seq_len, special.cls, special.sep)
     chunk: list[str] = []
-    for doc in itertools.chain(documents, [None]):
-        if doc is not None:
+    end = object()  # not None: a None among the documents would have ended them silently
+    for n, doc in enumerate(itertools.chain(documents, [end])):
+        if doc is not end:
+            if not isinstance(doc, str):
+                raise TypeError(f"documents must be str, got {type(doc).__name__} (document {n})")
             chunk.append(doc)
-        if len(chunk) == 64 or (doc is None and chunk):
+        if len(chunk) == 64 or (doc is end and chunk):
             for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
                 yield from packer.add(enc.ids)
             chunk.clear()
@@ -173,12 +185,19 @@ class MaskingCollator:
 
     def __init__(self, tokenizer, seq_len: int, batch_size: int, mask_rate: float = 0.15,
                  whole_word: bool = False, layout: str = "padded", mask_prob: float = 0.8, random_prob: float = 0.1):
-        if not 0.0 < mask_rate < 1.0:
+        check_int("seq_len", seq_len, 3, " ([CLS] x [SEP])")
+        check_int("batch_size", batch_size, 1)
+        for name, value in (("mask_rate", mask_rate), ("mask_prob", mask_prob), ("random_prob", random_prob)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number, got {value!r}")
+        if not 0.0 < mask_rate < 1.0:  # written so that NaN fails too
             raise ValueError(f"mask_rate must lie in (0, 1), got {mask_rate}")
         if layout not in ("padded", "packed"):
             raise ValueError(f"layout must be 'padded' or 'packed', got {layout!r}")
-        if mask_prob < 0 or random_prob < 0 or mask_prob + random_prob > 1:
-            raise ValueError("mask_prob and random_prob must be >= 0 and sum to at most 1")
+        if not (mask_prob >= 0 and random_prob >= 0 and mask_prob + random_prob <= 1):  # NaN fails too
+            raise ValueError(f"mask_prob and random_prob must be >= 0 and sum to at most 1, got "
+                             f"mask_prob={mask_prob}, random_prob={random_prob}")
+        self.tokenizer = tokenizer  # kept so that a shard stream can check its shards were made with it
         self.special = special_ids(tokenizer)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.seq_len, self.batch_size, self.mask_rate = seq_len, batch_size, mask_rate
@@ -196,17 +215,29 @@ class MaskingCollator:
             raise ValueError(f"got {len(rows)} rows for a batch of {self.batch_size}")
         B, S = self.batch_size, self.seq_len
         ids = np.full((B, S), self.special.pad, dtype=np.int64)
+        lengths = np.zeros(B, dtype=np.int64)
         seg_lens: list[int] = []
         for r, row in enumerate(rows):
             if len(row) > S:
                 raise ValueError(f"a row of {len(row)} tokens does not fit seq_len={S}")
             flat = np.concatenate(row.segments) if row.segments else np.zeros(0, dtype=np.int64)
+            if flat.dtype.kind not in "iu":  # float ids would be truncated to other tokens
+                raise TypeError(f"a row's token ids must be integers, got dtype {flat.dtype}")
             ids[r, :len(flat)] = flat
+            lengths[r] = len(flat)
             seg_lens.extend(len(s) for s in row.segments)
             if len(flat) < S:  # the row's padding is a sequence of its own in the packed layout
                 seg_lens.append(S - len(flat))
         seg_lens.extend([S] * (B - len(rows)))  # missing rows (end of data): all padding
-        real = ids != self.special.pad
+        # Ids outside the vocabulary would index the tables below out of bounds (or, negative, wrap
+        # around to other tokens); two reductions of the batch, trivial next to the masking.
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the tokenizer's vocabulary of "
+                             f"{self.vocab_size} (ids 0..{self.vocab_size - 1}): rows made with another tokenizer?")
+        # Padding is where the rows end, not where the [PAD] id is: text that spells "[PAD]" tokenises
+        # to that id (a special token), and it is text the rows' other tokens attend to.
+        real = np.arange(S) < lengths[:, None]
         flat_ids = ids.reshape(-1)
         chosen = self._choose(flat_ids, rng)                     # sorted flat positions
         labels = np.full(B * S, IGNORE_INDEX, dtype=np.int64)
@@ -280,6 +311,9 @@ class BatchStream:
     def __init__(self, paths, tokenizer, collator: MaskingCollator, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle_rows: int = 2048, start: int = 0,
                  epoch_batches: Optional[int] = None):
+        check_int("seed", seed, 0)
+        check_int("shuffle_rows", shuffle_rows, 1)
+        check_int("start", start, 0)
         self.paths, self.tokenizer, self.collator = paths, tokenizer, collator
         self.seed, self.rank, self.world_size, self.shuffle_rows = seed, rank, world_size, shuffle_rows
         self.position = start
@@ -363,6 +397,9 @@ def fixed_batches(rows: Iterable[Row], collator: MaskingCollator, seed: int, max
                   what: str, rank: int = 0) -> list[Batch]:
     """Consecutive rows as masked batches with fixed masks (:func:`eval_batches`; shards' validation too);
     ValueError naming ``what`` when there are no rows."""
+    if max_batches is not None:  # 0 would read no rows and then blame the data for holding no text
+        check_int("max_batches", max_batches, 1, " (or None: every batch)")
+    check_int("seed", seed, 0)
     rows = list(rows if max_batches is None else itertools.islice(rows, max_batches * collator.batch_size))
     if not rows:  # no batches would mean no validation at all, not a validation of nothing
         raise ValueError(f"{what} holds no text for rank {rank}")

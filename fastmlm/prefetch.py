@@ -77,6 +77,8 @@ class Prefetcher:
         return self
 
     def __next__(self):
+        if self._stop.is_set():  # the thread is gone: waiting on the queue would hang forever
+            raise ValueError("next() on a closed Prefetcher; make a new one from the stream's position")
         if not self._started:
             self._started = True
             self._thread.start()

@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .data import Batch, MaskingCollator, Row, RowPacker, batch_rng
+from .data import Batch, MaskingCollator, Row, RowPacker, batch_rng, check_int
 from .shards import ShardSet
 
 
@@ -65,7 +65,23 @@ class ShardStream:
 
     def __init__(self, shards: ShardSet, docs: np.ndarray, collator: MaskingCollator, seed: int = 0, rank: int = 0,
                  world_size: int = 1, start: int = 0):
-        self.shards, self.docs, self.collator = shards, np.asarray(docs, dtype=np.int64), collator
+        check_int("world_size", world_size, 1)
+        check_int("seed", seed, 0)
+        check_int("start", start, 0)
+        check_int("rank", rank, 0)
+        if rank >= world_size:  # rank == world_size would take the next step's rows of rank 0
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank!r}")
+        # The shards hold no special tokens, so ids from another vocabulary of the same size would be
+        # trained on silently: the collator's tokenizer must be the one the shards were made with.
+        shards.check_tokenizer(collator.tokenizer, "the collator's tokenizer")
+        docs = np.asarray(docs)
+        if docs.ndim != 1 or (docs.size and (docs.dtype.kind not in "iu" or docs.min() < 0 or
+                                             docs.max() >= shards.n_docs)):
+            # a negative number would silently wrap around to a document at the end
+            got = f"{docs.dtype} values from {docs.min()} to {docs.max()}" if docs.ndim == 1 else f"shape {docs.shape}"
+            raise ValueError(f"docs must be a 1-d array of document numbers in [0, {shards.n_docs}) (the "
+                             f"documents of {shards.folder}), got {got}")
+        self.shards, self.docs, self.collator = shards, docs.astype(np.int64), collator
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.position = start
         self.row_doc, self.row_offset = row_starts(shards.lengths(self.docs), collator.seq_len)
@@ -104,6 +120,8 @@ class ShardStream:
 
     def batch(self, index: int) -> Batch:
         """Batch ``index`` of this rank (a pure function of seed, index and rank)."""
+        if index < 0:  # else an epoch of -1, refused deep inside numpy's seeding
+            raise ValueError(f"the batch index must be >= 0, got {index}")
         epoch, j = divmod(index, self.epoch_batches)
         B = self.collator.batch_size
         first = (j * self.world_size + self.rank) * B

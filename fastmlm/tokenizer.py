@@ -60,7 +60,9 @@ def _respelled_documents(documents: Iterable[str], normalizer, pre_tokenizer, st
     cuts: dict[int, str] = {}
     seen: set[str] = set()
     any_words = False
-    for doc in documents:
+    for n, doc in enumerate(documents):
+        if not isinstance(doc, str):  # else tokenizers' "'NoneType' object is not an instance of 'str'"
+            raise TypeError(f"documents must be str, got {type(doc).__name__} (document {n})")
         text = normalizer.normalize_str(doc)
         for char in sorted(set(text) - seen):  # sorted: a set's order changes with PYTHONHASHSEED
             seen.add(char)
@@ -92,8 +94,12 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int = 8000, lowercase:
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    if vocab_size < len(SPECIAL_TOKENS) + 100:
-        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
+    if isinstance(documents, str):  # iterating a str would train on each of its characters as a document
+        raise TypeError("documents must be an iterable of str (one per document), got a str; wrap it: [text]")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < len(SPECIAL_TOKENS) + 100:
+        raise ValueError(f"vocab_size must be an int of at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size!r}")
+    if isinstance(min_frequency, bool) or not isinstance(min_frequency, int) or min_frequency < 0:
+        raise ValueError(f"min_frequency must be an int >= 0, got {min_frequency!r}")
     tokenizer = _bert_pipeline(models.WordPiece(unk_token="[UNK]"), lowercase)
     merger = Tokenizer(models.BPE())
     merger.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -155,6 +161,9 @@ def load_tokenizer(path: os.PathLike | str, lowercase: Optional[bool] = None):
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}")
     if path.suffix == ".json":
+        if lowercase is not None:  # it would be ignored: the file's own normaliser decides
+            raise ValueError(f"lowercase={lowercase!r} applies to a vocab.txt only; {path} carries its own "
+                             f"normaliser, which decides; leave lowercase=None")
         try:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:
@@ -208,8 +217,17 @@ def check_whole_encodings(tokenizer) -> None:
 
 
 def continuation_flags(tokenizer) -> np.ndarray:
-    """(V,) bool: True for word pieces that continue a word (``##…``), for whole-word masking."""
+    """(V,) bool: True for word pieces that continue a word (``##…``), for whole-word masking.
+
+    The mark is the model's own (WordPiece's ``continuing_subword_prefix``); a model without one
+    (a BPE or Unigram tokenizer.json) is refused, since every token would count as a whole word and
+    whole-word masking would silently be token masking."""
+    prefix = getattr(tokenizer.model, "continuing_subword_prefix", None)
+    if not prefix:
+        raise ValueError(f"whole-word masking needs a tokenizer that marks the pieces continuing a word (a "
+                         f"WordPiece model's '##'); this one's model is {type(tokenizer.model).__name__} without "
+                         f"such a mark: use whole_word=False")
     flags = np.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=bool)
     for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
-        flags[index] = token.startswith("##")
+        flags[index] = token.startswith(prefix)
     return flags

@@ -426,3 +426,161 @@ def test_eval_batches_reads_only_what_max_batches_needs(tokenizer, tmp_path):
     assert len(some) == 3 and len(everything) > 3
     for a, b in zip(everything, some):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+
+
+# --------------------------------------------------------------------------- bad input, refused by name
+def test_collator_arguments_are_checked_nan_included(tokenizer):
+    for kwargs, error, message in [
+        (dict(mask_prob=float("nan")), ValueError, "mask_prob and random_prob .* got mask_prob=nan"),
+        (dict(random_prob=float("nan")), ValueError, "got mask_prob=0.8, random_prob=nan"),
+        (dict(mask_rate="0.15"), TypeError, "mask_rate must be a number, got '0.15'"),
+        (dict(seq_len=2), ValueError, r"seq_len must be an int >= 3 \(\[CLS\] x \[SEP\]\), got 2"),
+        (dict(seq_len=8.0), ValueError, "seq_len must be an int >= 3 .*got 8.0"),
+        (dict(batch_size=0), ValueError, "batch_size must be an int >= 1, got 0"),
+    ]:
+        with pytest.raises(error, match=message):
+            data.MaskingCollator(tokenizer, **{"seq_len": 16, "batch_size": 4, **kwargs})
+
+
+def test_collator_refuses_token_ids_outside_the_vocabulary(tokenizer):
+    collator = data.MaskingCollator(tokenizer, 16, 2)
+    special = collator.special
+    for bad in (600, -1):  # 600: an IndexError inside numpy before; -1: silently the last token of the vocabulary
+        with pytest.raises(ValueError, match=rf"token id {bad} is outside the tokenizer's vocabulary of 600"):
+            collator([data.Row([np.array([special.cls, 50, bad, special.sep])])], np.random.default_rng(0))
+    with pytest.raises(TypeError, match="token ids must be integers, got dtype float64"):  # 50.7 became 50
+        collator([data.Row([np.array([special.cls, 50.7, special.sep])])], np.random.default_rng(0))
+
+
+def test_text_spelling_pad_is_text_not_padding(tokenizer):
+    # "[PAD]" in a document tokenises to the [PAD] id (special tokens are matched in text); padding is
+    # where a row ends, so that token is attended to and counted like the rest of its row.
+    rows = list(data.iter_rows(["lists hold [PAD] items"], tokenizer, 16))
+    ids = np.concatenate(rows[0].segments)
+    assert (ids == special_ids(tokenizer).pad).sum() == 1
+    batch = data.MaskingCollator(tokenizer, 16, 2)(rows, np.random.default_rng(0))
+    assert batch.attention_mask[0].tolist() == [True] * len(ids) + [False] * (16 - len(ids))
+    assert batch.n_tokens == len(ids) and not batch.attention_mask[1].any()
+
+
+def test_a_str_is_not_a_list_of_documents(tokenizer):
+    # before: every character was a document of its own, silently
+    with pytest.raises(TypeError, match=r"documents must be an iterable of str .* got a str; wrap it: \[text\]"):
+        list(data.iter_rows("lists hold items", tokenizer, 16))
+    with pytest.raises(TypeError, match="documents must be an iterable of str"):
+        train_tokenizer("lists hold items " * 50, vocab_size=200)
+
+
+def test_train_tokenizer_argument_types():
+    with pytest.raises(ValueError, match="vocab_size must be an int of at least 105, got 200.0"):
+        train_tokenizer(["a b c"], vocab_size=200.0)
+    with pytest.raises(ValueError, match="min_frequency must be an int >= 0, got -1"):  # an OverflowError in Rust
+        train_tokenizer(["a b c"], vocab_size=200, min_frequency=-1)
+
+
+def test_load_tokenizer_json_refuses_lowercase_it_would_ignore(tokenizer, tmp_path):
+    path = _save(tokenizer, tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"lowercase=False applies to a vocab.txt only; .*tokenizer.json carries"):
+        load_tokenizer(path, lowercase=False)  # before: a lowercasing tokenizer, silently
+    assert load_tokenizer(path).get_vocab_size() == 600
+
+
+def test_whole_word_masking_needs_a_tokenizer_that_marks_word_pieces():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {t: i for i, t in enumerate(list(SPECIAL_TOKENS) + ["a", "b", "ab"])}
+    bpe = Tokenizer(models.BPE(vocab, [("a", "b")], unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    data.MaskingCollator(bpe, 16, 2)  # token masking works with any model
+    with pytest.raises(ValueError, match="whole-word masking needs a tokenizer that marks .* model is BPE"):
+        data.MaskingCollator(bpe, 16, 2, whole_word=True)  # before: silently token masking
+
+
+def test_stream_and_eval_arguments_are_checked(tokenizer, tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("lists hold items\n\ntuples hold values")
+    collator = data.MaskingCollator(tokenizer, 16, 2)
+    for kwargs, message in [(dict(shuffle_rows=0), "shuffle_rows must be an int >= 1, got 0"),  # numpy's "high <= 0"
+                            (dict(seed=-1), "seed must be an int >= 0, got -1"),  # numpy's "expected non-negative"
+                            (dict(start=-3), "start must be an int >= 0, got -3")]:
+        with pytest.raises(ValueError, match=message):
+            data.BatchStream([path], tokenizer, collator, **kwargs)
+    # max_batches=0 used to read nothing and then say the validation data held no text
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"max_batches must be an int >= 1 \(or None: every batch\), got {bad}"):
+            data.eval_batches([path], tokenizer, collator, max_batches=bad)
+
+
+def test_read_documents_checks_rank_and_world_size(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("one\n\ntwo\n\nthree")
+    assert list(read_documents([path], rank=1, world_size=2)) == ["two"]
+    for rank, world_size in ((0, 0), (2, 2), (-1, 2)):  # a ZeroDivisionError; no documents at all (silently)
+        with pytest.raises(ValueError, match=rf"0 <= rank < world_size, got rank={rank}, world_size={world_size}"):
+            list(read_documents([path], rank=rank, world_size=world_size))
+
+
+def test_a_file_given_twice_is_refused_not_read_twice(tmp_path):
+    from fastmlm.corpus_reader import corpus_files, split_holdout
+
+    (tmp_path / "a.txt").write_text("one\n\ntwo")
+    (tmp_path / "b.txt").write_text("three")
+    assert list(read_documents([tmp_path / "a.txt", tmp_path / "b.txt"])) == ["one", "two", "three"]
+    for paths in ([tmp_path / "a.txt", tmp_path / "a.txt"], [tmp_path, tmp_path / "b.txt"]):
+        with pytest.raises(ValueError, match=r"\.txt is given twice .*its documents would be read twice"):
+            corpus_files(paths)
+    with pytest.raises(TypeError, match="paths must be a file or folder or a list of them, got None"):
+        corpus_files(None)
+    with pytest.raises(TypeError, match="the held-out fraction must be a number, got '0.1'"):
+        split_holdout([tmp_path], "0.1")
+
+
+def test_masking_rate_and_80_10_10_over_many_batches(tokenizer):
+    """Over 150 batches of a fixed seed: the share of maskable tokens chosen is mask_rate, and the chosen
+    ones split 80/10/10, each within 4 standard deviations of its distribution."""
+    rows = _rows(tokenizer, n_docs=150, seq_len=64)
+    for whole_word in (False, True):
+        collator = data.MaskingCollator(tokenizer, 64, 16, mask_rate=0.15, whole_word=whole_word)
+        special, n_random = collator.special, len(collator.random_ids)
+        n_batches, maskable, chosen, masked, kept, replaced = 150, 0, 0, 0, 0, 0
+        for i in range(n_batches):
+            picked = np.random.default_rng([7, i]).choice(len(rows), 16, replace=False)
+            batch = collator([rows[j] for j in picked], data.batch_rng(7, i))
+            original = np.full((16, 64), special.pad)
+            for r, j in enumerate(picked):
+                flat = np.concatenate(rows[j].segments)
+                original[r, :len(flat)] = flat
+            original, inputs = original.reshape(-1), batch.input_ids.reshape(-1).numpy()
+            pos = batch.masked_positions.numpy()
+            pos = pos[pos >= 0]
+            assert not np.isin(original[pos], special.all).any()  # never a special token chosen
+            maskable += int((~np.isin(original, special.all)).sum())
+            chosen += len(pos)
+            masked += int((inputs[pos] == special.mask).sum())
+            kept += int((inputs[pos] == original[pos]).sum())
+            other = inputs[pos][(inputs[pos] != special.mask) & (inputs[pos] != original[pos])]
+            assert not np.isin(other, special.all).any()  # never a special token as the replacement
+            replaced += len(other)
+        # Each batch chooses floor(rate * m + u) of its m maskable tokens, u ~ U(0, 1): the sum is rate * maskable
+        # on average, with a variance of at most 1/4 per batch.
+        assert abs(chosen - 0.15 * maskable) <= 4 * np.sqrt(n_batches / 4), (whole_word, chosen, 0.15 * maskable)
+        # Given the chosen ones: [MASK] with p 0.8, unchanged 0.1 (+ a random token that is the original), else
+        # another token; binomial counts.
+        for observed, p in ((masked, 0.8), (kept, 0.1 + 0.1 / n_random), (replaced, 0.1 * (1 - 1 / n_random))):
+            assert abs(observed - p * chosen) <= 4 * np.sqrt(chosen * p * (1 - p)), (whole_word, observed, p, chosen)
+
+
+def test_jsonl_nested_too_deeply_is_a_value_error_naming_the_line(tmp_path):
+    (tmp_path / "deep.jsonl").write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:2: not valid JSON for a corpus \(nested too deeply"):
+        list(read_documents([tmp_path / "deep.jsonl"]))  # before: a RecursionError from json
+
+
+def test_documents_that_are_not_str_are_refused_by_number(tokenizer):
+    # before: a None ended iter_rows' documents silently (it was its end marker); bytes failed inside tokenizers
+    with pytest.raises(TypeError, match=r"documents must be str, got NoneType \(document 1\)"):
+        list(data.iter_rows(["lists hold items", None, "tuples hold values"], tokenizer, 16))
+    with pytest.raises(TypeError, match=r"documents must be str, got bytes \(document 0\)"):
+        list(data.iter_rows([b"lists"], tokenizer, 16))
+    with pytest.raises(TypeError, match=r"documents must be str, got int \(document 1\)"):
+        train_tokenizer(["lists hold items", 5], vocab_size=200)

@@ -234,3 +234,43 @@ def test_training_from_shards_resumes_exactly_and_refuses_another_tokenizer(corp
     train_tokenizer(read_documents([corpus / "valid.txt"]), vocab_size=300).save(str(other))
     with pytest.raises(ValueError, match="another tokenizer"):
         train.train(tiny(corpus, tmp_path / "refused", **{**settings, "tokenizer": str(other)}))
+
+
+def test_shard_stream_checks_its_arguments_and_the_collators_tokenizer(corpus, tokenizer, shard_dir):
+    shard_set = shards.ShardSet(shard_dir)
+    collator = data.MaskingCollator(tokenizer, 32, 2)
+    docs = np.arange(shard_set.n_docs)
+    # another tokenizer of the same vocabulary size: before, its ids were trained on silently
+    other = train_tokenizer(read_documents([corpus / "valid.txt"]), vocab_size=tokenizer.get_vocab_size())
+    assert other.get_vocab_size() == tokenizer.get_vocab_size()
+    with pytest.raises(ValueError, match="tokenised with another tokenizer than the collator's tokenizer"):
+        ShardStream(shard_set, docs, data.MaskingCollator(other, 32, 2))
+    n = shard_set.n_docs
+    for bad, got in ((np.array([-1, 0, 1]), "int64 values from -1 to 1"),  # -1 was the last document
+                     (np.array([0, n]), f"int64 values from 0 to {n}"),   # an IndexError inside numpy
+                     (docs.astype(float), "float64 values")):
+        with pytest.raises(ValueError, match=rf"docs must be a 1-d array of document numbers in \[0, {n}\).*got {got}"):
+            ShardStream(shard_set, bad, collator)
+    for kwargs, message in [(dict(rank=2, world_size=2), r"rank must lie in \[0, world_size=2\), got 2"),
+                            (dict(world_size=0), "world_size must be an int >= 1, got 0"),  # ZeroDivisionError
+                            (dict(start=-1), "start must be an int >= 0, got -1")]:  # a TypeError from numpy
+        with pytest.raises(ValueError, match=message):
+            ShardStream(shard_set, docs, collator, **kwargs)
+
+
+def test_prefetcher_next_after_close_raises_instead_of_hanging():
+    batches = Prefetcher(_Numbers())
+    assert int(next(batches).input_ids) == 0
+    batches.close()
+    outcome = []
+
+    def call():
+        try:
+            next(batches)
+        except ValueError as exc:
+            outcome.append(str(exc))
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    caller.join(5)  # before: next() waited on the empty queue forever
+    assert not caller.is_alive() and outcome and "closed Prefetcher" in outcome[0]
