@@ -32,6 +32,26 @@ def print_fills(text: str, fills) -> None:
         print(f"  [MASK] {n}: {shown}" if len(fills) > 1 else f"  [MASK]: {shown}")
 
 
+def check_not_another_folder(out_dir) -> None:
+    """Refuse (ValueError) an ``out_dir`` that holds no train run but a fine-tuning run or a model
+    folder (save_pretrained, export-hf, a Hugging Face download): the demo's training writes its own
+    tokenizer.json over the model's and its checkpoints/ beside it, and run_dir.check_demo_may_replace
+    only knows train runs."""
+    if not str(out_dir).strip():  # Path("") is the current folder: an unset shell variable would train there
+        raise ValueError(f"--out-dir must name the run folder, got {str(out_dir)!r}")
+    out_dir = Path(out_dir)
+    if (out_dir / "finetune_config.json").is_file():
+        raise ValueError(f"{out_dir} holds a `fastmlm finetune` run, which the demo does not replace; give the "
+                         f"demo another --out-dir, or move that run away")
+    if (out_dir / "train_config.json").is_file():  # a train or demo run: check_demo_may_replace decides
+        return
+    # not a lone tokenizer.json: a demo killed while it made its tokenizer leaves one, and may be run again
+    found = [name for name in ("config.json", "model.safetensors") if (out_dir / name).exists()]
+    if found:
+        raise ValueError(f"--out-dir {out_dir} holds {', '.join(found)}: a model folder, not a demo run; the demo "
+                         f"would write its own tokenizer.json over the model's; give the demo another --out-dir")
+
+
 def run_demo(out_dir: str, device: str = "auto", max_steps: Optional[int] = None, progress: bool = True) -> dict:
     """Train the demo into ``out_dir`` (replacing an earlier demo run only), print the report; return train's summary."""
     from . import data
@@ -48,6 +68,7 @@ def run_demo(out_dir: str, device: str = "auto", max_steps: Optional[int] = None
     if max_steps is not None:
         overrides["max_steps"] = max_steps
     cfg = train_preset(name, **overrides)
+    check_not_another_folder(cfg.out_dir)  # nor a fine-tuning run or a model folder
     check_demo_may_replace(cfg.out_dir)  # never a run that `fastmlm train` made
     start = time.perf_counter()
     summary = train(cfg, overwrite=True)

@@ -412,3 +412,219 @@ def test_overwrite_with_a_bad_task_keeps_the_run_it_would_replace(pretrained, tm
         finetune(_config(pretrained, tmp_path, task=str(one_class), epochs=1, max_len=16), overwrite=True)
     # was: the old run's checkpoints, best/ and summary deleted before the task was read
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+# --------------------------------------------------------------------------- resume, best/ and --out-dir (audit)
+def _two_words(tmp_path, name="two.jsonl", words=("alpha", "beta"), n=8, middle="word"):
+    return _write_jsonl(tmp_path / name, [{"text": f"{w} {middle} {i}", "label": w} for i in range(n) for w in words])
+
+
+def test_resume_refuses_a_task_file_changed_since_the_run_started(pretrained, tmp_path, monkeypatch):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)  # a picture: seconds of matplotlib, not tested here
+    task = _two_words(tmp_path)
+    cfg = lambda: _config(pretrained, tmp_path, task=str(task), epochs=2, max_len=16)  # noqa: E731
+    finetune(_config(pretrained, tmp_path, task=str(task), epochs=2, stop_after=1, max_len=16))
+    config_before = (tmp_path / "run" / "finetune_config.json").read_text()
+    _two_words(tmp_path, words=("alpha", "beta", "gamma"))  # a third label: was a RuntimeError (size mismatch)
+    with pytest.raises(ValueError, match=r"resume: the run in .* was trained on sequence labels \['alpha', 'beta'\], "
+                                         r"but .*two\.jsonl now has sequence labels \['alpha', 'beta', 'gamma'\]"):
+        finetune(cfg(), resume=True, changes={"stop_after": None})
+    _two_words(tmp_path, middle="words")  # the same labels, other examples: was trained on silently
+    with pytest.raises(ValueError, match=r"resume: the examples of .*two\.jsonl are not the ones the run"):
+        finetune(cfg(), resume=True, changes={"stop_after": None})
+    assert (tmp_path / "run" / "finetune_config.json").read_text() == config_before  # refused before any write
+    _two_words(tmp_path)  # put back: the run goes on
+    assert finetune(cfg(), resume=True, changes={"stop_after": None})["epochs_run"] == 2
+
+
+def test_a_finished_run_without_its_summary_writes_it_on_resume(pretrained, tmp_path, monkeypatch, capsys):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    cfg = _config(pretrained, tmp_path, task=str(_two_words(tmp_path)), epochs=1, max_len=16)
+    done = finetune(cfg)
+    (tmp_path / "run" / "summary.json").unlink()  # killed between its last checkpoint and its summary
+    again = finetune(cfg, resume=True)  # was: "No such file or directory: .../summary.json"
+    assert "is finished (epoch 1); nothing to do" in capsys.readouterr().out
+    assert again["history"] == done["history"] and (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_ctrl_c_while_best_is_saved_leaves_no_half_written_best(pretrained, tmp_path, monkeypatch):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    original = SequenceClassifier.save_pretrained
+
+    def interrupted(self, directory):  # Ctrl-C once the weights of best/ are written, before its tokenizer
+        original(self, directory)
+        if "best" in str(directory):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(SequenceClassifier, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_config(pretrained, tmp_path, task=str(_two_words(tmp_path)), epochs=1, max_len=16))
+    best = tmp_path / "run" / "best"
+    # was: best/ with config.json and weights but no tokenizer.json, which export-hf then took for a model
+    assert not best.exists() or (best / "tokenizer.json").is_file()
+
+
+def test_out_dir_holding_the_from_model_is_refused(pretrained, tmp_path):
+    import shutil
+
+    source = tmp_path / "pretrained"
+    shutil.copytree(pretrained, source)
+    before = sorted(p.name for p in source.iterdir())
+    with pytest.raises(ValueError, match=r"--out-dir .*pretrained holds the --from model .*pick another --out-dir"):
+        finetune(_config(source, tmp_path, task=str(_two_words(tmp_path)), out_dir=str(source), epochs=1))
+    # was: the run's checkpoints/ written into the model folder, which --from and fill-mask then read instead
+    assert sorted(p.name for p in source.iterdir()) == before
+
+
+def test_a_valid_file_repeating_training_examples_is_said(pretrained, tmp_path, capsys, monkeypatch):
+    from fastmlm.finetune import loop
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    task = _two_words(tmp_path)
+    finetune(_config(pretrained, tmp_path, task=str(task), valid=str(task), epochs=1, max_len=16))
+    assert "warning: 16 of the 16 validation examples have the input of a training example" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 64])
+def test_a_seed_numpy_or_torch_refuses_is_refused_by_name(seed, pretrained, tmp_path, capsys):
+    # was: "expected non-negative integer" / "Overflow when unpacking long long", after the baselines
+    assert _cli(pretrained, tmp_path, "--seed", str(seed)) == 2
+    assert f"seed (--seed) must be an integer in [0, 2**64), got {seed}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_demo_refuses_a_model_folder_or_a_finetune_run(pretrained, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(pretrained, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    # was: the demo trained into it, its 4000-token tokenizer.json over the model's 400-token one
+    assert main(["demo", "--out-dir", str(model), "--max-steps", "1", "--no-progress", "--device", "cpu"]) == 2
+    assert f"--out-dir {model} holds config.json, model.safetensors: a model folder" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "finetune_config.json").write_text(FinetuneConfig(init="x").to_json())
+    assert main(["demo", "--out-dir", str(run), "--max-steps", "1", "--no-progress", "--device", "cpu"]) == 2
+    assert "holds a `fastmlm finetune` run, which the demo does not replace" in capsys.readouterr().err  # was: "train"
+
+
+def test_from_a_hugging_face_folder_of_another_model_type_names_the_flag(pretrained, tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2", "n_embd": 32}')
+    (gpt2 / "tokenizer.json").write_bytes((pretrained / "tokenizer.json").read_bytes())
+    assert main(["finetune", "--task", "docs-section", "--from", str(gpt2), "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err  # was: "fastmlm finetune: error: cannot load this Hugging Face config:", no folder
+    assert f"fastmlm finetune: error: --from {gpt2}: " in err and "model_type is 'gpt2'" in err
+    assert not (tmp_path / "run" / "finetune_config.json").exists()
+
+
+def test_best_is_the_checkpoint_when_a_session_stopped_before_writing_it(pretrained, tmp_path, monkeypatch):
+    from fastmlm.finetune import loop
+    from fastmlm.finetune.heads import load_task_model
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    cfg = _config(pretrained, tmp_path, task=str(_two_words(tmp_path)), epochs=1, max_len=16)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_save_best", ctrl_c)  # stopped as epoch 1 (its best) ends, best/ not written
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg)
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    summary = finetune(cfg, resume=True)  # the run is finished; best/ comes from its checkpoint
+    assert summary["best_epoch"]["epoch"] == 1
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    best, last = load_task_model(tmp_path / "run" / "best"), load_task_model(checkpoint)
+    assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), last.state_dict().values()))
+
+
+def test_export_of_a_run_without_best_refuses_a_latest_checkpoint_that_is_not_the_best(pretrained, tmp_path,
+                                                                                         monkeypatch, capsys):
+    import shutil
+
+    from fastmlm.finetune import loop
+    from fastmlm.finetune.metrics import task_scores
+
+    monkeypatch.setattr(loop, "write_curves", lambda *args: None)
+    scores = iter([{"accuracy": 0.9, "macro_f1": 0.9}, {"accuracy": 0.5, "macro_f1": 0.5}])  # epoch 1 is the best
+    monkeypatch.setattr(loop, "task_scores", lambda *args: next(scores))
+    finetune(_config(pretrained, tmp_path, task=str(_two_words(tmp_path)), epochs=2, max_len=16))
+    monkeypatch.setattr(loop, "task_scores", task_scores)
+    run = tmp_path / "run"
+    shutil.rmtree(run / "best")  # a session stopped while it wrote best/, or best/ deleted
+    assert main(["export-hf", str(run), str(tmp_path / "hf")]) == 2
+    # was: the last epoch's checkpoint exported as if it were the best model
+    err = capsys.readouterr().err
+    assert f"{run} has no best/ and its latest checkpoint" in err and "epoch 2) is not its best epoch (1)" in err
+    assert not (tmp_path / "hf").exists()
+    latest = next((run / "checkpoints").glob("step_*"))
+    assert main(["export-hf", str(latest), str(tmp_path / "hf")]) == 0  # that checkpoint itself, when asked for
+
+
+def test_a_hugging_face_folder_without_a_tokenizer_names_the_flag(pretrained, tmp_path, capsys):
+    from fastmlm.hf import save_hf
+
+    folder = save_hf(FastMLMForMaskedLM.from_pretrained(pretrained), tmp_path / "hf")
+    for name in ("tokenizer.json", "vocab.txt"):
+        (folder / name).unlink(missing_ok=True)
+    assert main(["finetune", "--task", "docs-section", "--from", str(folder), "--out-dir", str(tmp_path / "run")]) == 2
+    assert f"error: --from {folder}: {folder} holds no tokenizer.json or vocab.txt" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_a_resume_command_that_pastes_back_with_spaces_in_paths(tmp_path, capsys, monkeypatch):
+    from fastmlm.finetune import loop
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "finetune", ctrl_c)
+    out = tmp_path / "my runs" / "ft"
+    (out / "checkpoints" / "step_00000003").mkdir(parents=True)  # the checkpoint the run would go on from
+    (out / "checkpoints" / "step_00000003" / "manifest.json").write_text("{}")
+    assert main(["finetune", "--task", "my task.jsonl", "--from", "pre trained", "--out-dir", str(out)]) == 130
+    # was: --task my task.jsonl --from pre trained ... (each path split in two by the shell)
+    assert f"fastmlm finetune --task 'my task.jsonl' --from 'pre trained' --out-dir '{out}' --resume" in \
+        capsys.readouterr().err
+
+
+def test_a_blank_label_is_refused_as_a_missing_one(tmp_path):
+    path = _write_jsonl(tmp_path / "task.jsonl", [{"text": "some words", "label": "x"}, {"text": "more", "label": "  "}])
+    with pytest.raises(TaskFileError, match=r"task\.jsonl:2: \"label\" must be a non-empty string, got '  '"):
+        load_task(str(path))  # was: a class named "  " beside "x", trained on and exported as such
+
+
+def test_an_empty_out_dir_is_refused_not_the_current_folder(pretrained, tmp_path, capsys, monkeypatch):
+    task = _two_words(tmp_path)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # was: the run (checkpoints/, log.csv, ...) written into the current folder
+    assert main(["finetune", "--task", str(task), "--from", str(pretrained), "--out-dir", "", "--epochs", "1",
+                 "--max-len", "16", "--device", "cpu", "--no-progress"]) == 2
+    assert "out_dir (--out-dir) must name the run folder, got ''" in capsys.readouterr().err
+    assert main(["demo", "--out-dir", "", "--max-steps", "1", "--no-progress", "--device", "cpu"]) == 2
+    assert "--out-dir must name the run folder, got ''" in capsys.readouterr().err
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "0", "epochs (--epochs) must be a positive integer, got 0"),
+    ("--batch-size", "0", "batch_size (--batch-size) must be a positive integer, got 0"),
+    ("--stop-after", "0", "stop_after (--stop-after) must be a positive integer or None, got 0"),
+    ("--patience", "0", "patience (--patience) must be >= 1, got 0"),
+    ("--max-train-examples", "1", "max_train_examples (--max-train-examples) must be >= 2 or None, got 1"),
+    ("--lr", "2", "lr (--lr) must be in (0, 1), got 2.0"),
+])
+def test_a_setting_out_of_range_names_its_flag(flag, value, message, pretrained, tmp_path, capsys):
+    assert _cli(pretrained, tmp_path, flag, value) == 2  # was: "epochs must be ...", no flag named
+    assert f"fastmlm finetune: error: FinetuneConfig: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

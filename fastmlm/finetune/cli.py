@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from .config import CONFIG_FILE, RESUMABLE, FinetuneConfig
@@ -104,8 +105,9 @@ def cmd_finetune(args) -> int:
     try:
         summary = finetune(cfg, resume=args.resume, overwrite=args.overwrite, changes=changes)
     except KeyboardInterrupt:
-        return _interrupted("finetune", cfg.out_dir, resume_with=f"fastmlm finetune --task {args.task} --from {args.init} "
-                                                               f"--out-dir {cfg.out_dir} --resume")
+        again = shlex.join(["fastmlm", "finetune", "--task", args.task, "--from", args.init, "--out-dir", cfg.out_dir,
+                            "--resume"])  # quoted: a path with a space must not split when pasted back
+        return _interrupted("finetune", cfg.out_dir, resume_with=again)
     print(report(summary))
     print(f"best model: {summary['best_model']} (export: fastmlm export-hf {cfg.out_dir} OUT_DIR)")
     return 0

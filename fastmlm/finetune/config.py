@@ -55,18 +55,27 @@ class FinetuneConfig:
 
         need(isinstance(self.init, str) and self.init, "init (--from) must name a run, checkpoint or Hugging Face "
              f"folder, got {self.init!r}")
+        # Path("") is the current folder: an empty --out-dir (an unset shell variable) would put the run there
+        need(isinstance(self.out_dir, str) and self.out_dir.strip(),
+             f"out_dir (--out-dir) must name the run folder, got {self.out_dir!r}")
         for name in ("epochs", "batch_size", "log_every"):
             value = getattr(self, name)
-            need(isinstance(value, int) and value >= 1, f"{name} must be a positive integer, got {value!r}")
+            need(isinstance(value, int) and value >= 1, f"{name} (--{name.replace('_', '-')}) must be a positive "
+                                                        f"integer, got {value!r}")
         need(self.stop_after is None or (isinstance(self.stop_after, int) and self.stop_after >= 1),
-             f"stop_after must be a positive integer or None, got {self.stop_after!r}")
-        need(isinstance(self.patience, int) and self.patience >= 1, f"patience must be >= 1, got {self.patience!r}")
+             f"stop_after (--stop-after) must be a positive integer or None, got {self.stop_after!r}")
+        need(isinstance(self.patience, int) and self.patience >= 1,
+             f"patience (--patience) must be >= 1, got {self.patience!r}")
         need(isinstance(self.max_len, int) and 3 <= self.max_len,
              f"max_len (--max-len) must be an integer >= 3 ([CLS], a token, [SEP]), got {self.max_len!r}")
         need(self.max_train_examples is None or (isinstance(self.max_train_examples, int) and
                                                  self.max_train_examples >= 2),
-             f"max_train_examples must be >= 2 or None, got {self.max_train_examples!r}")
-        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr!r}")
+             f"max_train_examples (--max-train-examples) must be >= 2 or None, got {self.max_train_examples!r}")
+        # the shuffles are numpy's default_rng(seed + 1000 * epoch) and torch.manual_seed(seed): both need
+        # a non-negative seed, torch one below 2**64 (else "expected non-negative integer" after the baselines)
+        need(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2 ** 64,
+             f"seed (--seed) must be an integer in [0, 2**64), got {self.seed!r}")
+        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, f"lr (--lr) must be in (0, 1), got {self.lr!r}")
         need(_number(self.warmup) and 0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup!r}")
         # an infinite decay drives every weight to -inf in one step: a NaN loss blamed on the learning rate
         need(_number(self.weight_decay) and 0 <= self.weight_decay < math.inf,

@@ -2,13 +2,15 @@
 BertForTokenClassification folder (fastmlm.hf.save_hf_classifier) with its tokenizer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..tokenizer import load_tokenizer
-from .heads import is_task_folder, load_task_model
+from .heads import is_task_folder, load_task_model, read_task_file
 from .config import CONFIG_FILE
 from .loop import BEST
+from .metrics import PRIMARY
 
 
 def finetuned_folder(path) -> Path | None:
@@ -23,11 +25,28 @@ def finetuned_folder(path) -> Path | None:
         return path
     latest = ckpt.latest_checkpoint(path / "checkpoints")
     if latest is not None and is_task_folder(latest):
+        _check_latest_is_best(path, latest)
         return latest
     if (path / CONFIG_FILE).is_file():
         raise ValueError(f"{path} is a fine-tuning run with no model yet (no {BEST}/ nor checkpoint: it stopped "
                          f"before its first epoch ended); finish it with `fastmlm finetune ... --out-dir {path}`")
     return None
+
+
+def _check_latest_is_best(run, latest: Path) -> None:
+    """ValueError when a run without best/ (a session stopped while it wrote it, or best/ deleted) would
+    be exported from a latest checkpoint that is not its best epoch: the export would silently be
+    another model than the one ``fastmlm finetune`` reported."""
+    if not (Path(run) / CONFIG_FILE).is_file():  # a checkpoints/ folder not made by fastmlm finetune
+        return
+    state = ckpt.load_trainer_state(latest)
+    if state.get("bad_epochs", 0) == 0:  # the last epoch was the best one so far: the checkpoint is best/'s model
+        return
+    history = json.loads(state["history"])
+    best = max(history, key=lambda h: h[PRIMARY[read_task_file(latest)["kind"]]])["epoch"]
+    raise ValueError(f"{run} has no {BEST}/ and its latest checkpoint ({latest}, epoch {history[-1]['epoch']}) is "
+                     f"not its best epoch ({best}); export that checkpoint itself if it is the model you want "
+                     f"(fastmlm export-hf {latest} OUT_DIR)")
 
 
 def export_finetuned(path, out_dir) -> Path:

@@ -4,7 +4,7 @@
     task (bundled or JSONL) ─► tokenised train / valid rows; majority and bag-of-words baselines on the same split
     for each epoch: shuffled batches (seed + epoch), AdamW, linear warm-up then decay, grad clipping
         every log_every steps: the mean train loss (log.csv, progress bar or lines)
-        at the end: validation metrics, best model to <run>/best/, checkpoint, curves.png
+        at the end: validation metrics, checkpoint, best model to <run>/best/, curves.png
         early stop when the validation metric has not improved for ``patience`` epochs
 
 The run folder is fastmlm.train's: its lock (fastmlm.run_dir), atomic checkpoints with the
@@ -18,7 +18,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -38,9 +40,9 @@ from ..tokenizer import special_ids
 from ..train import autocast, autocast_dtype, lr_factor, make_optimizer, optimizer_step
 from . import baselines
 from .config import CONFIG_FILE, RESUMABLE, FinetuneConfig
-from .heads import HEADS, TaskModel, is_task_folder
+from .heads import HEADS, TaskModel, is_task_folder, read_task_file
 from .metrics import PRIMARY, task_scores
-from .tasks import Task, batches, encode, load_task
+from .tasks import Task, batches, encode, load_task, shared_inputs, task_digest
 
 BEST = "best"
 LOG_FIELDS = ("step", "epoch", "split", "loss", "metric", "lr", "elapsed_s")
@@ -64,6 +66,16 @@ def source_folder(source) -> Path:
     return path
 
 
+def _refuse_source_in_run(cfg: FinetuneConfig, source: Path) -> None:
+    """ValueError when the --from model is the --out-dir folder or one of its checkpoints: the new run
+    would delete it (--overwrite) or put its own checkpoints/ there, which --from, fill-mask and
+    export-hf then read instead of the pretrained model."""
+    out, src = Path(cfg.out_dir).resolve(), source.resolve()
+    if src == out or out / "checkpoints" in src.parents:
+        raise ValueError(f"--out-dir {cfg.out_dir} holds the --from model ({source}); a fine-tuning run there "
+                         f"would replace or hide it: pick another --out-dir")
+
+
 def load_encoder(source, device="cpu"):
     """(encoder, tokenizer) from a fastmlm run / checkpoint folder or a Hugging Face BERT folder."""
     path = source_folder(source)
@@ -72,8 +84,11 @@ def load_encoder(source, device="cpu"):
     else:
         from ..hf import load_hf_encoder
 
-        tokenizer = folder_tokenizer(path, hf=True)  # before the weights, so a folder without one fails at once
-        model = load_hf_encoder(path).to(device)
+        try:  # fastmlm.hf's messages ("cannot load this Hugging Face config: ...") do not name the flag
+            tokenizer = folder_tokenizer(path, hf=True)  # before the weights, so a folder without one fails at once
+            model = load_hf_encoder(path).to(device)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"--from {source}: {exc}") from None
     # A tokenizer with more ids than the embedding has rows would stop the run at its first batch
     # (input_ids out of range), after the baselines; a smaller one is fine (vocabularies are often padded).
     if tokenizer.get_vocab_size() > model.config.vocab_size:
@@ -188,7 +203,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
     if refused:
         raise ValueError(f"resume: {refused} cannot change on resume (only {list(RESUMABLE)} can)")
     resolve_device(cfg.device)
-    source_folder(cfg.init)  # a wrong --from fails before the run folder is touched
+    source = source_folder(cfg.init)  # a wrong --from fails before the run folder is touched
+    if not resume:
+        _refuse_source_in_run(cfg, source)
     with run_dir.locked(cfg.out_dir):
         return _finetune_locked(cfg, resume, overwrite, changes or {})
 
@@ -223,6 +240,9 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
     if resume:  # the saved settings first: they say what to load
         cfg, last, state = _open(cfg, resume, overwrite, changes)
     task, encoder, tokenizer = _inputs(cfg, resolve_device(cfg.device))
+    digest = task_digest(task)  # kept in each checkpoint: a resumed run must train on the same examples
+    if resume:
+        _check_same_task(task, digest, cfg, last, state)
     if not resume:  # clears an earlier run in out_dir (all of it with overwrite): only once the inputs have loaded
         cfg, last, state = _open(cfg, resume, overwrite, changes)
     out_dir, device = Path(cfg.out_dir), resolve_device(cfg.device)
@@ -235,6 +255,11 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
     train_rows, valid_rows = encode(tokenizer, task, task.train, cfg.max_len), encode(tokenizer, task, task.valid,
                                                                                       cfg.max_len)
     metric = PRIMARY[task.kind]
+    shared = shared_inputs(task)
+    if shared:  # a --valid file that repeats training examples: allowed (an overfitting check), never silently
+        print(f"fastmlm finetune: warning: {shared} of the {len(task.valid)} validation examples have the input of "
+              f"a training example, so the validation metrics (and best/, early stopping) overstate how well "
+              f"the model does on new text", file=sys.stderr, flush=True)
 
     baseline_file = out_dir / "baselines.json"
     if baseline_file.is_file():
@@ -258,9 +283,14 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
         ckpt.restore_trainer_state(state, optimizer, scheduler, scaler, device)
         step, epoch, history = state["step"], state["data_position"], json.loads(state["history"])
         best, bad_epochs = state["best"], state["bad_epochs"]
+        if bad_epochs == 0:  # the checkpoint is the best epoch's model: a session stopped before best/ was
+            _save_best(model, tokenizer, out_dir)  # written (or while it was) leaves it stale or missing
         if bad_epochs >= cfg.patience or epoch >= min(cfg.epochs, cfg.stop_after or cfg.epochs):
             print(f"fastmlm finetune: the run in {out_dir} is finished (epoch {epoch}); nothing to do")
-            return json.loads((out_dir / "summary.json").read_text())
+            try:
+                return json.loads((out_dir / "summary.json").read_text())
+            except (OSError, ValueError):  # killed between its last checkpoint and its summary: written below
+                pass  # (the loop below does not run: its condition is the one just tested)
 
     log = _Log(out_dir / "log.csv", resume_step=step)
     start = time.perf_counter()
@@ -301,14 +331,13 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
             progress.write(f"epoch {epoch}: validation loss {valid_loss:.4f}, "
                            + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
                            + (" (best so far)" if improved else f" (no gain for {bad_epochs} epoch(s))"))
-            if improved:
-                shutil.rmtree(out_dir / BEST, ignore_errors=True)
-                model.save_pretrained(out_dir / BEST)
-                tokenizer.save(str(out_dir / BEST / "tokenizer.json"))
             trainer_state = ckpt.capture_trainer_state(step, epoch, optimizer, scheduler, scaler, cfg.to_dict(),
                                                        device)
-            trainer_state.update(best=best, bad_epochs=bad_epochs, history=json.dumps(history))
+            trainer_state.update(best=best, bad_epochs=bad_epochs, history=json.dumps(history),
+                                 task_digest=digest)
             ckpt.save_checkpoint(out_dir / "checkpoints", step, model, tokenizer, trainer_state, keep=1)
+            if improved:  # after the checkpoint, so best/ never holds an epoch the run's history has not
+                _save_best(model, tokenizer, out_dir)
             write_curves(out_dir, metric, baseline_scores)
     log.close()
     best_epoch = max(history, key=lambda h: h[metric])
@@ -320,6 +349,35 @@ def _finetune_locked(cfg: FinetuneConfig, resume: bool, overwrite: bool, changes
                "history": history}
     ckpt.write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def _save_best(model: TaskModel, tokenizer, out_dir: Path) -> None:
+    """Write <run>/best/ in full beside it, then swap it in: a session stopped mid-save (Ctrl-C, a full
+    disk) keeps the previous best model, never a half-written or deleted best/. The temporaries are
+    named as fastmlm.checkpoint's, so run_dir.locked() clears those a killed run left."""
+    tmp, old = out_dir / f".{BEST}.tmp{os.getpid()}", out_dir / f".{BEST}.old{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    if (out_dir / BEST).exists():
+        os.replace(out_dir / BEST, old)
+    os.replace(tmp, out_dir / BEST)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_same_task(task: Task, digest: str, cfg: FinetuneConfig, last: Path, state: dict) -> None:
+    """ValueError unless ``task`` is the one the run resumed from was trained on. A task file edited
+    since would otherwise fail to load into the head (other labels: a size mismatch) or, with the same
+    labels, be trained and validated on other examples than the run's epochs and baselines.json."""
+    saved = read_task_file(last)
+    where = cfg.task + (f" (with --valid {cfg.valid})" if cfg.valid else "")
+    fix = "put the task file back as it was, or start a new run (another --out-dir, or --overwrite)"
+    if (saved["kind"], saved["labels"]) != (task.kind, task.labels):
+        raise ValueError(f"resume: the run in {cfg.out_dir} was trained on {saved['kind']} labels {saved['labels']}, "
+                         f"but {where} now has {task.kind} labels {task.labels}; {fix}")
+    if state.get("task_digest") not in (None, digest):  # None: a checkpoint from before the digest
+        raise ValueError(f"resume: the examples of {where} are not the ones the run in {cfg.out_dir} was trained "
+                         f"and validated on (the file changed since); {fix}")
 
 
 def _weights(checkpoint_dir: Path) -> dict:

@@ -16,6 +16,7 @@ words cut off by ``max_len`` are predicted ``O``.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ def _example(record, where: str, kind: Optional[str]) -> tuple[str, tuple]:
         text, label = record.get("text"), record.get("label")
         if not isinstance(text, str) or not text.strip():
             raise TaskFileError(f"{where}: \"text\" must be a non-empty string, got {text!r}")
-        if not isinstance(label, str) or not label:
+        if not isinstance(label, str) or not label.strip():  # a blank label is a missing one, as a blank text
             raise TaskFileError(f"{where}: \"label\" must be a non-empty string, got {label!r}")
         _check_unicode(where, (text, label))
         return found, (text, label)
@@ -148,6 +149,20 @@ def load_task(task: str, valid: Optional[str] = None) -> Task:
     if unknown:
         raise TaskFileError(f"{task}: the validation split has labels the training split lacks: {unknown}")
     return Task(name, kind, list(labels), train, held)
+
+
+def task_digest(task: Task) -> str:
+    """The sha256 of a task's kind, labels and both splits (as trained: after --max-train-examples). A
+    resumed run compares it with its own, so a task file edited since is refused, not trained on
+    silently beside the old epochs and baselines."""
+    return hashlib.sha256(json.dumps([task.kind, task.labels, task.train, task.valid]).encode()).hexdigest()
+
+
+def shared_inputs(task: Task) -> int:
+    """How many validation examples have the input (text, or tokens) of a training example: a
+    --valid file that repeats the training file, or a text given twice with two labels."""
+    seen = {json.dumps(x) for x, _ in task.train}
+    return sum(json.dumps(x) in seen for x, _ in task.valid)
 
 
 def label_set(kind: str, examples) -> list[str] | set:
