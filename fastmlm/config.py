@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -327,6 +328,9 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive int, got {getattr(self, name)!r}")
         need(self.seq_len >= 8, f"seq_len must be at least 8, got {self.seq_len}")
+        # "" is the current folder: a run would write (and on a fresh start clear) its files there
+        need(isinstance(self.out_dir, (str, os.PathLike)) and str(self.out_dir).strip() != "",
+             f"out_dir (--out-dir) must name the run folder, got {self.out_dir!r}")
         # the smallest vocabulary train_tokenizer trains (the five special tokens + 100): refused here, before
         # a run folder is touched (with --tokenizer, no tokenizer is trained and vocab_size is not used)
         need(self.tokenizer is not None or self.vocab_size >= MIN_VOCAB_SIZE,

@@ -112,6 +112,7 @@ def test_every_train_field_carries_its_help_and_choices():
     ("keep_checkpoints", 0, "keep_checkpoints must be a positive int"),  # silently kept them all
     ("eval_batches", 0, "eval_batches must be None"),  # "the validation data ... holds no text"
     ("eval_batches", -3, "eval_batches must be None"),  # "Indices for islice() must be None or an integer"
+    ("out_dir", "", r"out_dir \(--out-dir\) must name the run folder"),  # ran in the current folder
 ])
 def test_train_config_refuses_bad_new_fields(field, value, message):
     from fastmlm.config import TrainConfig
