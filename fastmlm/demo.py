@@ -37,9 +37,7 @@ def check_not_another_folder(out_dir) -> None:
     folder (save_pretrained, export-hf, a Hugging Face download): the demo's training writes its own
     tokenizer.json over the model's and its checkpoints/ beside it, and run_dir.check_demo_may_replace
     only knows train runs."""
-    if not str(out_dir).strip():  # Path("") is the current folder: an unset shell variable would train there
-        raise ValueError(f"--out-dir must name the run folder, got {str(out_dir)!r}")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir)  # (an empty one, the current folder, is refused by TrainConfig)
     if (out_dir / "finetune_config.json").is_file():
         raise ValueError(f"{out_dir} holds a `fastmlm finetune` run, which the demo does not replace; give the "
                          f"demo another --out-dir, or move that run away")

@@ -612,7 +612,7 @@ def test_an_empty_out_dir_is_refused_not_the_current_folder(pretrained, tmp_path
                  "--max-len", "16", "--device", "cpu", "--no-progress"]) == 2
     assert "out_dir (--out-dir) must name the run folder, got ''" in capsys.readouterr().err
     assert main(["demo", "--out-dir", "", "--max-steps", "1", "--no-progress", "--device", "cpu"]) == 2
-    assert "--out-dir must name the run folder, got ''" in capsys.readouterr().err
+    assert "out_dir (--out-dir) must name the run folder, got ''" in capsys.readouterr().err
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
