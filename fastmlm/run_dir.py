@@ -197,6 +197,12 @@ def refuse_existing_run(out_dir: Path, overwrite: bool, config_name: str = "trai
         if foreign:
             raise ValueError(f"--out-dir {out_dir} holds {', '.join(foreign)} but is not a fastmlm run folder (no "
                              f"{config_name}): a run would replace them; pick another --out-dir, or move them")
+        # A model folder (save_pretrained, export-hf, a Hugging Face download): a run would write its own
+        # tokenizer.json over the model's and its checkpoints/ beside it, so the folder no longer loads as it did.
+        model = [name for name in (ckpt.CONFIG_NAME, ckpt.WEIGHTS_NAME) if (out_dir / name).exists()]
+        if model:
+            raise ValueError(f"--out-dir {out_dir} holds {', '.join(model)}: a model folder, not a run folder; "
+                             "a run there would overwrite its tokenizer.json; pick another --out-dir")
     return holds_run
 
 

@@ -256,6 +256,19 @@ def test_a_folder_no_run_made_keeps_its_files_of_the_logs_names(corpus, tmp_path
     assert all((tmp_path / name).read_text() == text for name, text in mine.items())
 
 
+def test_a_model_folder_is_not_a_run_folder(corpus, tmp_path):
+    """--out-dir at a saved model (save_pretrained / export-hf): a run wrote its own tokenizer.json over the
+    model's, so the folder no longer loaded as the model it was; now refused, the folder untouched."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    (model_dir / "tokenizer.json").write_text("the model's")
+    with pytest.raises(ValueError, match=rf"--out-dir {model_dir} holds config.json: a model folder, not a run folder"):
+        train.train(tiny(corpus, model_dir, max_steps=2))
+    assert {p.name for p in model_dir.iterdir()} - {run_dir.LOCK} == {"config.json", "tokenizer.json"}
+    assert (model_dir / "tokenizer.json").read_text() == "the model's"
+
+
 def test_leftovers_of_killed_saves_are_removed_at_start(corpus, tmp_path):
     cfg = tiny(corpus, tmp_path, max_steps=2, save_every=2, eval_every=2, stop_after=1)
     train.train(cfg)
