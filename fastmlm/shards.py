@@ -200,6 +200,17 @@ class ShardSet:
         if index.get("format") != FORMAT:
             raise ValueError(f"{path}: shard format {index.get('format')!r}, this fastmlm reads format {FORMAT}; "
                              f"make the folder again with fastmlm prepare-data")
+        # The fields the reader uses, each of the type prepare() writes (else a KeyError, or numpy's TypeError
+        # on a dtype, from deep inside the reader).
+        fields_ok = (isinstance(index.get("vocab_size"), int) and isinstance(index.get("tokenizer_hash"), str)
+                     and index.get("dtype") in ("uint16", "uint32")  # token_dtype's two
+                     and all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                             and all(isinstance(s.get(k), int) and s[k] >= 0 for k in ("documents", "tokens"))
+                             for s in index["shards"]))
+        if not fields_ok:
+            raise ValueError(f"{path}: a field is missing or of the wrong type (vocab_size, tokenizer_hash, dtype, "
+                             f"or a shard's name, documents, tokens): corrupt; make the folder again with "
+                             f"fastmlm prepare-data")
         return index
 
     def _open_shard(self, shard: dict):
@@ -217,7 +228,8 @@ class ShardSet:
         except ValueError as exc:
             raise ValueError(f"shard {name} of {self.folder}: cannot read its document table ({exc})") from None
         if len(offsets) != shard["documents"] + 1 or len(share) != shard["documents"] or \
-                (len(offsets) and (offsets[0] != 0 or offsets[-1] != shard["tokens"])):
+                (len(offsets) and (offsets[0] != 0 or offsets[-1] != shard["tokens"])) or \
+                bool(np.any(np.diff(offsets) < 0)):  # out of order: documents dropped or read twice, silently
             raise ValueError(f"shard {name} of {self.folder}: its document table does not match the index (corrupt)")
         tokens = (np.memmap(files[0], dtype=self.dtype, mode="r") if want else np.zeros(0, dtype=self.dtype))
         return tokens, np.asarray(offsets), np.asarray(share)

@@ -274,3 +274,27 @@ def test_prefetcher_next_after_close_raises_instead_of_hanging():
     caller.start()
     caller.join(5)  # before: next() waited on the empty queue forever
     assert not caller.is_alive() and outcome and "closed Prefetcher" in outcome[0]
+
+
+def test_an_index_with_a_missing_field_or_a_document_table_out_of_order_is_refused(corpus, tokenizer, tmp_path):
+    """A hand-edited or foreign index.json was a KeyError ('vocab_size') or numpy's TypeError (dtype 'foo'),
+    and offsets out of order were read, dropping or repeating documents silently."""
+    import json
+
+    folder = tmp_path / "shards"
+    shards.prepare([corpus / "valid.txt"], tokenizer, folder, progress=False)
+    index = json.loads((folder / "index.json").read_text())
+    for broken in ({k: v for k, v in index.items() if k != "vocab_size"}, {**index, "dtype": "foo"},
+                   {**index, "shards": [{"name": 7}]}):
+        (folder / "index.json").write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="index.json: a field is missing or of the wrong type"):
+            shards.ShardSet(folder)
+    (folder / "index.json").write_text(json.dumps(index))
+    assert shards.ShardSet(folder).n_docs == index["documents"]
+    docs = folder / "shard_00000.docs.npy"
+    offsets = np.load(docs)
+    assert len(offsets) > 3
+    offsets[1], offsets[2] = offsets[2], offsets[1]  # same first and last entry, same length: only the order
+    np.save(docs, offsets)
+    with pytest.raises(ValueError, match="its document table does not match the index"):
+        shards.ShardSet(folder)
