@@ -29,7 +29,6 @@ GPU, marked as a smoke run; tests/test_gpu_check.py runs it). Exit status on a G
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -54,7 +53,7 @@ except ImportError:  # a python without torch (e.g. a bare python3 on a CPU mach
 
 from benchmarks import peer_wheels, tables  # noqa: E402
 from benchmarks.__main__ import bench_reports, device_tag  # noqa: E402
-from benchmarks.harness import ROW_FIELDS, environment, read_rows  # noqa: E402
+from benchmarks.harness import RowsError, environment, parse_row, read_rows  # noqa: E402
 
 # Seconds per step (the overall budget caps their sum); benchmarks are split per op.
 STEP_BUDGET = {"build": 200, "tests": 150, "bench": 200}
@@ -214,19 +213,17 @@ def drop_unreadable_lines(path: Path) -> int:
     was stopped at its limit mid-write); return how many. The rows of the other ops stay readable."""
     if not path.exists():
         return 0
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
     good = []
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
+            parse_row(line, path, number)
+        except RowsError:
             continue
-        if isinstance(row, dict) and all(k in row for k in ROW_FIELDS):
-            good.append(line if line.endswith("\n") else line + "\n")
-    dropped = sum(1 for line in lines if line.strip()) - len(good)
-    if dropped:
+        good.append(line + "\n")
+    if len(good) < len(lines):
         path.write_text("".join(good))
-    return dropped
+    return len(lines) - len(good)
 
 
 # --------------------------------------------------------------------------- report

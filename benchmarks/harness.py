@@ -407,24 +407,23 @@ class RowsError(ValueError):
     """A results file line that is not a row of this harness; the message names the file and line."""
 
 
+def parse_row(line: str, path, number: int) -> dict:
+    """Line ``number`` of the results file ``path`` as a row; RowsError naming both when it is not one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RowsError(f"{path}:{number}: not a JSON row (column {exc.colno}: {exc.msg}); delete or "
+                        "repair that line") from None
+    missing = [k for k in ROW_FIELDS if k not in row] if isinstance(row, dict) else ["every field"]
+    if missing:
+        raise RowsError(f"{path}:{number}: not a row of this benchmark harness (missing "
+                        f"{', '.join(missing)}): a file from an older version? write new runs to a new file")
+    return row
+
+
 def read_rows(path: Path) -> list[dict]:
-    rows = []
     with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RowsError(f"{path}:{number}: not a JSON row (column {exc.colno}: {exc.msg}); delete or "
-                                "repair that line") from None
-            missing = [k for k in ROW_FIELDS if k not in row] if isinstance(row, dict) else ["every field"]
-            if missing:
-                raise RowsError(f"{path}:{number}: not a row of this benchmark harness (missing "
-                                f"{', '.join(missing)}): a file from an older version? write new runs to a "
-                                "new file")
-            rows.append(row)
-    return rows
+        return [parse_row(line, path, number) for number, line in enumerate(fh, 1) if line.strip()]
 
 
 def latest_run(rows: list[dict]) -> list[dict]:

@@ -41,8 +41,11 @@ def download(dest: Path = WHEELS) -> list[Path]:
             if not old.name.startswith(f"{_dist_name(name)}-{version}-"):
                 old.unlink()
         # Pure-Python wheels: --python-version/--only-binary only make pip pick the file the machine takes.
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.12", "-d", str(dest), f"{name}=={version}"], check=True)
+        fetched = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                                  "--python-version", "3.12", "-d", str(dest), f"{name}=={version}"])
+        if fetched.returncode != 0:  # pip has said why above (no registry, no such version)
+            raise SystemExit(f"peer_wheels: pip could not download {name}=={version} into {dest} (exit "
+                             f"{fetched.returncode}); this needs a package registry")
         saved += dest.glob(f"{_dist_name(name)}-{version}-*.whl")
     return saved
 

@@ -46,11 +46,14 @@ from .tokenizer import check_whole_encodings, continuation_flags, special_ids
 IGNORE_INDEX = -100  # the label of a token that is not predicted (fastmlm.model reads it from here)
 
 
-def check_int(name: str, value, least: int, why: str = "") -> None:
-    """ValueError naming ``name`` unless ``value`` is an int (not a bool or a float) >= ``least``
-    (the wording of fastmlm.predict's checks)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}{why}, got {value!r}")
+def check_int(name: str, value, low: int, high: Optional[int] = None, why: str = "") -> None:
+    """ValueError naming ``name`` unless ``value`` is an int (not a bool or a float) in [low, high]
+    (no upper bound when high is None); ``why`` is said after the range."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= low \
+        and (high is None or value <= high)
+    if not ok:
+        wanted = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+        raise ValueError(f"{name} must be {wanted}{why}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- packing
@@ -74,7 +77,7 @@ class RowPacker:
     """
 
     def __init__(self, seq_len: int, cls: int, sep: int):
-        check_int("seq_len", seq_len, 3, " ([CLS] x [SEP])")
+        check_int("seq_len", seq_len, 3, why=" ([CLS] x [SEP])")
         self.seq_len, self.cls, self.sep = seq_len, cls, sep
         self.segments: list[np.ndarray] = []
         self.used = 0
@@ -185,7 +188,7 @@ class MaskingCollator:
 
     def __init__(self, tokenizer, seq_len: int, batch_size: int, mask_rate: float = 0.15,
                  whole_word: bool = False, layout: str = "padded", mask_prob: float = 0.8, random_prob: float = 0.1):
-        check_int("seq_len", seq_len, 3, " ([CLS] x [SEP])")
+        check_int("seq_len", seq_len, 3, why=" ([CLS] x [SEP])")
         check_int("batch_size", batch_size, 1)
         for name, value in (("mask_rate", mask_rate), ("mask_prob", mask_prob), ("random_prob", random_prob)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -398,7 +401,7 @@ def fixed_batches(rows: Iterable[Row], collator: MaskingCollator, seed: int, max
     """Consecutive rows as masked batches with fixed masks (:func:`eval_batches`; shards' validation too);
     ValueError naming ``what`` when there are no rows."""
     if max_batches is not None:  # 0 would read no rows and then blame the data for holding no text
-        check_int("max_batches", max_batches, 1, " (or None: every batch)")
+        check_int("max_batches", max_batches, 1, why=" (or None: every batch)")
     check_int("seed", seed, 0)
     rows = list(rows if max_batches is None else itertools.islice(rows, max_batches * collator.batch_size))
     if not rows:  # no batches would mean no validation at all, not a validation of nothing

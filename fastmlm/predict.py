@@ -21,14 +21,6 @@ from .model import FastMLMForMaskedLM
 from .tokenizer import load_tokenizer, special_ids
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None) -> None:
-    """ValueError naming ``name`` unless ``value`` is an int in [low, high] (no upper bound when high is None)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
-        wanted = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
-
-
 def is_hf_folder(path) -> bool:
     """Whether ``path`` is a Hugging Face model folder: its config.json names a ``model_type`` other
     than ``"fastmlm"`` (which fastmlm checkpoints write)."""
@@ -93,7 +85,7 @@ def load_checkpoint(path, device: str = "cpu") -> tuple[FastMLMForMaskedLM, obje
 @torch.no_grad()
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each ``[MASK]`` in ``text``: the ``top_k`` (token, probability) pairs, most likely first."""
-    _check_int("top_k", top_k, 1, model.config.vocab_size)  # at most the whole vocabulary
+    data.check_int("top_k", top_k, 1, model.config.vocab_size)  # at most the whole vocabulary
     try:  # a command-line argument in another encoding arrives with lone surrogates, which tokenizers refuses
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -123,13 +115,13 @@ def evaluate_text(model, tokenizer, paths, seq_len: int = 128, batch_size: int =
     training validations use, so a run's own settings reproduce its validation figures)."""
     from .train import evaluate
 
-    _check_int("seq_len", seq_len, 3)  # [CLS], at least one token, [SEP]
+    data.check_int("seq_len", seq_len, 3)  # [CLS], at least one token, [SEP]
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len {seq_len} exceeds the model's max_position_embeddings "
                          f"{model.config.max_position_embeddings}")
-    _check_int("batch_size", batch_size, 1)
+    data.check_int("batch_size", batch_size, 1)
     if max_batches is not None:
-        _check_int("max_batches", max_batches, 1)
+        data.check_int("max_batches", max_batches, 1)
     collator = data.MaskingCollator(tokenizer, seq_len, batch_size, mask_rate, whole_word)
     batches = data.eval_batches(paths, tokenizer, collator, seed=seed, max_batches=max_batches)
     if not batches:

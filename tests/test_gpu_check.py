@@ -137,3 +137,13 @@ def test_a_line_cut_by_a_stopped_op_is_dropped_so_the_next_op_can_append(tmp_pat
     assert rows_path.read_text() == good + "\n" and len(rows) == 1
     assert step.status == "failed" and "1 unreadable line(s) of rows.jsonl dropped" in step.note
     assert gpu_check.drop_unreadable_lines(rows_path) == 0 and gpu_check.drop_unreadable_lines(tmp_path / "no") == 0
+
+
+def test_peer_wheels_download_says_which_wheel_failed(tmp_path, monkeypatch):
+    """`make gpu-wheels` without a registry: one line naming the wheel, not a CalledProcessError traceback."""
+    from benchmarks import peer_wheels
+    monkeypatch.setattr(peer_wheels.importlib.metadata, "version", lambda name: "9.9.9")
+    monkeypatch.setattr(peer_wheels.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
+    with pytest.raises(SystemExit, match=r"pip could not download liger-kernel==9\.9\.9 into .*this needs a "
+                                         r"package registry"):
+        peer_wheels.download(tmp_path / "whl")
